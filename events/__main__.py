@@ -1,0 +1,77 @@
+"""Command line: python -m events verify|keygen|checkpoint ...  (exit 0 ok, 1 tampered, 2 could not check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .checkpoint import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, checkpoint_db, generate_keys, load_private_key
+from .errors import EventLogError
+from .verify import verify
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m events", description="Tamper-evident event log tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="check a log's chain, gaps and checkpoints")
+    v.add_argument("db")
+    v.add_argument("--checkpoints", help="JSON-lines file of signed checkpoints")
+    v.add_argument("--public-key", help="PEM public key that signed the checkpoints")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    k = sub.add_parser("keygen", help=f"write {PRIVATE_KEY_NAME} (0600) and {PUBLIC_KEY_NAME} in DIR")
+    k.add_argument("dir")
+    c = sub.add_parser("checkpoint", help="verify the log, then sign its head and append it to --out")
+    c.add_argument("db")
+    c.add_argument("--key", required=True, help="PEM Ed25519 private key")
+    c.add_argument("--out", required=True, help="checkpoints file (JSON lines, appended)")
+    c.add_argument("--no-verify", action="store_true", help="sign without checking the log first")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors are "could not check"
+        return 0 if exc.code == 0 else 2
+    try:
+        if args.command == "verify":
+            report = verify(args.db, checkpoints=args.checkpoints, public_key=args.public_key)
+            print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+            return report.exit_code
+        if args.command == "keygen":
+            priv, pub = generate_keys(args.dir)
+            print(f"private key: {priv} (mode 0600, keep it off the database host's backups)")
+            print(f"public key:  {pub}")
+            return 0
+        if args.command == "checkpoint":
+            key = load_private_key(args.key)
+            if not args.no_verify:
+                from pathlib import Path
+
+                out = Path(args.out)
+                report = verify(
+                    args.db,
+                    checkpoints=args.out if out.exists() else None,
+                    public_key=key.public_key() if out.exists() else None,
+                )
+                if not report.ok:
+                    print(report.render(), file=sys.stderr)
+                    print("refusing to sign a log that does not verify", file=sys.stderr)
+                    return report.exit_code
+            cp = checkpoint_db(args.db, key, args.out)
+            print(f"checkpoint: log {cp.log_id} position {cp.position} head {cp.head_hash} at {cp.time}")
+            return 0
+    except EventLogError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # never a traceback: report and say we could not check
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

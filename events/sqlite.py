@@ -1,0 +1,286 @@
+"""SQLiteEventStore: the log in one SQLite file (WAL, synchronous=FULL), written through aiosqlite.
+
+The library creates and migrates its schema (PRAGMA user_version + a meta table holding the log id).
+Rows of `events`, `commands` and `meta` can never be updated or deleted: triggers abort such statements,
+so the rule holds for every client of the file, not just this code.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .canonical import canonical_json, loads
+from .chain import genesis_hash
+from .envelope import AppendResult, Snapshot, us_to_datetime
+from .errors import NotALogError
+from .store import DEFAULT_MAX_PAYLOAD_BYTES, EventStore, system_clock_us
+from .upcast import Upcasters
+from .writer import CommandRow, Row
+
+SCHEMA_VERSION = 1
+FORMAT = "events.log"
+
+COLUMNS = (
+    "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
+    "causation_id, correlation_id, payload, prev_hash, hash"
+)
+INSERT_EVENT = f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+INSERT_COMMAND = (
+    "INSERT INTO commands (command_id, stream_id, first_position, last_position, stream_version) "
+    "VALUES (?,?,?,?,?)"
+)
+
+SCHEMA = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE events (
+        position INTEGER PRIMARY KEY,
+        stream_id TEXT NOT NULL,
+        stream_version INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        command_id TEXT,
+        causation_id TEXT,
+        correlation_id TEXT,
+        payload BLOB NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        UNIQUE (stream_id, stream_version)
+    )""",
+    "CREATE INDEX events_recorded_at ON events (recorded_at)",
+    """CREATE TABLE commands (
+        command_id TEXT PRIMARY KEY,
+        stream_id TEXT NOT NULL,
+        first_position INTEGER NOT NULL,
+        last_position INTEGER NOT NULL,
+        stream_version INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE snapshots (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL,
+        head_hash BLOB NOT NULL,
+        state BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    )""",
+]
+for _table in ("events", "commands", "meta"):
+    for _op in ("UPDATE", "DELETE"):
+        SCHEMA.append(
+            f"CREATE TRIGGER {_table}_no_{_op.lower()} BEFORE {_op} ON {_table} "
+            f"BEGIN SELECT RAISE(ABORT, '{_table} is append-only: {_op} refused'); END"
+        )
+
+
+def migrate(conn: sqlite3.Connection) -> str:
+    """Create or check the schema (blocking; call on the connection's thread). Returns the log id."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            if tables:
+                raise NotALogError("the database has tables but is not an event log (user_version is 0)")
+            for stmt in SCHEMA:
+                conn.execute(stmt)
+            log_id = str(uuid.uuid4())
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("format", FORMAT), ("log_id", log_id), ("schema_version", str(SCHEMA_VERSION))],
+            )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            return log_id
+        if version > SCHEMA_VERSION:
+            raise NotALogError(
+                f"the log has schema version {version}; this library knows up to {SCHEMA_VERSION}"
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return read_log_id(conn)
+
+
+def read_log_id(conn: sqlite3.Connection) -> str:
+    """The log id of an existing log, or NotALogError."""
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise NotALogError(f"not an event log: {exc}") from exc
+    if meta.get("format") != FORMAT or "log_id" not in meta:
+        raise NotALogError("not an event log: the meta table has no log id")
+    return str(meta["log_id"])
+
+
+def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow]) -> None:
+    """One durable transaction for a whole group (runs on the aiosqlite thread: one hop per group)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(INSERT_EVENT, rows)
+        if commands:
+            conn.executemany(INSERT_COMMAND, commands)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _lookup(
+    conn: sqlite3.Connection, stream_ids: set[str], command_ids: set[str]
+) -> tuple[dict[str, int], dict[str, tuple[CommandRow, list[Row]]]]:
+    versions: dict[str, int] = {}
+    for sid in stream_ids:
+        row = conn.execute("SELECT max(stream_version) FROM events WHERE stream_id = ?", (sid,)).fetchone()
+        versions[sid] = row[0] or 0
+    found: dict[str, tuple[CommandRow, list[Row]]] = {}
+    for cid in command_ids:
+        cmd = conn.execute(
+            "SELECT command_id, stream_id, first_position, last_position, stream_version FROM commands "
+            "WHERE command_id = ?",
+            (cid,),
+        ).fetchone()
+        if cmd is not None:
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position",
+                (cmd[2], cmd[3]),
+            ).fetchall()
+            found[cid] = (cmd, rows)
+    return versions, found
+
+
+def _head(conn: sqlite3.Connection, log_id: str) -> tuple[int, bytes, int]:
+    row = conn.execute(
+        "SELECT position, hash, recorded_at FROM events ORDER BY position DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return 0, genesis_hash(log_id), 0
+    return int(row[0]), bytes(row[1]), int(row[2])
+
+
+class SQLiteEventStore(EventStore):
+    """The event log in a SQLite file. Open with `await SQLiteEventStore.async_open(path)`.
+
+    One process writes a log at a time (the writer's caches assume it).
+    """
+
+    def __init__(
+        self, conn: aiosqlite.Connection, path: Path, log_id: str, head: tuple[int, bytes, int], **kw: Any
+    ):
+        super().__init__(
+            log_id=log_id, head_position=head[0], head_hash=head[1], last_recorded_us=head[2], **kw
+        )
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    async def async_open(
+        cls,
+        path: str | Path,
+        upcasters: Upcasters | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        *,
+        clock: Any = None,
+        subscriber_queue_limit: int = 10_000,
+    ) -> SQLiteEventStore:
+        """Open (creating and migrating if needed) the log at `path`. Raises NotALogError."""
+        path = Path(path)
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await conn.execute("PRAGMA busy_timeout = 10000")
+            try:
+                mode = await (await conn.execute("PRAGMA journal_mode = WAL")).fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise NotALogError(f"{path} is not an SQLite database: {exc}") from exc
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise NotALogError(f"cannot put {path} in WAL mode (got {mode!r})")
+            await conn.execute("PRAGMA synchronous = FULL")
+            raw = conn._conn  # the sqlite3 connection; used only through conn._execute (its own thread)
+            log_id = await conn._execute(migrate, raw)
+            head = await conn._execute(_head, raw, log_id)
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(
+            conn,
+            path,
+            log_id,
+            head,
+            upcasters=upcasters,
+            max_payload_bytes=max_payload_bytes,
+            clock=clock or system_clock_us,
+            subscriber_queue_limit=subscriber_queue_limit,
+        )
+
+    async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
+        await self._conn._execute(_commit, self._conn._conn, rows, commands)
+
+    async def _async_lookup(
+        self, stream_ids: set[str], command_ids: set[str]
+    ) -> tuple[dict[str, int], dict[str, AppendResult]]:
+        versions, found = await self._conn._execute(_lookup, self._conn._conn, stream_ids, command_ids)
+        results: dict[str, AppendResult] = {}
+        for cid, (cmd, rows) in found.items():
+            events = tuple(self._rows_to_events(rows))
+            results[cid] = AppendResult(events, cmd[3], cmd[4], False)
+        return versions, results
+
+    async def _async_read_rows(
+        self, kind: str, key: Any, start: int, end: int | None, limit: int | None
+    ) -> list[Row]:
+        lim = -1 if limit is None else limit
+        if kind == "stream":
+            sql = (
+                f"SELECT {COLUMNS} FROM events WHERE stream_id = ? AND stream_version >= ? "
+                "AND stream_version <= ? ORDER BY stream_version LIMIT ?"
+            )
+            params: tuple[Any, ...] = (key, start, 2**62 if end is None else end, lim)
+        elif kind == "position":
+            sql = f"SELECT {COLUMNS} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
+            params = (start, 2**62 if end is None else end, lim)
+        else:
+            sql = f"SELECT {COLUMNS} FROM events WHERE recorded_at >= ? ORDER BY position LIMIT ?"
+            params = (start, lim)
+        rows: list[Row] = list(await self._conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
+        return rows
+
+    async def async_hash_at(self, position: int) -> bytes | None:
+        if position == 0:
+            return genesis_hash(self.log_id)
+        rows = list(
+            await self._conn.execute_fetchall("SELECT hash FROM events WHERE position = ?", (position,))
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    async def async_save_snapshot(self, name: str, position: int, state: dict[str, Any]) -> Snapshot:
+        head_hash = await self.async_hash_at(position)
+        if head_hash is None:
+            raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
+        data = canonical_json(state)
+        now = system_clock_us()
+        await self._conn.execute(
+            "INSERT OR REPLACE INTO snapshots (name, position, head_hash, state, created_at) VALUES (?,?,?,?,?)",
+            (name, position, head_hash, data, now),
+        )
+        return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now))
+
+    async def async_load_snapshot(self, name: str) -> Snapshot | None:
+        rows = list(
+            await self._conn.execute_fetchall(
+                "SELECT name, position, head_hash, state, created_at FROM snapshots WHERE name = ?", (name,)
+            )
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return Snapshot(r[0], r[1], bytes(r[2]), loads(r[3]), us_to_datetime(r[4]))
+
+    async def _async_close_backend(self) -> None:
+        await self._conn.close()

@@ -1,0 +1,314 @@
+"""EventStore: the API every backend offers, and the logic they share (validation, chain, writer)."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from .canonical import canonical_json, loads
+from .chain import encode_fields
+from .envelope import ANY_VERSION, AppendResult, NewEvent, Snapshot, StoredEvent, us_to_datetime
+from .errors import InvalidEventError, PayloadError, StoreClosedError
+from .subscription import Subscriber, async_subscribe
+from .upcast import Upcasters
+from .writer import AppendRequest, CommandRow, GroupWriter, PreparedEvent, Row
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+
+
+def system_clock_us() -> int:
+    """Wall-clock time in microseconds since the Unix epoch (UTC)."""
+    return time.time_ns() // 1000
+
+
+def _check_str(value: object, name: str, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        raise InvalidEventError(f"{name} must be a non-empty string, got {value!r}", field=name)
+    if "\x00" in value:
+        raise InvalidEventError(f"{name} must not contain NUL characters", field=name)
+
+
+class EventStore(abc.ABC):
+    """An append-only, hash-chained event log. Backends implement storage; this class does the rest."""
+
+    log_id: str
+
+    def __init__(
+        self,
+        *,
+        log_id: str,
+        head_position: int,
+        head_hash: bytes,
+        last_recorded_us: int,
+        upcasters: Upcasters | None,
+        max_payload_bytes: int,
+        clock: Callable[[], int] | None,
+        subscriber_queue_limit: int,
+    ) -> None:
+        self.log_id = log_id
+        self.upcasters = upcasters
+        self.max_payload_bytes = max_payload_bytes
+        self.subscriber_queue_limit = subscriber_queue_limit
+        self._subscribers: set[Subscriber] = set()
+        self._closed = False
+        self._writer = GroupWriter(
+            self,
+            head_position=head_position,
+            head_hash=head_hash,
+            last_recorded_us=last_recorded_us,
+            clock=clock or system_clock_us,
+            make_event=self._make_event,
+            publish=self._publish,
+        )
+
+    # ---- backend hooks -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def _async_lookup(
+        self, stream_ids: set[str], command_ids: set[str]
+    ) -> tuple[dict[str, int], dict[str, AppendResult]]: ...
+
+    @abc.abstractmethod
+    async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None: ...
+
+    @abc.abstractmethod
+    async def _async_read_rows(
+        self, kind: str, key: Any, start: int, end: int | None, limit: int | None
+    ) -> list[Row]:
+        """kind: "stream" (key = stream id, start/end = versions), "position" (start/end = positions) or
+        "since" (start = recorded_at_us)."""
+
+    @abc.abstractmethod
+    async def async_hash_at(self, position: int) -> bytes | None:
+        """The chain hash at `position` (the genesis hash at 0), or None beyond the head."""
+
+    @abc.abstractmethod
+    async def async_save_snapshot(self, name: str, position: int, state: dict[str, Any]) -> Snapshot:
+        """Store `state` as the snapshot `name` at `position` (replacing the previous one)."""
+
+    @abc.abstractmethod
+    async def async_load_snapshot(self, name: str) -> Snapshot | None: ...
+
+    async def _async_close_backend(self) -> None:
+        return None
+
+    # ---- appends ---------------------------------------------------------------------------------------
+    def _prepare(
+        self, stream_id: str, events: Sequence[NewEvent], command_id: str | None
+    ) -> list[PreparedEvent]:
+        _check_str(stream_id, "stream_id")
+        _check_str(command_id, "command_id", allow_none=True)
+        if isinstance(events, NewEvent) or not events:
+            raise InvalidEventError("events must be a non-empty sequence of NewEvent", field="events")
+        limit = self.max_payload_bytes
+        prepared: list[PreparedEvent] = []
+        for i, ev in enumerate(events):
+            if not isinstance(ev, NewEvent):
+                raise InvalidEventError(f"events[{i}] is not a NewEvent: {ev!r}", field=f"events[{i}]")
+            et = ev.event_type
+            _check_str(et, f"events[{i}].event_type")
+            _check_str(ev.actor, f"events[{i}].actor")
+            _check_str(ev.causation_id, f"events[{i}].causation_id", allow_none=True)
+            _check_str(ev.correlation_id, f"events[{i}].correlation_id", allow_none=True)
+            sv = ev.schema_version
+            if type(sv) is not int or not 1 <= sv < 2**31:
+                raise InvalidEventError(
+                    f"events[{i}].schema_version must be an int >= 1, got {sv!r}",
+                    field=f"events[{i}].schema_version",
+                )
+            payload = ev.payload
+            if not isinstance(payload, dict):
+                raise PayloadError(
+                    f"payload of event {i} ({et!r}) must be a JSON object (dict), got {type(payload).__name__}",
+                    index=i,
+                    event_type=et,
+                    reason="not_an_object",
+                )
+            try:
+                data = canonical_json(payload)
+            except ValueError as exc:
+                reason = "nan_or_infinity" if "Out of range float" in str(exc) else "not_serialisable"
+                raise PayloadError(
+                    f"payload of event {i} ({et!r}) cannot be stored as JSON: {exc}",
+                    index=i,
+                    event_type=et,
+                    reason=reason,
+                ) from exc
+            except (TypeError, RecursionError) as exc:
+                raise PayloadError(
+                    f"payload of event {i} ({et!r}) is not JSON-serialisable: {exc}",
+                    index=i,
+                    event_type=et,
+                    reason="not_serialisable",
+                ) from exc
+            except UnicodeEncodeError as exc:
+                raise PayloadError(
+                    f"payload of event {i} ({et!r}) contains text that is not valid Unicode: {exc}",
+                    index=i,
+                    event_type=et,
+                    reason="not_serialisable",
+                ) from exc
+            if len(data) > limit:
+                raise PayloadError(
+                    f"payload of event {i} ({et!r}) is {len(data)} bytes, over the limit of {limit}",
+                    index=i,
+                    event_type=et,
+                    reason="too_large",
+                )
+            try:
+                fields = encode_fields(
+                    stream_id, et, ev.actor, command_id, ev.causation_id, ev.correlation_id
+                )
+            except UnicodeEncodeError as exc:
+                raise InvalidEventError(f"event {i} has a field that is not valid Unicode: {exc}") from exc
+            prepared.append(
+                PreparedEvent(et, sv, ev.actor, ev.causation_id, ev.correlation_id, fields, data, loads(data))
+            )
+        return prepared
+
+    async def async_append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int = ANY_VERSION,
+        command_id: str | None = None,
+    ) -> AppendResult:
+        """Append `events` to `stream_id` atomically; returns after COMMIT.
+
+        expected_version: the stream's current version (NO_STREAM == 0: must not exist) or ANY_VERSION.
+        command_id: idempotency key; a retry returns the original result with duplicate=True.
+        Raises ConcurrencyError, PayloadError/InvalidEventError (nothing written), StoreClosedError.
+        """
+        if self._closed:
+            raise StoreClosedError("the event store is closed")
+        if type(expected_version) is not int or expected_version < ANY_VERSION:
+            raise InvalidEventError(
+                f"expected_version must be an int >= 0 or ANY_VERSION, got {expected_version!r}",
+                field="expected_version",
+            )
+        prepared = self._prepare(stream_id, events, command_id)
+        fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._writer.submit(AppendRequest(stream_id, prepared, expected_version, command_id, fut))
+        return await fut
+
+    # ---- reads -----------------------------------------------------------------------------------------
+    def _make_event(
+        self, row: Row, payload: dict[str, Any], recorded_at: datetime | None = None
+    ) -> StoredEvent:
+        schema_version = row[4]
+        up = self.upcasters
+        if up is not None and up.needs_upcast(row[3], schema_version):
+            schema_version, payload = up.upcast(row[3], schema_version, payload)
+        return StoredEvent(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            schema_version,
+            recorded_at if recorded_at is not None else us_to_datetime(row[5]),
+            row[6],
+            row[7],
+            row[8],
+            row[9],
+            payload,
+            row[11],
+            row[12],
+        )
+
+    def _rows_to_events(self, rows: list[Row]) -> list[StoredEvent]:
+        make = self._make_event
+        return [make(r, loads(r[10])) for r in rows]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the event store is closed")
+
+    async def async_read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[StoredEvent]:
+        """Events of one stream, from_version..to_version inclusive, in order."""
+        self._check_open()
+        return self._rows_to_events(
+            await self._async_read_rows("stream", stream_id, from_version, to_version, None)
+        )
+
+    async def async_read(
+        self, from_position: int = 1, to_position: int | None = None, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """Events by global position, from_position..to_position inclusive, at most `limit`."""
+        self._check_open()
+        return self._rows_to_events(
+            await self._async_read_rows("position", None, from_position, to_position, limit)
+        )
+
+    async def async_read_since(self, since: datetime, limit: int | None = None) -> list[StoredEvent]:
+        """Events recorded at or after `since` (aware datetime), in position order."""
+        self._check_open()
+        from .envelope import datetime_to_us
+
+        return self._rows_to_events(
+            await self._async_read_rows("since", None, datetime_to_us(since), None, limit)
+        )
+
+    async def async_head(self) -> tuple[int, bytes]:
+        """(last committed position or 0, head hash)."""
+        return self._writer.head_position, self._writer.head_hash
+
+    async def async_find_command(self, command_id: str) -> AppendResult | None:
+        """The result of the append made with `command_id`, if any."""
+        self._check_open()
+        _, found = await self._async_lookup(set(), {command_id})
+        return found.get(command_id)
+
+    def async_subscribe(
+        self, from_position: int = 1, *, batch_size: int = 1000
+    ) -> AsyncIterator[StoredEvent]:
+        """Catch up from `from_position`, then yield new events as they commit (no gap, no duplicate).
+
+        The iterator ends when the store is closed.
+        """
+        self._check_open()
+
+        async def read(start: int, n: int) -> list[StoredEvent]:
+            if self._closed:
+                return []
+            return await self.async_read(start, limit=n)
+
+        return async_subscribe(
+            read,
+            self._register,
+            self._subscribers.discard,
+            from_position,
+            batch_size=batch_size,
+            queue_limit=self.subscriber_queue_limit,
+        )
+
+    def _register(self, sub: Subscriber) -> None:
+        self._subscribers.add(sub)
+        if self._closed:
+            sub.close()
+
+    def _publish(self, events: list[StoredEvent]) -> None:
+        for sub in self._subscribers:
+            sub.push(events)
+
+    async def async_close(self) -> None:
+        """Finish queued appends, end subscriptions, release the storage."""
+        if self._closed:
+            return
+        await self._writer.async_close()
+        self._closed = True
+        for sub in list(self._subscribers):
+            sub.close()
+        await self._async_close_backend()
+
+    async def __aenter__(self) -> EventStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.async_close()

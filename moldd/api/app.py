@@ -1,0 +1,85 @@
+"""The aiohttp application: routes, identity and error middlewares, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from moldd.api import handlers
+from moldd.api.keys import ACCESS_KEY, ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS_KEY, ApiSettings
+from moldd.api.peercred import AccessPolicy, peer_creds
+from moldd.app.bus import CommandBus
+from moldd.domain.errors import MolddError, PermissionDenied
+
+log = structlog.get_logger("moldd.api")
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "invalid_argument"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as ``{"ok": false, "error": {code, message, field}}``; tracebacks stay in the log."""
+    try:
+        return await handler(request)
+    except MolddError as err:
+        return handlers.error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "invalid_argument" if exc.status < 500 else "internal")
+        return handlers.plain_error_response(exc.status, code, exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal_error", path=request.path, method=request.method)
+        return handlers.plain_error_response(500, "internal", "internal error; the daemon log has the details")
+
+
+@web.middleware
+async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    try:
+        if sock is None or sock.family != socket.AF_UNIX:
+            raise OSError("not a Unix socket")
+        creds = peer_creds(sock)
+    except OSError:
+        raise PermissionDenied("moldd answers only local clients on its Unix socket") from None
+    request[ACTOR_KEY] = request.app[ACCESS_KEY].actor_for(creds)
+    return await handler(request)
+
+
+async def _closing_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[CLOSING_KEY] = asyncio.Event()
+    yield
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[CLOSING_KEY].set()
+
+
+def make_app(
+    bus: CommandBus,
+    *,
+    access: AccessPolicy | None = None,
+    settings: ApiSettings | None = None,
+) -> web.Application:
+    """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
+    app = web.Application(
+        middlewares=[error_middleware, identity_middleware],
+        client_max_size=(settings or ApiSettings()).max_body_bytes + 1,
+    )
+    app[BUS_KEY] = bus
+    app[ACCESS_KEY] = access if access is not None else AccessPolicy(None)
+    app[SETTINGS_KEY] = settings if settings is not None else ApiSettings()
+    app.cleanup_ctx.append(_closing_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_post("/v1/command", handlers.async_command)
+    app.router.add_get("/v1/events", handlers.async_events)
+    app.router.add_get("/v1/health", handlers.async_health)
+    return app

@@ -1,0 +1,168 @@
+"""HTTP ⇄ bus translation. No business rule lives here: the bus decides, these only carry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from moldd.api.envelope import parse_command, parse_events_query
+from moldd.api.keys import ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS_KEY
+from moldd.domain.errors import MolddError, ValidationError
+
+log = structlog.get_logger("moldd.api")
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+def dumps(value: Any) -> bytes:
+    # default=str: a datetime or Path slipping into a result should not turn a success into a 500.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(payload), status=status, content_type=JSON)
+
+
+def error_response(err: MolddError) -> web.Response:
+    return json_response({"ok": False, "error": err.to_dict()}, status=err.http_status)
+
+
+def plain_error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    return json_response({"ok": False, "error": {"code": code, "message": message, "field": field}}, status)
+
+
+async def _read_json(request: web.Request) -> Any:
+    max_bytes = request.app[SETTINGS_KEY].max_body_bytes
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
+    if not raw:
+        raise ValidationError("the request body is empty; send a JSON object", field="body")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
+
+
+async def async_command(request: web.Request) -> web.Response:
+    """``POST /v1/command``."""
+    bus = request.app[BUS_KEY]
+    envelope = parse_command(await _read_json(request), bus.verbs())
+    actor = request[ACTOR_KEY]
+    started = time.perf_counter()
+    try:
+        reply = await bus.async_dispatch(envelope.verb, envelope.args, envelope.command_id, actor)
+    except MolddError as err:
+        log.info(
+            "command_refused",
+            verb=envelope.verb,
+            command_id=envelope.command_id,
+            actor=str(actor),
+            code=err.code,
+            field=err.field,
+        )
+        raise
+    log.debug(
+        "command",
+        verb=envelope.verb,
+        command_id=envelope.command_id,
+        actor=str(actor),
+        position=reply.position,
+        ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+    return json_response({"ok": True, "result": reply.result, "position": reply.position})
+
+
+async def async_health(request: web.Request) -> web.Response:
+    """``GET /v1/health``: 200 when the bus says ok, else 503 (what a load balancer or probe wants)."""
+    try:
+        health = dict(request.app[BUS_KEY].health())
+    except Exception as exc:
+        log.exception("health_check_failed")
+        health = {"ok": False, "error": f"health check raised {type(exc).__name__}"}
+    return json_response(health, status=200 if health.get("ok") else 503)
+
+
+async def async_events(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/events``: log entries as NDJSON, live, with a heartbeat line when idle.
+
+    Each line is one JSON object: a log entry, or ``{"heartbeat": <unix time>}`` sent every
+    ``heartbeat_s`` while nothing matches, so a client notices a dead connection. The stream ends
+    when the client goes away or the daemon shuts down.
+    """
+    query = parse_events_query(request.query)
+    settings = request.app[SETTINGS_KEY]
+    closing = request.app[CLOSING_KEY]
+    entries = request.app[BUS_KEY].async_follow(query.from_position)
+
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    try:
+        await _async_pump(entries, response, query.matches, settings.heartbeat_s, closing)
+    except (ConnectionResetError, ConnectionError):
+        pass  # the client left; nothing to tell it
+    finally:
+        aclose = getattr(entries, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    if not request.transport or request.transport.is_closing():
+        return response
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    return response
+
+
+async def _async_pump(
+    entries: AsyncIterator[dict[str, Any]],
+    response: web.StreamResponse,
+    matches: Callable[[Mapping[str, Any]], bool],
+    heartbeat_s: float,
+    closing: asyncio.Event,
+) -> None:
+    closing_wait = asyncio.ensure_future(closing.wait())
+    next_entry: asyncio.Future[dict[str, Any]] | None = None
+    last_write = time.monotonic()
+    try:
+        while not closing.is_set():
+            if next_entry is None:
+                next_entry = asyncio.ensure_future(anext(entries))
+            timeout = max(0.0, last_write + heartbeat_s - time.monotonic())
+            waiters: set[asyncio.Future[Any]] = {next_entry, closing_wait}
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if next_entry in done:
+                fut, next_entry = next_entry, None
+                try:
+                    entry = fut.result()
+                except StopAsyncIteration:
+                    return
+                if matches(entry):
+                    await response.write(dumps(entry) + b"\n")
+                    last_write = time.monotonic()
+            # Filtered-out traffic does not count as life: the client saw nothing.
+            if time.monotonic() - last_write >= heartbeat_s:
+                await response.write(dumps({"heartbeat": round(time.time(), 3)}) + b"\n")
+                last_write = time.monotonic()
+    finally:
+        closing_wait.cancel()
+        if next_entry is not None:
+            next_entry.cancel()
+            try:
+                await next_entry
+            except (asyncio.CancelledError, StopAsyncIteration):
+                pass
+            except Exception:
+                log.exception("event_follow_failed")

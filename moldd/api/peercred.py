@@ -1,0 +1,126 @@
+"""Who is on the other end of the Unix socket, and may they talk to moldd.
+
+The kernel vouches for the peer's uid/gid/pid (``SO_PEERCRED``, taken at ``connect()``), so nothing the
+client sends can change who it is. :func:`authorize` is the whole rule, as a pure function.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import struct
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from moldd.app.bus import Actor
+from moldd.domain.errors import PermissionDenied
+
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+
+
+@dataclass(frozen=True)
+class PeerCreds:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_creds(sock: socket.socket) -> PeerCreds:
+    """The credentials of the process that connected ``sock`` (an ``AF_UNIX`` stream socket)."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return PeerCreds(pid=pid, uid=uid, gid=gid)
+
+
+def authorize(
+    creds: PeerCreds,
+    allowed_group_gid: int | None,
+    *,
+    daemon_uid: int,
+    supplementary_gids: Collection[int] = (),
+) -> None:
+    """Allow root, the daemon's own uid, and members of the allowed group; refuse everyone else.
+
+    Membership counts through the peer's primary gid (as the kernel reports it) or any of its
+    supplementary groups. ``allowed_group_gid=None`` admits only root and the daemon's uid.
+    """
+    if creds.uid in (0, daemon_uid):
+        return
+    if allowed_group_gid is not None and (
+        creds.gid == allowed_group_gid or allowed_group_gid in supplementary_gids
+    ):
+        return
+    group = _group_name(allowed_group_gid)
+    raise PermissionDenied(
+        f"uid {creds.uid} may not use moldd: only root, uid {daemon_uid}"
+        + (f" and members of group {group!r}" if group else "")
+        + " are allowed"
+    )
+
+
+def _group_name(gid: int | None) -> str | None:
+    if gid is None:
+        return None
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def supplementary_gids(user: str | None, gid: int) -> list[int]:
+    """The groups of ``user`` from the group database (``os.getgrouplist``); ``[gid]`` when unknown."""
+    if user is None:
+        return [gid]
+    try:
+        return os.getgrouplist(user, gid)
+    except OSError:
+        return [gid]
+
+
+class AccessPolicy:
+    """Applies :func:`authorize` to live peers, caching the (NSS) user and group look-ups briefly.
+
+    Group changes take effect within ``cache_ttl_s``; the cache also keeps a burst of requests from
+    one client from hitting ``/etc/group`` (or LDAP) each time.
+    """
+
+    def __init__(
+        self,
+        allowed_group_gid: int | None,
+        *,
+        daemon_uid: int | None = None,
+        cache_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allowed_group_gid = allowed_group_gid
+        self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
+        self._ttl = cache_ttl_s
+        self._clock = clock
+        self._cache: dict[tuple[int, int], tuple[float, str | None, tuple[int, ...]]] = {}
+
+    def _lookup(self, uid: int, gid: int) -> tuple[str | None, tuple[int, ...]]:
+        now = self._clock()
+        hit = self._cache.get((uid, gid))
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1], hit[2]
+        name = user_name(uid)
+        groups = tuple(supplementary_gids(name, gid))
+        if len(self._cache) > 1024:
+            self._cache.clear()
+        self._cache[(uid, gid)] = (now, name, groups)
+        return name, groups
+
+    def actor_for(self, creds: PeerCreds) -> Actor:
+        """The :class:`Actor` for an allowed peer; raises ``PermissionDenied`` for any other."""
+        name, groups = self._lookup(creds.uid, creds.gid)
+        authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
+        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name)

@@ -1,0 +1,203 @@
+"""The hosts as the daemon sees them: one self-healing libvirt connection each, every domain event and link
+change appended to the log, and a resync after every (re)connect that records what changed meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+
+from events import ANY_VERSION, NewEvent
+from moldd.config import Config
+from moldd.domain.errors import MolddError, Unavailable
+from moldd.domain.reconcile import is_on, reconcile
+from moldd.domain.states import VMState
+from moldd.libvirt.bridge import LibvirtBridge
+from moldd.libvirt.events import DomainEvent, HostLinkEvent
+from moldd.libvirt.host import HostConnection
+
+log = structlog.get_logger("moldd.hosts")
+
+
+class HostManager:
+    def __init__(self, config: Config, bridge: LibvirtBridge) -> None:
+        self.config = config
+        self.bridge = bridge
+        self.app: Any = (
+            None  # set by attach(); the manager appends through the app so it waits for the projection
+        )
+        self.conns: dict[str, HostConnection] = {}
+        self._queue: asyncio.Queue[DomainEvent | HostLinkEvent] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.synced: dict[str, asyncio.Event] = {}
+        self.ingested = 0
+
+    def attach(self, app: Any) -> None:
+        self.app = app
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def async_start(self) -> None:
+        self.bridge.start()
+        for h in self.config.hosts:
+            self.synced[h.name] = asyncio.Event()
+            self.conns[h.name] = HostConnection(
+                h.name,
+                h.uri,
+                self.bridge,
+                self._queue.put_nowait,
+                self._queue.put_nowait,
+                keepalive=(self.config.ha.keepalive_interval_s, self.config.ha.keepalive_count),
+            )
+        self._task = asyncio.create_task(self._async_ingest(), name="libvirt-ingest")
+        await asyncio.gather(*(c.async_start() for c in self.conns.values()))
+
+    async def async_wait_synced(self, timeout: float) -> list[str]:
+        """Wait until every reachable host has been resynced once; returns the hosts that were not."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                for name, ev in self.synced.items():
+                    if self.conns[name].connected:
+                        await ev.wait()
+        return [name for name, ev in self.synced.items() if not ev.is_set()]
+
+    async def async_stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for conn in self.conns.values():
+            with contextlib.suppress(Exception):
+                await conn.async_stop()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # -- access ----------------------------------------------------------------------------------------
+    def conn(self, name: str | None) -> HostConnection:
+        conn = self.conns.get(name or "")
+        if conn is None:
+            raise Unavailable(f"no host {name!r}", field="host")
+        if not conn.connected:
+            raise Unavailable(f"host {name} is not connected", field="host")
+        return conn
+
+    def is_connected(self, name: str) -> bool:
+        conn = self.conns.get(name)
+        return conn is not None and conn.connected
+
+    async def async_forget_domain(self, host: str, domain: str) -> None:
+        """Remove a stale, stopped definition of a domain that now lives on another host."""
+        with contextlib.suppress(MolddError):
+            conn = self.conn(host)
+            if not is_on(await conn.async_domain_state(domain)):
+                await conn.async_undefine(domain)
+
+    # -- ingestion -------------------------------------------------------------------------------------
+    async def _async_ingest(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if isinstance(item, DomainEvent):
+                    await self._async_ingest_domain_event(item)
+                else:
+                    await self._async_ingest_link(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ingest_failed", item=repr(item))
+
+    async def _async_ingest_domain_event(self, ev: DomainEvent) -> None:
+        vm = self.app.model.vm_by_domain(ev.domain)
+        stream = f"vm-{vm.name}" if vm else f"host-{ev.host}"
+        payload = ev.to_payload() | {"host": ev.host}
+        if vm is None:
+            payload["unknown_domain"] = True
+        await self.app.async_append(stream, [NewEvent("libvirt.domain_event", payload, actor="libvirt")])
+        self.ingested += 1
+        log.info("domain_event", vm=vm.name if vm else None, host=ev.host, event=ev.event, detail=ev.detail)
+
+    async def _async_ingest_link(self, ev: HostLinkEvent) -> None:
+        await self.app.async_append(
+            f"host-{ev.host}", [NewEvent("host.link", ev.to_payload() | {"host": ev.host}, actor="libvirt")]
+        )
+        log.info("host_link", host=ev.host, kind=ev.kind, reason=ev.reason)
+        if ev.kind == "connected":
+            self.app.spawn(self.async_resync(ev.host), name=f"resync-{ev.host}")
+
+    # -- resync ----------------------------------------------------------------------------------------
+    async def async_resync(self, host: str) -> None:
+        """Compare every domain on ``host`` with the log and record each difference as a fact."""
+        try:
+            domains = {d.name: d for d in await self.conn(host).async_list_domains()}
+        except MolddError as exc:
+            log.warning("resync_failed", host=host, reason=exc.message)
+            return
+        app = self.app
+        for vm in list(app.model.vms.values()):
+            if vm.state in (VMState.EXPUNGED,):
+                continue
+            dom = domains.get(vm.internal_name)
+            if vm.host != host:
+                if dom is not None and is_on(dom.state) and vm.state == VMState.RUNNING:
+                    await self._async_stale_copy(host, vm, dom.state)
+                continue
+            async with app.locks[vm.name]:
+                vm = app.model.vms[vm.name]
+                stale = vm.name not in app.vm_jobs
+                dom = domains.get(vm.internal_name)
+                finding = reconcile(VMState(vm.state), dom.state if dom else None, stale_job=stale)
+                if finding is None:
+                    continue
+                payload = {
+                    "state": str(finding.state),
+                    "power_state": finding.power_state,
+                    "host": host,
+                    "domain_state": dom.state if dom else None,
+                    "reason": finding.reason,
+                    "stop_cause": finding.stop_cause,
+                    "was": vm.state,
+                }
+                if stale and vm.job:
+                    payload |= {
+                        "job_status": "failed",
+                        "error": {"code": "interrupted", "message": finding.reason},
+                    }
+                await app.async_append(
+                    f"vm-{vm.name}",
+                    [
+                        NewEvent(
+                            "vm.reconciled", payload, actor="system", correlation_id=vm.job if stale else None
+                        )
+                    ],
+                    expected_version=ANY_VERSION,
+                )
+                log.warning(
+                    "vm_reconciled",
+                    vm=vm.name,
+                    host=host,
+                    was=vm.state,
+                    now=str(finding.state),
+                    why=finding.reason,
+                )
+        self.synced[host].set()
+
+    async def _async_stale_copy(self, host: str, vm: Any, domain_state: str) -> None:
+        """A copy of a VM runs on a host that is not its current one (a host came back after its VMs were
+        restarted elsewhere without fencing having killed them). Two copies corrupt the disk: stop the stale one."""
+        conn = self.conn(host)
+        with contextlib.suppress(MolddError):
+            await conn.async_destroy(vm.internal_name)
+        await self.app.async_append(
+            f"vm-{vm.name}",
+            [
+                NewEvent(
+                    "vm.stale_copy_destroyed",
+                    {"host": host, "current_host": vm.host, "domain_state": domain_state},
+                    actor="system",
+                )
+            ],
+        )
+        log.error("stale_copy_destroyed", vm=vm.name, host=host, current_host=vm.host)

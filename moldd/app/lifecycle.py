@@ -1,0 +1,412 @@
+"""Lifecycle verbs: deploy, start, stop, reboot, destroy, recover, expunge (CloudStack/Mold API names)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from events import NO_STREAM, NewEvent
+from moldd.app.args import Args
+from moldd.app.bus import SYSTEM, Actor, CommandReply
+from moldd.app.placement import place_existing, place_new_vm
+from moldd.app.service import App, Command, verb
+from moldd.app.specs import domain_spec, root_disk_path, vm_dir
+from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.ha import parse_policy
+from moldd.domain.names import (
+    generate_vm_name,
+    internal_name,
+    validate_display_name,
+    validate_group_name,
+    validate_hostname,
+)
+from moldd.domain.settings import validate_details
+from moldd.domain.states import Action, check
+from moldd.libvirt import storage
+from moldd.libvirt.xml import build_domain_xml
+from moldd.projection.model import VM
+
+log = structlog.get_logger("moldd.lifecycle")
+GIB = 1024**3
+
+
+def err(exc: MolddError) -> dict[str, Any]:
+    return exc.to_dict()
+
+
+def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> bool:
+    return any(
+        v.hostname == hostname and v.name != except_vm and v.state not in ("Expunged",)
+        for v in app.model.vms.values()
+    )
+
+
+# -- deploy ----------------------------------------------------------------------------------------------
+DEPLOY_ARGS = {
+    "offering", "template", "iso", "displayname", "hostname", "group", "ha", "hapolicy", "hapriority",
+    "host", "rootdisksize", "startvm", "details", "description", "ostype",
+}  # fmt: skip
+DEPLOY_ALIASES = {
+    "serviceofferingid": "offering",
+    "serviceoffering": "offering",
+    "templateid": "template",
+    "isoid": "iso",
+    "name": "hostname",
+    "hostid": "host",
+    "haenable": "ha",
+    "size": "rootdisksize",
+}
+
+
+@verb("deployVirtualMachine")
+async def deploy(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, DEPLOY_ARGS, DEPLOY_ALIASES)
+    cfg = app.config
+    offering_name = a.text("offering")
+    offering = cfg.offering(offering_name)
+    if offering is None:
+        known = ", ".join(o.name for o in cfg.offerings)
+        raise NotFound(f"no service offering {offering_name!r} (known: {known})", field="offering")
+    template_name, iso_name = a.text("template", None), a.text("iso", None)
+    if (template_name is None) == (iso_name is None):
+        raise ValidationError(
+            "give either template (deploy from a template) or iso (a blank VM that boots the ISO)",
+            field="template",
+        )
+    template = cfg.template(template_name) if template_name else None
+    if template_name and template is None:
+        raise NotFound(f"no template {template_name!r}", field="template")
+    iso = cfg.iso(iso_name) if iso_name else None
+    if iso_name and iso is None:
+        raise NotFound(f"no ISO {iso_name!r}", field="iso")
+    size_gb = a.integer("rootdisksize", None, min=1, max=4096)
+    if iso is not None and size_gb is None:
+        raise ValidationError(
+            "a blank VM needs rootdisksize (GiB) for its empty root disk", field="rootdisksize"
+        )
+    display = validate_display_name(a.raw("displayname"), field="displayname") if "displayname" in a else None
+    hostname = validate_hostname(a.raw("hostname")) if "hostname" in a else None
+    group = validate_group_name(a.raw("group")) if "group" in a else None
+    if group is not None and group not in app.model.groups:
+        raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
+    ha = a.boolean("ha", False)
+    policy = parse_policy(a.raw("hapolicy", cfg.ha.default_policy))
+    priority = a.integer("hapriority", 0, min=0, max=100)
+    details = {k: v for k, v in validate_details(a.mapping("details", {})).items() if v is not None}
+    start = a.boolean("startvm", True)
+    description = a.text("description", "", max_len=1024)
+    os_type = a.text(
+        "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
+    )
+    requested_host = a.text("host", None)
+
+    async with app.placement_lock:
+        host = place_new_vm(cfg, app.model, requested_host)
+        name = generate_vm_name(set(app.model.vms))
+        hostname = hostname or name
+        if hostname_taken(app, hostname):
+            raise Conflict(f"hostname {hostname!r} is already used by another VM", field="hostname")
+        display = display or name
+        vm_id = app.model.next_vm_id
+        payload = {
+            "name": name,
+            "id": vm_id,
+            "internal_name": internal_name(
+                cfg.internal_name_pattern,
+                account=cfg.account,
+                vm_id=vm_id,
+                instance=cfg.instance_suffix,
+                display_name=display,
+                append_display_name=cfg.append_display_name,
+            ),
+            "display_name": display,
+            "hostname": hostname,
+            "group": group,
+            "description": description,
+            "os_type": os_type,
+            "host": host.name,
+            "cluster": host.cluster,
+            "ha_enabled": ha,
+            "ha_policy": str(policy),
+            "ha_priority": priority,
+            "offering": dataclasses.asdict(offering),
+            "template": template_name,
+            "iso": iso_name,
+            "root_disk": {"size_gb": size_gb},
+            "details": details,
+            "start": start,
+        }
+        ev = NewEvent(
+            "vm.deploy.requested", payload, actor=str(cmd.actor), causation_id=cmd.id, correlation_id=cmd.id
+        )
+        res = await app.async_append(f"vm-{name}", [ev], expected_version=NO_STREAM, command_id=cmd.id)
+    log.info("vm_deploy_requested", vm=name, host=host.name)
+    app.spawn_job(cmd.id, name, async_run_deploy(app, name, cmd, start))
+    return app.job_reply(cmd.id, app.model.vms[name], res.last_position)
+
+
+async def async_run_deploy(app: App, name: str, cmd: Command, start: bool) -> None:
+    cfg = app.config
+    vm = app.model.vms[name]
+    disk = root_disk_path(cfg, name)
+    try:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        size_gb = vm.root_disk.get("size_gb")
+        if vm.template is not None:
+            template = cfg.template(vm.template)
+            assert template is not None
+            await storage.async_create_overlay(template.image, disk, size_gb * GIB if size_gb else None)
+        else:
+            await storage.async_create_blank(disk, int(size_gb) * GIB)
+        info = await storage.async_info(disk)
+        root = {"path": str(disk), "size_gb": round(info.virtual_size / GIB, 3)}
+        spec = domain_spec(cfg, dataclasses.replace(vm, root_disk=root))
+        conn = app.hosts.conn(vm.host)
+        await conn.async_define(build_domain_xml(spec))
+    except MolddError as exc:
+        shutil.rmtree(vm_dir(cfg, name), ignore_errors=True)
+        await app.async_record(name, "vm.deploy.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd)
+        return
+    done = {} if start else {"job_status": "succeeded", "result": {"vm": name}}
+    await app.async_record(name, "vm.created", {"root_disk": root, "host": vm.host, **done}, cmd=cmd)
+    if start:
+        vm = app.model.vms[name]
+        assert vm.host is not None
+        await app.async_record(name, "vm.start.requested", {"host": vm.host, "cluster": vm.cluster}, cmd=cmd)
+        await async_start_on(app, name, vm.host, cmd=cmd)
+
+
+# -- start -----------------------------------------------------------------------------------------------
+async def async_start_on(
+    app: App, name: str, host: str, *, cmd: Command | None = None, job: str | None = None, actor: Actor | None = None,
+    ok_type: str = "vm.started", fail_type: str = "vm.start.failed", extra: dict[str, Any] | None = None,
+) -> bool:  # fmt: skip
+    """Define (so offering and settings changes apply) and start the domain on ``host``; record the outcome."""
+    vm = app.model.vms[name]
+    try:
+        conn = app.hosts.conn(host)
+        await conn.async_define(build_domain_xml(domain_spec(app.config, vm)))
+        if await conn.async_domain_state(vm.internal_name) not in ("running", "paused", "blocked"):
+            await conn.async_create(vm.internal_name)
+    except MolddError as exc:
+        await app.async_record(
+            name, fail_type, {"host": host, "error": err(exc), "job_status": "failed", **(extra or {})},
+            cmd=cmd, job=job, actor=actor,
+        )  # fmt: skip
+        return False
+    await app.async_record(
+        name,
+        ok_type,
+        {"host": host, "job_status": "succeeded", **(extra or {})},
+        cmd=cmd,
+        job=job,
+        actor=actor,
+    )
+    for other in app.config.hosts:  # a definition left on a previous host would confuse a later resync
+        if other.name != host and app.hosts.is_connected(other.name):
+            app.spawn(app.hosts.async_forget_domain(other.name, vm.internal_name), name=f"forget-{name}")
+    return True
+
+
+@verb("startVirtualMachine")
+async def start_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "host"}, {"hostid": "host", "virtualmachineid": "id", "name": "id"})
+    vm = app.get_vm({"id": a.raw("id")})
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(vm.state, Action.START)
+        target = a.text("host", None)
+        if target is not None and app.config.host(target) is None:
+            raise NotFound(f"no host {target!r}", field="host")
+        host = place_existing(app.config, app.model, vm.name, current=target or vm.host, cluster=vm.cluster)
+        if target is not None and host.name != target:
+            raise Conflict(f"host {target!r} is down or full", field="host")
+        res = await app.async_record(
+            vm, "vm.start.requested", {"host": host.name, "cluster": host.cluster}, cmd=cmd, first=True
+        )
+    app.spawn_job(cmd.id, vm.name, _async_start_job(app, vm.name, host.name, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_start_job(app: App, name: str, host: str, cmd: Command) -> None:
+    await async_start_on(app, name, host, cmd=cmd)
+
+
+# -- stop ------------------------------------------------------------------------------------------------
+@verb("stopVirtualMachine")
+async def stop_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "forced"}, {"virtualmachineid": "id", "name": "id"})
+    vm = app.get_vm({"id": a.raw("id")})
+    forced = a.boolean("forced", False)
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(vm.state, Action.STOP)
+        res = await app.async_record(
+            vm, "vm.stop.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True
+        )
+    app.spawn_job(cmd.id, vm.name, async_stop_job(app, vm.name, forced, cmd=cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def async_power_off(app: App, vm: VM, forced: bool) -> dict[str, Any]:
+    """ACPI shutdown, then forced off after the stop timeout (or at once when ``forced``). Returns how."""
+    assert vm.host is not None
+    conn = app.hosts.conn(vm.host)
+    state = await conn.async_domain_state(vm.internal_name)
+    if state in (None, "shutoff", "crashed"):
+        return {"how": "already-off"}
+    if forced:
+        await conn.async_destroy(vm.internal_name)
+        return {"how": "forced"}
+    await conn.async_shutdown(vm.internal_name)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app.config.stop_timeout_s
+    while loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        if await conn.async_domain_state(vm.internal_name) in (None, "shutoff", "crashed"):
+            return {"how": "graceful"}
+    await conn.async_destroy(vm.internal_name)
+    return {"how": "forced-after-timeout", "timeout_s": app.config.stop_timeout_s}
+
+
+async def async_stop_job(
+    app: App, name: str, forced: bool, *, cmd: Command | None = None, job: str | None = None
+) -> bool:
+    vm = app.model.vms[name]
+    try:
+        how = await async_power_off(app, vm, forced)
+    except MolddError as exc:
+        await app.async_record(
+            name, "vm.stop.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd, job=job
+        )
+        return False
+    await app.async_record(name, "vm.stopped", {**how, "job_status": "succeeded"}, cmd=cmd, job=job)
+    return True
+
+
+# -- reboot ----------------------------------------------------------------------------------------------
+@verb("rebootVirtualMachine")
+async def reboot_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "forced"}, {"virtualmachineid": "id", "name": "id"})
+    vm = app.get_vm({"id": a.raw("id")})
+    forced = a.boolean("forced", False)
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(vm.state, Action.REBOOT)
+        res = await app.async_record(
+            vm, "vm.reboot.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True
+        )
+    app.spawn_job(cmd.id, vm.name, _async_reboot_job(app, vm.name, forced, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_reboot_job(app: App, name: str, forced: bool, cmd: Command) -> None:
+    vm = app.model.vms[name]
+    try:
+        assert vm.host is not None
+        await app.hosts.conn(vm.host).async_reboot(vm.internal_name)
+    except MolddError as exc:
+        await app.async_record(name, "vm.reboot.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd)
+        return
+    await app.async_record(name, "vm.rebooted", {"forced": forced, "job_status": "succeeded"}, cmd=cmd)
+
+
+# -- destroy / recover / expunge -------------------------------------------------------------------------
+@verb("destroyVirtualMachine")
+async def destroy_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "expunge"}, {"virtualmachineid": "id", "name": "id"})
+    vm = app.get_vm({"id": a.raw("id")})
+    expunge = a.boolean("expunge", False)
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(vm.state, Action.DESTROY)
+        res = await app.async_record(
+            vm, "vm.destroy.requested", {"expunge": expunge, "host": vm.host}, cmd=cmd, first=True
+        )
+    app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_destroy_job(app: App, name: str, expunge: bool, cmd: Command) -> None:
+    vm = app.model.vms[name]
+    try:
+        if vm.host is not None and (vm.power_state != "off" or app.hosts.is_connected(vm.host)):
+            conn = app.hosts.conn(vm.host)
+            if await conn.async_domain_state(vm.internal_name) not in (None, "shutoff", "crashed"):
+                await conn.async_destroy(vm.internal_name)
+            await conn.async_undefine(vm.internal_name)
+    except MolddError as exc:
+        await app.async_record(
+            name, "vm.destroy.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd
+        )
+        return
+    at = None if expunge else (datetime.now(UTC) + timedelta(seconds=app.config.expunge_delay_s)).isoformat()
+    done = {} if expunge else {"job_status": "succeeded"}
+    await app.async_record(name, "vm.destroyed", {"expunge_at": at, **done}, cmd=cmd)
+    if expunge:
+        await app.async_record(name, "vm.expunge.requested", {}, cmd=cmd)
+        await async_expunge_now(app, name, cmd=cmd)
+
+
+async def async_expunge_now(
+    app: App, name: str, *, cmd: Command | None = None, job: str | None = None
+) -> None:
+    vm = app.model.vms[name]
+    try:
+        for host in app.config.hosts:  # the definition may linger on any host it ever ran on
+            if app.hosts.is_connected(host.name):
+                await app.hosts.conn(host.name).async_undefine(vm.internal_name)
+        await asyncio.to_thread(shutil.rmtree, vm_dir(app.config, name), True)
+    except MolddError as exc:
+        await app.async_record(
+            name, "vm.expunge.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd, job=job
+        )
+        return
+    await app.async_record(name, "vm.expunged", {"job_status": "succeeded"}, cmd=cmd, job=job)
+
+
+@verb("recoverVirtualMachine")
+async def recover_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id"}, {"virtualmachineid": "id", "name": "id"})
+    vm = app.get_vm({"id": a.raw("id")})
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(vm.state, Action.RECOVER)
+        res = await app.async_record(vm, "vm.recovered", {}, cmd=cmd, first=True)
+    return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
+
+
+@verb("expungeVirtualMachine")
+async def expunge_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id"}, {"virtualmachineid": "id", "name": "id"})
+    vm = app.get_vm({"id": a.raw("id")})
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(vm.state, Action.EXPUNGE)
+        res = await app.async_record(vm, "vm.expunge.requested", {}, cmd=cmd, first=True)
+    app.spawn_job(cmd.id, vm.name, async_expunge_now(app, vm.name, cmd=cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
+    """Expunge Destroyed VMs whose delay has passed (CloudStack's expunge sweeper)."""
+    while True:
+        now = datetime.now(UTC).isoformat()
+        for vm in list(app.model.vms.values()):
+            if vm.state == "Destroyed" and vm.expunge_at and vm.expunge_at <= now and not app.busy(vm.name):
+                job = f"expunge-{vm.name}-{vm.version}"
+                async with app.locks[vm.name]:
+                    await app.async_record(
+                        vm.name,
+                        "vm.expunge.requested",
+                        {"reason": "expunge delay passed"},
+                        job=job,
+                        actor=SYSTEM,
+                    )
+                await async_expunge_now(app, vm.name, job=job)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,67 @@
+"""Host loads as the capacity rules see them, from the read model and the configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moldd.config import Config
+from moldd.domain.capacity import (
+    ClusterCapacity,
+    HostLoad,
+    check_cluster_room,
+    check_host_room,
+    choose_host,
+    cluster_capacity,
+)
+from moldd.domain.errors import NotFound
+
+
+def host_loads(config: Config, model: Any, *, ignore_vm: str | None = None) -> list[HostLoad]:
+    loads = []
+    for h in config.hosts:
+        state = model.hosts.get(h.name)
+        up = state is None or (state.health == "Up" and state.link == "connected")
+        count = sum(1 for vm in model.vms_on(h.name) if vm.name != ignore_vm)
+        loads.append(HostLoad(name=h.name, cluster=h.cluster, max_vms=h.max_vms, vms=count, up=up))
+    return loads
+
+
+def capacities(config: Config, model: Any) -> list[ClusterCapacity]:
+    loads = host_loads(config, model)
+    clusters = sorted({h.cluster for h in config.hosts})
+    return [cluster_capacity(c, loads, config.tolerated_host_failures) for c in clusters]
+
+
+def place_new_vm(config: Config, model: Any, requested_host: str | None) -> HostLoad:
+    """Choose (or check) the host for a new VM: the host must be up with a free slot, and the cluster must stay
+    within its N-k capacity rule."""
+    loads = host_loads(config, model)
+    if requested_host is not None:
+        host = next((h for h in loads if h.name == requested_host), None)
+        if host is None:
+            raise NotFound(f"no host {requested_host!r}", field="hostid")
+        check_host_room(host)
+    else:
+        host = choose_host(loads)
+    check_cluster_room(cluster_capacity(host.cluster, loads, config.tolerated_host_failures))
+    return host
+
+
+def place_existing(
+    config: Config,
+    model: Any,
+    vm_name: str,
+    *,
+    current: str | None,
+    exclude: set[str] | None = None,
+    cluster: str | None = None,
+) -> HostLoad:
+    """A host to (re)start an existing VM: its own host when that is up, else the emptiest up host of its cluster.
+    The VM already counts against its cluster, so only per-host room is checked."""
+    loads = host_loads(config, model, ignore_vm=vm_name)
+    excluded = exclude or set()
+    if current is not None and current not in excluded:
+        mine = next((h for h in loads if h.name == current), None)
+        if mine is not None and mine.up and mine.vms < mine.max_vms:
+            return mine
+    return choose_host(loads, cluster=cluster, exclude=excluded)

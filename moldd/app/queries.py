@@ -1,0 +1,113 @@
+"""Read verbs: answered from the read model (and the log for listEvents); they write nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moldd.app.args import Args
+from moldd.app.bus import CommandReply
+from moldd.app.placement import capacities
+from moldd.app.service import App, Command, event_view, verb
+from moldd.domain.errors import NotFound, ValidationError
+from moldd.domain.states import VMState
+
+
+def _reply(app: App, result: Any) -> CommandReply:
+    return CommandReply(result=result, position=app.model.position)
+
+
+@verb("listVirtualMachines")
+async def list_vms(app: App, cmd: Command) -> CommandReply:
+    a = Args(
+        cmd.args,
+        {"id", "group", "state", "host", "listall", "keyword"},
+        {"groupid": "group", "hostid": "host", "name": "id"},
+    )
+    state = a.text("state", None)
+    if state is not None and state not in {s.value for s in VMState}:
+        raise ValidationError(f"state must be one of {', '.join(s.value for s in VMState)}", field="state")
+    group, host, keyword = a.text("group", None), a.text("host", None), a.text("keyword", None)
+    if group is not None and group not in app.model.groups:
+        raise NotFound(f"no VM group {group!r}", field="group")
+    if "id" in a:
+        vms = [app.get_vm({"id": a.raw("id")})]
+    else:
+        show_expunged = a.boolean("listall", False) or state == "Expunged"
+        vms = [v for v in app.model.vms.values() if show_expunged or v.state != "Expunged"]
+    vms = [
+        v
+        for v in vms
+        if (state is None or v.state == state)
+        and (group is None or v.group == group)
+        and (host is None or v.host == host)
+        and (keyword is None or keyword.lower() in f"{v.name} {v.display_name} {v.hostname}".lower())
+    ]
+    return _reply(
+        app, {"count": len(vms), "virtualmachine": [v.to_dict() for v in sorted(vms, key=lambda v: v.id)]}
+    )
+
+
+@verb("listHosts")
+async def list_hosts(app: App, cmd: Command) -> CommandReply:
+    Args(cmd.args, set())
+    hosts = []
+    for h in app.config.hosts:
+        state = app.model.hosts.get(h.name)
+        view = (
+            state.to_dict()
+            if state
+            else {"name": h.name, "uri": h.uri, "cluster": h.cluster, "max_vms": h.max_vms}
+        )
+        view["vms"] = app.model.counted_on(h.name)
+        view["running"] = sum(1 for v in app.model.vms_on(h.name) if v.state == "Running")
+        hosts.append(view)
+    return _reply(app, {"count": len(hosts), "host": hosts})
+
+
+@verb("listClusters")
+async def list_clusters(app: App, cmd: Command) -> CommandReply:
+    Args(cmd.args, set())
+    caps = [c.to_dict() for c in capacities(app.config, app.model)]
+    return _reply(app, {"count": len(caps), "cluster": caps})
+
+
+@verb("listEvents")
+async def list_events(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"vm", "stream", "from", "limit", "type"}, {"id": "vm", "startid": "from"})
+    limit = a.integer("limit", 100, min=1, max=10000)
+    start = a.integer("from", 1, min=1)
+    event_type = a.text("type", None)
+    if "vm" in a:
+        vm = app.get_vm({"id": a.raw("vm")}, "id")
+        events = await app.store.async_read_stream(f"vm-{vm.name}")
+        events = [e for e in events if e.position >= start]
+    elif "stream" in a:
+        events = await app.store.async_read_stream(a.text("stream"))
+        events = [e for e in events if e.position >= start]
+    else:
+        events = await app.store.async_read(from_position=start, limit=limit if event_type is None else None)
+    if event_type is not None:
+        events = [
+            e for e in events if e.event_type == event_type or e.event_type.startswith(event_type + ".")
+        ]
+    events = events[:limit]
+    return _reply(app, {"count": len(events), "event": [event_view(e) for e in events]})
+
+
+@verb("queryAsyncJobResult")
+async def query_job(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"jobid"}, {"id": "jobid"})
+    return _reply(app, {"job": app.job_view(a.text("jobid"))})
+
+
+@verb("listAsyncJobs")
+async def list_jobs(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"status", "vm", "limit"})
+    status, vm = a.text("status", None), a.text("vm", None)
+    limit = a.integer("limit", 100, min=1, max=10000)
+    jobs = [
+        j.to_dict()
+        for j in app.model.jobs.values()
+        if (status is None or j.status == status) and (vm is None or j.vm == vm)
+    ]
+    return _reply(app, {"count": len(jobs[-limit:]), "job": jobs[-limit:]})

@@ -1,0 +1,269 @@
+"""The application: verbs in, checks against the read model, events out, then work through the adapters.
+
+``App`` implements ``moldd.app.bus.CommandBus``. Every verb is a handler registered by the modules in
+``moldd.app`` (lifecycle, operations, queries). A handler validates its args, checks the domain rules against the
+read model under the VM's lock, appends the ``*.requested`` event (the acknowledgement point: once it is committed
+the command is never lost), then runs the slow part as a tracked job whose outcome is appended too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from events import ANY_VERSION, AppendResult, NewEvent, StoredEvent
+from moldd.app.bus import SYSTEM, Actor, CommandReply
+from moldd.app.projector import Projector
+from moldd.config import Config
+from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.projection.model import VM
+
+log = structlog.get_logger("moldd.app")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One client command: ``id`` is the client's id (or a generated one) and doubles as the job id."""
+
+    id: str
+    verb: str
+    actor: Actor
+    args: Mapping[str, Any]
+
+
+Handler = Callable[["App", Command], Awaitable[CommandReply]]
+_REGISTRY: dict[str, Handler] = {}
+
+
+def verb(name: str) -> Callable[[Handler], Handler]:
+    """Register a handler for a CloudStack/Mold API verb."""
+
+    def register(fn: Handler) -> Handler:
+        _REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+def event_view(ev: StoredEvent) -> dict[str, Any]:
+    return {
+        "position": ev.position,
+        "stream": ev.stream_id,
+        "version": ev.stream_version,
+        "type": ev.event_type,
+        "at": ev.recorded_at.isoformat(),
+        "actor": ev.actor,
+        "command_id": ev.command_id,
+        "causation_id": ev.causation_id,
+        "correlation_id": ev.correlation_id,
+        "payload": ev.payload,
+    }
+
+
+class App:
+    def __init__(self, config: Config, store: Any, projector: Projector, hosts: Any) -> None:
+        self.config = config
+        self.store = store
+        self.projector = projector
+        self.hosts = hosts  # moldd.app.hosts.HostManager
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.placement_lock = asyncio.Lock()
+        self.jobs: dict[str, asyncio.Task[None]] = {}  # job id -> task
+        self.vm_jobs: dict[str, str] = {}  # vm name -> job id running in this process
+        self.background: set[asyncio.Task[Any]] = set()
+        self.health_checks: dict[str, Callable[[], bool]] = {}
+        self.clock: Callable[[], float] = time.time
+
+    @property
+    def model(self) -> Any:
+        return self.projector.model
+
+    # -- CommandBus ------------------------------------------------------------------------------------
+    def verbs(self) -> list[str]:
+        return sorted(_REGISTRY)
+
+    async def async_dispatch(
+        self, verb: str, args: Mapping[str, Any], command_id: str | None, actor: Actor
+    ) -> CommandReply:
+        handler = _REGISTRY.get(verb)
+        if handler is None:
+            raise ValidationError(f"unknown command {verb!r}", field="command", code="unknown_command")
+        if command_id is not None:
+            previous = await self.store.async_find_command(command_id)
+            if previous is not None:
+                return self.replay_reply(previous)
+        cmd = Command(id=command_id or uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
+        structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(actor))
+        try:
+            reply = await handler(self, cmd)
+        except MolddError as exc:
+            log.info("command_refused", verb=verb, code=exc.code, field=exc.field, reason=exc.message)
+            raise
+        finally:
+            structlog.contextvars.unbind_contextvars("command_id", "actor")
+        return reply
+
+    def replay_reply(self, previous: AppendResult) -> CommandReply:
+        """A retried command id: answer with what the first attempt started (its job as it is now)."""
+        first = previous.events[0]
+        job = self.model.jobs.get(first.correlation_id or "")
+        vm = self.model.vms.get(first.stream_id.removeprefix("vm-"))
+        result: dict[str, Any] = {"duplicate": True}
+        if job is not None:
+            result["job"] = self.job_view(job.id)
+        if vm is not None:
+            result["vm"] = vm.to_dict()
+        if first.stream_id.startswith("group-"):
+            group = self.model.groups.get(first.stream_id.removeprefix("group-"))
+            result["group"] = (
+                group.to_dict() if group else {"name": first.payload.get("name"), "deleted": True}
+            )
+        return CommandReply(result=result, position=previous.last_position)
+
+    def health(self) -> dict[str, Any]:
+        checks = {name: bool(check()) for name, check in self.health_checks.items()}
+        checks["projection"] = self.projector.running
+        hosts = {}
+        if self.hosts is not None:
+            hosts = {h.name: {"link": h.link, "health": h.health} for h in self.model.hosts.values()}
+        return {"ok": all(checks.values()), "checks": checks, "position": self.model.position, "hosts": hosts}
+
+    async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
+        async for ev in self.store.async_subscribe(from_position=max(1, from_position)):
+            yield event_view(ev)
+
+    # -- helpers for handlers --------------------------------------------------------------------------
+    def get_vm(self, args: Mapping[str, Any], field: str = "id") -> VM:
+        """Find a VM by its VM name, numeric id, internal name, or (if unique) display name."""
+        key = args.get(field)
+        if key is None and field == "id":
+            key = args.get("name") or args.get("virtualmachineid")
+        if key is None or (not isinstance(key, (str, int)) or isinstance(key, bool)):
+            raise ValidationError(f"{field} is required: the VM name (or its numeric id)", field=field)
+        vms = self.model.vms
+        vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
+        if vm is None:
+            by_id = [v for v in vms.values() if str(v.id) == str(key)]
+            by_display = [v for v in vms.values() if v.display_name == key and v.state != "Expunged"]
+            if by_id:
+                vm = by_id[0]
+            elif len(by_display) == 1:
+                vm = by_display[0]
+            elif len(by_display) > 1:
+                raise Conflict(f"display name {key!r} is not unique: use the VM name", field=field)
+        if vm is None or vm.state == "Expunged":
+            raise NotFound(f"no VM {key!r}", field=field)
+        return vm
+
+    async def async_append(
+        self,
+        stream: str,
+        events: list[NewEvent],
+        *,
+        expected_version: int = ANY_VERSION,
+        command_id: str | None = None,
+    ) -> AppendResult:
+        """Append and wait until the read model has folded it, so the next check sees it."""
+        res: AppendResult = await self.store.async_append(
+            stream, events, expected_version=expected_version, command_id=command_id
+        )
+        await self.projector.async_wait(res.last_position)
+        return res
+
+    async def async_record(
+        self,
+        vm: VM | str,
+        event_type: str,
+        payload: dict[str, Any],
+        *,
+        cmd: Command | None = None,
+        job: str | None = None,
+        actor: Actor | str | None = None,
+        first: bool = False,
+    ) -> AppendResult:
+        """Append one event on a VM's stream. ``first=True`` marks the event that acknowledges ``cmd``: it carries
+        the command id (idempotency) and must find the stream at the version the checks saw."""
+        name = vm if isinstance(vm, str) else vm.name
+        who = str(actor or (cmd.actor if cmd else SYSTEM))
+        ev = NewEvent(
+            event_type,
+            payload,
+            actor=who,
+            causation_id=cmd.id if cmd else None,
+            correlation_id=job or (cmd.id if cmd else None),
+        )
+        expected = vm.version if (first and not isinstance(vm, str)) else ANY_VERSION
+        return await self.async_append(
+            f"vm-{name}", [ev], expected_version=expected, command_id=cmd.id if (first and cmd) else None
+        )
+
+    def spawn_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._async_run_job(job_id, vm, coro), name=f"job-{job_id}")
+        self.jobs[job_id] = task
+        if vm is not None:
+            self.vm_jobs[vm] = job_id
+
+    async def _async_run_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, None]) -> None:
+        structlog.contextvars.bind_contextvars(command_id=job_id, vm=vm)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job_crashed", job=job_id)
+            if vm is not None:
+                with contextlib.suppress(Exception):
+                    await self.async_record(
+                        vm,
+                        "vm.job.crashed",
+                        {"job_status": "failed", "error": {"code": "internal", "message": "the job crashed"}},
+                        job=job_id,
+                    )
+        finally:
+            self.jobs.pop(job_id, None)
+            if vm is not None and self.vm_jobs.get(vm) == job_id:
+                self.vm_jobs.pop(vm, None)
+
+    def busy(self, vm: str) -> bool:
+        """A command of this daemon is working on the VM right now."""
+        return vm in self.vm_jobs or self.locks[vm].locked()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    def job_view(self, job_id: str) -> dict[str, Any]:
+        job = self.model.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}", field="jobid")
+        view = job.to_dict()
+        view["status"] = job.status
+        return view
+
+    def job_reply(self, job_id: str, vm: VM | None, position: int) -> CommandReply:
+        vm_now = self.model.vms.get(vm.name) if vm else None
+        return CommandReply(
+            result={"job": self.job_view(job_id), "vm": vm_now.to_dict() if vm_now else None},
+            position=position,
+        )
+
+    async def async_close(self) -> None:
+        for task in [*self.jobs.values(), *self.background]:
+            task.cancel()
+        for task in [*self.jobs.values(), *self.background]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def now_iso(clock: Callable[[], float] = time.time) -> str:
+    return datetime.fromtimestamp(clock(), UTC).isoformat()

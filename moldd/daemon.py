@@ -1,0 +1,204 @@
+"""``moldd --config FILE``: the daemon. Start-up order: log → projection (snapshot + tail) → hosts (connect and
+resync) → recover VMs left mid-command → HA, sweeper, checkpoints → API socket → READY=1 to systemd."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from events import NewEvent, SQLiteEventStore
+from moldd import systemd
+from moldd.app import groups, lifecycle, queries  # noqa: F401  (register verbs)
+from moldd.app.bus import SYSTEM
+from moldd.app.hosts import HostManager
+from moldd.app.projector import Projector
+from moldd.app.service import App
+from moldd.config import Config, ConfigError, load_config
+from moldd.domain.states import TRANSIENT
+from moldd.libvirt.bridge import LibvirtBridge
+from moldd.logging import configure_logging
+
+log = structlog.get_logger("moldd")
+
+
+def _load_optional_verbs() -> None:
+    """Verb modules that are built on top of the lifecycle; imported for their registration side effect."""
+    import importlib
+
+    for name in ("moldd.app.operations", "moldd.app.snapshots"):
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(name)
+
+
+class Daemon:
+    """The whole daemon as one object, so tests run exactly what production runs."""
+
+    def __init__(self, config: Config, *, serve_api: bool = True) -> None:
+        self.config = config
+        self.serve_api = serve_api
+        self.store: Any = None
+        self.bridge = LibvirtBridge()
+        self.hosts = HostManager(config, self.bridge)
+        self.projector: Projector | None = None
+        self.app: App | None = None
+        self.api: Any = None
+        self.ha: Any = None
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    async def async_start(self, *, sync_timeout: float = 15.0) -> None:
+        _load_optional_verbs()
+        cfg = self.config
+        cfg.database.parent.mkdir(parents=True, exist_ok=True)
+        cfg.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.store = await SQLiteEventStore.async_open(cfg.database)
+        self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+        await self.projector.async_restore()
+        self.projector.start()
+        self.app = App(cfg, self.store, self.projector, self.hosts)
+        self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
+        self.hosts.attach(self.app)
+        await self._async_register_hosts()
+        await self.hosts.async_start()
+        unsynced = await self.hosts.async_wait_synced(sync_timeout)
+        if unsynced:
+            log.warning("hosts_not_synced", hosts=unsynced)
+        await self._async_recover_unreachable(set(unsynced))
+        self._start_ha()
+        self.tasks.append(
+            asyncio.create_task(lifecycle.async_sweep_expunged(self.app), name="expunge-sweeper")
+        )
+        if cfg.checkpoints.key is not None:
+            self.tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
+        if self.serve_api:
+            from moldd.api.serve import async_serve
+
+            self.api = await async_serve(
+                self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group
+            )
+        systemd.notify_ready(
+            f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
+        )
+        self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
+        log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
+
+    def _start_ha(self) -> None:
+        try:
+            from moldd.ha.watcher import HAManager
+        except ModuleNotFoundError:
+            return
+        assert self.app is not None
+        self.ha = HAManager(self.app)
+        self.ha.start()
+        self.app.health_checks["ha"] = lambda: self.ha.healthy()
+
+    def healthy(self) -> bool:
+        return self.app is not None and bool(self.app.health()["ok"])
+
+    async def _async_register_hosts(self) -> None:
+        """Record each configured host (and changes to it) in the log, so replays know the hosts too."""
+        assert self.app is not None
+        for h in self.config.hosts:
+            known = self.app.model.hosts.get(h.name)
+            desc = {"name": h.name, "uri": h.uri, "cluster": h.cluster, "max_vms": h.max_vms}
+            if known is None or (known.uri, known.cluster, known.max_vms) != (h.uri, h.cluster, h.max_vms):
+                await self.app.async_append(
+                    f"host-{h.name}", [NewEvent("host.registered", desc, actor="system")]
+                )
+
+    async def _async_recover_unreachable(self, unreachable: set[str]) -> None:
+        """A VM left mid-command on a host we cannot reach is not left Starting/Stopping forever: it is Unknown
+        until its host answers (HA and resync take it from there)."""
+        assert self.app is not None
+        for vm in list(self.app.model.vms.values()):
+            if vm.state in TRANSIENT and vm.host in unreachable and vm.name not in self.app.vm_jobs:
+                payload = {
+                    "state": "Unknown",
+                    "power_state": "unknown",
+                    "host": vm.host,
+                    "domain_state": None,
+                    "reason": f"interrupted while {vm.state} and host {vm.host} is unreachable",
+                    "was": vm.state,
+                }
+                if vm.job:
+                    payload |= {
+                        "job_status": "failed",
+                        "error": {"code": "interrupted", "message": payload["reason"]},
+                    }
+                await self.app.async_append(
+                    f"vm-{vm.name}",
+                    [NewEvent("vm.reconciled", payload, actor=str(SYSTEM), correlation_id=vm.job)],
+                )
+
+    async def _async_checkpoints(self) -> None:
+        from events.checkpoint import async_write_checkpoint
+
+        cfg = self.config.checkpoints
+        assert cfg.key is not None and cfg.file is not None
+        while True:
+            try:
+                await async_write_checkpoint(self.store, cfg.key, cfg.file)
+            except Exception:
+                log.exception("checkpoint_failed")
+            await asyncio.sleep(cfg.interval_s)
+
+    async def async_stop(self) -> None:
+        systemd.notify_stopping()
+        if self.api is not None:
+            await self.api.async_close()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.ha is not None:
+            await self.ha.async_stop()
+        if self.app is not None:
+            await self.app.async_close()
+        await self.hosts.async_stop()
+        if self.projector is not None:
+            await self.projector.async_stop()
+        if self.store is not None:
+            await self.store.async_close()
+        self.bridge.shutdown()
+
+
+async def async_main(config: Config) -> int:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.async_start()
+        await stop.wait()
+    finally:
+        await daemon.async_stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moldd", description="VM-management daemon for one KVM cluster")
+    parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"moldd: bad configuration: {exc.file}: key {exc.key}: {exc.reason}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"{config.path}: ok ({len(config.hosts)} hosts)")
+        return 0
+    configure_logging(config.log_level)
+    return asyncio.run(async_main(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

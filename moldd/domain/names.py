@@ -1,0 +1,83 @@
+"""The three names of a VM (Mold manual): an immutable RFC 1123 VM name, a display name, a hostname."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Collection
+
+from moldd.domain.errors import Conflict, ValidationError
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTNAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def is_rfc1123_label(name: str) -> bool:
+    return bool(_LABEL.match(name))
+
+
+def generate_vm_name(
+    taken: Collection[str], *, prefix: str = "vm", token: Callable[[int], str] | None = None
+) -> str:
+    """A new unique VM name such as ``vm-7k2q9x1c``: lower case, RFC 1123 label, never reused."""
+    pick = token or (lambda n: "".join(secrets.choice(_ALPHABET) for _ in range(n)))
+    for _ in range(100):
+        name = f"{prefix}-{pick(8)}"
+        if name not in taken and is_rfc1123_label(name):
+            return name
+    raise Conflict("could not find a free VM name", field="name")
+
+
+def validate_hostname(value: object, *, field: str = "hostname") -> str:
+    """A DHCP hostname: a DNS label of 1-63 characters, letters, digits and '-', no leading digit.
+
+    Returned lower-cased (DNS names are case-insensitive)."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string", field=field)
+    name = value.lower()
+    if not 1 <= len(name) <= 63:
+        raise ValidationError(f"{field} must be 1-63 characters long, got {len(name)}", field=field)
+    if name[0].isdigit():
+        raise ValidationError(f"{field} {value!r} must not start with a digit", field=field)
+    if not _HOSTNAME.match(name):
+        raise ValidationError(
+            f"{field} {value!r} is not a DNS label: use letters, digits and '-', not starting or ending with '-'",
+            field=field,
+        )
+    return name
+
+
+def validate_display_name(value: object, *, field: str = "displayname") -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string", field=field)
+    text = value.strip()
+    if not 1 <= len(text) <= 255:
+        raise ValidationError(f"{field} must be 1-255 characters long", field=field)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValidationError(f"{field} must not contain control characters", field=field)
+    return text
+
+
+def validate_group_name(value: object, *, field: str = "group") -> str:
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}$", value):
+        raise ValidationError(
+            f"{field} must be 1-63 characters: letters, digits, space, '.', '_' or '-', starting with a letter or digit",
+            field=field,
+        )
+    return value
+
+
+def internal_name(
+    pattern: str, *, account: str, vm_id: int, instance: str, display_name: str, append_display_name: bool
+) -> str:
+    """The libvirt domain name, e.g. CloudStack's ``i-<account>-<id>-<instance>``.
+
+    With ``append_display_name`` (the manual's "add display name to internal name") the display name, reduced to
+    a DNS-safe label, is appended. Computed once at deploy and stable for the VM's life."""
+    name = pattern.format(account=account, id=vm_id, instance=instance)
+    if append_display_name:
+        tail = re.sub(r"[^a-z0-9-]+", "-", display_name.lower()).strip("-")
+        if tail:
+            name = f"{name}-{tail}"
+    return name[:200]

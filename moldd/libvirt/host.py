@@ -1,0 +1,817 @@
+"""One libvirt host as the daemon sees it: a connection that heals itself, events, domain operations.
+
+Threading contract:
+
+* every libvirt call runs in a worker of this host's pools (:class:`LibvirtBridge`, key = host name), so a
+  frozen host only ties up its own threads; calls are bounded by a timeout and, for a host that stopped
+  answering, by the keepalive (``interval * (count + 1)`` seconds), which closes the connection and makes
+  the stuck calls fail;
+* opening a connection runs in its own daemon thread: on a frozen daemon ``virConnectOpen`` hangs with no
+  keepalive to rescue it, so a reconnect attempt that times out leaves that one thread waiting and the next
+  attempt waits for it instead of starting another;
+* libvirt calls our callbacks on its event-loop thread; we never call libvirt there, we only hand a
+  :class:`DomainEvent` / close reason to the asyncio loop with ``call_soon_threadsafe``.  The user callbacks
+  ``on_domain_event`` / ``on_link_event`` therefore run on the asyncio loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt
+import structlog
+
+from moldd.domain.errors import MolddError, NotFound, OperationFailed, Unavailable, ValidationError
+from moldd.libvirt import storage
+from moldd.libvirt.bridge import LibvirtBridge, translate_error
+from moldd.libvirt.events import CLOSE_REASONS, DomainEvent, HostLinkEvent, state_name
+
+log = structlog.get_logger("moldd.libvirt")
+
+T = TypeVar("T")
+
+_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
+_CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+JOB_TYPES = {
+    libvirt.VIR_DOMAIN_JOB_NONE: "none",
+    libvirt.VIR_DOMAIN_JOB_BOUNDED: "bounded",
+    libvirt.VIR_DOMAIN_JOB_UNBOUNDED: "unbounded",
+    libvirt.VIR_DOMAIN_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_JOB_CANCELLED: "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: str
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    name: str
+    description: str
+    created_at: datetime | None
+    state: str  # domain state when taken ("running", "shutoff", ...)
+    memory: bool  # True if the snapshot holds the guest's RAM (revert resumes it running)
+    parent: str | None
+    current: bool
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "state": self.state,
+            "memory": self.memory,
+            "parent": self.parent,
+            "current": self.current,
+        }
+
+
+def _err_code(exc: libvirt.libvirtError) -> int:
+    return int(exc.get_error_code() or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocking helpers: each runs in a worker thread with the connection as first argument.
+
+
+def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    return conn.lookupByName(name)
+
+
+def _list_domains(conn: libvirt.virConnect) -> list[DomainInfo]:
+    persistent = {
+        d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+    }
+    try:
+        # One RPC for every domain's state instead of one per domain.
+        stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+        pairs = [(dom, int(st.get("state.state", 0))) for dom, st in stats]
+    except libvirt.libvirtError as exc:
+        if _err_code(exc) != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        pairs = []
+        for dom in conn.listAllDomains(0):
+            try:
+                pairs.append((dom, int(dom.state()[0])))
+            except libvirt.libvirtError as exc2:
+                if _err_code(exc2) != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+    out = []
+    for dom, st in pairs:
+        uuid = dom.UUIDString()
+        out.append(DomainInfo(dom.name(), uuid, state_name(st), uuid in persistent))
+    return sorted(out, key=lambda d: d.name)
+
+
+def _domain_state(conn: libvirt.virConnect, name: str) -> str | None:
+    try:
+        return state_name(int(conn.lookupByName(name).state()[0]))
+    except libvirt.libvirtError as exc:
+        if _err_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def _define(conn: libvirt.virConnect, xml: str) -> DomainInfo:
+    dom = conn.defineXML(xml)
+    return DomainInfo(dom.name(), dom.UUIDString(), state_name(int(dom.state()[0])), True)
+
+
+def _undefine(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if _err_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+    full = (
+        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    )
+    # Drivers without NVRAM/checkpoints (the test driver) refuse unknown flags: retry with fewer.
+    for flags in (full, full & ~libvirt.VIR_DOMAIN_UNDEFINE_NVRAM & ~libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA):
+        try:
+            dom.undefineFlags(flags)
+            return True
+        except libvirt.libvirtError as exc:
+            code = _err_code(exc)
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            if code not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                raise
+    dom.undefine()
+    return True
+
+
+def _is_active(dom: libvirt.virDomain) -> bool:
+    return bool(dom.isActive())
+
+
+def _set_vcpus(conn: libvirt.virConnect, name: str, n: int) -> None:
+    dom = conn.lookupByName(name)
+    flags = (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
+    if not dom.isPersistent():
+        flags &= ~_CONFIG
+    dom.setVcpusFlags(n, flags)
+
+
+def _set_memory(conn: libvirt.virConnect, name: str, mib: int) -> None:
+    dom = conn.lookupByName(name)
+    flags = (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
+    if not dom.isPersistent():
+        flags &= ~_CONFIG
+    dom.setMemoryFlags(mib * 1024, flags)
+
+
+def _disk_source(xml: str, target_dev: str) -> Path | None:
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        tgt = disk.find("target")
+        if tgt is not None and tgt.get("dev") == target_dev:
+            src = disk.find("source")
+            return Path(src.get("file", "")) if src is not None and src.get("file") else None
+    raise NotFound(f"domain has no disk {target_dev!r}", field="target_dev")
+
+
+def _block_resize_live(conn: libvirt.virConnect, name: str, target_dev: str, size_bytes: int) -> bool:
+    """Resize through QEMU if the domain runs; return False (nothing done) if it is shut off."""
+    dom = conn.lookupByName(name)
+    if not _is_active(dom):
+        return False
+    _disk_source(dom.XMLDesc(0), target_dev)  # NotFound with the field named, not libvirt's wording
+    dom.blockResize(target_dev, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    return True
+
+
+def _snapshot_xml(snap_name: str, description: str, memory: bool, active: bool) -> str:
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = snap_name
+    if description:
+        ET.SubElement(root, "description").text = description
+    if active and not memory:
+        raise ValidationError(
+            "an internal snapshot of a running domain always includes its memory: pass memory=True "
+            "or shut the domain down first",
+            field="memory",
+        )
+    return ET.tostring(root, encoding="unicode")
+
+
+def _snapshot_create(
+    conn: libvirt.virConnect, name: str, snap_name: str, memory: bool, description: str
+) -> None:
+    dom = conn.lookupByName(name)
+    dom.snapshotCreateXML(_snapshot_xml(snap_name, description, memory, _is_active(dom)), 0)
+
+
+def _snapshot_revert(conn: libvirt.virConnect, name: str, snap_name: str) -> None:
+    dom = conn.lookupByName(name)
+    snap = dom.snapshotLookupByName(snap_name, 0)
+    dom.revertToSnapshot(snap, 0)
+
+
+def _snapshot_delete(conn: libvirt.virConnect, name: str, snap_name: str) -> None:
+    dom = conn.lookupByName(name)
+    dom.snapshotLookupByName(snap_name, 0).delete(0)
+
+
+def _snapshot_list(conn: libvirt.virConnect, name: str) -> list[SnapshotInfo]:
+    dom = conn.lookupByName(name)
+    out = []
+    for snap in dom.listAllSnapshots(0):
+        root = ET.fromstring(snap.getXMLDesc(0))
+        created = root.findtext("creationTime")
+        state = root.findtext("state") or "nostate"
+        mem = root.find("memory")
+        has_memory = state in ("running", "paused") and (mem is None or mem.get("snapshot") != "no")
+        parent = root.findtext("parent/name")
+        out.append(
+            SnapshotInfo(
+                name=snap.getName(),
+                description=root.findtext("description") or "",
+                created_at=datetime.fromtimestamp(int(created), UTC) if created else None,
+                state=state,
+                memory=has_memory,
+                parent=parent,
+                current=bool(snap.isCurrent(0)),
+            )
+        )
+    return sorted(out, key=lambda s: (s.created_at or datetime.min.replace(tzinfo=UTC), s.name))
+
+
+def _console_info(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
+    dom = conn.lookupByName(name)
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
+    info: dict[str, Any] = {"vnc": None, "serial": None, "running": _is_active(dom)}
+    for g in root.findall("devices/graphics"):
+        if g.get("type") == "vnc":
+            port = int(g.get("port", "-1"))
+            info["vnc"] = {
+                "port": port if port > 0 else None,
+                "listen": g.get("listen"),
+                "password": g.get("passwd"),
+            }
+            break
+    serial = root.find("devices/serial")
+    if serial is not None:
+        src = serial.find("source")
+        logel = serial.find("log")
+        info["serial"] = {
+            "type": serial.get("type"),
+            "pty": src.get("path") if src is not None and serial.get("type") == "pty" else None,
+            "file": src.get("path") if src is not None and serial.get("type") == "file" else None,
+            "log": logel.get("file") if logel is not None else None,
+        }
+    return info
+
+
+def _get_xml(conn: libvirt.virConnect, name: str, inactive: bool) -> str:
+    return conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+
+
+def _change_cdrom(conn: libvirt.virConnect, name: str, iso: str | None, target: str) -> None:
+    dom = conn.lookupByName(name)
+    root = ET.fromstring(dom.XMLDesc(0))
+    found = None
+    for disk in root.findall("devices/disk"):
+        tgt = disk.find("target")
+        if disk.get("device") == "cdrom" and tgt is not None and tgt.get("dev") == target:
+            found = disk
+            break
+    if found is None:
+        raise NotFound(f"domain {name} has no cdrom drive {target!r}", field="target")
+    tgt = found.find("target")
+    assert tgt is not None
+    disk = ET.Element("disk", {"type": "file", "device": "cdrom"})
+    ET.SubElement(disk, "driver", {"name": "qemu", "type": "raw"})
+    if iso is not None:
+        ET.SubElement(disk, "source", {"file": iso})
+    ET.SubElement(disk, "target", {"dev": target, "bus": tgt.get("bus", "ide")})
+    ET.SubElement(disk, "readonly")
+    flags = libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE  # eject even if the guest locked the tray
+    flags |= (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
+    if not dom.isPersistent():
+        flags &= ~_CONFIG
+    dom.updateDeviceFlags(ET.tostring(disk, encoding="unicode"), flags)
+
+
+def _job_stats(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
+    return dict(conn.lookupByName(name).jobStats(0))
+
+
+def _abort_job(conn: libvirt.virConnect, name: str) -> None:
+    try:
+        conn.lookupByName(name).abortJob()
+    except libvirt.libvirtError:
+        pass  # no job left to abort
+
+
+def _ensure_running_after_failed_migration(conn: libvirt.virConnect, name: str) -> str | None:
+    """After a failed migration the source normally resumes the guest itself; make sure it did."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+    state, _reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        try:
+            dom.resume()
+            state = dom.state()[0]
+        except libvirt.libvirtError:
+            pass
+    return state_name(int(state))
+
+
+def _progress_payload(stats: dict[str, Any]) -> dict[str, Any]:
+    total = int(stats.get("data_total", 0) or 0)
+    processed = int(stats.get("data_processed", 0) or 0)
+    out: dict[str, Any] = {
+        "type": JOB_TYPES.get(int(stats.get("type", 0)), str(stats.get("type"))),
+        "elapsed_ms": int(stats.get("time_elapsed", 0) or 0),
+        "data_total": total,
+        "data_processed": processed,
+        "data_remaining": int(stats.get("data_remaining", 0) or 0),
+        "memory_dirty_rate": int(stats.get("memory_dirty_rate", 0) or 0),
+        "memory_iteration": int(stats.get("memory_iteration", 0) or 0),
+        "percent": round(100.0 * processed / total, 1) if total else 0.0,
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class HostConnection:
+    """A self-healing connection to one libvirt host.
+
+    ``on_domain_event`` and ``on_link_event`` are called on the asyncio loop thread.  After every
+    ``connected`` link event the owner must resync domain states: events sent while we were disconnected
+    are lost.  Every failed reconnect attempt emits ``reconnect_failed``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        bridge: LibvirtBridge,
+        on_domain_event: Callable[[DomainEvent], None],
+        on_link_event: Callable[[HostLinkEvent], None],
+        *,
+        keepalive: tuple[int, int] = (1, 3),
+        backoff_initial: float = 0.5,
+        backoff_max: float = 5.0,
+        connect_timeout: float = 10.0,
+        call_timeout: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.uri = uri
+        self.bridge = bridge
+        self._on_domain_event = on_domain_event
+        self._on_link_event = on_link_event
+        self.keepalive = keepalive
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: libvirt.virConnect | None = None
+        self._cb_id: int | None = None
+        self._generation = 0
+        self._closed_generations: set[int] = set()
+        self._pending_open: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._state_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<HostConnection {self.name} {self.uri} connected={self.connected}>"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    # --- connection lifecycle -------------------------------------------------------------------------
+
+    async def async_start(self) -> bool:
+        """Connect; if the host cannot be reached, keep retrying in the background.
+
+        Returns whether the first attempt succeeded.  ``connected`` is emitted on success either way.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self.bridge.start()
+        try:
+            await self._async_connect()
+            return True
+        except MolddError as exc:
+            self._emit_link("reconnect_failed", exc.message)
+            self._start_reconnect()
+            return False
+
+    async def async_stop(self) -> None:
+        """Stop reconnecting, deregister callbacks and close; never hangs on a frozen host."""
+        self._stopping = True
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        conn, cb_id, self._conn, self._cb_id = self._conn, self._cb_id, None, None
+        if conn is not None:
+            try:
+                await self.bridge.async_call(
+                    _close_conn, conn, cb_id, pool=self.name, timeout=5.0, what="close"
+                )
+            except MolddError:
+                pass
+
+    async def async_wait_connected(self, timeout: float) -> None:
+        """Wait until connected (tests, start-up ordering); raises :class:`Unavailable` on timeout."""
+        async with asyncio.timeout(timeout):
+            while not self.connected:
+                await asyncio.sleep(0.05)
+
+    def _start_reconnect(self) -> None:
+        if self._stopping or (self._reconnect_task is not None and not self._reconnect_task.done()):
+            return
+        assert self._loop is not None
+        self._reconnect_task = self._loop.create_task(
+            self._async_reconnect_loop(), name=f"libvirt-reconnect-{self.name}"
+        )
+
+    async def _async_reconnect_loop(self) -> None:
+        delay = self.backoff_initial
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                await self._async_connect()
+                return
+            except MolddError as exc:
+                self._emit_link("reconnect_failed", exc.message)
+                delay = min(delay * 2, self.backoff_max)
+
+    async def _async_connect(self) -> None:
+        if self._pending_open is None:
+            self._generation += 1
+            self._pending_open = self._open_in_thread(self._generation)
+        pending = self._pending_open
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                gen, conn, cb_id = await asyncio.shield(asyncio.wrap_future(pending))
+        except TimeoutError:
+            # The thread keeps waiting on the host; the next attempt reuses it rather than adding one.
+            raise Unavailable(
+                f"host {self.name} did not answer within {self.connect_timeout:g} s (connect)"
+            ) from None
+        except libvirt.libvirtError as exc:
+            self._pending_open = None
+            raise translate_error(exc, what=f"connect to {self.name}") from None
+        except BaseException:
+            if pending.done():
+                self._pending_open = None
+            raise
+        self._pending_open = None
+        if self._stopping:
+            await self.bridge.async_call(_close_conn, conn, cb_id, pool=self.name, timeout=5.0)
+            raise Unavailable(f"host {self.name} connection is being stopped")
+        if gen in self._closed_generations:
+            self._closed_generations.discard(gen)
+            await self.bridge.async_call(_close_conn, conn, cb_id, pool=self.name, timeout=5.0)
+            raise Unavailable(f"host {self.name} closed the connection right after it opened")
+        self._conn, self._cb_id = conn, cb_id
+        log.info("libvirt_connected", host=self.name, uri=self.uri)
+        self._emit_link("connected", "connected")
+
+    def _open_in_thread(self, gen: int) -> concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]]:
+        fut: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] = concurrent.futures.Future()
+        loop = self._loop
+        assert loop is not None
+
+        def run() -> None:
+            try:
+                conn = libvirt.open(self.uri)
+                try:
+                    try:
+                        conn.setKeepAlive(*self.keepalive)
+                    except libvirt.libvirtError as exc:
+                        if _err_code(exc) != libvirt.VIR_ERR_NO_SUPPORT:  # local drivers: no keepalive
+                            raise
+                    conn.registerCloseCallback(self._libvirt_close_cb, gen)
+                    cb_id = conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._libvirt_lifecycle_cb, gen
+                    )
+                except BaseException:
+                    _close_conn(conn, None)
+                    raise
+                if self._stopping:
+                    _close_conn(conn, cb_id)
+                    raise libvirt.libvirtError("connection stopped")
+                fut.set_result((gen, conn, cb_id))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name=f"libvirt-open-{self.name}", daemon=True).start()
+        return fut
+
+    # --- libvirt event-loop thread: never call libvirt here, only hand over to asyncio ---------------
+
+    def _libvirt_lifecycle_cb(
+        self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, gen: int
+    ) -> None:
+        try:
+            ev = DomainEvent.from_codes(self.name, dom.name(), dom.UUIDString(), event, detail)
+            self._threadsafe(self._deliver_domain_event, ev)
+        except Exception:  # pragma: no cover - must never raise into libvirt
+            pass
+
+    def _libvirt_close_cb(self, _conn: libvirt.virConnect, reason: int, gen: int) -> None:
+        self._threadsafe(self._connection_closed, gen, reason)
+
+    def _threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # loop closed between the check and the call
+
+    # --- asyncio loop thread -------------------------------------------------------------------------
+
+    def _deliver_domain_event(self, ev: DomainEvent) -> None:
+        if self._stopping:
+            return
+        try:
+            self._on_domain_event(ev)
+        except Exception:
+            log.exception("domain_event_handler_failed", host=self.name, domain=ev.domain)
+
+    def _connection_closed(self, gen: int, reason: int) -> None:
+        if self._stopping:
+            return
+        if gen != self._generation or self._conn is None:
+            if gen > 0:
+                self._closed_generations.add(gen)
+            return
+        conn, cb_id, self._conn, self._cb_id = self._conn, self._cb_id, None, None
+        why = CLOSE_REASONS.get(reason, f"reason {reason}")
+        log.warning("libvirt_disconnected", host=self.name, reason=why)
+        self._emit_link("disconnected", why)
+        # Release the dead connection in a worker (local work only: the transport is already gone).
+        fut = self.bridge.submit(_close_conn, conn, cb_id, pool=self.name)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._start_reconnect()
+
+    def _emit_link(self, kind: Any, reason: str) -> None:
+        try:
+            self._on_link_event(HostLinkEvent.now(self.name, kind, reason))
+        except Exception:
+            log.exception("link_event_handler_failed", host=self.name)
+
+    # --- calls ---------------------------------------------------------------------------------------
+
+    def _require_conn(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"host {self.name} is not connected")
+        return conn
+
+    async def _call(
+        self, fn: Callable[..., T], *args: Any, long: bool = False, timeout: float | None = -1.0, what: str = ""
+    ) -> T:
+        conn = self._require_conn()
+        if timeout is not None and timeout < 0:
+            timeout = None if long else self.call_timeout
+        return await self.bridge.async_call(
+            fn, conn, *args, pool=self.name, long=long, timeout=timeout, what=what or f"{self.name}"
+        )
+
+    async def async_list_domains(self) -> list[DomainInfo]:
+        return await self._call(_list_domains, what=f"list domains on {self.name}")
+
+    async def async_domain_state(self, name: str) -> str | None:
+        """The domain's state name, or None if the host has no such domain."""
+        return await self._call(_domain_state, name, what=f"state of {name}")
+
+    async def async_define(self, xml: str) -> DomainInfo:
+        """Define (or redefine) a persistent domain; start it with :meth:`async_create`."""
+        return await self._call(_define, xml, what="define domain")
+
+    async def async_create(self, name: str) -> None:
+        """Start a defined domain."""
+        await self._call(lambda c, n: _lookup(c, n).create(), name, what=f"start {name}")
+
+    async def async_shutdown(self, name: str) -> None:
+        """Press the ACPI power button; the guest decides whether and when to power off."""
+        await self._call(
+            lambda c, n: _lookup(c, n).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN),
+            name,
+            what=f"shut down {name}",
+        )
+
+    async def async_destroy(self, name: str) -> None:
+        """Power off now (kills QEMU)."""
+        await self._call(lambda c, n: _lookup(c, n).destroy(), name, what=f"destroy {name}")
+
+    async def async_reboot(self, name: str) -> None:
+        await self._call(
+            lambda c, n: _lookup(c, n).reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN),
+            name,
+            what=f"reboot {name}",
+        )
+
+    async def async_undefine(self, name: str) -> bool:
+        """Remove the definition with its snapshot metadata and NVRAM; False if it was already gone.
+
+        A running domain keeps running as a transient one until it stops.
+        """
+        return await self._call(_undefine, name, what=f"undefine {name}")
+
+    async def async_set_vcpus(self, name: str, n: int) -> None:
+        """Set the vCPU count, live (hot-plug, up to the maximum from the definition) and in the config."""
+        if n < 1:
+            raise ValidationError("vcpus must be at least 1", field="vcpus")
+        await self._call(_set_vcpus, name, n, what=f"set vcpus of {name}")
+
+    async def async_set_memory(self, name: str, mib: int) -> None:
+        """Set the balloon target, live and in the config (up to ``<memory>``, the maximum).
+
+        Live, QEMU forwards the target to the guest's virtio-balloon driver; the guest gives memory back
+        only if it loaded that driver.
+        """
+        if mib < 16:
+            raise ValidationError("memory must be at least 16 MiB", field="memory_mib")
+        await self._call(_set_memory, name, mib, what=f"set memory of {name}")
+
+    async def async_block_resize(self, name: str, target_dev: str, size_bytes: int) -> None:
+        """Grow a disk: through QEMU when running, with ``qemu-img resize`` on the file when shut off."""
+        if size_bytes <= 0:
+            raise ValidationError("size must be positive", field="size_bytes")
+        done = await self._call(_block_resize_live, name, target_dev, size_bytes, what=f"resize {target_dev}")
+        if not done:
+            xml = await self.async_get_xml(name, inactive=True)
+            path = _disk_source(xml, target_dev)
+            if path is None:
+                raise OperationFailed(f"disk {target_dev} of {name} has no file", field="target_dev")
+            await storage.async_resize(path, size_bytes)
+
+    async def async_snapshot_create(self, name: str, snap_name: str, memory: bool, description: str = "") -> None:
+        """Internal qcow2 snapshot; for a running domain it includes RAM (``memory`` must be True)."""
+        await self._call(
+            _snapshot_create, name, snap_name, memory, description, long=True, timeout=600.0,
+            what=f"snapshot {name}",
+        )
+
+    async def async_snapshot_revert(self, name: str, snap_name: str) -> None:
+        """Revert disks (and RAM and run state for a memory snapshot)."""
+        await self._call(
+            _snapshot_revert, name, snap_name, long=True, timeout=600.0, what=f"revert {name} to {snap_name}"
+        )
+
+    async def async_snapshot_delete(self, name: str, snap_name: str) -> None:
+        await self._call(
+            _snapshot_delete, name, snap_name, long=True, timeout=600.0, what=f"delete snapshot {snap_name}"
+        )
+
+    async def async_snapshot_list(self, name: str) -> list[SnapshotInfo]:
+        return await self._call(_snapshot_list, name, what=f"list snapshots of {name}")
+
+    async def async_console_info(self, name: str) -> dict[str, Any]:
+        """``{"running", "vnc": {"port","listen","password"}|None, "serial": {"type","pty","file","log"}|None}``."""
+        return await self._call(_console_info, name, what=f"console of {name}")
+
+    async def async_get_xml(self, name: str, inactive: bool = False) -> str:
+        return await self._call(_get_xml, name, inactive, what=f"xml of {name}")
+
+    async def async_attach_cdrom(self, name: str, iso_path: Path | str | None, target: str = "hdc") -> None:
+        """Insert (or with None, eject) cdrom media: live if running, and in the persistent config."""
+        iso = None if iso_path is None else str(iso_path)
+        await self._call(_change_cdrom, name, iso, target, what=f"change cdrom of {name}")
+
+    async def async_migrate(
+        self,
+        name: str,
+        dest: HostConnection,
+        migrate_uri: str | None,
+        live: bool = True,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        unsafe: bool = False,
+        timeout: float | None = None,
+        poll_interval: float = 0.5,
+    ) -> None:
+        """Migrate a running domain to ``dest``; it becomes persistent there and is undefined here.
+
+        ``migrate_uri`` (``tcp://127.0.0.1:49152``) is where the destination QEMU listens; None lets the
+        destination pick.  ``unsafe`` skips libvirt's shared-storage check (disks on a local file system
+        that both hosts see, as in the lab).  ``progress`` gets a dict every ``poll_interval`` s on the loop
+        thread.  On failure (or timeout, which aborts the job) the domain keeps running here and
+        :class:`OperationFailed` is raised.
+        """
+        if dest is self or dest.uri == self.uri:
+            raise ValidationError("source and destination are the same host", field="dest")
+        src_conn = self._require_conn()
+        dst_conn = dest._conn
+        if dst_conn is None:
+            raise OperationFailed(f"destination host {dest.name} is not connected", field="dest")
+        flags = (
+            libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+        )
+        if live:
+            flags |= libvirt.VIR_MIGRATE_LIVE
+        if unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        params: dict[str, Any] = {}
+        if migrate_uri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+
+        def run() -> None:
+            dom = src_conn.lookupByName(name)
+            dom.migrate3(dst_conn, params, flags)
+
+        fut = self.bridge.submit(run, pool=self.name, long=True)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=poll_interval)
+                if done:
+                    break
+                if deadline is not None and loop.time() > deadline:
+                    await self._call(_abort_job, name, timeout=10.0)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(fut), 60.0)
+                    except BaseException:
+                        pass
+                    raise libvirt.libvirtError(f"migration did not finish within {timeout:g} s")
+                if progress is not None:
+                    try:
+                        stats = await self._call(_job_stats, name, timeout=5.0)
+                    except MolddError:
+                        continue
+                    if stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+                        try:
+                            progress(_progress_payload(stats))
+                        except Exception:
+                            log.exception("migration_progress_handler_failed", domain=name)
+            fut.result()
+        except asyncio.CancelledError:
+            # Our caller gave up: stop the job so the guest stays (running) here.
+            try:
+                await asyncio.shield(self._call(_abort_job, name, timeout=10.0))
+            except MolddError:
+                pass
+            raise
+        except (libvirt.libvirtError, MolddError) as exc:
+            message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else exc.message
+            state: str | None = None
+            try:
+                state = await self._call(_ensure_running_after_failed_migration, name, timeout=15.0)
+            except MolddError:
+                pass
+            raise OperationFailed(
+                f"migration of {name} from {self.name} to {dest.name} failed: {message or exc} "
+                f"(source state: {state or 'unknown'})"
+            ) from None
+        if progress is not None:
+            try:
+                progress({"type": "completed", "percent": 100.0})
+            except Exception:
+                log.exception("migration_progress_handler_failed", domain=name)
+
+
+def _close_conn(conn: libvirt.virConnect, cb_id: int | None) -> None:
+    """Best effort: deregister callbacks, then drop our reference (local work on a dead transport)."""
+    if cb_id is not None:
+        try:
+            conn.domainEventDeregisterAny(cb_id)
+        except libvirt.libvirtError:
+            pass
+    try:
+        conn.unregisterCloseCallback()
+    except libvirt.libvirtError:
+        pass
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass

@@ -1,0 +1,101 @@
+"""qemu-img, run as a subprocess from the loop (never blocking it): overlays, blank disks, resize, info."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moldd.domain.errors import OperationFailed, ValidationError
+
+QEMU_IMG = "qemu-img"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    path: Path
+    format: str
+    virtual_size: int
+    actual_size: int | None
+    backing_file: Path | None
+    backing_format: str | None
+
+
+async def _run(*args: str, timeout: float = 60.0) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            QEMU_IMG,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise OperationFailed(f"{QEMU_IMG} is not installed") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise OperationFailed(f"qemu-img {args[0]} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        msg = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
+        raise OperationFailed(f"qemu-img {args[0]} failed: {msg}")
+    return out.decode(errors="replace")
+
+
+def _size_arg(size_bytes: int, fld: str = "size_bytes") -> str:
+    if size_bytes <= 0:
+        raise ValidationError("size must be positive", field=fld)
+    return str(size_bytes)
+
+
+async def async_create_overlay(template: Path, target: Path, size_bytes: int | None = None) -> Path:
+    """``qemu-img create -f qcow2 -b TEMPLATE -F qcow2 TARGET [SIZE]``: a copy-on-write root disk."""
+    args = ["create", "-q", "-f", "qcow2", "-b", str(Path(template).resolve()), "-F", "qcow2", str(target)]
+    if size_bytes is not None:
+        args.append(_size_arg(size_bytes))
+    await _run(*args)
+    return target
+
+
+async def async_create_blank(target: Path, size_bytes: int) -> Path:
+    await _run("create", "-q", "-f", "qcow2", str(target), _size_arg(size_bytes))
+    return target
+
+
+async def async_resize(path: Path, size_bytes: int, *, shrink: bool = False) -> None:
+    """Resize an image that no running guest uses (use the domain's block resize for a live disk)."""
+    args = ["resize", "-q"]
+    if shrink:
+        args.append("--shrink")
+    args += [str(path), _size_arg(size_bytes)]
+    await _run(*args)
+
+
+async def async_info(path: Path) -> ImageInfo:
+    # -U: readable while QEMU holds the image lock (a running guest's disk).
+    raw: dict[str, Any] = json.loads(await _run("info", "-U", "--output=json", str(path)))
+    backing = raw.get("full-backing-filename") or raw.get("backing-filename")
+    return ImageInfo(
+        path=Path(path),
+        format=str(raw.get("format", "")),
+        virtual_size=int(raw["virtual-size"]),
+        actual_size=int(raw["actual-size"]) if "actual-size" in raw else None,
+        backing_file=Path(backing) if backing else None,
+        backing_format=raw.get("backing-filename-format"),
+    )
+
+
+async def async_delete(path: Path, *, missing_ok: bool = True) -> None:
+    # unlink is one syscall on a local file: not worth a thread.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise OperationFailed(f"{path} does not exist") from None
+    except OSError as exc:
+        raise OperationFailed(f"cannot delete {path}: {exc.strerror}") from None

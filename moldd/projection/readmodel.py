@@ -1,0 +1,468 @@
+"""Fold log events into the read model. Deterministic: the same events give the same model, whether folded live
+by the daemon or replayed by ``moldd-audit state``; times come from the events, never from the clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from moldd.domain.ha import down_cause
+from moldd.domain.states import TRANSIENT, VMState
+from moldd.projection.model import VM, Group, Host, Job
+
+S = VMState
+
+
+class EventLike(Protocol):
+    position: int
+    stream_id: str
+    stream_version: int
+    event_type: str
+    actor: str
+    command_id: str | None
+    correlation_id: str | None
+    payload: dict[str, Any]
+
+    @property
+    def recorded_at(self) -> Any: ...
+
+
+def _iso(ev: EventLike) -> str:
+    at = ev.recorded_at
+    return at.isoformat() if hasattr(at, "isoformat") else str(at)
+
+
+def _epoch(ev: EventLike) -> float:
+    at = ev.recorded_at
+    return float(at.timestamp()) if hasattr(at, "timestamp") else 0.0
+
+
+# Fields a `vm.updated` / `vm.settings.changed` event may set directly on the VM record.
+EDITABLE = frozenset(
+    {"display_name", "hostname", "group", "description", "os_type", "ha_enabled", "ha_policy", "ha_priority"}
+)
+
+
+class ReadModel:
+    """Current VMs, hosts, groups and jobs, plus the log position folded so far."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.vms: dict[str, VM] = {}
+        self.hosts: dict[str, Host] = {}
+        self.groups: dict[str, Group] = {}
+        self.jobs: dict[str, Job] = {}
+        self.by_internal: dict[str, str] = {}
+        self.next_vm_id = 1
+
+    # -- snapshots -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "vms": {k: v.to_dict() for k, v in self.vms.items()},
+            "hosts": {k: v.to_dict() for k, v in self.hosts.items()},
+            "groups": {k: v.to_dict() for k, v in self.groups.items()},
+            "jobs": {k: v.to_dict() for k, v in self.jobs.items()},
+            "next_vm_id": self.next_vm_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReadModel:
+        model = cls()
+        model.position = data["position"]
+        model.vms = {k: VM.from_dict(v) for k, v in data["vms"].items()}
+        model.hosts = {k: Host.from_dict(v) for k, v in data["hosts"].items()}
+        model.groups = {k: Group.from_dict(v) for k, v in data["groups"].items()}
+        model.jobs = {k: Job.from_dict(v) for k, v in data["jobs"].items()}
+        model.next_vm_id = data["next_vm_id"]
+        model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values()}
+        return model
+
+    def view(self) -> dict[str, Any]:
+        """The user-visible state (what ``moldd-audit state`` prints and the daemon's lists show)."""
+        return {
+            "position": self.position,
+            "vms": [v.to_dict() for v in sorted(self.vms.values(), key=lambda v: v.id)],
+            "hosts": [h.to_dict() for h in sorted(self.hosts.values(), key=lambda h: h.name)],
+            "groups": [g.to_dict() for g in sorted(self.groups.values(), key=lambda g: g.name)],
+        }
+
+    # -- queries ---------------------------------------------------------------------------------------
+    def vm_by_domain(self, domain: str) -> VM | None:
+        name = self.by_internal.get(domain)
+        return self.vms.get(name) if name else None
+
+    def vms_on(self, host: str) -> list[VM]:
+        return [
+            vm for vm in self.vms.values() if vm.host == host and vm.state not in (S.EXPUNGED, S.DESTROYED)
+        ]
+
+    def counted_on(self, host: str) -> int:
+        """VMs that hold a slot on a host: every VM placed there that is not destroyed or expunged."""
+        return len(self.vms_on(host))
+
+    # -- folding ---------------------------------------------------------------------------------------
+    def apply_all(self, events: Iterable[EventLike]) -> ReadModel:
+        for ev in events:
+            self.apply(ev)
+        return self
+
+    def apply(self, ev: EventLike) -> None:
+        if ev.position <= self.position:
+            return  # already folded (snapshot overlap or a replayed subscription)
+        self.position = ev.position
+        handler = _HANDLERS.get(ev.event_type)
+        if handler is not None:
+            handler(self, ev)
+        self._track_job(ev)
+
+    def _track_job(self, ev: EventLike) -> None:
+        job_id = ev.correlation_id
+        if not job_id:
+            return
+        p = ev.payload
+        vm = self.vms.get(p.get("vm") or ev.stream_id.removeprefix("vm-"))
+        job = self.jobs.get(job_id)
+        if job is None:
+            if not ev.event_type.endswith(".requested"):
+                return
+            job = Job(
+                id=job_id,
+                command=ev.event_type.removesuffix(".requested"),
+                vm=vm.name if vm else None,
+                status="running",
+                created_at=_iso(ev),
+                actor=ev.actor,
+                position=ev.position,
+            )
+            self.jobs[job_id] = job
+            if vm is not None:
+                vm.job = job_id
+        job.updated_at = _iso(ev)
+        job.state = vm.state if vm else job.state
+        if "progress" in p:
+            job.progress = p["progress"]
+        status = p.get("job_status")
+        if status in ("succeeded", "failed"):
+            job.status = status
+            job.finished_at = _iso(ev)
+            job.error = p.get("error") if status == "failed" else None
+            job.result = p.get("result") if status == "succeeded" else None
+            if vm is not None and vm.job == job_id:
+                vm.job = None
+
+
+Handler = Callable[[ReadModel, EventLike], None]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def on(*types: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for t in types:
+            _HANDLERS[t] = fn
+        return fn
+
+    return register
+
+
+def _vm(model: ReadModel, ev: EventLike) -> VM | None:
+    vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
+    if vm is not None:
+        vm.version = ev.stream_version
+        vm.position = ev.position
+        vm.updated_at = _iso(ev)
+    return vm
+
+
+def _begin(vm: VM, state: S) -> None:
+    if vm.state not in TRANSIENT:
+        vm.prior_state = vm.state
+    vm.state = state
+
+
+def _fail_back(vm: VM, ev: EventLike) -> None:
+    vm.state = vm.prior_state or vm.state
+    vm.prior_state = None
+    vm.error = (ev.payload.get("error") or {}).get("message")
+
+
+# -- hosts and groups ------------------------------------------------------------------------------------
+@on("host.registered")
+def _host_registered(model: ReadModel, ev: EventLike) -> None:
+    p = ev.payload
+    name = p["name"]
+    host = model.hosts.get(name)
+    if host is None:
+        host = Host(
+            name=name, uri=p["uri"], cluster=p["cluster"], max_vms=p["max_vms"], health_since=_iso(ev)
+        )
+        model.hosts[name] = host
+    host.uri, host.cluster, host.max_vms = p["uri"], p["cluster"], p["max_vms"]
+    host.position = ev.position
+
+
+@on("host.link")
+def _host_link(model: ReadModel, ev: EventLike) -> None:
+    host = model.hosts.get(ev.stream_id.removeprefix("host-"))
+    if host is not None:
+        host.link = "connected" if ev.payload["kind"] == "connected" else "disconnected"
+        host.link_since = _iso(ev)
+        host.position = ev.position
+
+
+@on("host.health")
+def _host_health(model: ReadModel, ev: EventLike) -> None:
+    host = model.hosts.get(ev.stream_id.removeprefix("host-"))
+    if host is not None:
+        host.health = ev.payload["to"]
+        host.health_since = _iso(ev)
+        host.health_cause = ev.payload.get("cause", "")
+        host.position = ev.position
+
+
+@on("group.created")
+def _group_created(model: ReadModel, ev: EventLike) -> None:
+    name = ev.payload["name"]
+    model.groups[name] = Group(name=name, created_at=_iso(ev), description=ev.payload.get("description", ""))
+
+
+@on("group.deleted")
+def _group_deleted(model: ReadModel, ev: EventLike) -> None:
+    model.groups.pop(ev.payload["name"], None)
+
+
+# -- VM lifecycle ----------------------------------------------------------------------------------------
+@on("vm.deploy.requested")
+def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
+    p = ev.payload
+    vm = VM(
+        name=p["name"],
+        id=p["id"],
+        internal_name=p["internal_name"],
+        display_name=p["display_name"],
+        hostname=p["hostname"],
+        state=S.CREATING,
+        group=p.get("group"),
+        description=p.get("description", ""),
+        os_type=p.get("os_type", "Linux"),
+        host=p.get("host"),
+        cluster=p.get("cluster"),
+        ha_enabled=p.get("ha_enabled", False),
+        ha_policy=p.get("ha_policy", "always"),
+        ha_priority=p.get("ha_priority", 0),
+        offering=dict(p["offering"]),
+        template=p.get("template"),
+        iso=p.get("iso"),
+        root_disk=dict(p.get("root_disk", {})),
+        details=dict(p.get("details", {})),
+        created_at=_iso(ev),
+        updated_at=_iso(ev),
+        version=ev.stream_version,
+        position=ev.position,
+    )
+    model.vms[vm.name] = vm
+    model.by_internal[vm.internal_name] = vm.name
+    model.next_vm_id = max(model.next_vm_id, vm.id + 1)
+
+
+@on("vm.created")
+def _created(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.CREATED
+        vm.root_disk.update(ev.payload.get("root_disk", {}))
+        vm.host = ev.payload.get("host", vm.host)
+
+
+@on("vm.deploy.failed")
+def _deploy_failed(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.ERROR
+        vm.error = (ev.payload.get("error") or {}).get("message")
+
+
+@on("vm.start.requested", "ha.restart.started")
+def _start_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _begin(vm, S.STARTING)
+        vm.host = ev.payload.get("host", vm.host)
+        vm.cluster = ev.payload.get("cluster", vm.cluster)
+        vm.error = None
+
+
+@on("vm.started", "ha.restart.succeeded")
+def _started(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.RUNNING
+        vm.power_state = "on"
+        vm.prior_state = None
+        vm.host = ev.payload.get("host", vm.host)
+        vm.stop_cause = None
+        vm.error = None
+        if ev.event_type == "ha.restart.succeeded":
+            vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
+            vm.ha_status = None
+
+
+@on("vm.start.failed", "vm.stop.failed", "vm.destroy.failed", "vm.expunge.failed")
+def _failed_back(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _fail_back(vm, ev)
+
+
+@on("ha.restart.failed")
+def _ha_restart_failed(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _fail_back(vm, ev)
+        vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
+        vm.ha_status = "pending"
+
+
+@on("ha.restart.scheduled")
+def _ha_scheduled(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.ha_status = "pending"
+
+
+@on("ha.gave_up")
+def _ha_gave_up(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.ERROR
+        vm.ha_status = "failed"
+        vm.error = ev.payload.get("reason")
+
+
+@on("ha.cancelled")
+def _ha_cancelled(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.ha_status = None
+
+
+@on("vm.stop.requested")
+def _stop_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _begin(vm, S.STOPPING)
+
+
+@on("vm.stopped")
+def _stopped(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.STOPPED
+        vm.power_state = "off"
+        vm.prior_state = None
+        vm.stop_cause = "user"
+        vm.ha_status = None
+
+
+@on("vm.reboot.requested", "vm.rebooted", "vm.reboot.failed")
+def _reboot(model: ReadModel, ev: EventLike) -> None:
+    _vm(model, ev)
+
+
+@on("vm.destroy.requested")
+def _destroy_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _begin(vm, S.DESTROYING)
+
+
+@on("vm.destroyed")
+def _destroyed(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.DESTROYED
+        vm.power_state = "off"
+        vm.prior_state = None
+        vm.ha_status = None
+        vm.expunge_at = ev.payload.get("expunge_at")
+
+
+@on("vm.recovered")
+def _recovered(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.STOPPED
+        vm.expunge_at = None
+
+
+@on("vm.expunge.requested")
+def _expunge_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _begin(vm, S.EXPUNGING)
+
+
+@on("vm.expunged")
+def _expunged(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.state = S.EXPUNGED
+        vm.power_state = "off"
+        vm.prior_state = None
+        vm.expunge_at = None
+        vm.host = None
+        model.by_internal.pop(vm.internal_name, None)
+
+
+@on("vm.reconciled")
+def _reconciled(model: ReadModel, ev: EventLike) -> None:
+    """Resync/crash recovery: what libvirt showed, recorded as a fact."""
+    vm = _vm(model, ev)
+    if vm is None:
+        return
+    p = ev.payload
+    vm.state = p["state"]
+    vm.power_state = p.get("power_state", vm.power_state)
+    vm.host = p.get("host", vm.host)
+    vm.prior_state = None
+    if p.get("stop_cause"):
+        vm.stop_cause = p["stop_cause"]
+        vm.down_at = _iso(ev)
+
+
+@on("vm.updated")
+def _updated(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        for key, value in ev.payload.get("changes", {}).items():
+            if key in EDITABLE:
+                setattr(vm, key, value)
+        if not vm.ha_enabled:
+            vm.ha_status = None
+
+
+# -- libvirt facts ---------------------------------------------------------------------------------------
+@on("libvirt.domain_event")
+def _domain_event(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is None:
+        return
+    p = ev.payload
+    vm.last_domain_event = {k: p.get(k) for k in ("host", "event", "detail")} | {"at": _iso(ev)}
+    event, detail, host = p.get("event"), p.get("detail"), p.get("host")
+    if vm.state in (S.MIGRATING,) or detail == "MIGRATED":
+        return  # migration events are accounted for by the migrate command
+    if event in ("STARTED", "RESUMED"):
+        if host == vm.host or vm.host is None:
+            vm.power_state = "on"
+            if vm.state in (S.STOPPED, S.CREATED, S.UNKNOWN):
+                vm.state = S.RUNNING  # started behind moldd's back: the hypervisor is the truth for power
+                vm.stop_cause = None
+    elif event == "STOPPED":
+        if host != vm.host:
+            return  # a stale copy elsewhere stopped: not this VM's current incarnation
+        vm.power_state = "off"
+        if vm.state in (S.RUNNING, S.UNKNOWN):
+            vm.state = S.STOPPED
+            vm.stop_cause = str(down_cause(event, detail or ""))
+            vm.down_at = _iso(ev)

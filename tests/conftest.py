@@ -1,0 +1,74 @@
+"""Shared pytest fixtures.  Lab fixtures (real libvirtd + QEMU): see moldd/lab.
+
+* ``libvirt_events``: libvirt's default event loop, registered once per session, run in a thread
+  (needed for domain events and connection keepalive; must precede the connections that use them).
+* ``guest_image``: the tiny real Linux guest, cached in ``$MOLDD_LAB_CACHE`` or ``<repo>/.lab/cache``.
+* ``lab``: 2 lab hosts for the whole session (stopped at the end); a test that kills/freezes a host
+  must leave it running again (``lab_healthy`` does that after each test that uses it).
+* ``wait_events`` / :class:`moldd.lab.events.LifecycleRecorder`: wait for lifecycle events.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lab_cache_dir() -> Path:
+    return Path(os.environ.get("MOLDD_LAB_CACHE") or REPO / ".lab" / "cache")
+
+
+@pytest.fixture(scope="session")
+def libvirt_events() -> None:
+    from moldd.lab.events import ensure_default_event_loop
+
+    ensure_default_event_loop()
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Any:
+    from moldd.lab import build_guest
+
+    return build_guest(lab_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory, libvirt_events: None) -> Iterator[Any]:
+    from moldd.lab import Lab
+
+    root = tmp_path_factory.mktemp("lab")
+    the_lab = Lab(root, n_hosts=2, qemu_caps_cache=lab_cache_dir() / "qemu-caps")
+    the_lab.start()
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
+@pytest.fixture
+def lab_healthy(lab: Any) -> Iterator[Any]:
+    """The session lab; after the test every host is thawed and running, without guests."""
+    yield lab
+    for h in lab.hosts:
+        if h.is_frozen():
+            h.thaw()
+        if not h.is_running():
+            h.restart()
+        h.fence()
+
+
+@pytest.fixture
+def wait_events() -> Callable[..., list[tuple[int, int]]]:
+    """``wait_events(recorder, domain_name, (event, detail), timeout=30)`` -> that domain's events."""
+
+    def wait(recorder: Any, name: str, pair: tuple[int, int], timeout: float = 30.0) -> list[tuple[int, int]]:
+        result: list[tuple[int, int]] = recorder.wait_for(name, pair, timeout)
+        return result
+
+    return wait
