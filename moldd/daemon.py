@@ -137,13 +137,13 @@ class Daemon:
                 )
 
     async def _async_checkpoints(self) -> None:
-        from events.checkpoint import async_write_checkpoint
+        from events.checkpoint import async_checkpoint_store
 
         cfg = self.config.checkpoints
         assert cfg.key is not None and cfg.file is not None
         while True:
             try:
-                await async_write_checkpoint(self.store, cfg.key, cfg.file)
+                await async_checkpoint_store(self.store, cfg.key, cfg.file)
             except Exception:
                 log.exception("checkpoint_failed")
             await asyncio.sleep(cfg.interval_s)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,25 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def _import_real_libvirt() -> None:
+    """pytest (rootdir/prepend import mode) puts ``tests/`` on sys.path for this conftest; a
+    ``tests/<name>/__init__.py`` then shadows the top-level module ``<name>`` (``tests/libvirt/`` would
+    shadow libvirt-python, ``tests/events/`` the ``events`` package).  Import the real libvirt first.
+    Test packages must not be named like importable modules (or need ``tests/__init__.py``)."""
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != TESTS]
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_real_libvirt()
 
 
 def lab_cache_dir() -> Path:

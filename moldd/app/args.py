@@ -50,7 +50,7 @@ class Args:
             raise ValidationError(f"{key} must be at most {max_len} characters", field=key)
         return value
 
-    def int(
+    def integer(
         self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
     ) -> Any:
         value = self._values.get(key, _MISSING)

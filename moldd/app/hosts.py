@@ -117,7 +117,7 @@ class HostManager:
             payload["unknown_domain"] = True
         await self.app.async_append(stream, [NewEvent("libvirt.domain_event", payload, actor="libvirt")])
         self.ingested += 1
-        log.info("domain_event", vm=vm.name if vm else None, host=ev.host, event=ev.event, detail=ev.detail)
+        log.info("domain_event", vm=vm.name if vm else None, host=ev.host, lv_event=ev.event, lv_detail=ev.detail)
 
     async def _async_ingest_link(self, ev: HostLinkEvent) -> None:
         await self.app.async_append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -124,6 +125,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
                 display_name=display,
                 append_display_name=cfg.append_display_name,
             ),
+            "uuid": str(uuid.uuid4()),
             "display_name": display,
             "hostname": hostname,
             "group": group,

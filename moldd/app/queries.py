@@ -30,7 +30,7 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
     if group is not None and group not in app.model.groups:
         raise NotFound(f"no VM group {group!r}", field="group")
     if "id" in a:
-        vms = [app.get_vm({"id": a.raw("id")})]
+        vms = [app.get_vm({"id": a.raw("id")}, expunged=a.boolean("listall", False))]
     else:
         show_expunged = a.boolean("listall", False) or state == "Expunged"
         vms = [v for v in app.model.vms.values() if show_expunged or v.state != "Expunged"]

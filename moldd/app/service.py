@@ -141,7 +141,7 @@ class App:
             yield event_view(ev)
 
     # -- helpers for handlers --------------------------------------------------------------------------
-    def get_vm(self, args: Mapping[str, Any], field: str = "id") -> VM:
+    def get_vm(self, args: Mapping[str, Any], field: str = "id", *, expunged: bool = False) -> VM:
         """Find a VM by its VM name, numeric id, internal name, or (if unique) display name."""
         key = args.get(field)
         if key is None and field == "id":
@@ -159,7 +159,7 @@ class App:
                 vm = by_display[0]
             elif len(by_display) > 1:
                 raise Conflict(f"display name {key!r} is not unique: use the VM name", field=field)
-        if vm is None or vm.state == "Expunged":
+        if vm is None or (vm.state == "Expunged" and not expunged):
             raise NotFound(f"no VM {key!r}", field=field)
         return vm
 
@@ -205,13 +205,13 @@ class App:
             f"vm-{name}", [ev], expected_version=expected, command_id=cmd.id if (first and cmd) else None
         )
 
-    def spawn_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(self._async_run_job(job_id, vm, coro), name=f"job-{job_id}")
         self.jobs[job_id] = task
         if vm is not None:
             self.vm_jobs[vm] = job_id
 
-    async def _async_run_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, None]) -> None:
+    async def _async_run_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, Any]) -> None:
         structlog.contextvars.bind_contextvars(command_id=job_id, vm=vm)
         try:
             await coro

@@ -39,6 +39,7 @@ def domain_spec(config: Config, vm: VM) -> DomainSpec:
     )
     return DomainSpec(
         name=vm.internal_name,
+        uuid=vm.uuid or None,
         vcpus=int(offering["vcpus"]),
         max_vcpus=int(offering.get("max_vcpus") or offering["vcpus"]) if dynamic else None,
         memory_mib=int(offering["memory_mib"]),

@@ -17,7 +17,7 @@ create (start)                           RESUMED(4)/UNPAUSED(0), STARTED(2)/BOOT
 ACPI ``shutdown()``                      SHUTDOWN(6)/GUEST(1), STOPPED(5)/SHUTDOWN(0)
 poweroff inside the guest (halt_after)   SHUTDOWN(6)/GUEST(1), STOPPED(5)/SHUTDOWN(0) (identical)
 qemu SIGKILLed / fenced                  STOPPED(5)/FAILED(5) only
-``destroy()``                            STOPPED(5)/DESTROYED(1) (see test for the SHUTDOWN/HOST part)
+``destroy()``                            SHUTDOWN(6)/HOST(2), STOPPED(5)/DESTROYED(1)
 live migration, source                   SUSPENDED(3)/MIGRATED(1), then STOPPED(5)/MIGRATED(3)
 live migration, target                   STARTED(2)/MIGRATED(1), then RESUMED(4)/MIGRATED(1)
 =======================================  ===============================================================

@@ -457,6 +457,18 @@ class LabHost:
             wait_gone(pids, 5)
             self._force_stop()
 
+    def kill_daemon(self) -> None:
+        """SIGKILL libvirtd only (a libvirtd crash): its QEMUs keep running, and :meth:`restart`
+        reconnects to them (same private dirs: status XML and monitor sockets survive)."""
+        with self._lock:
+            if self.pid is not None:
+                _signal(self.pid, signal.SIGCONT)
+                _signal(self.pid, signal.SIGKILL)
+                self._reap(5)
+                wait_gone([self.pid], 5)
+            self._proc = None
+            self.pid = None
+
     def freeze(self) -> None:
         """SIGSTOP libvirtd only (its guests keep running): looks like a network partition."""
         if self.pid is None or not self.is_running():
@@ -537,6 +549,8 @@ class Lab:
         _live_labs.add(self)
         try:
             for i, h in enumerate(self.hosts):
+                if not h.is_running():  # leftovers of a crashed earlier run on the same dirs
+                    kill_host_processes(h.dir, qemu=True, libvirtd=True)
                 h.start()
                 if i == 0:
                     h.warm_up()  # probe QEMU once; the other hosts start from the seeded cache

@@ -704,7 +704,16 @@ class HostConnection:
     async def async_attach_cdrom(self, name: str, iso_path: Path | str | None, target: str = "hdc") -> None:
         """Insert (or with None, eject) cdrom media: live if running, and in the persistent config."""
         iso = None if iso_path is None else str(iso_path)
-        await self._call(_change_cdrom, name, iso, target, what=f"change cdrom of {name}")
+        for attempt in range(3):
+            try:
+                await self._call(_change_cdrom, name, iso, target, what=f"change cdrom of {name}")
+                return
+            except OperationFailed as exc:
+                # Seen here once on a just-started guest: QEMU opens the tray asynchronously and refuses
+                # the insert ("Tray of the device is not open"); a second try finds it open.
+                if "Tray of the device is not open" not in exc.message or attempt == 2:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def async_migrate(
         self,

@@ -21,6 +21,7 @@ class VM:
     display_name: str
     hostname: str
     state: str
+    uuid: str = ""  # libvirt domain UUID, fixed at deploy so every (re)definition is the same domain
     power_state: str = "off"
     group: str | None = None
     description: str = ""

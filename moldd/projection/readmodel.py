@@ -242,6 +242,7 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
         display_name=p["display_name"],
         hostname=p["hostname"],
         state=S.CREATING,
+        uuid=p.get("uuid", ""),
         group=p.get("group"),
         description=p.get("description", ""),
         os_type=p.get("os_type", "Linux"),

@@ -13,13 +13,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
-libvirt = pytest.importorskip("libvirt")
-
-from moldd.lab import GUEST_READY_MARKER, GuestImage, Lab, LabHost, domain_xml  # noqa: E402
-from moldd.lab.events import LifecycleRecorder  # noqa: E402
-from moldd.lab.hosts import host_processes, pid_alive  # noqa: E402
+from moldd.lab import GUEST_READY_MARKER, GuestImage, Lab, LabHost, domain_xml
+from moldd.lab.events import LifecycleRecorder
+from moldd.lab.hosts import host_processes, pid_alive
 
 pytestmark = pytest.mark.libvirt
 
@@ -278,6 +277,24 @@ def test_kill_leaves_no_qemu_and_restart_works(lab_healthy: Lab, guest_image: Gu
     try:
         assert c.getHostname()
         assert c.listDomainsID() == []  # its transient guests died with the host
+    finally:
+        c.close()
+
+
+def test_daemon_crash_and_restart_reconnects_to_running_guests(
+    lab_healthy: Lab, guest_image: GuestImage, conns: tuple[libvirt.virConnect, libvirt.virConnect]
+) -> None:
+    h1 = lab_healthy.hosts[1]
+    g = Guest(h1, conns[1], guest_image, _name("crash"))
+    (qpid,) = h1.qemu_pids()
+    h1.kill_daemon()
+    assert not h1.is_running()
+    assert h1.qemu_pids() == [qpid]  # orphaned (reparented) but still identified as host1's
+    h1.restart()
+    c = libvirt.open(h1.uri)
+    try:
+        assert c.lookupByName(g.name).isActive()
+        assert h1.qemu_pids() == [qpid]
     finally:
         c.close()
 

@@ -1,0 +1,117 @@
+"""Core lifecycle verbs against real libvirtd hosts and real QEMU guests, through the real socket API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moldd.testing.harness import Client, CommandFailed
+from tests.daemon.conftest import domain_state
+
+pytestmark = pytest.mark.libvirt
+
+
+def host_index(vm: dict[str, Any]) -> int:
+    return int(vm["host"].removeprefix("host"))
+
+
+async def test_deploy_from_template_runs_a_real_guest(client: Client, clean_lab: Any) -> None:
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small", displayname="Web 1")
+    assert job["status"] == "succeeded", job
+    vm = await client.vm(job["vm"])
+    assert vm["state"] == "Running" and vm["power_state"] == "on"
+    assert vm["display_name"] == "Web 1" and vm["hostname"] == vm["name"]
+    assert domain_state(clean_lab, host_index(vm), vm["internal_name"]) == "running"
+    root = Path(vm["root_disk"]["path"])
+    assert root.exists() and vm["root_disk"]["size_gb"] > 0
+
+
+async def test_stop_start_reboot_destroy_recover_expunge(client: Client, clean_lab: Any) -> None:
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small")
+    name = job["vm"]
+    vm = await client.vm(name)
+    idx = host_index(vm)
+    stop = await client.job("stopVirtualMachine", id=name, forced=True)
+    assert stop["status"] == "succeeded"
+    assert (await client.vm(name))["state"] == "Stopped"
+    assert domain_state(clean_lab, idx, vm["internal_name"]) == "shutoff"
+    with pytest.raises(CommandFailed) as refused:
+        await client.call("rebootVirtualMachine", id=name)
+    assert refused.value.code == "invalid_state" and "Stopped" in str(refused.value)
+    assert (await client.job("startVirtualMachine", id=name))["status"] == "succeeded"
+    assert domain_state(clean_lab, idx, vm["internal_name"]) == "running"
+    assert (await client.job("rebootVirtualMachine", id=name))["status"] == "succeeded"
+    destroy = await client.job("destroyVirtualMachine", id=name)
+    assert destroy["status"] == "succeeded"
+    assert (await client.vm(name))["state"] == "Destroyed"
+    assert domain_state(clean_lab, idx, vm["internal_name"]) is None
+    with pytest.raises(CommandFailed) as refused:
+        await client.call("startVirtualMachine", id=name)
+    assert refused.value.code == "invalid_state"
+    await client.call("recoverVirtualMachine", id=name)
+    assert (await client.vm(name))["state"] == "Stopped"
+    await client.job("destroyVirtualMachine", id=name)
+    assert (await client.job("expungeVirtualMachine", id=name))["status"] == "succeeded"
+    assert (await client.vm(name))["state"] == "Expunged"
+    assert not Path(vm["root_disk"]["path"]).exists()
+
+
+async def test_graceful_stop_uses_acpi_on_a_real_kernel(client: Client) -> None:
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small")
+    name = job["vm"]
+    await client.wait_vm(name, state="Running")
+    # give the guest time to boot and start acpid before pressing the power button
+    await _wait_console(client, name, "MOLDD-GUEST-READY")
+    stop = await client.job("stopVirtualMachine", id=name)
+    assert stop["status"] == "succeeded"
+    stopped = [e for e in await client.events(name) if e["type"] == "vm.stopped"]
+    assert stopped[-1]["payload"]["how"] == "graceful"
+
+
+async def _wait_console(client: Client, name: str, marker: str, timeout: float = 30.0) -> None:
+    import asyncio
+    import time
+
+    vm = await client.vm(name)
+    log = Path(vm["root_disk"]["path"]).parent / "console.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and marker in log.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{marker} not on {name}'s console")
+
+
+async def test_retried_command_id_runs_once(client: Client) -> None:
+    first = await client.call("deployVirtualMachine", command_id="deploy-once-1", template="tiny", offering="small", startvm=False)
+    again = await client.call("deployVirtualMachine", command_id="deploy-once-1", template="tiny", offering="small", startvm=False)
+    assert again["result"]["job"]["id"] == first["result"]["job"]["id"] == "deploy-once-1"
+    assert again["position"] == first["position"]
+    vms = (await client.call("listVirtualMachines"))["result"]["virtualmachine"]
+    assert len(vms) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"template": "tiny"}, "offering"),
+        ({"offering": "small"}, "template"),
+        ({"offering": "nope", "template": "tiny"}, "offering"),
+        ({"offering": "small", "template": "tiny", "hostname": "9lives"}, "hostname"),
+        ({"offering": "small", "template": "tiny", "hostname": "a" * 64}, "hostname"),
+        ({"offering": "small", "iso": "installer"}, "rootdisksize"),
+        ({"offering": "small", "template": "tiny", "color": "red"}, "color"),
+        ({"offering": "small", "template": "tiny", "details": {"boot_mode": "bogus"}}, "details.boot_mode"),
+        ({"offering": "small", "template": "tiny", "host": "host9"}, "hostid"),
+    ],
+)
+async def test_bad_deploy_is_refused_and_writes_nothing(client: Client, args: dict[str, Any], field: str) -> None:
+    before = (await client.call("listEvents", limit=10000))["result"]["count"]
+    with pytest.raises(CommandFailed) as refused:
+        await client.call("deployVirtualMachine", **args)
+    assert refused.value.field == field, refused.value.error
+    assert refused.value.status in (400, 404, 409)
+    after = (await client.call("listEvents", limit=10000))["result"]["count"]
+    assert after == before

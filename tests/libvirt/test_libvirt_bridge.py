@@ -1,0 +1,91 @@
+"""The bridge runs calls in worker threads, maps libvirt errors, bounds calls and isolates pools."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import libvirt
+import pytest
+
+from moldd.domain.errors import NotFound, OperationFailed, Unavailable
+from moldd.libvirt.bridge import LibvirtBridge, translate_error
+from moldd.testing.loopwatch import LoopWatch
+
+
+def _err(code: int, domain: int, msg: str) -> libvirt.libvirtError:
+    exc = libvirt.libvirtError(msg)
+    exc.err = (code, domain, msg, 2, None, None, None, 0, 0)
+    return exc
+
+
+def test_no_domain_is_not_found_keeping_the_message() -> None:
+    err = translate_error(_err(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, "Domain not found: vm1"))
+    assert isinstance(err, NotFound) and "Domain not found: vm1" in err.message
+
+
+def test_broken_connection_is_unavailable() -> None:
+    for code, dom in [
+        (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC),  # Cannot write data: Broken pipe
+        (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_RPC),  # client socket is closed / keepalive
+        (libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_FROM_NONE),
+        (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_FROM_NONE),
+    ]:
+        assert isinstance(translate_error(_err(code, dom, "x")), Unavailable), (code, dom)
+
+
+def test_other_errors_are_operation_failed() -> None:
+    err = translate_error(_err(libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU, "domain is not running"),
+                          what="destroy vm1")
+    assert isinstance(err, OperationFailed)
+    assert err.message == "destroy vm1: domain is not running"
+
+
+async def test_calls_run_in_a_worker_thread(bridge: LibvirtBridge) -> None:
+    loop_thread = threading.current_thread()
+    ran_in = await bridge.async_call(threading.current_thread)
+    assert ran_in is not loop_thread and ran_in.name.startswith("libvirt-default-short")
+    ran_long = await bridge.async_call(threading.current_thread, long=True, pool="h1")
+    assert ran_long.name.startswith("libvirt-h1-long")
+
+
+async def test_libvirt_error_from_worker_is_translated(bridge: LibvirtBridge) -> None:
+    def fail() -> None:
+        raise _err(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, "Domain not found")
+
+    with pytest.raises(NotFound):
+        await bridge.async_call(fail)
+
+
+async def test_stuck_call_times_out_as_unavailable_without_blocking_the_loop(bridge: LibvirtBridge) -> None:
+    release = threading.Event()
+    async with LoopWatch() as watch:
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="did not answer within 0.2 s"):
+            await bridge.async_call(release.wait, 5, timeout=0.2, pool="stuck")
+        assert time.monotonic() - t0 < 1.0
+    release.set()
+    assert watch.max_lag < 0.2
+
+
+async def test_a_stuck_pool_does_not_starve_other_hosts(bridge: LibvirtBridge) -> None:
+    release = threading.Event()
+    stuck = [asyncio.ensure_future(bridge.async_call(release.wait, 10, pool="frozen", timeout=None))
+             for _ in range(20)]
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    assert await bridge.async_call(lambda: 42, pool="healthy") == 42
+    assert time.monotonic() - t0 < 0.5
+    # ... and long operations have their own pool: a short call of the same host still runs.
+    busy = [asyncio.ensure_future(bridge.async_call(release.wait, 10, pool="h", long=True)) for _ in range(4)]
+    assert await bridge.async_call(lambda: 7, pool="h", timeout=1) == 7
+    release.set()
+    await asyncio.gather(*stuck, *busy)
+
+
+async def test_shutdown_refuses_new_calls() -> None:
+    b = LibvirtBridge()
+    b.shutdown()
+    with pytest.raises(Unavailable):
+        await b.async_call(lambda: 1)
