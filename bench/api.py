@@ -15,7 +15,7 @@ Two phases after a warm-up:
 The last line printed is JSON: ``{"read_p50_ms", "read_p99_ms", "read_rps", "write_p99_ms"}``
 (latencies from the paced phase, ``read_rps`` from saturation).
 
-    python bench/api.py [--clients 32] [--duration 5] [--rate 2000] [--vms 200]
+    python bench/api.py [--clients 32] [--duration 5] [--rate 2000] [--vms 200] [--read all|group|one]
 """
 
 from __future__ import annotations
@@ -87,11 +87,12 @@ class MemoryBus:
         self, verb: str, args: Mapping[str, Any], command_id: str | None, actor: Actor
     ) -> CommandReply:
         if verb == READ_VERB:
-            rows = [
-                vm
-                for vm in self.vms.values()
-                if all(vm.get(k) == args[k] for k in ("name", "state", "group", "host") if k in args)
-            ]
+            filters = [(k, args[k]) for k in ("name", "state", "group", "host") if k in args]
+            if "name" in args:
+                vm = self.vms.get(args["name"])
+                rows = [vm] if vm is not None and all(vm.get(k) == v for k, v in filters) else []
+            else:
+                rows = [vm for vm in self.vms.values() if all(vm.get(k) == v for k, v in filters)]
             return CommandReply({"count": len(rows), "virtualmachine": rows}, len(self.log))
         name = args.get("name")
         vm = self.vms.get(str(name))
@@ -133,9 +134,18 @@ async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return len(body)
 
 
-async def _clients(path: str, n: int, duration: float, rate: float, vm_names: list[str]) -> dict[str, Any]:
+READS = {
+    "all": {},  # every VM: the heaviest read (what `moldctl vm list` sends)
+    "group": {"group": "web"},  # a quarter of them
+    "one": {"name": "i-2-100-VM"},  # `moldctl vm show`
+}
+
+
+async def _clients(
+    path: str, n: int, duration: float, rate: float, vm_names: list[str], read: str
+) -> dict[str, Any]:
     conns = [await asyncio.open_unix_connection(path, limit=1 << 22) for _ in range(n)]
-    read_req = _request({"command": READ_VERB, "args": {}})
+    read_req = _request({"command": READ_VERB, "args": READS[read]})
     counter = itertools.count()
 
     def write_req() -> bytes:
@@ -189,9 +199,11 @@ async def _clients(path: str, n: int, duration: float, rate: float, vm_names: li
     }
 
 
-def _client_process(path: str, n: int, duration: float, rate: float, vm_names: list[str], out: Any) -> None:
+def _client_process(
+    path: str, n: int, duration: float, rate: float, vm_names: list[str], read: str, out: Any
+) -> None:
     try:
-        out.send(asyncio.run(_clients(path, n, duration, rate, vm_names)))
+        out.send(asyncio.run(_clients(path, n, duration, rate, vm_names, read)))
     except BaseException as exc:
         out.send({"error": repr(exc)})
         raise
@@ -221,7 +233,7 @@ async def _main(args: argparse.Namespace) -> dict[str, float]:
         parent_end, child_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_client_process,
-            args=(server.path, args.clients, args.duration, args.rate, list(bus.vms), child_end),
+            args=(server.path, args.clients, args.duration, args.rate, list(bus.vms), args.read, child_end),
         )
         proc.start()
         # The server keeps running on this loop while the client process works.
@@ -239,8 +251,12 @@ async def _main(args: argparse.Namespace) -> dict[str, float]:
 
     sat, reads, writes = result["saturation"], result["reads"], result["writes"]
     read_rps = len(sat) / result["saturation_s"]
-    body = len(json.dumps({"ok": True, "result": (await bus.async_dispatch(READ_VERB, {}, None, Actor())).result}))
-    print(f"server pid {os.getpid()}, clients in pid {proc.pid}; {args.vms} VMs, read reply ~{body // 1024} KiB")
+    reply = await bus.async_dispatch(READ_VERB, READS[args.read], None, Actor())
+    body = len(json.dumps({"ok": True, "result": reply.result}))
+    print(
+        f"server pid {os.getpid()}, clients in pid {proc.pid}; {args.vms} VMs held; read = {READ_VERB} "
+        f"{json.dumps(READS[args.read])} → {reply.result['count']} VMs, {body / 1024:.1f} KiB reply"
+    )
     print(
         f"saturation ({args.clients} closed-loop clients, {args.duration:.0f} s): {read_rps:,.0f} reads/s, "
         f"p50 {_pct(sat, 50):.2f} ms, p99 {_pct(sat, 99):.2f} ms"
@@ -267,6 +283,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
     parser.add_argument("--rate", type=float, default=2000.0, help="offered requests/s in the paced phase")
     parser.add_argument("--vms", type=int, default=200)
+    parser.add_argument("--read", choices=sorted(READS), default="all", help="which listVirtualMachines query")
     figures = asyncio.run(_main(parser.parse_args()))
     print(json.dumps(figures))
 

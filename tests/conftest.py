@@ -39,6 +39,8 @@ def _import_real_libvirt() -> None:
 
 _import_real_libvirt()
 
+from moldd.lab import GuestImage, Lab  # noqa: E402  (after the real libvirt is in sys.modules)
+
 
 def lab_cache_dir() -> Path:
     return Path(os.environ.get("MOLDD_LAB_CACHE") or REPO / ".lab" / "cache")
@@ -52,16 +54,14 @@ def libvirt_events() -> None:
 
 
 @pytest.fixture(scope="session")
-def guest_image() -> Any:
+def guest_image() -> GuestImage:
     from moldd.lab import build_guest
 
     return build_guest(lab_cache_dir())
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory, libvirt_events: None) -> Iterator[Any]:
-    from moldd.lab import Lab
-
+def lab(tmp_path_factory: pytest.TempPathFactory, libvirt_events: None) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lab")
     the_lab = Lab(root, n_hosts=2, qemu_caps_cache=lab_cache_dir() / "qemu-caps")
     the_lab.start()
@@ -72,7 +72,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, libvirt_events: None) -> Itera
 
 
 @pytest.fixture
-def lab_healthy(lab: Any) -> Iterator[Any]:
+def lab_healthy(lab: Lab) -> Iterator[Lab]:
     """The session lab; after the test every host is thawed and running, without guests."""
     yield lab
     for h in lab.hosts:

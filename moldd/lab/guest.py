@@ -17,7 +17,9 @@ Initramfs: ``busybox-static`` plus an ``/init`` shell script, packed with ``busy
   is an executable script running ``poweroff -f``),
 * prints :data:`GUEST_READY_MARKER` on the serial console once acpid runs,
 * honours kernel command line arguments ``halt_after=N`` (``poweroff -f`` after N seconds: a
-  guest-initiated power-off) and ``panic_after=N`` (``echo c > /proc/sysrq-trigger``).
+  guest-initiated power-off) and ``panic_after=N`` (``echo c > /proc/sysrq-trigger``: a kernel panic;
+  NOT verified: without a pvpanic device libvirt does not see it, and ``panic=-1`` makes the guest
+  reboot at once).
 
 Verified here (libvirt 9.0, QEMU 7.2, TCG, 1 vCPU, 128 MiB): boots to the marker in about 2-3 s;
 ``virDomain.shutdown()`` (ACPI) and ``halt_after`` both produce the lifecycle events

@@ -224,8 +224,10 @@ class LabHost:
         return self.dir / "log" / "qemu" / f"{domain}.log"
 
     def migrate_uri(self, port: int | None = None) -> str:
-        """A ``migrateuri`` for migrating *to* this host (``tcp://127.0.0.1:<port in its range>``)."""
-        return f"tcp://127.0.0.1:{port if port is not None else self.migration_port_min}"
+        """A ``migrateuri`` for migrating *to* this host: ``tcp://127.0.0.1`` (the destination libvirtd
+        then allocates a free port from its ``migration_port_min..max``: safe when several labs or
+        migrations run at once), or ``tcp://127.0.0.1:<port>`` if ``port`` is given."""
+        return "tcp://127.0.0.1" if port is None else f"tcp://127.0.0.1:{port}"
 
     def _load_info(self) -> dict[str, str]:
         try:

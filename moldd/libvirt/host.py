@@ -341,15 +341,17 @@ def _ensure_running_after_failed_migration(conn: libvirt.virConnect, name: str) 
 def _progress_payload(stats: dict[str, Any]) -> dict[str, Any]:
     total = int(stats.get("data_total", 0) or 0)
     processed = int(stats.get("data_processed", 0) or 0)
+    remaining = int(stats.get("data_remaining", 0) or 0)
     out: dict[str, Any] = {
         "type": JOB_TYPES.get(int(stats.get("type", 0)), str(stats.get("type"))),
         "elapsed_ms": int(stats.get("time_elapsed", 0) or 0),
         "data_total": total,
         "data_processed": processed,
-        "data_remaining": int(stats.get("data_remaining", 0) or 0),
+        "data_remaining": remaining,
         "memory_dirty_rate": int(stats.get("memory_dirty_rate", 0) or 0),
         "memory_iteration": int(stats.get("memory_iteration", 0) or 0),
-        "percent": round(100.0 * processed / total, 1) if total else 0.0,
+        # processed bytes skip zero pages, so progress is measured by what is left to send
+        "percent": round(100.0 * (total - remaining) / total, 1) if total else 0.0,
     }
     return out
 
@@ -724,6 +726,7 @@ class HostConnection:
         progress: Callable[[dict[str, Any]], None] | None = None,
         *,
         unsafe: bool = False,
+        bandwidth_mib_s: int | None = None,
         timeout: float | None = None,
         poll_interval: float = 0.5,
     ) -> None:
@@ -731,7 +734,7 @@ class HostConnection:
 
         ``migrate_uri`` (``tcp://127.0.0.1:49152``) is where the destination QEMU listens; None lets the
         destination pick.  ``unsafe`` skips libvirt's shared-storage check (disks on a local file system
-        that both hosts see, as in the lab).  ``progress`` gets a dict every ``poll_interval`` s on the loop
+        that both hosts see, as in the lab).  ``bandwidth_mib_s`` caps the transfer.  ``progress`` gets a dict every ``poll_interval`` s on the loop
         thread.  On failure (or timeout, which aborts the job) the domain keeps running here and
         :class:`OperationFailed` is raised.
         """
@@ -753,6 +756,8 @@ class HostConnection:
         params: dict[str, Any] = {}
         if migrate_uri:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+        if bandwidth_mib_s is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib_s)
 
         def run() -> None:
             dom = src_conn.lookupByName(name)
@@ -776,8 +781,10 @@ class HostConnection:
                 if progress is not None:
                     try:
                         stats = await self._call(_job_stats, name, timeout=5.0)
-                    except MolddError:
+                    except MolddError as exc:
+                        log.debug("migration_progress_unavailable", domain=name, error=exc.message)
                         continue
+                    log.debug("migration_job_stats", domain=name, stats=stats)
                     if stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
                         try:
                             progress(_progress_payload(stats))

@@ -198,7 +198,9 @@ def test_live_migration_between_hosts(conns: tuple[libvirt.virConnect, libvirt.v
         g = Guest(h0, c0, guest_image, _name("migr"))
         g.wait_ready()
         t0 = time.monotonic()
-        # verified: also works with uri=None (hostname resolves locally) and with
+        # h1.migrate_uri() == "tcp://127.0.0.1": h1 picks a port in its own range.  Verified: also works with
+        # an explicit port (h1.migrate_uri(h1.migration_port_min)), with uri=None (hostname resolves
+        # locally) and with
         # migrateToURI3(h1.uri, {VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1"}, LIVE | PEER2PEER)
         new = g.dom.migrate(c1, libvirt.VIR_MIGRATE_LIVE, None, h1.migrate_uri(), 0)
         took = time.monotonic() - t0

@@ -224,7 +224,9 @@ async def test_live_migration_reports_progress_and_runs_on_the_destination(
     progress: list[dict[str, Any]] = []
     async with LoopWatch() as watch:
         t0 = time.monotonic()
-        await c0.async_migrate(spec.name, c1, lab.hosts[1].migrate_uri(), progress=progress.append, unsafe=True)
+        # capped bandwidth: an OS-less guest otherwise migrates in well under a second here
+        await c0.async_migrate(spec.name, c1, lab.hosts[1].migrate_uri(), progress=progress.append,
+                               unsafe=True, bandwidth_mib_s=2, poll_interval=0.2)
         took = time.monotonic() - t0
     assert watch.max_lag < 0.2
     assert await c1.async_domain_state(spec.name) == "running"
@@ -235,7 +237,7 @@ async def test_live_migration_reports_progress_and_runs_on_the_destination(
     await recorder.wait_domain(spec.name, ("RESUMED", "MIGRATED"), host=c1.name, timeout=10)
     await recorder.wait_domain(spec.name, ("STOPPED", "MIGRATED"), host=c0.name, timeout=10)
     assert ("STARTED", "MIGRATED") in recorder.pairs(spec.name, c1.name)
-    print(f"migration took {took:.1f}s, {len(progress)} progress reports")
+    print(f"migration took {took:.1f}s, {len(progress)} progress reports: {progress}")
 
 
 async def test_migration_fails_when_destination_dies_and_guest_keeps_running_on_source(
@@ -252,7 +254,8 @@ async def test_migration_fails_when_destination_dies_and_guest_keeps_running_on_
 
     async with LoopWatch() as watch:
         with pytest.raises(OperationFailed, match="migration of"):
-            await c0.async_migrate(spec.name, c1, lab.hosts[1].migrate_uri(), progress=on_progress, unsafe=True)
+            await c0.async_migrate(spec.name, c1, lab.hosts[1].migrate_uri(), progress=on_progress,
+                                   unsafe=True, bandwidth_mib_s=2, poll_interval=0.2)
     await asyncio.gather(*killer)
     assert killer, "migration ended before the first progress report"
     assert watch.max_lag < 0.2
@@ -364,8 +367,11 @@ async def test_vcpu_hotplug_and_balloon_on_a_running_guest(
     config = _live(await c0.async_get_xml(spec.name, inactive=True))
     assert live.find("vcpu").get("current") == "3"  # type: ignore[union-attr]
     assert config.find("vcpu").get("current") == "3"  # type: ignore[union-attr]
-    assert live.findtext("currentMemory") == str(96 * 1024)
+    # The balloon target is stored and handed to QEMU, but the live value is what the guest actually
+    # gave back: an OS-less guest (like the lab's Linux guest, which does not load virtio_balloon) keeps
+    # all of <memory>.  See the module docstring of moldd.libvirt.xml.
     assert config.findtext("currentMemory") == str(96 * 1024)
+    assert live.findtext("currentMemory") in (str(96 * 1024), str(256 * 1024))
     # beyond the maxima fixed at definition
     with pytest.raises(OperationFailed):
         await c0.async_set_vcpus(spec.name, 5)

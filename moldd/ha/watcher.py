@@ -1,0 +1,443 @@
+"""HA watchers: restart HA VMs that went down, move the VMs of a failed host after fencing, never start a VM twice.
+
+Fed only by the log: a projector listener sees each event after it is folded and queues work; the work itself runs
+in supervised tasks (a crashed watcher is logged, recorded and restarted; ``healthy()`` turns false meanwhile,
+which the socket's health and systemd's watchdog report). Every decision is an ``ha.*`` or ``host.health`` event
+carrying its cause (the log position and kind of event that led to it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from events import NewEvent, StoredEvent
+from moldd.app.bus import HA
+from moldd.app.lifecycle import async_start_on
+from moldd.app.placement import place_existing
+from moldd.app.service import App
+from moldd.domain.errors import CapacityError, MolddError
+from moldd.domain.ha import (
+    DownCause,
+    HostHealth,
+    RestartLimits,
+    RestartPolicy,
+    evacuation_order,
+    host_move_allowed,
+    should_restart,
+)
+from moldd.domain.reconcile import is_on
+from moldd.ha.fencing import async_fence
+from moldd.projection.model import VM
+from moldd.projection.readmodel import ReadModel
+
+log = structlog.get_logger("moldd.ha")
+
+RESTARTABLE_CAUSES = {str(c) for c in DownCause}
+
+
+class HAManager:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        cfg = app.config.ha
+        self.enabled = cfg.enabled
+        self.limits = RestartLimits(cfg.backoff_base_s, cfg.backoff_cap_s, cfg.max_restarts, cfg.window_s)
+        self.queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()  # (vm, cause, trigger position)
+        self.host_queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()  # (host, kind, position)
+        self.active: dict[str, asyncio.Task[None]] = {}  # one HA job per VM
+        self.host_tasks: dict[str, asyncio.Task[None]] = {}  # one failure handler per host
+        self.supervised: dict[str, asyncio.Task[None]] = {}
+        self.crashes = 0
+        self.stats: dict[str, float] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.app.projector.listeners.append(self._on_event)
+        self._supervise("vm-watcher", self._async_vm_watcher)
+        self._supervise("host-watcher", self._async_host_watcher)
+        self._catch_up()
+
+    def healthy(self) -> bool:
+        return not self.enabled or all(not t.done() for t in self.supervised.values())
+
+    async def async_stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.app.projector.listeners.remove(self._on_event)
+        tasks = [*self.supervised.values(), *self.active.values(), *self.host_tasks.values()]
+        self.supervised.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _supervise(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a watcher forever: if it crashes, log it, record it in the log and start it again."""
+
+        async def keeper() -> None:
+            delay = 0.1
+            while True:
+                try:
+                    await factory()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.crashes += 1
+                    log.exception("ha_watcher_crashed", watcher=name)
+                    with contextlib.suppress(Exception):
+                        await self.app.async_append(
+                            "daemon",
+                            [
+                                NewEvent(
+                                    "ha.watcher_restarted",
+                                    {"watcher": name, "error": repr(exc)[:500]},
+                                    actor="ha",
+                                )
+                            ],
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        self.supervised[name] = asyncio.create_task(keeper(), name=f"ha-{name}")
+
+    def _catch_up(self) -> None:
+        """After a daemon restart: act on what happened while we were away."""
+        if not self.enabled:
+            return
+        model = self.app.model
+        for vm in model.vms.values():
+            if vm.ha_enabled and vm.state in ("Stopped", "Unknown") and vm.stop_cause in RESTARTABLE_CAUSES:
+                if vm.ha_status != "failed":
+                    self.queue.put_nowait((vm.name, vm.stop_cause or "found-stopped", vm.position))
+        for host in model.hosts.values():
+            if host.health != "Up" or host.link == "disconnected":
+                self.host_queue.put_nowait((host.name, "check", host.position))
+
+    # -- the listener: runs inside the projector, after each event is folded; must not block -------------
+    def _on_event(self, ev: StoredEvent, model: ReadModel) -> None:
+        if not self.enabled:
+            return
+        t = ev.event_type
+        if t == "libvirt.domain_event" and ev.payload.get("event") == "STOPPED":
+            vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
+            # The fold marks the VM Stopped (with a cause) only when moldd did not stop it itself.
+            if vm is not None and vm.state == "Stopped" and vm.down_at and vm.position == ev.position:
+                self.stats[f"down:{vm.name}"] = ev.recorded_at.timestamp()
+                self.queue.put_nowait((vm.name, vm.stop_cause or "other", ev.position))
+        elif t == "vm.reconciled" and ev.payload.get("stop_cause"):
+            self.queue.put_nowait((ev.stream_id.removeprefix("vm-"), ev.payload["stop_cause"], ev.position))
+        elif t == "ha.restart.failed":
+            self.queue.put_nowait((ev.stream_id.removeprefix("vm-"), "restart-failed", ev.position))
+        elif t == "host.link":
+            self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), ev.payload["kind"], ev.position))
+
+    # -- VM watcher ------------------------------------------------------------------------------------
+    async def _async_vm_watcher(self) -> None:
+        while True:
+            name, cause, position = await self.queue.get()
+            task = self.active.get(name)
+            if task is not None and not task.done():
+                continue  # one HA job per VM: the running one will see the newest state
+            self.active[name] = asyncio.create_task(
+                self._async_recover_vm(name, cause, position), name=f"ha-vm-{name}"
+            )
+
+    async def _async_recover_vm(self, name: str, cause: str, position: int) -> None:
+        try:
+            await self._async_recover_vm_inner(name, cause, position)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ha_vm_job_crashed", vm=name)
+        finally:
+            if self.active.get(name) is asyncio.current_task():
+                self.active.pop(name, None)
+
+    async def _async_ha_event(self, vm: str, event_type: str, payload: dict[str, Any]) -> None:
+        await self.app.async_append(f"vm-{vm}", [NewEvent(event_type, payload, actor="ha")])
+
+    def _eligible(self, vm: VM | None) -> str | None:
+        """Why HA must leave this VM alone now, or None when a restart is wanted."""
+        if vm is None:
+            return "no such VM"
+        if not vm.ha_enabled:
+            return "HA is disabled for this VM"
+        if vm.state not in ("Stopped", "Unknown"):
+            return f"the VM is {vm.state}"
+        if vm.stop_cause == "user":
+            return "it was stopped through moldd"
+        if vm.ha_status == "failed":
+            return "HA gave up on it (Error); start it by hand"
+        return None
+
+    async def _async_recover_vm_inner(self, name: str, cause: str, position: int) -> None:
+        app = self.app
+        vm = app.model.vms.get(name)
+        if self._eligible(vm) is not None or vm is None:
+            return
+        down_cause = DownCause(vm.stop_cause) if vm.stop_cause in RESTARTABLE_CAUSES else DownCause.OTHER
+        try:
+            policy = RestartPolicy(vm.ha_policy)
+        except ValueError:
+            policy = RestartPolicy.ALWAYS
+        trigger = {"cause": str(down_cause), "trigger": cause, "trigger_position": position}
+        if not should_restart(vm.ha_enabled, policy, down_cause):
+            await self._async_ha_event(
+                name,
+                "ha.not_restarted",
+                trigger | {"policy": str(policy), "reason": f"policy {policy} keeps a {down_cause} VM down"},
+            )
+            return
+        while True:
+            vm = app.model.vms.get(name)
+            reason = self._eligible(vm)
+            if reason is not None or vm is None:
+                if reason and vm is not None and vm.ha_status == "pending":
+                    await self._async_ha_event(name, "ha.cancelled", trigger | {"reason": reason})
+                return
+            now = app.clock()
+            recent = self.limits.recent(vm.ha_restarts, now)
+            if recent >= self.limits.max_restarts:
+                await self._async_ha_event(
+                    name,
+                    "ha.gave_up",
+                    trigger
+                    | {
+                        "reason": f"{recent} restarts within {self.limits.window_s:g} s (limit {self.limits.max_restarts}): "
+                        "the VM keeps going down; fix it and start it by hand",
+                        "restarts": recent,
+                    },
+                )
+                log.error("ha_gave_up", vm=name, restarts=recent)
+                return
+            delay = self.limits.backoff(recent)
+            await self._async_ha_event(
+                name, "ha.restart.scheduled", trigger | {"attempt": recent + 1, "delay_s": delay}
+            )
+            if delay:
+                await asyncio.sleep(delay)
+            outcome = await self._async_restart(name, trigger, recent + 1)
+            if outcome in ("started", "gone", "waiting"):
+                return
+            # "failed": the ha.restart.failed event is recorded; go round (back-off grows with the count)
+
+    async def _async_restart(self, name: str, trigger: dict[str, Any], attempt: int) -> str:
+        """One attempt. Returns started | failed | waiting (host not fenced yet) | gone (no longer eligible)."""
+        app = self.app
+        async with app.locks[name]:
+            vm = app.model.vms.get(name)
+            if self._eligible(vm) is not None or vm is None:
+                return "gone"
+            old = vm.host
+            old_state = app.model.hosts.get(old) if old else None
+            async with app.placement_lock:
+                try:
+                    target = place_existing(app.config, app.model, name, current=old, cluster=vm.cluster)
+                except CapacityError as exc:
+                    await self._async_ha_event(
+                        name, "ha.restart.failed", trigger | {"attempt": attempt, "error": exc.to_dict()}
+                    )
+                    return "failed"
+                why = (
+                    "its own host is up"
+                    if target.name == old
+                    else f"least loaded up host in cluster {target.cluster}"
+                )
+                if old is not None and target.name != old:
+                    # Never two copies: the old host must be fenced, or reachable and showing the domain off.
+                    health = old_state.health if old_state else "Up"
+                    if health != str(HostHealth.FENCED):
+                        if not app.hosts.is_connected(old):
+                            await self._async_ha_event(
+                                name,
+                                "ha.waiting",
+                                trigger
+                                | {
+                                    "reason": f"host {old} is {health} and not fenced: not starting it elsewhere"
+                                },
+                            )
+                            return "waiting"
+                        try:
+                            state = await app.hosts.conn(old).async_domain_state(vm.internal_name)
+                        except MolddError as exc:
+                            await self._async_ha_event(
+                                name,
+                                "ha.waiting",
+                                trigger | {"reason": f"cannot check host {old}: {exc.message}"},
+                            )
+                            return "waiting"
+                        if is_on(state):
+                            await self._async_ha_event(
+                                name, "ha.cancelled", trigger | {"reason": f"domain still {state} on {old}"}
+                            )
+                            return "gone"
+                await app.async_append(
+                    f"vm-{name}",
+                    [
+                        NewEvent(
+                            "ha.restart.started",
+                            trigger
+                            | {
+                                "host": target.name,
+                                "cluster": target.cluster,
+                                "attempt": attempt,
+                                "why": why,
+                                "from_host": old,
+                            },
+                            actor="ha",
+                        )
+                    ],
+                    expected_version=vm.version,
+                )
+            ok = await async_start_on(
+                app,
+                name,
+                target.name,
+                actor=HA,
+                ok_type="ha.restart.succeeded",
+                fail_type="ha.restart.failed",
+                extra={"attempt": attempt, "cause": trigger["cause"]},
+            )
+        if ok:
+            log.warning("ha_restarted", vm=name, host=target.name, cause=trigger["cause"], attempt=attempt)
+        return "started" if ok else "failed"
+
+    # -- host watcher ----------------------------------------------------------------------------------
+    async def _async_host_watcher(self) -> None:
+        while True:
+            host, kind, position = await self.host_queue.get()
+            if kind == "connected":
+                await self._async_host_back(host, position)
+                continue
+            task = self.host_tasks.get(host)
+            if task is None or task.done():
+                self.host_tasks[host] = asyncio.create_task(
+                    self._async_host_failure(host, kind, position), name=f"ha-host-{host}"
+                )
+
+    async def _async_set_health(self, host: str, to: HostHealth, cause: dict[str, Any]) -> bool:
+        state = self.app.model.hosts.get(host)
+        current = HostHealth(state.health) if state else HostHealth.UP
+        if current == to or not host_move_allowed(current, to):
+            return False
+        await self.app.async_append(
+            f"host-{host}",
+            [NewEvent("host.health", {"from": str(current), "to": str(to)} | cause, actor="ha")],
+        )
+        log.warning("host_health", host=host, was=str(current), now=str(to), cause=cause.get("cause"))
+        return True
+
+    async def _async_host_back(self, host: str, position: int) -> None:
+        task = self.host_tasks.pop(host, None)
+        state = self.app.model.hosts.get(host)
+        if task is not None and not task.done() and state is not None and state.health in ("Suspect", "Down"):
+            task.cancel()  # it came back before we declared it dead: a blip, nothing to fence
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        elif task is not None and not task.done():
+            await asyncio.gather(task, return_exceptions=True)  # never interrupt a fencing in progress
+        state = self.app.model.hosts.get(host)
+        if state is not None and state.health != "Up":
+            await self._async_set_health(
+                host, HostHealth.UP, {"cause": "connection re-established", "trigger_position": position}
+            )
+
+    async def _async_host_failure(self, host: str, kind: str, position: int) -> None:
+        """Up → Suspect → (still unreachable after the grace period) Down → Fencing → Fenced → evacuate."""
+        app = self.app
+        cfg = app.config.ha
+        started = app.clock()
+        if app.hosts.is_connected(host):
+            return
+        await self._async_set_health(
+            host, HostHealth.SUSPECT, {"cause": f"link {kind}", "trigger_position": position}
+        )
+        await asyncio.sleep(cfg.host_down_after_s)
+        if app.hosts.is_connected(host):
+            return  # _async_host_back moves it to Up
+        await self._async_set_health(
+            host,
+            HostHealth.DOWN,
+            {"cause": f"unreachable for {cfg.host_down_after_s:g} s", "trigger_position": position},
+        )
+        vms = [
+            v
+            for v in app.model.vms_on(host)
+            if v.state not in ("Stopped", "Created", "Destroyed", "Expunged", "Error")
+        ]
+        while True:
+            state = app.model.hosts.get(host)
+            if state is not None and state.health in ("Down", "FenceFailed"):
+                await self._async_set_health(
+                    host, HostHealth.FENCING, {"cause": "host down", "vms": [v.name for v in vms]}
+                )
+            result = await async_fence(app.config, host)
+            if result.ok:
+                await self._async_set_health(
+                    host,
+                    HostHealth.FENCED,
+                    {"cause": "fence command succeeded", "fence": result.to_payload()},
+                )
+                break
+            await self._async_set_health(
+                host, HostHealth.FENCE_FAILED, {"cause": "fence command failed", "fence": result.to_payload()}
+            )
+            log.error(
+                "FENCING_FAILED",
+                host=host,
+                output=result.output[-500:],
+                vms=[v.name for v in vms],
+                action="its VMs will NOT be started elsewhere until fencing succeeds or the host returns",
+            )
+            await asyncio.sleep(max(5.0, cfg.fence_timeout_s))
+            if app.hosts.is_connected(host):
+                return
+        self.stats[f"fenced:{host}"] = app.clock() - started
+        await self._async_evacuate(host)
+
+    async def _async_evacuate(self, host: str) -> None:
+        """The host is fenced: its VMs are dead. Record that, then restart the HA ones elsewhere, by priority."""
+        app = self.app
+        victims = [
+            v
+            for v in app.model.vms_on(host)
+            if v.state in ("Running", "Starting", "Stopping", "Migrating", "Unknown")
+        ]
+        order = evacuation_order([(v.name, v.ha_priority if v.ha_enabled else -1) for v in victims])
+        await app.async_append(
+            f"host-{host}", [NewEvent("ha.evacuation", {"host": host, "vms": order}, actor="ha")]
+        )
+        for name in order:
+            async with app.locks[name]:
+                vm = app.model.vms[name]
+                if vm.host != host or vm.state not in (
+                    "Running",
+                    "Starting",
+                    "Stopping",
+                    "Migrating",
+                    "Unknown",
+                ):
+                    continue
+                await app.async_append(
+                    f"vm-{name}",
+                    [
+                        NewEvent(
+                            "vm.reconciled",
+                            {
+                                "state": "Stopped",
+                                "power_state": "off",
+                                "host": host,
+                                "domain_state": None,
+                                "reason": f"host {host} was fenced",
+                                "stop_cause": str(DownCause.HOST_FAILED),
+                                "was": vm.state,
+                            },
+                            actor="ha",
+                        )
+                    ],
+                )
+        # The listener queues each HA VM from its vm.reconciled event; priority order is kept by the queue.
