@@ -21,10 +21,10 @@ import aiosqlite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from events import NewEvent, SQLiteEventStore  # noqa: E402
-from events.canonical import canonical_json  # noqa: E402
-from events.chain import encode_fields, genesis_hash, link_hash  # noqa: E402
-from events.sqlite import INSERT_EVENT, SCHEMA  # noqa: E402
+from events import NewEvent, SQLiteEventStore
+from events.canonical import canonical_json
+from events.chain import encode_fields, genesis_hash, link_hash
+from events.sqlite import INSERT_EVENT, SCHEMA
 
 APPENDERS = 64
 

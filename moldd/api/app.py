@@ -37,7 +37,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         log.exception("internal_error", path=request.path, method=request.method)
-        return handlers.plain_error_response(500, "internal", "internal error; the daemon log has the details")
+        return handlers.plain_error_response(
+            500, "internal", "internal error; the daemon log has the details"
+        )
 
 
 @web.middleware

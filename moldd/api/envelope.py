@@ -93,7 +93,9 @@ def parse_events_query(query: Mapping[str, str]) -> EventsQuery:
     except ValueError:
         from_position = -1
     if from_position < 0:
-        raise ValidationError(f'"from" must be a log position (an integer >= 0), not {raw_from!r}', field="from")
+        raise ValidationError(
+            f'"from" must be a log position (an integer >= 0), not {raw_from!r}', field="from"
+        )
     stream = query.get("stream") or None
     correlation = query.get("correlation") or None
     return EventsQuery(from_position=max(from_position, 1), stream=stream, correlation=correlation)

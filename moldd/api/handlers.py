@@ -145,9 +145,7 @@ async def _async_pump(
                 next_entry = asyncio.ensure_future(anext(entries))
             timeout = max(0.0, last_write + heartbeat_s - time.monotonic())
             waiters: set[asyncio.Future[Any]] = {next_entry, closing_wait}
-            done, _ = await asyncio.wait(
-                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if next_entry in done:
                 fut, next_entry = next_entry, None
                 try:

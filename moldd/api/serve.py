@@ -131,4 +131,6 @@ async def async_serve(
         await runner.cleanup()
         raise
     log.info("api_listening", socket=path, mode=oct(mode), gid=gid, activated=not owns_path)
-    return ApiServer(runner=runner, sock=sock, path=path if isinstance(path, str) else None, owns_path=owns_path)
+    return ApiServer(
+        runner=runner, sock=sock, path=path if isinstance(path, str) else None, owns_path=owns_path
+    )

@@ -124,7 +124,9 @@ class Client:
         try:
             return resp.status, json.loads(raw) if raw else None
         except ValueError:
-            raise CommandFailed("bad_reply", f"moldd sent a reply that is not JSON (HTTP {resp.status})") from None
+            raise CommandFailed(
+                "bad_reply", f"moldd sent a reply that is not JSON (HTTP {resp.status})"
+            ) from None
 
     def call(self, verb: str, args: dict[str, Any], command_id: str | None = None) -> tuple[Any, int | None]:
         """Send one command; ``(result, position)``, or ``CommandFailed`` with the daemon's error."""

@@ -106,7 +106,7 @@ _ALLOWED: dict[Action, tuple[frozenset[VMState], str]] = {
     ),
     Action.CHANGE_OFFERING: (
         frozenset({S.CREATED, S.STOPPED}),
-        "the service offering can be changed only while the VM is Stopped (use scale for a Running VM)",
+        "the service offering can be changed only while the VM is Stopped or Created (use scaleVirtualMachine for a Running VM)",
     ),
     Action.SCALE: (
         frozenset({S.RUNNING}),
@@ -120,7 +120,10 @@ _ALLOWED: dict[Action, tuple[frozenset[VMState], str]] = {
         frozenset({S.CREATED, S.STOPPED}),
         "the root disk can shrink only while the VM is Stopped",
     ),
-    Action.MIGRATE: (frozenset({S.RUNNING}), "live migration needs a Running VM"),
+    Action.MIGRATE: (
+        frozenset({S.RUNNING}),
+        "live migration needs a Running VM (a Stopped VM is moved offline)",
+    ),
     Action.MOVE: (frozenset({S.CREATED, S.STOPPED}), "an offline move needs a Stopped VM"),
     Action.RESTORE: (
         frozenset({S.CREATED, S.RUNNING, S.STOPPED}),

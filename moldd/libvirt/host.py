@@ -94,9 +94,7 @@ def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
 
 
 def _list_domains(conn: libvirt.virConnect) -> list[DomainInfo]:
-    persistent = {
-        d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
-    }
+    persistent = {d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)}
     try:
         # One RPC for every domain's state instead of one per domain.
         stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
@@ -146,7 +144,10 @@ def _undefine(conn: libvirt.virConnect, name: str) -> bool:
         | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
     )
     # Drivers without NVRAM/checkpoints (the test driver) refuse unknown flags: retry with fewer.
-    for flags in (full, full & ~libvirt.VIR_DOMAIN_UNDEFINE_NVRAM & ~libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA):
+    for flags in (
+        full,
+        full & ~libvirt.VIR_DOMAIN_UNDEFINE_NVRAM & ~libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+    ):
         try:
             dom.undefineFlags(flags)
             return True
@@ -396,10 +397,12 @@ class HostConnection:
         self._cb_id: int | None = None
         self._generation = 0
         self._closed_generations: set[int] = set()
-        self._pending_open: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] | None = None
+        self._pending_open: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] | None = (
+            None
+        )
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._state_lock = threading.Lock()
+        self._connected_event = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<HostConnection {self.name} {self.uri} connected={self.connected}>"
@@ -437,6 +440,7 @@ class HostConnection:
             except asyncio.CancelledError:
                 pass
         conn, cb_id, self._conn, self._cb_id = self._conn, self._cb_id, None, None
+        self._connected_event.clear()
         if conn is not None:
             try:
                 await self.bridge.async_call(
@@ -447,9 +451,11 @@ class HostConnection:
 
     async def async_wait_connected(self, timeout: float) -> None:
         """Wait until connected (tests, start-up ordering); raises :class:`Unavailable` on timeout."""
-        async with asyncio.timeout(timeout):
-            while not self.connected:
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected_event.wait()
+        except TimeoutError:
+            raise Unavailable(f"host {self.name} not connected after {timeout:g} s") from None
 
     def _start_reconnect(self) -> None:
         if self._stopping or (self._reconnect_task is not None and not self._reconnect_task.done()):
@@ -499,11 +505,16 @@ class HostConnection:
             await self.bridge.async_call(_close_conn, conn, cb_id, pool=self.name, timeout=5.0)
             raise Unavailable(f"host {self.name} closed the connection right after it opened")
         self._conn, self._cb_id = conn, cb_id
+        self._connected_event.set()
         log.info("libvirt_connected", host=self.name, uri=self.uri)
         self._emit_link("connected", "connected")
 
-    def _open_in_thread(self, gen: int) -> concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]]:
-        fut: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] = concurrent.futures.Future()
+    def _open_in_thread(
+        self, gen: int
+    ) -> concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]]:
+        fut: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] = (
+            concurrent.futures.Future()
+        )
         loop = self._loop
         assert loop is not None
 
@@ -574,6 +585,7 @@ class HostConnection:
                 self._closed_generations.add(gen)
             return
         conn, cb_id, self._conn, self._cb_id = self._conn, self._cb_id, None, None
+        self._connected_event.clear()
         why = CLOSE_REASONS.get(reason, f"reason {reason}")
         log.warning("libvirt_disconnected", host=self.name, reason=why)
         self._emit_link("disconnected", why)
@@ -597,7 +609,12 @@ class HostConnection:
         return conn
 
     async def _call(
-        self, fn: Callable[..., T], *args: Any, long: bool = False, timeout: float | None = -1.0, what: str = ""
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        long: bool = False,
+        timeout: float | None = -1.0,
+        what: str = "",
     ) -> T:
         conn = self._require_conn()
         if timeout is not None and timeout < 0:
@@ -675,10 +692,18 @@ class HostConnection:
                 raise OperationFailed(f"disk {target_dev} of {name} has no file", field="target_dev")
             await storage.async_resize(path, size_bytes)
 
-    async def async_snapshot_create(self, name: str, snap_name: str, memory: bool, description: str = "") -> None:
+    async def async_snapshot_create(
+        self, name: str, snap_name: str, memory: bool, description: str = ""
+    ) -> None:
         """Internal qcow2 snapshot; for a running domain it includes RAM (``memory`` must be True)."""
         await self._call(
-            _snapshot_create, name, snap_name, memory, description, long=True, timeout=600.0,
+            _snapshot_create,
+            name,
+            snap_name,
+            memory,
+            description,
+            long=True,
+            timeout=600.0,
             what=f"snapshot {name}",
         )
 

@@ -55,7 +55,10 @@ def _size_arg(size_bytes: int, fld: str = "size_bytes") -> str:
 
 async def async_create_overlay(template: Path, target: Path, size_bytes: int | None = None) -> Path:
     """``qemu-img create -f qcow2 -b TEMPLATE -F qcow2 TARGET [SIZE]``: a copy-on-write root disk."""
-    args = ["create", "-q", "-f", "qcow2", "-b", str(Path(template).resolve()), "-F", "qcow2", str(target)]
+    if not Path(template).is_absolute():
+        # qemu-img would resolve a relative backing path against the overlay's directory, not ours
+        raise ValidationError("the template must be an absolute path", field="template")
+    args = ["create", "-q", "-f", "qcow2", "-b", str(template), "-F", "qcow2", str(target)]
     if size_bytes is not None:
         args.append(_size_arg(size_bytes))
     await _run(*args)

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from moldd.domain.ha import down_cause
 from moldd.domain.states import TRANSIENT, VMState
+from moldd.domain.vmsnapshots import remove_from_tree
 from moldd.projection.model import VM, Group, Host, Job
 
 S = VMState
@@ -451,8 +452,8 @@ def _domain_event(model: ReadModel, ev: EventLike) -> None:
     p = ev.payload
     vm.last_domain_event = {k: p.get(k) for k in ("host", "event", "detail")} | {"at": _iso(ev)}
     event, detail, host = p.get("event"), p.get("detail"), p.get("host")
-    if vm.state in (S.MIGRATING,) or detail == "MIGRATED":
-        return  # migration events are accounted for by the migrate command
+    if vm.state in (S.MIGRATING,) or detail in ("MIGRATED", "FROM_SNAPSHOT"):
+        return  # migration and snapshot-revert events are accounted for by the migrate / revert command
     if event in ("STARTED", "RESUMED"):
         if host == vm.host or vm.host is None:
             vm.power_state = "on"
@@ -467,3 +468,147 @@ def _domain_event(model: ReadModel, ev: EventLike) -> None:
             vm.state = S.STOPPED
             vm.stop_cause = str(down_cause(event, detail or ""))
             vm.down_at = _iso(ev)
+
+
+# -- VM operations (moldd/app/operations.py) -------------------------------------------------------------
+@on(
+    "vm.scale.requested", "vm.scale.failed", "vm.volume.resize.requested", "vm.volume.resize.failed",
+    "vm.migrate.progress", "vm.restore.requested", "vm.restore.failed", "vm.iso.attach.requested",
+    "vm.iso.attach.failed", "vm.iso.detach.requested", "vm.iso.detach.failed",
+)  # fmt: skip
+def _touch(model: ReadModel, ev: EventLike) -> None:
+    _vm(model, ev)  # recorded for the job and the audit trail; the VM itself does not change
+
+
+@on("vm.offering.changed", "vm.scaled")
+def _offering(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.offering = dict(ev.payload["offering"])
+
+
+@on("vm.settings.changed")
+def _settings(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.details = dict(ev.payload["details"])
+
+
+@on("vm.volume.resized")
+def _resized(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.root_disk = {**vm.root_disk, "size_gb": ev.payload["new_size_gb"]}
+
+
+@on("vm.migrate.requested")
+def _migrate_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _begin(vm, S.MIGRATING)
+
+
+@on("vm.migrated")
+def _migrated(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        p = ev.payload
+        vm.host = p["host"]
+        vm.cluster = p.get("cluster", vm.cluster)
+        vm.state = (vm.prior_state or S.STOPPED) if p.get("offline") else S.RUNNING
+        if not p.get("offline"):
+            vm.power_state = "on"
+        vm.prior_state = None
+        vm.error = None
+
+
+@on("vm.migrate.failed")
+def _migrate_failed(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        _fail_back(vm, ev)
+        vm.host = ev.payload.get("host", vm.host)
+
+
+@on("vm.restored")
+def _restored(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        p = ev.payload
+        vm.template = p["template"]
+        vm.root_disk = dict(p["root_disk"])
+        vm.os_type = p.get("os_type", vm.os_type)
+
+
+@on("vm.iso.attached", "vm.iso.detached")
+def _iso(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.iso = ev.payload.get("iso") if ev.event_type == "vm.iso.attached" else None
+
+
+# -- VM snapshots (moldd/app/snapshots.py) ---------------------------------------------------------------
+@on("vmsnapshot.create.requested")
+def _snap_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        p = ev.payload
+        vm.snapshots[p["id"]] = {
+            "id": p["id"], "name": p["name"], "description": p.get("description", ""),
+            "memory": bool(p.get("memory")), "parent": p.get("parent"), "state": "Creating",
+            "created_at": _iso(ev), "vm_state": vm.state,
+        }  # fmt: skip
+
+
+@on("vmsnapshot.created")
+def _snap_created(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None and ev.payload["id"] in vm.snapshots:
+        vm.snapshots[ev.payload["id"]]["state"] = "Ready"
+        vm.current_snapshot = ev.payload["id"]
+
+
+@on("vmsnapshot.failed")
+def _snap_failed(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.snapshots.pop(ev.payload["id"], None)
+
+
+@on("vmsnapshot.revert.requested", "vmsnapshot.revert.failed", "vmsnapshot.delete.failed")
+def _snap_touch(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None and ev.payload.get("id") in vm.snapshots:
+        busy = {"vmsnapshot.revert.requested": "Reverting"}.get(ev.event_type, "Ready")
+        vm.snapshots[ev.payload["id"]]["state"] = busy
+
+
+@on("vmsnapshot.reverted")
+def _snap_reverted(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        p = ev.payload
+        if p["id"] in vm.snapshots:
+            vm.snapshots[p["id"]]["state"] = "Ready"
+        vm.current_snapshot = p["id"]
+        vm.state = p["state"]
+        vm.power_state = "on" if p["state"] == S.RUNNING else "off"
+        vm.prior_state = None
+        if p["state"] == S.RUNNING:
+            vm.stop_cause = None
+
+
+@on("vmsnapshot.delete.requested")
+def _snap_delete_requested(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None and ev.payload["id"] in vm.snapshots:
+        vm.snapshots[ev.payload["id"]]["state"] = "Deleting"
+
+
+@on("vmsnapshot.deleted")
+def _snap_deleted(model: ReadModel, ev: EventLike) -> None:
+    vm = _vm(model, ev)
+    if vm is not None:
+        vm.snapshots, vm.current_snapshot = remove_from_tree(
+            vm.snapshots, vm.current_snapshot, ev.payload["id"]
+        )

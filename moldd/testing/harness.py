@@ -92,6 +92,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -166,6 +168,21 @@ class Client:
                 got = {k: vm.get(k) for k in expect}
                 raise TimeoutError(f"VM {name}: wanted {expect}, still {got} after {timeout} s")
             await asyncio.sleep(0.05)
+
+    async def events_of_stream(self, stream: str) -> list[dict[str, Any]]:
+        return list((await self.call("listEvents", stream=stream, limit=10000))["result"]["event"])
+
+    async def wait_host(self, name: str, timeout: float = 30.0, **expect: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            hosts = (await self.call("listHosts"))["result"]["host"]
+            host: dict[str, Any] = next(h for h in hosts if h["name"] == name)
+            if all(host.get(k) == v for k, v in expect.items()):
+                return host
+            if time.monotonic() > deadline:
+                got = {k: host.get(k) for k in expect}
+                raise TimeoutError(f"host {name}: wanted {expect}, still {got} after {timeout} s")
+            await asyncio.sleep(0.1)
 
     async def events(self, vm: str, type: str | None = None) -> list[dict[str, Any]]:
         args: dict[str, Any] = {"vm": vm, "limit": 10000}

@@ -64,8 +64,9 @@ class Recorder:
                 f"link events: {[(e.host, e.kind, e.reason) for e in self.link_events]}"
             ) from None
 
-    async def wait_domain(self, domain: str, pair: tuple[str, str], host: str | None = None,
-                          timeout: float = 30.0) -> list[tuple[str, str]]:
+    async def wait_domain(
+        self, domain: str, pair: tuple[str, str], host: str | None = None, timeout: float = 30.0
+    ) -> list[tuple[str, str]]:
         await self.wait(lambda: pair in self.pairs(domain, host), timeout, f"{domain} {pair}")
         return self.pairs(domain, host)
 

@@ -44,7 +44,11 @@ class FakeBus:
     def __post_init__(self) -> None:
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
-        for name, state, group in [("web-1", "Running", "web"), ("web-2", "Stopped", "web"), ("db-1", "Running", "db")]:
+        for name, state, group in [
+            ("web-1", "Running", "web"),
+            ("web-2", "Stopped", "web"),
+            ("db-1", "Running", "db"),
+        ]:
             self.vms[name] = {"name": name, "displayname": name.upper(), "state": state, "host": "h1",
                               "group": group, "haenable": name == "db-1"}  # fmt: skip
 
@@ -86,7 +90,9 @@ class FakeBus:
                     if all(vm.get(k) == args[k] for k in ("name", "group", "state") if k in args)]  # fmt: skip
             return CommandReply({"count": len(rows), "virtualmachine": rows}, len(self.log))
         if verb == "listHosts":
-            return CommandReply({"count": 1, "host": [{"name": "h1", "state": "Up", "vms": len(self.vms)}]}, 0)
+            return CommandReply(
+                {"count": 1, "host": [{"name": "h1", "state": "Up", "vms": len(self.vms)}]}, 0
+            )
         if verb == "queryAsyncJobResult":
             job = self.jobs.get(str(args.get("jobid")))
             if job is None:

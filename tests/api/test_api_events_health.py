@@ -12,7 +12,9 @@ from conftest import FakeBus
 from moldd.api import ApiServer
 
 
-async def _lines(resp: aiohttp.ClientResponse, n: int, *, skip_heartbeats: bool = True) -> list[dict[str, Any]]:
+async def _lines(
+    resp: aiohttp.ClientResponse, n: int, *, skip_heartbeats: bool = True
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     while len(out) < n:
         line = await asyncio.wait_for(resp.content.readline(), 5)
@@ -31,7 +33,9 @@ async def _seed(bus: FakeBus) -> None:
     await bus._append("vm-b", "vm.started", {"state": "Running"}, correlation_id="c2")
 
 
-async def test_events_stream_is_ndjson_from_position_then_live(http: aiohttp.ClientSession, bus: FakeBus) -> None:
+async def test_events_stream_is_ndjson_from_position_then_live(
+    http: aiohttp.ClientSession, bus: FakeBus
+) -> None:
     await _seed(bus)
     async with http.get("http://moldd/v1/events?from=3") as resp:
         assert resp.status == 200
@@ -76,7 +80,9 @@ async def test_events_bad_from_is_400(http: aiohttp.ClientSession) -> None:
             assert body["error"]["field"] == query.split("=")[0]
 
 
-async def test_open_event_stream_does_not_hold_up_shutdown(server: ApiServer, http: aiohttp.ClientSession) -> None:
+async def test_open_event_stream_does_not_hold_up_shutdown(
+    server: ApiServer, http: aiohttp.ClientSession
+) -> None:
     resp = await http.get("http://moldd/v1/events")
     await _lines(resp, 1, skip_heartbeats=False)
     started = asyncio.get_running_loop().time()

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FakeBus
@@ -51,7 +52,10 @@ def test_friendly_commands_map_to_verb_and_args() -> None:
         ns = parser.parse_args(list(argv))
         return ns.cmd.verb, command_args(ns.cmd, ns)
 
-    assert mapped("vm", "stop", "web-1", "--forced") == ("stopVirtualMachine", {"name": "web-1", "forced": True})
+    assert mapped("vm", "stop", "web-1", "--forced") == (
+        "stopVirtualMachine",
+        {"name": "web-1", "forced": True},
+    )
     assert mapped("vm", "stop", "web-1") == ("stopVirtualMachine", {"name": "web-1"})
     assert mapped("vm", "deploy", "--template", "debian", "--offering", "small", "--ha", "--no-start",
                   "--root-disk-gb", "20") == (
@@ -59,7 +63,10 @@ def test_friendly_commands_map_to_verb_and_args() -> None:
         {"template": "debian", "serviceoffering": "small", "haenable": True, "startvm": False, "rootdisksize": 20},
     )  # fmt: skip
     assert mapped("vm", "edit", "web-1", "--no-ha")[1] == {"name": "web-1", "haenable": False}
-    assert mapped("vm", "edit", "web-1", "--display-name", "Web")[1] == {"name": "web-1", "displayname": "Web"}
+    assert mapped("vm", "edit", "web-1", "--display-name", "Web")[1] == {
+        "name": "web-1",
+        "displayname": "Web",
+    }
     assert mapped("vm", "resize", "web-1", "--size-gb", "40", "--shrink-ok") == (
         "resizeVolume", {"vm": "web-1", "size": 40, "shrinkok": True},
     )  # fmt: skip
@@ -72,7 +79,10 @@ def test_friendly_commands_map_to_verb_and_args() -> None:
 
 
 def test_table_is_aligned_with_preferred_columns() -> None:
-    rows = [{"name": "web-1", "state": "Running", "x": 1}, {"name": "database-01", "state": None}]
+    rows: list[dict[str, Any]] = [
+        {"name": "web-1", "state": "Running", "x": 1},
+        {"name": "database-01", "state": None},
+    ]
     assert format_table(rows, ("name", "state", "missing")).splitlines() == [
         "NAME         STATE",
         "web-1        Running",
@@ -120,7 +130,11 @@ async def test_unknown_verb_via_call_exits_1_with_suggestion(server: ApiServer) 
 async def test_call_sends_typed_args_and_id(server: ApiServer, bus: FakeBus) -> None:
     code, out, _ = await run(server, "--json", "call", "echo", "n=3", "ok=true", "tags:=[1]", "--id", "cid-1")
     assert code == 0
-    assert json.loads(out) == {"args": {"n": 3, "ok": True, "tags": [1]}, "id": "cid-1", "actor": str(bus.calls[0].actor)}
+    assert json.loads(out) == {
+        "args": {"n": 3, "ok": True, "tags": [1]},
+        "id": "cid-1",
+        "actor": str(bus.calls[0].actor),
+    }
 
 
 async def test_usage_errors_exit_2(server: ApiServer) -> None:

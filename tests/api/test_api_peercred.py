@@ -29,13 +29,20 @@ DAEMON_UID = 900
         (PeerCreds(pid=1, uid=1000, gid=1000), (1000, 27, MOLDD_GID)),  # supplementary group
     ],
 )
-def test_authorize_allows_root_daemon_uid_and_group_members(creds: PeerCreds, groups: tuple[int, ...]) -> None:
+def test_authorize_allows_root_daemon_uid_and_group_members(
+    creds: PeerCreds, groups: tuple[int, ...]
+) -> None:
     authorize(creds, MOLDD_GID, daemon_uid=DAEMON_UID, supplementary_gids=groups)
 
 
 def test_authorize_refuses_other_users_with_permission_denied() -> None:
     with pytest.raises(PermissionDenied) as info:
-        authorize(PeerCreds(pid=1, uid=1000, gid=1000), MOLDD_GID, daemon_uid=DAEMON_UID, supplementary_gids=(1000, 27))
+        authorize(
+            PeerCreds(pid=1, uid=1000, gid=1000),
+            MOLDD_GID,
+            daemon_uid=DAEMON_UID,
+            supplementary_gids=(1000, 27),
+        )
     assert info.value.code == "permission_denied"
     assert info.value.http_status == 403
     assert "uid 1000" in info.value.message
@@ -49,7 +56,12 @@ def test_authorize_without_a_group_admits_only_root_and_daemon() -> None:
 
 def test_access_policy_caches_user_lookups_until_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     looked_up: list[int] = []
-    monkeypatch.setattr(peercred, "user_name", lambda uid: looked_up.append(uid) or "alice")
+
+    def user_name(uid: int) -> str:
+        looked_up.append(uid)
+        return "alice"
+
+    monkeypatch.setattr(peercred, "user_name", user_name)
     monkeypatch.setattr(peercred, "supplementary_gids", lambda user, gid: [gid, MOLDD_GID])
     now = [0.0]
     policy = AccessPolicy(MOLDD_GID, daemon_uid=DAEMON_UID, cache_ttl_s=10, clock=lambda: now[0])
@@ -115,7 +127,9 @@ def _request_as_nobody(path: str) -> bytes:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
-async def test_a_user_outside_the_group_is_refused_with_403(server: ApiServer, bus: FakeBus, sock_dir: Path) -> None:
+async def test_a_user_outside_the_group_is_refused_with_403(
+    server: ApiServer, bus: FakeBus, sock_dir: Path
+) -> None:
     assert server.path is not None
     os.chmod(sock_dir, 0o755)
     os.chmod(server.path, 0o666)  # let the kernel through so moldd's own check is what refuses

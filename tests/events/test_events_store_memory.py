@@ -4,10 +4,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from store_contract import StoreContract
 
 from events import EventStore, MemoryEventStore
-
-from store_contract import StoreContract
 
 
 class TestMemoryEventStore(StoreContract):

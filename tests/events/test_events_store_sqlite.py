@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from store_contract import StoreContract, ev
 
 from events import EventStore, MemoryEventStore, NewEvent, NotALogError, SQLiteEventStore, verify
-
-from store_contract import StoreContract, ev
 
 
 class TestSQLiteEventStore(StoreContract):

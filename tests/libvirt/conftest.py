@@ -93,4 +93,3 @@ def disk_dir(tmp_path: Path) -> Path:
     d = tmp_path / "disks"
     d.mkdir()
     return d
-

@@ -36,8 +36,10 @@ def test_broken_connection_is_unavailable() -> None:
 
 
 def test_other_errors_are_operation_failed() -> None:
-    err = translate_error(_err(libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU, "domain is not running"),
-                          what="destroy vm1")
+    err = translate_error(
+        _err(libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU, "domain is not running"),
+        what="destroy vm1",
+    )
     assert isinstance(err, OperationFailed)
     assert err.message == "destroy vm1: domain is not running"
 
@@ -62,7 +64,7 @@ async def test_stuck_call_times_out_as_unavailable_without_blocking_the_loop(bri
     release = threading.Event()
     async with LoopWatch() as watch:
         t0 = time.monotonic()
-        with pytest.raises(Unavailable, match="did not answer within 0.2 s"):
+        with pytest.raises(Unavailable, match=r"did not answer within 0\.2 s"):
             await bridge.async_call(release.wait, 5, timeout=0.2, pool="stuck")
         assert time.monotonic() - t0 < 1.0
     release.set()
@@ -71,8 +73,10 @@ async def test_stuck_call_times_out_as_unavailable_without_blocking_the_loop(bri
 
 async def test_a_stuck_pool_does_not_starve_other_hosts(bridge: LibvirtBridge) -> None:
     release = threading.Event()
-    stuck = [asyncio.ensure_future(bridge.async_call(release.wait, 10, pool="frozen", timeout=None))
-             for _ in range(20)]
+    stuck = [
+        asyncio.ensure_future(bridge.async_call(release.wait, 10, pool="frozen", timeout=None))
+        for _ in range(20)
+    ]
     await asyncio.sleep(0.05)
     t0 = time.monotonic()
     assert await bridge.async_call(lambda: 42, pool="healthy") == 42

@@ -12,7 +12,6 @@ from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.host import DomainInfo, HostConnection
 from moldd.libvirt.xml import DomainSpec, build_domain_xml
 from moldd.testing.loopwatch import LoopWatch
-
 from moldd.testing.recorder import Recorder
 
 URI = "test:///default"
@@ -35,13 +34,17 @@ def _name() -> str:
     return f"moldd-{uuid.uuid4().hex[:8]}"
 
 
-async def test_start_emits_connected_on_the_loop_thread(test_host: HostConnection, recorder: Recorder) -> None:
+async def test_start_emits_connected_on_the_loop_thread(
+    test_host: HostConnection, recorder: Recorder
+) -> None:
     assert test_host.connected
     assert recorder.links("t") == [("connected", "connected")]
     assert recorder.off_loop_calls == 0
 
 
-async def test_lifecycle_events_arrive_on_the_loop_thread(test_host: HostConnection, recorder: Recorder) -> None:
+async def test_lifecycle_events_arrive_on_the_loop_thread(
+    test_host: HostConnection, recorder: Recorder
+) -> None:
     name = _name()
     async with LoopWatch() as watch:
         info = await test_host.async_define(build_domain_xml(DomainSpec(name=name)))
@@ -51,7 +54,10 @@ async def test_lifecycle_events_arrive_on_the_loop_thread(test_host: HostConnect
         await recorder.wait_domain(name, ("UNDEFINED", "REMOVED"), timeout=5)
     assert watch.max_lag < 0.2
     assert recorder.pairs(name) == [
-        ("DEFINED", "ADDED"), ("STARTED", "BOOTED"), ("STOPPED", "DESTROYED"), ("UNDEFINED", "REMOVED"),
+        ("DEFINED", "ADDED"),
+        ("STARTED", "BOOTED"),
+        ("STOPPED", "DESTROYED"),
+        ("UNDEFINED", "REMOVED"),
     ]
     ev = recorder.domain_events[-1]
     assert ev.host == "t" and ev.uuid == info.uuid and ev.at.tzinfo is not None
@@ -88,7 +94,12 @@ async def test_snapshots_on_the_test_driver(test_host: HostConnection) -> None:
     await test_host.async_snapshot_create(name, "s1", memory=False, description="before")
     (snap,) = await test_host.async_snapshot_list(name)
     assert (snap.name, snap.description, snap.state, snap.memory, snap.current) == (
-        "s1", "before", "shutoff", False, True)
+        "s1",
+        "before",
+        "shutoff",
+        False,
+        True,
+    )
     await test_host.async_snapshot_revert(name, "s1")
     await test_host.async_snapshot_delete(name, "s1")
     assert await test_host.async_snapshot_list(name) == []

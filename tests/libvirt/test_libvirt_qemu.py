@@ -35,14 +35,21 @@ async def _blank_spec(disk_dir: Path, name: str, **kw: Any) -> DomainSpec:
     """A guest without an OS (starts in ~0.3 s) on a qcow2 root disk both hosts can see."""
     root = await storage.async_create_blank(disk_dir / f"{name}.qcow2", 64 * MiB)
     kw.setdefault("memory_mib", 64)
+    # VNC only where a test needs it: fewer ports to collide with other lab sessions on this machine
+    kw.setdefault("vnc", False)
     return DomainSpec(name=name, root_disk=root, serial_log=disk_dir / f"{name}.serial.log", **kw)
 
 
 def _guest_spec(img: GuestImage, disk_dir: Path, name: str, extra: str = "", **kw: Any) -> DomainSpec:
     """The lab's real Linux guest (answers ACPI)."""
     return DomainSpec(
-        name=name, kernel=img.kernel, initrd=img.initrd, cmdline=f"{img.cmdline} {extra}".strip(),
-        memory_mib=128, serial_log=disk_dir / f"{name}.serial.log", **kw,
+        name=name,
+        kernel=img.kernel,
+        initrd=img.initrd,
+        cmdline=f"{img.cmdline} {extra}".strip(),
+        memory_mib=128,
+        serial_log=disk_dir / f"{name}.serial.log",
+        **kw,
     )
 
 
@@ -55,7 +62,9 @@ async def _start(conn: HostConnection, spec: DomainSpec, rec: Recorder) -> None:
 async def _wait_for_text(path: Path, text: str, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while True:
-            content = await asyncio.to_thread(lambda: path.read_text(errors="replace") if path.exists() else "")
+            content = await asyncio.to_thread(
+                lambda: path.read_text(errors="replace") if path.exists() else ""
+            )
             if text in content:
                 return
             await asyncio.sleep(0.1)
@@ -124,7 +133,7 @@ async def test_console_info_reports_vnc_and_serial_pty_and_log(
     lab_conns: Conns, recorder: Recorder, disk_dir: Path
 ) -> None:
     c0, _ = lab_conns
-    spec = await _blank_spec(disk_dir, _name(), vnc_password="pa'ss<&>")
+    spec = await _blank_spec(disk_dir, _name(), vnc=True, vnc_password="pa'ss<&>")
     await _start(c0, spec, recorder)
     info = await c0.async_console_info(spec.name)
     assert info["running"] is True
@@ -209,7 +218,9 @@ async def test_frozen_host_is_detected_by_keepalive_and_never_blocks_the_loop(
     assert down.reason == "keepalive"
     assert detected_after < 7
     assert call_failed_after < 7
-    print(f"frozen host: call failed after {call_failed_after:.1f}s, disconnect seen after {detected_after:.1f}s")
+    print(
+        f"frozen host: call failed after {call_failed_after:.1f}s, disconnect seen after {detected_after:.1f}s"
+    )
 
 
 # --- migration ------------------------------------------------------------------------------------------
@@ -225,8 +236,15 @@ async def test_live_migration_reports_progress_and_runs_on_the_destination(
     async with LoopWatch() as watch:
         t0 = time.monotonic()
         # capped bandwidth: an OS-less guest otherwise migrates in well under a second here
-        await c0.async_migrate(spec.name, c1, lab.hosts[1].migrate_uri(), progress=progress.append,
-                               unsafe=True, bandwidth_mib_s=2, poll_interval=0.2)
+        await c0.async_migrate(
+            spec.name,
+            c1,
+            lab.hosts[1].migrate_uri(),
+            progress=progress.append,
+            unsafe=True,
+            bandwidth_mib_s=2,
+            poll_interval=0.2,
+        )
         took = time.monotonic() - t0
     assert watch.max_lag < 0.2
     assert await c1.async_domain_state(spec.name) == "running"
@@ -254,8 +272,15 @@ async def test_migration_fails_when_destination_dies_and_guest_keeps_running_on_
 
     async with LoopWatch() as watch:
         with pytest.raises(OperationFailed, match="migration of"):
-            await c0.async_migrate(spec.name, c1, lab.hosts[1].migrate_uri(), progress=on_progress,
-                                   unsafe=True, bandwidth_mib_s=2, poll_interval=0.2)
+            await c0.async_migrate(
+                spec.name,
+                c1,
+                lab.hosts[1].migrate_uri(),
+                progress=on_progress,
+                unsafe=True,
+                bandwidth_mib_s=2,
+                poll_interval=0.2,
+            )
     await asyncio.gather(*killer)
     assert killer, "migration ended before the first progress report"
     assert watch.max_lag < 0.2
@@ -300,7 +325,9 @@ async def test_memory_snapshot_of_a_running_guest_reverts_to_running(
         await c0.async_snapshot_create(spec.name, "s2", memory=True)
         snaps = await c0.async_snapshot_list(spec.name)
         assert [(s.name, s.state, s.memory, s.parent) for s in snaps] == [
-            ("s1", "running", True, None), ("s2", "running", True, "s1")]
+            ("s1", "running", True, None),
+            ("s2", "running", True, "s1"),
+        ]
         assert snaps[0].description == "first" and snaps[1].current
         # power it off: only RAM in the snapshot can bring it back *running*
         await c0.async_destroy(spec.name)

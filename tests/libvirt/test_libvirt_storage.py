@@ -21,7 +21,7 @@ async def test_overlay_on_template_records_backing_file(tmp_path: Path) -> None:
     assert watch.max_lag < 0.2
     assert info.format == "qcow2"
     assert info.virtual_size == 64 * MiB
-    assert info.backing_file == template.resolve()
+    assert info.backing_file == template
     assert info.backing_format == "qcow2"
 
 
@@ -53,9 +53,11 @@ async def test_info_of_missing_file_fails(tmp_path: Path) -> None:
         await storage.async_info(tmp_path / "missing.qcow2")
 
 
-async def test_bad_size_is_a_validation_error(tmp_path: Path) -> None:
+async def test_bad_size_or_relative_template_is_a_validation_error(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         await storage.async_create_blank(tmp_path / "b.qcow2", 0)
+    with pytest.raises(ValidationError):
+        await storage.async_create_overlay(Path("t.qcow2"), tmp_path / "r.qcow2")
 
 
 async def test_delete_tolerates_missing(tmp_path: Path) -> None:

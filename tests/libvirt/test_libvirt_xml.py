@@ -40,8 +40,12 @@ def test_memory_max_and_current_and_vcpu_max_and_current() -> None:
 
 def test_disks_iso_boot_order_and_buses(tmp_path: Path) -> None:
     spec = DomainSpec(
-        name="vm", root_disk=tmp_path / "root.qcow2", disk_bus="sata", iso=tmp_path / "i.iso",
-        boot_order=["cdrom", "hd"], disk_cache="none",
+        name="vm",
+        root_disk=tmp_path / "root.qcow2",
+        disk_bus="sata",
+        iso=tmp_path / "i.iso",
+        boot_order=["cdrom", "hd"],
+        disk_cache="none",
     )
     root = _parse(spec)
     disks = root.findall("devices/disk")
@@ -62,8 +66,13 @@ def test_empty_cdrom_drive_for_later_media_change() -> None:
 
 
 def test_direct_kernel_boot_and_serial_log(tmp_path: Path) -> None:
-    spec = DomainSpec(name="vm", kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd",
-                      cmdline="console=ttyS0 halt_after=3", serial_log=tmp_path / "serial.log")
+    spec = DomainSpec(
+        name="vm",
+        kernel=tmp_path / "vmlinuz",
+        initrd=tmp_path / "initrd",
+        cmdline="console=ttyS0 halt_after=3",
+        serial_log=tmp_path / "serial.log",
+    )
     root = _parse(spec)
     assert root.findtext("os/kernel") == str(tmp_path / "vmlinuz")
     assert root.findtext("os/initrd") == str(tmp_path / "initrd")
@@ -74,8 +83,7 @@ def test_direct_kernel_boot_and_serial_log(tmp_path: Path) -> None:
 
 def test_hostile_strings_are_escaped_not_interpreted() -> None:
     evil = "x'/><devices><disk type='file'><source file='/etc/shadow'/></disk></devices><a b=\"&amp;"
-    spec = DomainSpec(name="vm", description=evil, vnc_password="p'\"<&>", moldd_vm=evil,
-                      cmdline=None)
+    spec = DomainSpec(name="vm", description=evil, vnc_password="p'\"<&>", moldd_vm=evil, cmdline=None)
     xml = build_domain_xml(spec)
     root = ET.fromstring(xml)
     assert root.findtext("description") == evil

@@ -1,0 +1,237 @@
+"""HA on real libvirtd hosts and real QEMU guests: crashes, out-of-band stops, guest poweroff, host failure with
+fencing, frozen hosts that come back (no double start), failed fencing, crash loops, watcher supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from moldd.testing.harness import Client, running_daemon
+
+pytestmark = pytest.mark.libvirt
+
+
+def qemu_pid(lab: Any, host: str, domain: str) -> int:
+    h = next(h for h in lab.hosts if h.name == host)
+    pidfile = Path(h.dir) / "run" / "qemu" / f"{domain}.pid"
+    return int(pidfile.read_text().strip())
+
+
+def running_copies(lab: Any, domain: str) -> list[str]:
+    """On which hosts libvirt itself says the domain runs (skips hosts that don't answer)."""
+    where = []
+    for h in lab.hosts:
+        if h.is_frozen() or not h.is_running():
+            continue
+        conn = libvirt.open(h.uri)
+        try:
+            dom = conn.lookupByName(domain)
+            if dom.isActive():
+                where.append(h.name)
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
+    return where
+
+
+async def deploy_ha(client: Client, **extra: Any) -> dict[str, Any]:
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=True, **extra)
+    assert job["status"] == "succeeded", job
+    return await client.vm(job["vm"])
+
+
+async def wait_event(client: Client, vm: str, type: str, after: int = 0, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in await client.events(vm):
+            if ev["type"] == type and ev["position"] > after:
+                return ev
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no {type} for {vm} after position {after}")
+
+
+async def test_ha_vm_killed_is_restarted_on_same_host(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client)
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+    down = await wait_event(client, vm["name"], "libvirt.domain_event", after=pos)
+    assert down["payload"]["event"] == "STOPPED" and down["payload"]["detail"] == "FAILED"
+    started = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos)
+    assert started["payload"]["host"] == vm["host"]
+    assert started["payload"]["cause"] == "crashed"
+    after = await client.wait_vm(vm["name"], state="Running")
+    assert after["host"] == vm["host"]
+    assert running_copies(clean_lab, vm["internal_name"]) == [vm["host"]]
+    scheduled = await wait_event(client, vm["name"], "ha.restart.scheduled", after=pos)
+    assert scheduled["payload"]["trigger_position"] == down["position"]  # the decision names its cause
+
+
+async def test_ha_vm_destroyed_behind_our_back_is_restarted(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client)
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    conn = libvirt.open(next(h for h in clean_lab.hosts if h.name == vm["host"]).uri)
+    try:
+        conn.lookupByName(vm["internal_name"]).destroy()
+    finally:
+        conn.close()
+    ev = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos)
+    assert ev["payload"]["cause"] == "destroyed"
+    await client.wait_vm(vm["name"], state="Running")
+
+
+async def test_guest_poweroff_is_restarted_with_default_policy(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client, details={"kernel_args": "halt_after=3"})
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    ev = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos, timeout=40)
+    assert ev["payload"]["cause"] == "guest-shutdown"
+
+
+async def test_guest_poweroff_is_respected_with_on_failure_policy(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client, hapolicy="on-failure", details={"kernel_args": "halt_after=3"})
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    ev = await wait_event(client, vm["name"], "ha.not_restarted", after=pos, timeout=40)
+    assert ev["payload"]["cause"] == "guest-shutdown"
+    await asyncio.sleep(1.0)
+    assert (await client.vm(vm["name"]))["state"] == "Stopped"
+    assert running_copies(clean_lab, vm["internal_name"]) == []
+
+
+async def test_stop_through_moldd_is_never_undone(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client)
+    await client.job("stopVirtualMachine", id=vm["name"], forced=True)
+    await asyncio.sleep(2.0)
+    assert (await client.vm(vm["name"]))["state"] == "Stopped"
+    assert not [e for e in await client.events(vm["name"]) if e["type"].startswith("ha.")]
+    assert running_copies(clean_lab, vm["internal_name"]) == []
+
+
+async def test_ha_disabled_vm_stays_down(client: Client, clean_lab: Any) -> None:
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=False)
+    vm = await client.vm(job["vm"])
+    os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+    stopped = await client.wait_vm(vm["name"], state="Stopped")
+    assert stopped["stop_cause"] == "crashed"
+    await asyncio.sleep(1.5)
+    assert (await client.vm(vm["name"]))["state"] == "Stopped"
+    assert not [e for e in await client.events(vm["name"]) if e["type"].startswith("ha.")]
+
+
+async def test_crash_loop_backs_off_then_gives_up(make_config: Any, clean_lab: Any) -> None:
+    config = make_config(ha={"max_restarts": 3, "backoff_base_s": 0.3, "backoff_cap_s": 2.0, "window_s": 120})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, details={"kernel_args": "halt_after=1"})
+        await client.wait_vm(vm["name"], timeout=90, state="Error")
+        events = await client.events(vm["name"])
+        delays = [e["payload"]["delay_s"] for e in events if e["type"] == "ha.restart.scheduled"]
+        assert delays == sorted(delays) and delays[0] == 0 and delays[-1] > delays[1] > 0
+        gave_up = [e for e in events if e["type"] == "ha.gave_up"]
+        assert len(gave_up) == 1 and "restarts" in gave_up[0]["payload"]["reason"]
+        # Error is final for HA: nothing more happens
+        n = len(events)
+        await asyncio.sleep(2.5)
+        assert len(await client.events(vm["name"])) == n
+
+
+async def test_host_killed_vms_restart_elsewhere_after_fencing(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client, host="host0")
+    other = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=False, host="host0")
+    t0 = time.monotonic()
+    clean_lab.hosts[0].kill()
+    moved = await client.wait_vm(vm["name"], timeout=40, state="Running", host="host1")
+    elapsed = time.monotonic() - t0
+    hosts = (await client.call("listHosts"))["result"]["host"]
+    assert next(h for h in hosts if h["name"] == "host0")["health"] == "Fenced"
+    health = [e["payload"]["to"] for e in await client.events_of_stream("host-host0") if e["type"] == "host.health"]
+    assert health[:4] == ["Suspect", "Down", "Fencing", "Fenced"]
+    assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
+    not_ha = await client.vm(other["vm"])
+    assert not_ha["state"] == "Stopped" and not_ha["stop_cause"] == "host-failed"
+    assert moved["host"] == "host1" and elapsed < 30
+
+
+async def test_frozen_host_is_fenced_and_no_double_start_after_it_returns(client: Client, clean_lab: Any) -> None:
+    vm = await deploy_ha(client, host="host0")
+    clean_lab.hosts[0].freeze()
+    await client.wait_vm(vm["name"], timeout=40, state="Running", host="host1")
+    clean_lab.hosts[0].thaw()
+    await client.wait_host(  # it comes back
+        "host0", timeout=30, health="Up", link="connected"
+    )
+    await asyncio.sleep(1.0)
+    assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
+    assert (await client.vm(vm["name"]))["host"] == "host1"
+
+
+async def test_failed_fencing_starts_nothing_elsewhere(make_config: Any, clean_lab: Any) -> None:
+    config = make_config(ha={"fence_command": ["false"], "fence_timeout_s": 2.0})
+    # per-host fence commands of the lab would win over [ha].fence_command: drop them for this test
+    text = config.path.read_text().replace("fence_command = [\"python3\"", "# fence_command = [\"python3\"")
+    config.path.write_text(text)
+    from moldd.config import load_config
+
+    config = load_config(config.path)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, host="host0")
+        clean_lab.hosts[0].freeze()
+        await client.wait_host("host0", timeout=40, health="FenceFailed")
+        await asyncio.sleep(1.0)
+        assert running_copies(clean_lab, vm["internal_name"]) == []  # host0 frozen: not listed; nothing on host1
+        assert (await client.vm(vm["name"]))["host"] == "host0"
+        clean_lab.hosts[0].thaw()
+        await client.wait_host("host0", timeout=30, health="Up", link="connected")
+        await asyncio.sleep(1.0)
+        assert running_copies(clean_lab, vm["internal_name"]) == ["host0"]
+        assert (await client.vm(vm["name"]))["state"] == "Running"
+
+
+async def test_vm_that_died_while_daemon_was_down_is_restarted(config: Any, clean_lab: Any) -> None:
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client)
+    os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        after = await client.wait_vm(vm["name"], timeout=20, state="Running")
+        kinds = [e["type"] for e in await client.events(vm["name"])]
+        assert "vm.reconciled" in kinds and "ha.restart.succeeded" in kinds
+        assert after["host"] == vm["host"]
+
+
+async def test_crashed_watcher_is_restarted_and_recorded(daemon: Any, client: Client) -> None:
+    ha = daemon.ha
+    original = ha._async_vm_watcher
+    calls = {"n": 0}
+
+    async def flaky() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        await original()
+
+    ha._async_vm_watcher = flaky
+    ha.supervised["vm-watcher"].cancel()
+    ha._supervise("vm-watcher", ha._async_vm_watcher)
+    deadline = time.monotonic() + 5
+    while calls["n"] < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert calls["n"] == 2 and ha.healthy()
+    events = (await client.call("listEvents", stream="daemon"))["result"]["event"]
+    assert [e for e in events if e["type"] == "ha.watcher_restarted" and "boom" in e["payload"]["error"]]
+    health = (await client.call("listHosts"))  # the daemon still answers
+    assert health["ok"]
+
+
+async def test_health_turns_bad_when_ha_watcher_is_dead(daemon: Any) -> None:
+    assert daemon.app.health()["ok"]
+    for task in daemon.ha.supervised.values():
+        task.cancel()
+    await asyncio.sleep(0.05)
+    report = daemon.app.health()
+    assert report["ok"] is False and report["checks"]["ha"] is False
