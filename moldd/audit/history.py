@@ -163,9 +163,13 @@ def vm_history(db: str | Path, vm: str) -> History:
                 continue
             before = model.vms.get(name)
             sb, pb, hb = (before.state, before.power_state, before.host) if before else (None, None, None)
+            cause_before = (before.stop_cause, before.down_at) if before else (None, None)
             model.apply(ev)
             after = model.vms.get(name)
             sa, pa, ha = (after.state, after.power_state, after.host) if after else (None, None, None)
+            cause = _cause(ev)
+            if cause is None and after is not None and (after.stop_cause, after.down_at) != cause_before:
+                cause = after.stop_cause  # the fold's verdict on why it went down (crashed, destroyed, ...)
             uid, user = parse_actor(ev.actor)
             kind = _kind(ev.event_type)
             host = ev.payload.get("host") if isinstance(ev.payload.get("host"), str) else ha
@@ -189,7 +193,7 @@ def vm_history(db: str | Path, vm: str) -> History:
                     power_after=pa,
                     host_before=hb,
                     host_after=ha,
-                    cause=_cause(ev),
+                    cause=cause,
                     summary=_summary(ev, kind),
                     payload=ev.payload,
                 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -40,6 +41,8 @@ T = TypeVar("T")
 
 _LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 _CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+_TRAY_NOT_OPEN = re.compile(r"Tray of .*is not open")
 
 JOB_TYPES = {
     libvirt.VIR_DOMAIN_JOB_NONE: "none",
@@ -581,7 +584,8 @@ class HostConnection:
         if self._stopping:
             return
         if gen != self._generation or self._conn is None:
-            if gen > 0:
+            if gen == self._generation and self._conn is None:
+                # closed while still being adopted by _async_connect: do not adopt a dead connection
                 self._closed_generations.add(gen)
             return
         conn, cb_id, self._conn, self._cb_id = self._conn, self._cb_id, None, None
@@ -731,14 +735,15 @@ class HostConnection:
     async def async_attach_cdrom(self, name: str, iso_path: Path | str | None, target: str = "hdc") -> None:
         """Insert (or with None, eject) cdrom media: live if running, and in the persistent config."""
         iso = None if iso_path is None else str(iso_path)
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 await self._call(_change_cdrom, name, iso, target, what=f"change cdrom of {name}")
                 return
             except OperationFailed as exc:
-                # Seen here once on a just-started guest: QEMU opens the tray asynchronously and refuses
-                # the insert ("Tray of the device is not open"); a second try finds it open.
-                if "Tray of the device is not open" not in exc.message or attempt == 2:
+                # Seen here on just-started OS-less guests (1 run in 3): the firmware still probes the
+                # drive and QEMU refuses "blockdev-insert-medium"/"blockdev-remove-medium" with "Tray of
+                # (the) device ... is not open"; a retry a moment later succeeds.
+                if not _TRAY_NOT_OPEN.search(exc.message) or attempt == 4:
                     raise
                 await asyncio.sleep(0.5)
 

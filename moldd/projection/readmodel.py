@@ -528,6 +528,9 @@ def _migrate_failed(model: ReadModel, ev: EventLike) -> None:
     if vm is not None:
         _fail_back(vm, ev)
         vm.host = ev.payload.get("host", vm.host)
+        if ev.payload.get("state"):  # what libvirt showed on the source after the failure
+            vm.state = ev.payload["state"]
+            vm.power_state = "on" if vm.state == S.RUNNING else "off"
 
 
 @on("vm.restored")
@@ -541,7 +544,7 @@ def _restored(model: ReadModel, ev: EventLike) -> None:
 
 
 @on("vm.iso.attached", "vm.iso.detached")
-def _iso(model: ReadModel, ev: EventLike) -> None:
+def _iso_changed(model: ReadModel, ev: EventLike) -> None:
     vm = _vm(model, ev)
     if vm is not None:
         vm.iso = ev.payload.get("iso") if ev.event_type == "vm.iso.attached" else None

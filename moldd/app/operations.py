@@ -1,0 +1,716 @@
+"""VM management beyond the lifecycle (CloudStack/Mold API names): edit, change offering, hot scale, resize the
+root disk, migrate, reinstall, advanced settings, console, ISO attach/detach, and the capacity warning.
+
+Handlers follow the lifecycle pattern: parse args (field errors) → lock the VM → domain check → append the
+first event (the acknowledgement) → job → outcome event with ``job_status``. Jobs that work on a VM whose
+state does not change meanwhile (resize of a stopped disk, ISO, reinstall, scale) keep the VM's lock until they
+end, so a start or stop sent meanwhile waits and then re-checks, instead of racing the disk or the domain."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import weakref
+import xml.etree.ElementTree as ET
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from events import ANY_VERSION, NewEvent
+from moldd.app.args import Args
+from moldd.app.bus import CommandReply
+from moldd.app.lifecycle import async_power_off, async_start_on, hostname_taken
+from moldd.app.placement import capacities, host_loads
+from moldd.app.service import _REGISTRY, App, Command, verb
+from moldd.app.specs import console_log_path, domain_spec, root_disk_path
+from moldd.domain.capacity import low_headroom
+from moldd.domain.errors import CapacityError, Conflict, InvalidState, MolddError, NotFound, ValidationError
+from moldd.domain.ha import parse_policy
+from moldd.domain.names import validate_display_name, validate_group_name, validate_hostname
+from moldd.domain.scaling import check_resize, check_scale
+from moldd.domain.settings import validate_details
+from moldd.domain.states import Action, VMState, check
+from moldd.libvirt import storage
+from moldd.libvirt.xml import build_domain_xml
+from moldd.projection.model import VM
+
+log = structlog.get_logger("moldd.operations")
+GIB = 1024**3
+VM_ALIASES = {"virtualmachineid": "id", "vm": "id", "name": "id"}
+OFFERING_ALIASES = {"serviceofferingid": "offering", "serviceoffering": "offering"}
+
+
+def err(exc: MolddError) -> dict[str, Any]:
+    return exc.to_dict()
+
+
+# -- shared helpers --------------------------------------------------------------------------------------
+async def async_claim(app: App, name: str) -> asyncio.Lock:
+    """Take the VM's lock; hand it to :func:`spawn_locked` (or release it if the command is refused)."""
+    lock = app.locks[name]
+    await lock.acquire()
+    return lock
+
+
+def spawn_locked(app: App, cmd: Command, name: str, lock: asyncio.Lock, coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` as the command's job; the VM's lock is released when it ends."""
+
+    async def run() -> None:
+        try:
+            await coro
+        finally:
+            lock.release()
+
+    app.spawn_job(cmd.id, name, run())
+
+
+def state_of(vm: VM) -> VMState:
+    return VMState(vm.state)
+
+
+def offering_named(app: App, name: str) -> dict[str, Any]:
+    offering = app.config.offering(name)
+    if offering is None:
+        known = ", ".join(o.name for o in app.config.offerings)
+        raise NotFound(f"no service offering {name!r} (known: {known})", field="offering")
+    return dataclasses.asdict(offering)
+
+
+async def async_define_stopped(app: App, vm: VM) -> Any:
+    """(Re)define a VM that is not running on its host from its current record, so operations that need the
+    libvirt domain (cdrom, snapshots) find it with the current disk; returns the host connection."""
+    conn = app.hosts.conn(vm.host)
+    if await conn.async_domain_state(vm.internal_name) not in ("running", "paused", "blocked"):
+        await conn.async_define(build_domain_xml(domain_spec(app.config, vm)))
+    return conn
+
+
+def disk_target(xml: str, *, device: str, source: str | None = None) -> str:
+    """The target dev (``vda``, ``hdc``) of the domain's disk of kind ``device`` (and file ``source``)."""
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        if disk.get("device") != device:
+            continue
+        src, tgt = disk.find("source"), disk.find("target")
+        if source is not None and (src is None or src.get("file") != source):
+            continue
+        if tgt is not None and tgt.get("dev"):
+            return str(tgt.get("dev"))
+    raise NotFound(f"the domain has no {device} {source or ''}".strip(), field="id")
+
+
+def live_maxima(xml: str) -> tuple[int, int]:
+    """(max vCPUs, max memory MiB) a running domain was started with."""
+    root = ET.fromstring(xml)
+    vcpu, mem = root.find("vcpu"), root.find("memory")
+    assert vcpu is not None and mem is not None and vcpu.text and mem.text
+    unit = {"KiB": 1024, "MiB": 1024**2, "GiB": GIB, "b": 1, "bytes": 1}.get(mem.get("unit", "KiB"), 1024)
+    return int(vcpu.text), int(mem.text) * unit // (1024**2)
+
+
+# -- edit basic info and advanced settings ----------------------------------------------------------------
+EDIT_ARGS = {
+    "id", "name", "vmname", "displayname", "hostname", "group", "ha", "hapolicy", "hapriority", "ostype",
+    "description", "details",
+}  # fmt: skip
+EDIT_ALIASES = {
+    "virtualmachineid": "id", "vm": "id", "haenable": "ha", "groupid": "group", "ostypeid": "ostype",
+    "displayName": "displayname",
+}  # fmt: skip
+
+
+def settings_event(vm: VM, details: dict[str, Any], cmd: Command) -> NewEvent | None:
+    changes = validate_details(details)
+    merged = dict(vm.details)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    if merged == vm.details:
+        return None
+    return NewEvent(
+        "vm.settings.changed",
+        {"changes": changes, "details": merged},
+        actor=str(cmd.actor),
+        causation_id=cmd.id,
+        correlation_id=cmd.id,
+    )
+
+
+@verb("updateVirtualMachine")
+async def update_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
+    if "vmname" in a:
+        raise ValidationError(
+            "the VM name (ID) is immutable; change displayname or hostname instead", field="name"
+        )
+    key = a.raw("id") if "id" in a else a.raw("name")
+    vm = app.get_vm({"id": key})
+    if "id" in a and "name" in a and a.raw("name") != vm.name:
+        raise ValidationError(
+            f"the VM name {vm.name!r} is immutable (asked to rename it to {a.raw('name')!r}); "
+            "change displayname or hostname instead",
+            field="name",
+        )
+    changes: dict[str, Any] = {}
+    if "displayname" in a:
+        changes["display_name"] = validate_display_name(a.raw("displayname"))
+    hostname = validate_hostname(a.raw("hostname")) if "hostname" in a else None
+    if "group" in a:
+        group = a.raw("group")
+        if group in (None, ""):
+            changes["group"] = None
+        else:
+            changes["group"] = validate_group_name(group)
+            if group not in app.model.groups:
+                raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
+    if "ha" in a:
+        changes["ha_enabled"] = a.boolean("ha")
+    if "hapolicy" in a:
+        changes["ha_policy"] = str(parse_policy(a.raw("hapolicy")))
+    if "hapriority" in a:
+        changes["ha_priority"] = a.integer("hapriority", min=0, max=100)
+    if "ostype" in a:
+        changes["os_type"] = a.text("ostype", max_len=64)
+    if "description" in a:
+        description = a.raw("description")
+        if not isinstance(description, str) or len(description) > 1024:
+            raise ValidationError("description must be text of at most 1024 characters", field="description")
+        changes["description"] = description
+    details = a.mapping("details") if "details" in a else None
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        if changes or hostname is not None:
+            check(state_of(vm), Action.EDIT)
+        if details is not None:
+            check(state_of(vm), Action.SETTINGS)
+        async with app.placement_lock:  # hostnames are unique: check and record under one lock
+            if hostname is not None:
+                if hostname_taken(app, hostname, except_vm=vm.name):
+                    raise Conflict(f"hostname {hostname!r} is already used by another VM", field="hostname")
+                changes["hostname"] = hostname
+            changed = {k: v for k, v in changes.items() if getattr(vm, k) != v}
+            events = []
+            if changed:
+                events.append(
+                    NewEvent(
+                        "vm.updated",
+                        {"changes": changed},
+                        actor=str(cmd.actor),
+                        causation_id=cmd.id,
+                        correlation_id=cmd.id,
+                    )
+                )
+            settings = settings_event(vm, details, cmd) if details is not None else None
+            if settings is not None:
+                events.append(settings)
+            if not events:
+                return CommandReply(result={"vm": vm.to_dict(), "changed": {}}, position=app.model.position)
+            res = await app.async_append(
+                f"vm-{vm.name}", events, expected_version=vm.version, command_id=cmd.id
+            )
+    log.info("vm_updated", vm=vm.name, changed=sorted(changed), settings=settings is not None)
+    result = {"vm": app.model.vms[vm.name].to_dict(), "changed": changed}
+    if settings is not None:
+        result["details_changed"] = settings.payload["changes"]
+    return CommandReply(result=result, position=res.last_position)
+
+
+@verb("updateVirtualMachineSettings")
+async def update_settings(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "details"}, VM_ALIASES)
+    vm = app.get_vm({"id": a.raw("id")})
+    details = a.mapping("details")
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.SETTINGS)
+        ev = settings_event(vm, details, cmd)
+        if ev is None:
+            return CommandReply(result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position)
+        res = await app.async_append(f"vm-{vm.name}", [ev], expected_version=vm.version, command_id=cmd.id)
+    return CommandReply(
+        result={"vm": app.model.vms[vm.name].to_dict(), "details_changed": ev.payload["changes"]},
+        position=res.last_position,
+    )
+
+
+# -- change service offering (stopped) and hot scale-up (running) --------------------------------------
+@verb("changeServiceForVirtualMachine")
+async def change_offering(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "offering"}, VM_ALIASES | OFFERING_ALIASES)
+    vm = app.get_vm({"id": a.raw("id")})
+    new = offering_named(app, a.text("offering"))
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.CHANGE_OFFERING)
+        if vm.offering.get("name") == new["name"]:
+            raise ValidationError(f"the VM already uses offering {new['name']!r}", field="offering")
+        res = await app.async_record(
+            vm,
+            "vm.offering.changed",
+            {"offering": new, "previous": vm.offering, "applies": "at next start"},
+            cmd=cmd,
+            first=True,
+        )
+    return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
+
+
+@verb("scaleVirtualMachine")
+async def scale_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "offering"}, VM_ALIASES | OFFERING_ALIASES)
+    vm = app.get_vm({"id": a.raw("id")})
+    new = offering_named(app, a.text("offering"))
+    lock = await async_claim(app, vm.name)
+    try:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.SCALE)
+        conn = app.hosts.conn(vm.host)
+        max_vcpus, max_mem = live_maxima(await conn.async_get_xml(vm.internal_name))
+        plan = check_scale(vm.offering, new, max_vcpus=max_vcpus, max_memory_mib=max_mem)
+        res = await app.async_record(
+            vm,
+            "vm.scale.requested",
+            {"offering": new["name"], "vcpus": plan.vcpus, "memory_mib": plan.memory_mib,
+             "max_vcpus": max_vcpus, "max_memory_mib": max_mem},
+            cmd=cmd,
+            first=True,
+        )  # fmt: skip
+    except BaseException:
+        lock.release()
+        raise
+    spawn_locked(app, cmd, vm.name, lock, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_scale_job(
+    app: App, name: str, new: dict[str, Any], vcpus: int | None, memory_mib: int | None, cmd: Command
+) -> None:
+    vm = app.model.vms[name]
+    applied: dict[str, Any] = {}
+    try:
+        conn = app.hosts.conn(vm.host)
+        if vcpus is not None:
+            await conn.async_set_vcpus(vm.internal_name, vcpus)  # vCPU hot-plug, live and in the config
+            applied["vcpus"] = vcpus
+        if memory_mib is not None:
+            # No DIMM hot-plug: the domain was started with <memory> = the offering's maximum, and this moves
+            # the virtio-balloon target up to it. A guest without a balloon driver sees the maximum all along.
+            await conn.async_set_memory(vm.internal_name, memory_mib)
+            applied["memory_mib"] = memory_mib
+    except MolddError as exc:
+        await app.async_record(
+            name, "vm.scale.failed", {"error": err(exc), "applied": applied, "job_status": "failed"}, cmd=cmd
+        )
+        return
+    await app.async_record(
+        name,
+        "vm.scaled",
+        {"offering": new, "applied": applied, "memory_method": "balloon" if memory_mib else None,
+         "job_status": "succeeded", "result": {"offering": new["name"], **applied}},
+        cmd=cmd,
+    )  # fmt: skip
+
+
+# -- resize the root disk --------------------------------------------------------------------------------
+@verb("resizeVolume")
+async def resize_volume(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "size", "shrinkok"}, VM_ALIASES)
+    vm = app.get_vm({"id": a.raw("id")})
+    size = a.integer("size", min=1, max=4096)
+    shrink_ok = a.boolean("shrinkok", False)
+    lock = await async_claim(app, vm.name)
+    try:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.RESIZE)
+        current = float(vm.root_disk.get("size_gb") or 0)
+        shrink = check_resize(current, size, shrink_ok=shrink_ok, snapshots=len(vm.snapshots))
+        if shrink:
+            check(state_of(vm), Action.SHRINK)
+        if not vm.root_disk.get("path"):
+            raise InvalidState("the VM has no root disk yet", field="id")
+        res = await app.async_record(
+            vm,
+            "vm.volume.resize.requested",
+            {"old_size_gb": current, "new_size_gb": size, "shrink": shrink},
+            cmd=cmd,
+            first=True,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    spawn_locked(app, cmd, vm.name, lock, _async_resize_job(app, vm.name, size, shrink, current, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_resize_job(app: App, name: str, size_gb: int, shrink: bool, old: float, cmd: Command) -> None:
+    vm = app.model.vms[name]
+    path = Path(vm.root_disk["path"])
+    live = vm.state == VMState.RUNNING
+    try:
+        if live:
+            conn = app.hosts.conn(vm.host)
+            target = disk_target(await conn.async_get_xml(vm.internal_name), device="disk", source=str(path))
+            await conn.async_block_resize(vm.internal_name, target, size_gb * GIB)  # QEMU block_resize
+        else:
+            await storage.async_resize(path, size_gb * GIB, shrink=shrink)  # qemu-img resize
+        info = await storage.async_info(path)
+    except MolddError as exc:
+        await app.async_record(
+            name, "vm.volume.resize.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd
+        )
+        return
+    new = round(info.virtual_size / GIB, 3)
+    await app.async_record(
+        name,
+        "vm.volume.resized",
+        {"old_size_gb": old, "new_size_gb": new, "live": live, "job_status": "succeeded",
+         "result": {"size_gb": new}},
+        cmd=cmd,
+    )  # fmt: skip
+
+
+# -- migrate ---------------------------------------------------------------------------------------------
+# Destinations of migrations this process is running, so two at once cannot take a host's last slot.
+_IN_FLIGHT: weakref.WeakKeyDictionary[App, dict[str, str]] = weakref.WeakKeyDictionary()
+PROGRESS_EVERY_S = 1.0
+
+
+@verb("migrateVirtualMachine")
+async def migrate_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
+    vm = app.get_vm({"id": a.raw("id")})
+    dest_name = a.text("host")
+    dest = app.config.host(dest_name)
+    if dest is None:
+        raise NotFound(f"no host {dest_name!r}", field="host")
+    in_flight = _IN_FLIGHT.setdefault(app, {})
+    async with app.locks[vm.name]:
+        vm = app.model.vms[vm.name]
+        state = state_of(vm)
+        live = state is VMState.RUNNING
+        check(state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE)
+        if dest.name == vm.host:
+            raise ValidationError(f"the VM is already on host {dest.name!r}", field="host")
+        if vm.cluster is not None and dest.cluster != vm.cluster:
+            raise ValidationError(
+                f"host {dest.name!r} is in cluster {dest.cluster!r} and the VM in {vm.cluster!r}: "
+                "a VM migrates only within its cluster",
+                field="host",
+            )
+        if vm.snapshots:
+            raise InvalidState(
+                f"the VM has {len(vm.snapshots)} VM snapshot(s), which libvirt cannot move with it: "
+                "delete them first",
+                field="id",
+            )
+        async with app.placement_lock:
+            load = next(h for h in host_loads(app.config, app.model, ignore_vm=vm.name) if h.name == dest.name)
+            if not load.up:
+                raise CapacityError(f"host {dest.name!r} is not up", field="host")
+            pending = sum(1 for v, h in in_flight.items() if h == dest.name and v != vm.name)
+            if load.vms + pending >= load.max_vms:
+                raise CapacityError(
+                    f"host {dest.name!r} is full: {load.vms + pending} of {load.max_vms} VMs", field="host"
+                )
+            if live:
+                app.hosts.conn(dest.name)  # Unavailable unless connected
+                app.hosts.conn(vm.host)
+            res = await app.async_record(
+                vm,
+                "vm.migrate.requested",
+                {"from": vm.host, "host": dest.name, "cluster": dest.cluster, "live": live},
+                cmd=cmd,
+                first=True,
+            )
+            in_flight[vm.name] = dest.name
+    job = _async_live_migrate(app, vm.name, dest.name, cmd) if live else _async_move(app, vm.name, dest.name, cmd)
+
+    async def run() -> None:
+        try:
+            await job
+        finally:
+            in_flight.pop(vm.name, None)
+
+    app.spawn_job(cmd.id, vm.name, run())
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_live_migrate(app: App, name: str, dest: str, cmd: Command) -> None:
+    vm = app.model.vms[name]
+    source = vm.host
+    assert source is not None
+    loop = asyncio.get_running_loop()
+    records: list[asyncio.Future[Any]] = []
+    last = [-PROGRESS_EVERY_S]
+
+    def on_progress(progress: dict[str, Any]) -> None:
+        now = loop.time()
+        if progress.get("type") != "completed" and now - last[0] < PROGRESS_EVERY_S:
+            return  # at most one progress event a second
+        last[0] = now
+        records.append(
+            asyncio.ensure_future(app.async_record(name, "vm.migrate.progress", {"progress": progress}, cmd=cmd))
+        )
+
+    try:
+        src, dst = app.hosts.conn(source), app.hosts.conn(dest)
+        uri = (app.config.host(dest) or app.config.hosts[0]).migration_uri
+        # unsafe: the disks are files on storage every host of the cluster sees at the same path; libvirt
+        # cannot prove that for a local file system and would refuse otherwise.
+        await src.async_migrate(vm.internal_name, dst, uri, progress=on_progress, unsafe=True, timeout=600.0)
+    except MolddError as exc:
+        await asyncio.gather(*records, return_exceptions=True)
+        domain_state = None
+        try:
+            domain_state = await app.hosts.conn(source).async_domain_state(vm.internal_name)
+        except MolddError:
+            pass
+        state = "Running" if domain_state in ("running", "paused", "blocked") else None
+        await app.async_record(
+            name,
+            "vm.migrate.failed",
+            {"host": source, "to": dest, "domain_state": domain_state, "state": state, "error": err(exc),
+             "job_status": "failed"},
+            cmd=cmd,
+        )  # fmt: skip
+        return
+    await asyncio.gather(*records, return_exceptions=True)
+    await app.async_record(
+        name,
+        "vm.migrated",
+        {"host": dest, "from": source, "live": True, "job_status": "succeeded", "result": {"host": dest}},
+        cmd=cmd,
+    )
+
+
+async def _async_move(app: App, name: str, dest: str, cmd: Command) -> None:
+    """Offline move of a stopped VM: forget it on the old host; the next start defines it on the new one."""
+    vm = app.model.vms[name]
+    undefined: bool | None = None
+    if vm.host is not None and app.hosts.is_connected(vm.host):
+        try:
+            await app.hosts.conn(vm.host).async_undefine(vm.internal_name)
+            undefined = True
+        except MolddError as exc:
+            log.warning("move_undefine_failed", vm=name, host=vm.host, reason=exc.message)
+            undefined = False
+    await app.async_record(
+        name,
+        "vm.migrated",
+        {"host": dest, "from": vm.host, "offline": True, "undefined_on_source": undefined,
+         "job_status": "succeeded", "result": {"host": dest}},
+        cmd=cmd,
+    )  # fmt: skip
+
+
+# -- reinstall / change OS -------------------------------------------------------------------------------
+@verb("restoreVirtualMachine")
+async def restore_vm(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "template"}, VM_ALIASES | {"templateid": "template"})
+    vm = app.get_vm({"id": a.raw("id")})
+    lock = await async_claim(app, vm.name)
+    try:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.RESTORE)
+        if vm.snapshots:
+            raise InvalidState(
+                f"cannot reinstall a VM that has {len(vm.snapshots)} VM snapshot(s): delete them first",
+                field="id",
+            )
+        template_name = a.text("template", None) or vm.template
+        if template_name is None:
+            raise ValidationError(
+                "the VM was created from an ISO and has no template: give the template to install", field="template"
+            )
+        if app.config.template(template_name) is None:
+            raise NotFound(f"no template {template_name!r}", field="template")
+        running = vm.state == VMState.RUNNING
+        res = await app.async_record(
+            vm,
+            "vm.restore.requested",
+            {"template": template_name, "previous_template": vm.template, "restart": running},
+            cmd=cmd,
+            first=True,
+        )
+    except BaseException:
+        lock.release()
+        raise
+    spawn_locked(app, cmd, vm.name, lock, _async_restore_job(app, vm.name, template_name, running, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+def _next_root(app: App, vm: VM) -> Path:
+    stem = Path(vm.root_disk.get("path") or "root.qcow2").stem  # root, root-1, root-2 ...
+    generation = int(stem.rsplit("-", 1)[1]) + 1 if "-" in stem and stem.rsplit("-", 1)[1].isdigit() else 1
+    return root_disk_path(app.config, vm.name, generation)
+
+
+async def _async_restore_job(app: App, name: str, template_name: str, running: bool, cmd: Command) -> None:
+    template = app.config.template(template_name)
+    assert template is not None
+    vm = app.model.vms[name]
+    old = Path(vm.root_disk["path"]) if vm.root_disk.get("path") else None
+    new = _next_root(app, vm)
+    try:
+        if running:
+            await app.async_record(name, "vm.stop.requested", {"forced": True, "host": vm.host, "for": "restore"}, cmd=cmd)
+            how = await async_power_off(app, vm, forced=True)
+            await app.async_record(name, "vm.stopped", {**how, "for": "restore"}, cmd=cmd)
+        size = (await storage.async_info(template.image)).virtual_size
+        if old is not None and old.exists():
+            size = max(size, (await storage.async_info(old)).virtual_size)
+        new.parent.mkdir(parents=True, exist_ok=True)
+        await storage.async_create_overlay(template.image, new, size)
+        info = await storage.async_info(new)
+    except MolddError as exc:
+        await storage.async_delete(new)
+        await app.async_record(name, "vm.restore.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd)
+        return
+    root = {"path": str(new), "size_gb": round(info.virtual_size / GIB, 3)}
+    done = {} if running else {"job_status": "succeeded", "result": {"root_disk": root}}
+    await app.async_record(
+        name,
+        "vm.restored",
+        {"template": template_name, "root_disk": root, "os_type": template.os_type,
+         "previous_root_disk": str(old) if old else None, **done},
+        cmd=cmd,
+    )  # fmt: skip
+    if old is not None and old != new:
+        await storage.async_delete(old)
+    vm = app.model.vms[name]
+    if running:
+        assert vm.host is not None
+        await app.async_record(name, "vm.start.requested", {"host": vm.host, "cluster": vm.cluster}, cmd=cmd)
+        await async_start_on(app, name, vm.host, cmd=cmd)
+    elif vm.host is not None and app.hosts.is_connected(vm.host):
+        try:  # the old definition points at the deleted disk
+            await async_define_stopped(app, vm)
+        except MolddError as exc:
+            log.warning("restore_redefine_failed", vm=name, reason=exc.message)
+
+
+# -- console ---------------------------------------------------------------------------------------------
+@verb("getVirtualMachineConsole")
+async def console(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id"}, VM_ALIASES)
+    vm = app.get_vm({"id": a.raw("id")})
+    check(state_of(vm), Action.CONSOLE)
+    info = await app.hosts.conn(vm.host).async_console_info(vm.internal_name)
+    vnc = info.get("vnc")
+    serial = info.get("serial") or {}
+    result = {
+        "vm": vm.name,
+        "host": vm.host,
+        "vnc": None
+        if vnc is None
+        else {"host": vnc.get("listen") or "127.0.0.1", "port": vnc.get("port"), "password": vnc.get("password")},
+        "serial": {
+            "pty": serial.get("pty"),
+            "log": serial.get("log") or str(console_log_path(app.config, vm.name)),
+        },
+    }
+    return CommandReply(result=result, position=app.model.position)
+
+
+# -- ISO attach / detach ---------------------------------------------------------------------------------
+@verb("attachIso")
+async def attach_iso(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id", "iso"}, VM_ALIASES | {"isoid": "iso"})
+    vm = app.get_vm({"id": a.raw("id")})
+    iso_name = a.text("iso")
+    iso = app.config.iso(iso_name)
+    if iso is None:
+        raise NotFound(f"no ISO {iso_name!r}", field="iso")
+    lock = await async_claim(app, vm.name)
+    try:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.ATTACH_ISO)
+        if vm.iso is not None:
+            raise Conflict(f"the VM already has ISO {vm.iso!r} attached: detach it first", field="iso")
+        res = await app.async_record(vm, "vm.iso.attach.requested", {"iso": iso_name}, cmd=cmd, first=True)
+    except BaseException:
+        lock.release()
+        raise
+    spawn_locked(app, cmd, vm.name, lock, _async_cdrom_job(app, vm.name, iso_name, iso.path, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+@verb("detachIso")
+async def detach_iso(app: App, cmd: Command) -> CommandReply:
+    a = Args(cmd.args, {"id"}, VM_ALIASES)
+    vm = app.get_vm({"id": a.raw("id")})
+    lock = await async_claim(app, vm.name)
+    try:
+        vm = app.model.vms[vm.name]
+        check(state_of(vm), Action.DETACH_ISO)
+        if vm.iso is None:
+            raise InvalidState("the VM has no ISO attached", field="iso")
+        res = await app.async_record(vm, "vm.iso.detach.requested", {"iso": vm.iso}, cmd=cmd, first=True)
+    except BaseException:
+        lock.release()
+        raise
+    spawn_locked(app, cmd, vm.name, lock, _async_cdrom_job(app, vm.name, None, None, cmd))
+    return app.job_reply(cmd.id, vm, res.last_position)
+
+
+async def _async_cdrom_job(app: App, name: str, iso_name: str | None, path: Path | None, cmd: Command) -> None:
+    vm = app.model.vms[name]
+    live = vm.state == VMState.RUNNING
+    try:
+        conn = app.hosts.conn(vm.host) if live else await async_define_stopped(app, vm)
+        target = disk_target(await conn.async_get_xml(vm.internal_name), device="cdrom")
+        await conn.async_attach_cdrom(vm.internal_name, path, target)
+    except MolddError as exc:
+        fail = "vm.iso.attach.failed" if iso_name else "vm.iso.detach.failed"
+        await app.async_record(name, fail, {"error": err(exc), "job_status": "failed"}, cmd=cmd)
+        return
+    if iso_name is not None:
+        await app.async_record(
+            name, "vm.iso.attached", {"iso": iso_name, "live": live, "job_status": "succeeded"}, cmd=cmd
+        )
+    else:
+        await app.async_record(
+            name, "vm.iso.detached", {"iso": vm.iso, "live": live, "job_status": "succeeded"}, cmd=cmd
+        )
+
+
+# -- capacity warning ------------------------------------------------------------------------------------
+async def async_note_capacity(app: App, cluster: str, cmd: Command | None, vm: str | None) -> None:
+    """After a deploy: warn once when the cluster's headroom crosses down to the warning level. A deploy adds
+    exactly one VM to the cluster, so it crossed iff the headroom is now exactly at the threshold."""
+    threshold = app.config.capacity_warning_headroom
+    cap = next((c for c in capacities(app.config, app.model) if c.cluster == cluster), None)
+    if cap is None or not low_headroom(cap, threshold) or cap.headroom != threshold:
+        return
+    payload = {**cap.to_dict(), "threshold": threshold, "vm": vm,
+               "message": f"cluster {cluster!r} has {cap.headroom} VM slot(s) left under its N-"
+                          f"{cap.tolerated_failures} rule ({cap.used}/{cap.limit}): add a host or rebalance"}  # fmt: skip
+    await app.async_append(
+        f"cluster-{cluster}",
+        [NewEvent("cluster.capacity_low", payload, actor="system", causation_id=cmd.id if cmd else None)],
+        expected_version=ANY_VERSION,
+    )
+    log.warning("cluster_capacity_low", cluster=cluster, used=cap.used, limit=cap.limit, headroom=cap.headroom)
+
+
+def _with_capacity_warning(deploy: Any) -> Any:
+    async def handler(app: App, cmd: Command) -> CommandReply:
+        reply: CommandReply = await deploy(app, cmd)
+        vm = (reply.result or {}).get("vm") or {}
+        if vm.get("cluster") and not (reply.result or {}).get("duplicate"):
+            try:
+                await async_note_capacity(app, vm["cluster"], cmd, vm.get("name"))
+            except MolddError as exc:  # a warning must never fail the deploy it follows
+                log.warning("capacity_warning_failed", reason=exc.message)
+        return reply
+
+    handler.__wrapped__ = deploy  # type: ignore[attr-defined]
+    return handler
+
+
+# The deploy verb lives in lifecycle.py; the warning follows every deploy it records.
+_deploy = _REGISTRY.get("deployVirtualMachine")
+if _deploy is not None and not hasattr(_deploy, "__wrapped__"):
+    verb("deployVirtualMachine")(_with_capacity_warning(_deploy))
