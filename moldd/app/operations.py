@@ -54,7 +54,9 @@ async def async_claim(app: App, name: str) -> asyncio.Lock:
     return lock
 
 
-def spawn_locked(app: App, cmd: Command, name: str, lock: asyncio.Lock, coro: Coroutine[Any, Any, Any]) -> None:
+def spawn_locked(
+    app: App, cmd: Command, name: str, lock: asyncio.Lock, coro: Coroutine[Any, Any, Any]
+) -> None:
     """Run ``coro`` as the command's job; the VM's lock is released when it ends."""
 
     async def run() -> None:
@@ -116,7 +118,6 @@ EDIT_ARGS = {
 }  # fmt: skip
 EDIT_ALIASES = {
     "virtualmachineid": "id", "vm": "id", "haenable": "ha", "groupid": "group", "ostypeid": "ostype",
-    "displayName": "displayname",
 }  # fmt: skip
 
 
@@ -228,7 +229,9 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
         check(state_of(vm), Action.SETTINGS)
         ev = settings_event(vm, details, cmd)
         if ev is None:
-            return CommandReply(result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position)
+            return CommandReply(
+                result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position
+            )
         res = await app.async_append(f"vm-{vm.name}", [ev], expected_version=vm.version, command_id=cmd.id)
     return CommandReply(
         result={"vm": app.model.vms[vm.name].to_dict(), "details_changed": ev.payload["changes"]},
@@ -280,7 +283,9 @@ async def scale_vm(app: App, cmd: Command) -> CommandReply:
     except BaseException:
         lock.release()
         raise
-    spawn_locked(app, cmd, vm.name, lock, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd))
+    spawn_locked(
+        app, cmd, vm.name, lock, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd)
+    )
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -344,7 +349,9 @@ async def resize_volume(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
-async def _async_resize_job(app: App, name: str, size_gb: int, shrink: bool, old: float, cmd: Command) -> None:
+async def _async_resize_job(
+    app: App, name: str, size_gb: int, shrink: bool, old: float, cmd: Command
+) -> None:
     vm = app.model.vms[name]
     path = Path(vm.root_disk["path"])
     live = vm.state == VMState.RUNNING
@@ -390,7 +397,9 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
         vm = app.model.vms[vm.name]
         state = state_of(vm)
         live = state is VMState.RUNNING
-        check(state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE)
+        check(
+            state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE
+        )
         if dest.name == vm.host:
             raise ValidationError(f"the VM is already on host {dest.name!r}", field="host")
         if vm.cluster is not None and dest.cluster != vm.cluster:
@@ -406,7 +415,9 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
                 field="id",
             )
         async with app.placement_lock:
-            load = next(h for h in host_loads(app.config, app.model, ignore_vm=vm.name) if h.name == dest.name)
+            load = next(
+                h for h in host_loads(app.config, app.model, ignore_vm=vm.name) if h.name == dest.name
+            )
             if not load.up:
                 raise CapacityError(f"host {dest.name!r} is not up", field="host")
             pending = sum(1 for v, h in in_flight.items() if h == dest.name and v != vm.name)
@@ -425,7 +436,11 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
                 first=True,
             )
             in_flight[vm.name] = dest.name
-    job = _async_live_migrate(app, vm.name, dest.name, cmd) if live else _async_move(app, vm.name, dest.name, cmd)
+    job = (
+        _async_live_migrate(app, vm.name, dest.name, cmd)
+        if live
+        else _async_move(app, vm.name, dest.name, cmd)
+    )
 
     async def run() -> None:
         try:
@@ -451,7 +466,9 @@ async def _async_live_migrate(app: App, name: str, dest: str, cmd: Command) -> N
             return  # at most one progress event a second
         last[0] = now
         records.append(
-            asyncio.ensure_future(app.async_record(name, "vm.migrate.progress", {"progress": progress}, cmd=cmd))
+            asyncio.ensure_future(
+                app.async_record(name, "vm.migrate.progress", {"progress": progress}, cmd=cmd)
+            )
         )
 
     try:
@@ -522,7 +539,8 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
         template_name = a.text("template", None) or vm.template
         if template_name is None:
             raise ValidationError(
-                "the VM was created from an ISO and has no template: give the template to install", field="template"
+                "the VM was created from an ISO and has no template: give the template to install",
+                field="template",
             )
         if app.config.template(template_name) is None:
             raise NotFound(f"no template {template_name!r}", field="template")
@@ -555,7 +573,9 @@ async def _async_restore_job(app: App, name: str, template_name: str, running: b
     new = _next_root(app, vm)
     try:
         if running:
-            await app.async_record(name, "vm.stop.requested", {"forced": True, "host": vm.host, "for": "restore"}, cmd=cmd)
+            await app.async_record(
+                name, "vm.stop.requested", {"forced": True, "host": vm.host, "for": "restore"}, cmd=cmd
+            )
             how = await async_power_off(app, vm, forced=True)
             await app.async_record(name, "vm.stopped", {**how, "for": "restore"}, cmd=cmd)
         size = (await storage.async_info(template.image)).virtual_size
@@ -566,7 +586,9 @@ async def _async_restore_job(app: App, name: str, template_name: str, running: b
         info = await storage.async_info(new)
     except MolddError as exc:
         await storage.async_delete(new)
-        await app.async_record(name, "vm.restore.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd)
+        await app.async_record(
+            name, "vm.restore.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd
+        )
         return
     root = {"path": str(new), "size_gb": round(info.virtual_size / GIB, 3)}
     done = {} if running else {"job_status": "succeeded", "result": {"root_disk": root}}
@@ -605,7 +627,11 @@ async def console(app: App, cmd: Command) -> CommandReply:
         "host": vm.host,
         "vnc": None
         if vnc is None
-        else {"host": vnc.get("listen") or "127.0.0.1", "port": vnc.get("port"), "password": vnc.get("password")},
+        else {
+            "host": vnc.get("listen") or "127.0.0.1",
+            "port": vnc.get("port"),
+            "password": vnc.get("password"),
+        },
         "serial": {
             "pty": serial.get("pty"),
             "log": serial.get("log") or str(console_log_path(app.config, vm.name)),
@@ -655,7 +681,9 @@ async def detach_iso(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
-async def _async_cdrom_job(app: App, name: str, iso_name: str | None, path: Path | None, cmd: Command) -> None:
+async def _async_cdrom_job(
+    app: App, name: str, iso_name: str | None, path: Path | None, cmd: Command
+) -> None:
     vm = app.model.vms[name]
     live = vm.state == VMState.RUNNING
     try:
@@ -692,7 +720,9 @@ async def async_note_capacity(app: App, cluster: str, cmd: Command | None, vm: s
         [NewEvent("cluster.capacity_low", payload, actor="system", causation_id=cmd.id if cmd else None)],
         expected_version=ANY_VERSION,
     )
-    log.warning("cluster_capacity_low", cluster=cluster, used=cap.used, limit=cap.limit, headroom=cap.headroom)
+    log.warning(
+        "cluster_capacity_low", cluster=cluster, used=cap.used, limit=cap.limit, headroom=cap.headroom
+    )
 
 
 def _with_capacity_warning(deploy: Any) -> Any:

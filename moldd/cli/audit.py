@@ -92,7 +92,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     result = audit_verify(args.db, args.checkpoints, args.public_key)
     print(_dump(result.to_dict()) if args.json else result.render())
     if result.exit_code == EXIT_ERROR:
-        print(f"{PROG}: could not check: {result.error}", file=sys.stderr)
+        print(f"{PROG}: could not check {args.db}: {result.error}", file=sys.stderr)
     return result.exit_code
 
 

@@ -220,11 +220,11 @@ class Cmd:
 NAME = pos("name", "name", "the VM name (ID)")
 VM = pos("name", "vm", "the VM name (ID)")
 VM_COLUMNS = (
-    "name", "displayname", "display_name", "state", "host", "hostname", "group", "serviceoffering",
-    "offering", "template", "iso", "haenable", "ha", "created",
+    "name", "display_name", "state", "power_state", "host", "hostname", "group", "template", "iso",
+    "ha_enabled", "ha_status", "internal_name",
 )  # fmt: skip
-HOST_COLUMNS = ("name", "state", "status", "resourcestate", "uri", "vms", "cpus", "memory", "cluster")
-EVENT_COLUMNS = ("position", "recorded_at", "stream_id", "event_type", "actor", "correlation_id")
+HOST_COLUMNS = ("name", "cluster", "health", "link", "vms", "running", "max_vms", "uri")
+EVENT_COLUMNS = ("position", "at", "stream", "type", "actor", "correlation_id")
 EVENTS_CMD = Cmd("events", "listEvents", "list log entries", columns=EVENT_COLUMNS)
 
 COMMANDS: tuple[Cmd, ...] = (
@@ -235,7 +235,6 @@ COMMANDS: tuple[Cmd, ...] = (
         opt("--template", "template", "template to clone the root disk from"),
         opt("--iso", "iso", "ISO to attach to a blank VM (to install an OS)"),
         opt("--offering", "serviceoffering", "service offering (CPU/memory)", required=True),
-        opt("--name", "name", "VM name (ID); generated when omitted"),
         opt("--name-display", "displayname", "display name (defaults to the VM name)"),
         opt("--hostname", "hostname", "guest host name (defaults to the VM name)"),
         opt("--group", "group"),
@@ -285,8 +284,8 @@ COMMANDS: tuple[Cmd, ...] = (
     Cmd("group create", "createInstanceGroup", "create an instance group", (pos("group", "name"),)),
     Cmd("group list", "listInstanceGroups", "list instance groups", (), ("name", "vms", "created")),
     Cmd("group delete", "deleteInstanceGroup", "delete an instance group", (pos("group", "name"),)),
-    Cmd("capacity", "listCapacity", "cluster capacity (N-1 rule)", (),
-        ("host", "name", "type", "used", "capacity", "total", "percent", "limit")),
+    Cmd("capacity", "listClusters", "cluster capacity (N-1 rule)", (),
+        ("cluster", "hosts", "perhostlimit", "toleratedfailures", "used", "limit", "headroom")),
     Cmd("job show", "queryAsyncJobResult", "show a job", (pos("id", "jobid"),), single=True, follow=False),
 )  # fmt: skip
 

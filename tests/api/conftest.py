@@ -49,8 +49,8 @@ class FakeBus:
             ("web-2", "Stopped", "web"),
             ("db-1", "Running", "db"),
         ]:
-            self.vms[name] = {"name": name, "displayname": name.upper(), "state": state, "host": "h1",
-                              "group": group, "haenable": name == "db-1"}  # fmt: skip
+            self.vms[name] = {"name": name, "display_name": name.upper(), "state": state, "host": "h1",
+                              "group": group, "ha_enabled": name == "db-1"}  # fmt: skip
 
     def verbs(self) -> list[str]:
         return ["listVirtualMachines", "startVirtualMachine", "stopVirtualMachine", "deployVirtualMachine",

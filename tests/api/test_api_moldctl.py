@@ -94,7 +94,7 @@ async def test_vm_list_prints_a_table(server: ApiServer) -> None:
     code, out, err = await run(server, "vm", "list", "--group", "web")
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "DISPLAYNAME", "STATE", "HOST", "GROUP", "HAENABLE"]
+    assert lines[0].split() == ["NAME", "DISPLAY_NAME", "STATE", "HOST", "GROUP", "HA_ENABLED"]
     assert lines[1].split() == ["web-1", "WEB-1", "Running", "h1", "web", "no"]
     assert len(lines) == 3
     assert lines[0].index("STATE") == lines[1].index("Running") == lines[2].index("Stopped")
@@ -109,7 +109,7 @@ async def test_vm_list_json_is_the_result(server: ApiServer) -> None:
 async def test_vm_show_prints_key_values_and_missing_vm_fails(server: ApiServer) -> None:
     code, out, _ = await run(server, "vm", "show", "db-1")
     assert code == 0
-    assert "state        Running" in out.splitlines()
+    assert "state         Running" in out.splitlines()
     code, _, err = await run(server, "vm", "show", "nope")
     assert code == 1
     assert err.startswith("error: ")

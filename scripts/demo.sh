@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything, starts two real local libvirtd "hosts" and moldd with a demo config, in the foreground.
+# In another terminal: .venv/bin/moldctl --socket var/demo/moldd.sock vm deploy --template tiny --serviceoffering small --ha
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+exec .venv/bin/python -m moldd.demo --root var/demo "$@"

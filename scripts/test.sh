@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: install (idempotent), lint, type-check, then every test on real libvirtd + QEMU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+.venv/bin/ruff check events moldd tests bench
+.venv/bin/mypy events moldd
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
