@@ -386,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(action="events")
     p = top.add_parser("health", help="daemon health", parents=[common])
     p.set_defaults(action="health")
+    p = top.add_parser(
+        "console", help="a running VM's console: VNC endpoint, serial pty and log", parents=[common]
+    )
+    p.add_argument("name", metavar="NAME", help="the VM name (ID)")
+    p.add_argument("--follow", "-f", action="store_true", help="print the serial console log as it grows")
+    p.add_argument(
+        "--for", dest="follow_for", type=float, metavar="SECONDS", help="stop following after this long"
+    )
+    p.set_defaults(action="console")
     return parser
 
 
@@ -588,6 +597,38 @@ def _finish(client: Client, ns: argparse.Namespace, cmd: Cmd | None, result: Any
     return EXIT_OK
 
 
+def _console(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
+    """Print how to reach the console; with --follow, tail the serial console log (like ``tail -f``)."""
+    result, _ = client.call("getVirtualMachineConsole", {"id": ns.name})
+    if getattr(ns, "json", False) and not ns.follow:
+        print(json.dumps(result, indent=2), file=out)
+        return EXIT_OK
+    vnc, serial = result.get("vnc") or {}, result.get("serial") or {}
+    if vnc:
+        password = f" (password {vnc['password']})" if vnc.get("password") else ""
+        print(f"vnc     {vnc.get('host')}:{vnc.get('port')}{password}", file=out)
+    print(f"serial  {serial.get('pty') or '-'}", file=out)
+    print(f"log     {serial.get('log') or '-'}", file=out, flush=True)
+    if not ns.follow or not serial.get("log"):
+        return EXIT_OK
+    deadline = None if ns.follow_for is None else time.monotonic() + ns.follow_for
+    try:
+        with open(serial["log"], "rb") as log_file:
+            while deadline is None or time.monotonic() < deadline:
+                chunk = log_file.read(65536)
+                if chunk:
+                    out.write(chunk.decode(errors="replace"))
+                    out.flush()
+                else:
+                    time.sleep(0.2)
+    except FileNotFoundError:
+        print(f"error: {serial['log']} does not exist (yet)", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def _events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
     stream = f"vm-{ns.vm}" if ns.vm else None
     as_json = getattr(ns, "json", False)
@@ -645,6 +686,8 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextI
             return _finish(client, ns, None, result, position, out, err)
         if ns.action == "events":
             return _events(client, ns, out)
+        if ns.action == "console":
+            return _console(client, ns, out)
         if ns.action == "health":
             status, health = client.health()
             if getattr(ns, "json", False):

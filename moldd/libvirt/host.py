@@ -308,8 +308,7 @@ def _change_cdrom(conn: libvirt.virConnect, name: str, iso: str | None, target: 
         ET.SubElement(disk, "source", {"file": iso})
     ET.SubElement(disk, "target", {"dev": target, "bus": tgt.get("bus", "ide")})
     ET.SubElement(disk, "readonly")
-    flags = libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE  # eject even if the guest locked the tray
-    flags |= (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
+    flags = (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
     if not dom.isPersistent():
         flags &= ~_CONFIG
     dom.updateDeviceFlags(ET.tostring(disk, encoding="unicode"), flags)
@@ -745,7 +744,8 @@ class HostConnection:
                 # (the) device ... is not open"; a retry a moment later succeeds.
                 if not _TRAY_NOT_OPEN.search(exc.message) or attempt == 4:
                     raise
-                await asyncio.sleep(0.5)
+                log.info("cdrom_tray_busy_retry", domain=name, attempt=attempt + 1, error=exc.message)
+                await asyncio.sleep(0.5 * (attempt + 1))
 
     async def async_migrate(
         self,

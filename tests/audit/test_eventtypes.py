@@ -23,36 +23,95 @@ def _name(func: ast.expr) -> str:
     return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
 
 
+Func = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _params(fn: Func) -> list[str]:
+    names = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    return names[1:] if names and names[0] in ("self", "cls") else names
+
+
+def _arg(call: ast.Call, index: int, keyword: str) -> ast.expr | None:
+    for kw in call.keywords:
+        if kw.arg == keyword:
+            return kw.value
+    return call.args[index] if index < len(call.args) else None
+
+
+def _defaults(fn: Func) -> dict[str, ast.expr]:
+    a = fn.args
+    params = a.posonlyargs + a.args
+    out = {p.arg: d for p, d in zip(params[len(params) - len(a.defaults) :], a.defaults, strict=True)}
+    out |= {p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None}
+    return out
+
+
 def written_event_types() -> dict[str, str]:
-    """event type -> where (file:line) for every type literal moldd passes to the log."""
-    found: dict[str, str] = {}
+    """event type -> where (file:line) for every type literal moldd passes to the log.
+
+    NewEvent(type, ...) and App.async_record(vm, type, ...) write events; so does any function that forwards
+    one of its parameters to them as the type (found by a fixpoint: ``_async_ha_event(name, event_type, ...)``,
+    ``async_start_on(..., ok_type="vm.started")``): literals passed to, or defaulted for, that parameter count.
+    """
+    funcs: list[tuple[Path, Func]] = []
+    calls: list[tuple[Path, Func | None, ast.Call]] = []
     for path in sorted(MOLDD.rglob("*.py")):
         if "lab" in path.relative_to(MOLDD).parts:
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            candidates: set[str] = set()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                funcs.append((path, node))
+        owner: dict[ast.AST, Func | None] = {}
+        for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Call):
+                    owner[n] = fn  # innermost wins: nested defs are walked after their parent
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call):
-                name = _name(node.func)
-                if name == "NewEvent":
-                    candidates |= _strings(node.args[0] if node.args else None)
-                elif name == "async_record":
-                    candidates |= _strings(node.args[1] if len(node.args) > 1 else None)
-                for kw in node.keywords:
-                    if kw.arg == "event_type" or (kw.arg or "").endswith("_type") and name not in ("", "dict"):
-                        candidates |= _strings(kw.value)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                params = a.posonlyargs + a.args
-                for arg, default in zip(params[len(params) - len(a.defaults):], a.defaults, strict=True):
-                    if arg.arg.endswith("_type"):
-                        candidates |= _strings(default)
-                for arg, kwdefault in zip(a.kwonlyargs, a.kw_defaults, strict=True):
-                    if arg.arg.endswith("_type"):
-                        candidates |= _strings(kwdefault)
-            for t in candidates:
-                if "." in t and " " not in t:
-                    found.setdefault(t, f"{path.relative_to(MOLDD.parent)}:{getattr(node, 'lineno', '?')}")
+                calls.append((path, owner.get(node), node))
+    # writer name -> {(positional index of a type argument in a call, its keyword name)}
+    writers: dict[str, set[tuple[int, str]]] = {"NewEvent": {(0, "event_type")}, "async_record": {(1, "event_type")}}
+    changed = True
+    while changed:
+        changed = False
+        for _, fn, call in calls:
+            if fn is None:
+                continue
+            for w in list(writers.get(_name(call.func), ())):
+                expr = _arg(call, *w)
+                used = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} if expr is not None else set()
+                params = _params(fn)
+                kwonly = [a.arg for a in fn.args.kwonlyargs]
+                for p in used:
+                    entry = (params.index(p), p) if p in params else (10**6, p) if p in kwonly else None
+                    if entry is not None and entry not in writers.setdefault(fn.name, set()):
+                        writers[fn.name].add(entry)
+                        changed = True
+    found: dict[str, str] = {}
+
+    def add(values: set[str], path: Path, node: ast.AST) -> None:
+        for t in values:
+            if "." in t and " " not in t and "{" not in t:
+                found.setdefault(t, f"{path.relative_to(MOLDD.parent)}:{getattr(node, 'lineno', '?')}")
+
+    for path, fn, call in calls:
+        for w in writers.get(_name(call.func), ()):
+            expr = _arg(call, *w)
+            add(_strings(expr), path, call)
+            if fn is None or expr is None:
+                continue
+            names = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}
+            for node in ast.walk(fn):  # a local such as `fail = "vm.x.failed" if ... else "vm.y.failed"`
+                if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id in names for t in node.targets
+                ):
+                    add(_strings(node.value), path, node)
+    for path, fn in funcs:
+        defaults = _defaults(fn)
+        for _, kw in writers.get(fn.name, ()):
+            if kw in defaults:
+                add(_strings(defaults[kw]), path, fn)
     return found
 
 

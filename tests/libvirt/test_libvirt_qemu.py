@@ -429,7 +429,6 @@ async def test_cdrom_insert_and_eject_live_and_in_config(
     iso.write_bytes(b"\0" * (1 * MiB))
     spec = await _blank_spec(disk_dir, _name(), cdrom_drive=True)
     await _start(c0, spec, recorder)
-    await asyncio.sleep(3)  # EXPERIMENT
 
     def cd_source(xml: str) -> str | None:
         for disk in _live(xml).findall("devices/disk"):

@@ -1,0 +1,147 @@
+"""The daemon as operators meet it: moldctl against a real daemon, SO_PEERCRED actors in the log, out-of-band
+changes showing up within a second, restart recovery, and a loop that is never blocked by libvirt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from moldd.testing.harness import Client, running_daemon
+from moldd.testing.loopwatch import LoopWatch
+from tests.daemon.test_ha import qemu_pid
+
+pytestmark = pytest.mark.libvirt
+
+
+async def moldctl(socket: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moldd.cli.moldctl", "--socket", str(socket), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_moldctl_deploys_follows_the_job_and_lists(daemon: Any, client: Client) -> None:
+    sock = daemon.config.socket
+    code, out, err = await moldctl(sock, "vm", "deploy", "--template", "tiny", "--offering", "small", "--name-display", "cli vm")
+    assert code == 0, err
+    assert "succeeded" in out.lower()
+    code, out, err = await moldctl(sock, "--json", "vm", "list")
+    assert code == 0, err
+    vms = json.loads(out)["virtualmachine"]
+    assert [v["display_name"] for v in vms] == ["cli vm"] and vms[0]["state"] == "Running"
+    code, out, err = await moldctl(sock, "vm", "reboot", "nope")
+    assert code == 1 and "no VM" in err
+    code, out, err = await moldctl(sock, "vm", "list")
+    assert code == 0 and "Running" in out and "cli vm" in out
+
+
+async def test_actor_is_the_callers_uid_and_pid(client: Client) -> None:
+    reply = await client.call("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+    events = await client.events(reply["result"]["vm"]["name"])
+    first = events[0]
+    assert first["type"] == "vm.deploy.requested"
+    assert f"uid={os.getuid()}" in first["actor"] and f"pid={os.getpid()}" in first["actor"]
+    assert first["command_id"] == reply["result"]["job"]["id"]
+
+
+async def test_out_of_band_destroy_shows_up_in_the_state(client: Client, clean_lab: Any) -> None:
+    """(How fast is measured by bench/ha.py; here: that it is the libvirt event, not a poll, that does it.)"""
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small")
+    vm = await client.vm(job["vm"])
+    conn = libvirt.open(next(h for h in clean_lab.hosts if h.name == vm["host"]).uri)
+    try:
+        conn.lookupByName(vm["internal_name"]).destroy()
+    finally:
+        conn.close()
+    stopped = await client.wait_vm(vm["name"], timeout=5.0, state="Stopped")
+    cause = [e for e in await client.events(vm["name"]) if e["type"] == "libvirt.domain_event"][-1]
+    assert cause["payload"]["detail"] == "DESTROYED" and cause["actor"] == "libvirt"
+    assert stopped["stop_cause"] == "destroyed" and stopped["power_state"] == "off"
+
+
+async def test_daemon_killed_mid_command_leaves_nothing_stuck(config: Any, clean_lab: Any) -> None:
+    """A daemon that dies while a VM is Starting: on restart the VM is reconciled with libvirt, job closed."""
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        job = await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+        name = job["vm"]
+        d.app.hosts.conns["host0"]  # the daemon is up
+        # Simulate a crash between "start requested" and the outcome: record the request, never run the job.
+        vm = d.app.model.vms[name]
+        await d.app.async_record(vm, "vm.start.requested", {"host": vm.host}, job="lost-job", first=False)
+        assert d.app.model.vms[name].state == "Starting"
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        after = await client.vm(name)
+        assert after["state"] == "Stopped"
+        rec = [e for e in await client.events(name) if e["type"] == "vm.reconciled"]
+        assert rec and rec[-1]["payload"]["was"] == "Starting"
+
+
+async def test_restart_restores_the_projection_from_snapshot_and_tail(make_config: Any) -> None:
+    config = make_config(daemon={"snapshot_every": 5})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        for _ in range(3):
+            await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+        before = (await client.call("listVirtualMachines"))["result"]
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        snap = await d.store.async_load_snapshot("moldd.readmodel")
+        assert snap is not None and snap.position > 0
+        after = (await client.call("listVirtualMachines"))["result"]
+        assert after == before
+
+
+async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any) -> None:
+    async with LoopWatch() as watch:
+        job = await client.job("deployVirtualMachine", template="tiny", offering="small", host="host0")
+        await client.job("stopVirtualMachine", id=job["vm"], forced=True)
+        clean_lab.hosts[1].freeze()  # calls to a frozen host must not hold the loop either
+        await client.call("listHosts")
+        await asyncio.sleep(1.0)
+        await client.job("startVirtualMachine", id=job["vm"], host="host0")
+        clean_lab.hosts[1].thaw()
+    assert watch.ticks > 50
+    assert watch.max_lag < 0.5, f"event loop blocked for {watch.max_lag:.3f} s"
+
+
+async def test_sigterm_stops_the_daemon_cleanly(config: Any) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moldd.daemon", "--config", str(config.path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not config.socket.exists():
+            assert time.monotonic() < deadline, "daemon did not create its socket"
+            await asyncio.sleep(0.1)
+        async with Client(config.socket) as client:
+            assert (await client.call("listHosts"))["ok"]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert not config.socket.exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+def test_bad_config_is_refused_with_file_key_and_reason(tmp_path: Path) -> None:
+    import subprocess
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[daemon]\nsocket_mode = "rw"\n[[hosts]]\nname = "h1"\nuri = "test:///default"\n')
+    res = subprocess.run([sys.executable, "-m", "moldd.daemon", "--config", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "daemon.socket_mode" in res.stderr and "octal" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+_ = qemu_pid
