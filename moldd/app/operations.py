@@ -26,7 +26,15 @@ from moldd.app.placement import capacities, host_loads
 from moldd.app.service import _REGISTRY, App, Command, verb
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
 from moldd.domain.capacity import low_headroom
-from moldd.domain.errors import CapacityError, Conflict, InvalidState, MolddError, NotFound, ValidationError
+from moldd.domain.errors import (
+    CapacityError,
+    Conflict,
+    InvalidState,
+    MolddError,
+    NotFound,
+    OperationFailed,
+    ValidationError,
+)
 from moldd.domain.ha import parse_policy
 from moldd.domain.names import validate_display_name, validate_group_name, validate_hostname
 from moldd.domain.scaling import check_resize, check_scale
@@ -304,6 +312,8 @@ async def _async_scale_job(
             # the virtio-balloon target up to it. A guest without a balloon driver sees the maximum all along.
             await conn.async_set_memory(vm.internal_name, memory_mib)
             applied["memory_mib"] = memory_mib
+            live = ET.fromstring(await conn.async_get_xml(vm.internal_name))
+            applied["memory_reported_mib"] = int(live.findtext("currentMemory") or 0) // 1024
     except MolddError as exc:
         await app.async_record(
             name, "vm.scale.failed", {"error": err(exc), "applied": applied, "job_status": "failed"}, cmd=cmd
@@ -313,9 +323,19 @@ async def _async_scale_job(
         name,
         "vm.scaled",
         {"offering": new, "applied": applied, "memory_method": "balloon" if memory_mib else None,
-         "job_status": "succeeded", "result": {"offering": new["name"], **applied}},
+         "job_status": "succeeded", "result": {"offering": new["name"], **applied, **_memory_note(applied)}},
         cmd=cmd,
     )  # fmt: skip
+
+
+def _memory_note(applied: dict[str, Any]) -> dict[str, Any]:
+    target, seen = applied.get("memory_mib"), applied.get("memory_reported_mib")
+    if target is None or seen == target:
+        return {}
+    return {
+        "memory_note": f"balloon target set to {target} MiB; QEMU reports {seen} MiB for the guest (a guest "
+        "without a virtio-balloon driver has the offering's maximum from boot and ignores the target)"
+    }
 
 
 # -- resize the root disk --------------------------------------------------------------------------------
@@ -681,6 +701,33 @@ async def detach_iso(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
+def cdrom_source(xml: str) -> str | None:
+    for disk in ET.fromstring(xml).findall("devices/disk"):
+        if disk.get("device") == "cdrom":
+            src = disk.find("source")
+            return None if src is None else src.get("file")
+    return None
+
+
+async def _async_verify_cdrom(conn: Any, domain: str, want: str | None, live: bool) -> None:
+    """A guest that holds the tray (just booted, or locked it) can make QEMU accept the change and apply it a
+    moment later, or not at all: report what libvirt shows, not what we asked for."""
+    seen = 0
+    for _ in range(25):
+        if cdrom_source(await conn.async_get_xml(domain, inactive=not live)) == want:
+            seen += 1
+            if seen == 2 or not live:  # live: it must also hold a moment later
+                return
+        else:
+            seen = 0
+        await asyncio.sleep(0.3)
+    raise OperationFailed(
+        f"the cdrom of {domain} still shows {cdrom_source(await conn.async_get_xml(domain))!r} after the change "
+        "(the guest may hold the tray locked)",
+        field="iso",
+    )
+
+
 async def _async_cdrom_job(
     app: App, name: str, iso_name: str | None, path: Path | None, cmd: Command
 ) -> None:
@@ -690,6 +737,7 @@ async def _async_cdrom_job(
         conn = app.hosts.conn(vm.host) if live else await async_define_stopped(app, vm)
         target = disk_target(await conn.async_get_xml(vm.internal_name), device="cdrom")
         await conn.async_attach_cdrom(vm.internal_name, path, target)
+        await _async_verify_cdrom(conn, vm.internal_name, None if path is None else str(path), live)
     except MolddError as exc:
         fail = "vm.iso.attach.failed" if iso_name else "vm.iso.detach.failed"
         await app.async_record(name, fail, {"error": err(exc), "job_status": "failed"}, cmd=cmd)

@@ -50,7 +50,9 @@ def keygen(directory: str | Path, name: str = KEY_NAME) -> tuple[Path, Path]:
             os.link(gpriv, priv)  # link, not rename: fails instead of replacing a key created meanwhile
             os.link(gpub, pub)
         except FileExistsError as exc:
-            raise AuditError(f"{exc.filename} already exists; refusing to overwrite a key", field="dir") from exc
+            raise AuditError(
+                f"{exc.filename} already exists; refusing to overwrite a key", field="dir"
+            ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return priv, pub

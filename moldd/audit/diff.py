@@ -180,7 +180,9 @@ def live_diff(db: str | Path, config: str | Path | Config, timeout: float = CONN
         if not found:
             if vm.state in EXPECT_DOMAIN:
                 res.findings.append(
-                    Finding("missing", vm.name, vm.internal_name, vm.host, f"{vm.state} on {vm.host}", "absent")
+                    Finding(
+                        "missing", vm.name, vm.internal_name, vm.host, f"{vm.state} on {vm.host}", "absent"
+                    )
                 )
             continue
         if not here:
@@ -192,7 +194,9 @@ def live_diff(db: str | Path, config: str | Path | Config, timeout: float = CONN
         for d in elsewhere:
             if is_on(d.state):
                 res.findings.append(
-                    Finding("extra_copy", vm.name, d.name, d.host, f"only on {vm.host}", f"{d.state} on {d.host}")
+                    Finding(
+                        "extra_copy", vm.name, d.name, d.host, f"only on {vm.host}", f"{d.state} on {d.host}"
+                    )
                 )
         d = here[0]
         want_on = vm.power_state == "on" or vm.state == "Running"

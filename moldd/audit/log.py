@@ -105,7 +105,9 @@ def iter_events(
         try:
             data = loads(payload)  # type: ignore[arg-type]
         except (ValueError, TypeError) as exc:
-            raise AuditError(f"position {pos}: the payload is not JSON ({exc}); run verify", field="db") from exc
+            raise AuditError(
+                f"position {pos}: the payload is not JSON ({exc}); run verify", field="db"
+            ) from exc
         if up.needs_upcast(et, schv):
             schv, data = up.upcast(et, schv, data)
         yield StoredEvent(

@@ -45,7 +45,9 @@ def parse_position(text: str | int) -> int:
     except (TypeError, ValueError) as exc:
         raise AuditError(f"--at-position {text!r} is not a whole number", field="at_position") from exc
     if pos < 0:
-        raise AuditError(f"--at-position {pos} is negative; positions start at 1 (0 = empty)", field="at_position")
+        raise AuditError(
+            f"--at-position {pos} is negative; positions start at 1 (0 = empty)", field="at_position"
+        )
     return pos
 
 

@@ -92,7 +92,5 @@ def audit_verify(
     if future and report.status == "intact":
         w = future[0]
         result.status = "error"
-        result.error = (
-            f"position {w.position}: {w.message} (a log written by a newer moldd: use that version's moldd-audit)"
-        )
+        result.error = f"position {w.position}: {w.message} (a log written by a newer moldd: use that version's moldd-audit)"
     return result

@@ -29,9 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Audit a moldd event log (read-only) and compare it with the hosts.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    v = sub.add_parser("verify", help="check the log's integrity (exit 0 intact, 1 tampered, 2 could not check)")
+    v = sub.add_parser(
+        "verify", help="check the log's integrity (exit 0 intact, 1 tampered, 2 could not check)"
+    )
     v.add_argument("db", help="the log file (a copy is best)")
-    v.add_argument("--checkpoints", help="signed checkpoints file (JSON lines) to detect truncation/rewriting")
+    v.add_argument(
+        "--checkpoints", help="signed checkpoints file (JSON lines) to detect truncation/rewriting"
+    )
     v.add_argument("--public-key", help="PEM public key that signed the checkpoints")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -39,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("db")
     at = s.add_mutually_exclusive_group()
     at.add_argument("--at-position", metavar="P", help="fold events 1..P")
-    at.add_argument("--at-time", metavar="T", help="fold events recorded at or before T (ISO 8601; no zone = UTC)")
+    at.add_argument(
+        "--at-time", metavar="T", help="fold events recorded at or before T (ISO 8601; no zone = UTC)"
+    )
     s.add_argument("--json", action="store_true")
 
     h = sub.add_parser("history", help="one VM's timeline: commands, libvirt events, state changes, HA")
@@ -149,8 +155,14 @@ def _cmd_history(args: argparse.Namespace) -> int:
             f"{e.state_before}/{e.power_before}@{e.host_before} -> {e.state_after}/{e.power_after}@{e.host_after}"
         )  # fmt: skip
         detail = " ".join(x for x in (e.summary, f"cause: {e.cause}" if e.cause else "") if x)
-        rows.append([e.position, e.at, e.kind, e.type, who, e.command_id or e.causation_id, e.host, change, detail])
-    print(table(["POS", "TIME (UTC)", "KIND", "TYPE", "ACTOR", "COMMAND", "HOST", "STATE CHANGE", "DETAIL"], rows))
+        rows.append(
+            [e.position, e.at, e.kind, e.type, who, e.command_id or e.causation_id, e.host, change, detail]
+        )
+    print(
+        table(
+            ["POS", "TIME (UTC)", "KIND", "TYPE", "ACTOR", "COMMAND", "HOST", "STATE CHANGE", "DETAIL"], rows
+        )
+    )
     return 0
 
 
@@ -174,7 +186,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
             )
         for s in res.skipped:
             print(f"skipped {s['vm']} ({s['state']}): {s['reason']}")
-        print("RESULT: DRIFT (exit 1)" if res.findings else "RESULT: NO DRIFT" + (" (exit 0)" if not res.host_errors else ""))
+        print(
+            "RESULT: DRIFT (exit 1)"
+            if res.findings
+            else "RESULT: NO DRIFT" + (" (exit 0)" if not res.host_errors else "")
+        )
     for host, why in res.host_errors.items():
         print(f"{PROG}: could not check host {host}: {why}", file=sys.stderr)
     return res.exit_code

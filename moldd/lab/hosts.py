@@ -332,6 +332,10 @@ class LabHost:
         """Start libvirtd and wait until ``libvirt.open(uri).getHostname()`` works."""
         import libvirt
 
+        from moldd.lab.reaper import ensure_reaper
+
+        ensure_reaper()
+
         with self._lock:
             if self.is_running():
                 return

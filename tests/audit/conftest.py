@@ -70,7 +70,9 @@ async def _drive(rec: RecordedLog, config: Any) -> None:
 
         await moment("empty")
         await c.call("createInstanceGroup", name="web", description="front ends")
-        web = await c.job("deployVirtualMachine", template="tiny", offering="small", displayname="Web 1", group="web")
+        web = await c.job(
+            "deployVirtualMachine", template="tiny", offering="small", displayname="Web 1", group="web"
+        )
         assert web["status"] == "succeeded", web
         name = web["vm"]
         rec.vm_names["main"] = name
@@ -103,7 +105,9 @@ async def _drive(rec: RecordedLog, config: Any) -> None:
 
 
 @pytest.fixture(scope="package")
-def recorded_log(lab: Any, guest_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordedLog]:
+def recorded_log(
+    lab: Any, guest_image: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RecordedLog]:
     root = tmp_path_factory.mktemp("audit-log") / "moldd"
     wipe_lab(lab)
     assert audit_main(["keygen", str(root / "keys")]) == 0
@@ -122,7 +126,10 @@ def recorded_log(lab: Any, guest_image: Any, tmp_path_factory: pytest.TempPathFa
         wipe_lab(lab)
     rec.daemon_checkpoint_lines = len(rec.checkpoints.read_text().splitlines())
     # seal the final head too (what an operator does before taking a copy off the host)
-    assert audit_main(["checkpoint", str(rec.db), "--key", str(rec.private_key), "--out", str(rec.checkpoints)]) == 0
+    assert (
+        audit_main(["checkpoint", str(rec.db), "--key", str(rec.private_key), "--out", str(rec.checkpoints)])
+        == 0
+    )
     yield rec
 
 

@@ -65,7 +65,9 @@ def other_sqlite(tmp_path: Path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("command", [["verify"], ["state"], ["history", "-", "vm-1"], ["export", "--format", "csv"]])
+@pytest.mark.parametrize(
+    "command", [["verify"], ["state"], ["history", "-", "vm-1"], ["export", "--format", "csv"]]
+)
 @pytest.mark.parametrize("kind", ["missing", "text", "sqlite"])
 def test_not_a_log_or_missing_file(
     command: list[str], kind: str, tmp_path: Path, not_a_log: Path, other_sqlite: Path, capsys: Any
@@ -99,7 +101,9 @@ def test_missing_or_invalid_key(small_log: Path, tmp_path: Path, capsys: Any) ->
     one_line_error(capsys, ["verify", str(small_log), "--checkpoints", str(cps), "--public-key", str(garbage)],
                    expect="garbage.pem")  # fmt: skip
     one_line_error(capsys, ["verify", str(small_log), "--checkpoints", str(cps)], expect="--public-key")
-    one_line_error(capsys, ["checkpoint", str(small_log), "--key", str(garbage), "--out", str(cps)], expect="garbage.pem")
+    one_line_error(
+        capsys, ["checkpoint", str(small_log), "--key", str(garbage), "--out", str(cps)], expect="garbage.pem"
+    )
     one_line_error(capsys, ["checkpoint", str(small_log), "--key", str(tmp_path / "none.key"), "--out", str(cps)],
                    expect="none.key")  # fmt: skip
     assert cps.read_text() == ""
@@ -143,7 +147,13 @@ def test_state_at_position_on_a_small_log(small_log: Path, capsys: Any) -> None:
 
 
 def test_module_entry_point_runs_without_a_traceback(small_log: Path, tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "moldd.cli.audit", "verify", str(small_log)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "moldd.cli.audit", "verify", str(small_log)], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "RESULT: INTACT" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "moldd.cli.audit", "state", str(tmp_path / "x.db")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "moldd.cli.audit", "state", str(tmp_path / "x.db")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

@@ -11,9 +11,9 @@ from typing import Any
 import libvirt
 import pytest
 
+from moldd.cli.audit import main as audit
 from moldd.lab import domain_xml
 from moldd.testing.harness import Client, running_daemon
-from moldd.cli.audit import main as audit
 
 pytestmark = pytest.mark.libvirt
 

@@ -71,7 +71,10 @@ def written_event_types() -> dict[str, str]:
             if isinstance(node, ast.Call):
                 calls.append((path, owner.get(node), node))
     # writer name -> {(positional index of a type argument in a call, its keyword name)}
-    writers: dict[str, set[tuple[int, str]]] = {"NewEvent": {(0, "event_type")}, "async_record": {(1, "event_type")}}
+    writers: dict[str, set[tuple[int, str]]] = {
+        "NewEvent": {(0, "event_type")},
+        "async_record": {(1, "event_type")},
+    }
     changed = True
     while changed:
         changed = False
@@ -80,7 +83,9 @@ def written_event_types() -> dict[str, str]:
                 continue
             for w in list(writers.get(_name(call.func), ())):
                 expr = _arg(call, *w)
-                used = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} if expr is not None else set()
+                used = (
+                    {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} if expr is not None else set()
+                )
                 params = _params(fn)
                 kwonly = [a.arg for a in fn.args.kwonlyargs]
                 for p in used:

@@ -4,7 +4,6 @@ re-checked from an export), and CSV escaping survives commas, quotes, line break
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sqlite3
 from pathlib import Path
@@ -61,7 +60,9 @@ def test_jsonl_export_round_trips_a_real_log(recorded_log: RecordedLog, tmp_path
         assert rec["position"] == row[0] and rec["stream"] == row[1] and rec["type"] == row[3]
         assert rec["hash"] == bytes(row[12]).hex() and rec["prev_hash"] == bytes(row[11]).hex()
         assert rec["payload"] == json.loads(row[10]) and rec["recorded_at"].endswith("Z")
-    log_id = sqlite3.connect(recorded_log.db).execute("SELECT value FROM meta WHERE key='log_id'").fetchone()[0]
+    log_id = (
+        sqlite3.connect(recorded_log.db).execute("SELECT value FROM meta WHERE key='log_id'").fetchone()[0]
+    )
     from events.canonical import canonical_json
 
     _recheck_chain(log_id, records, lambda r: canonical_json(r["payload"]))
@@ -70,7 +71,23 @@ def test_jsonl_export_round_trips_a_real_log(recorded_log: RecordedLog, tmp_path
 @pytest.mark.libvirt
 def test_csv_export_of_a_range_round_trips(recorded_log: RecordedLog, tmp_path: Path) -> None:
     out = tmp_path / "log.csv"
-    assert audit(["export", str(recorded_log.db), "--from", "5", "--to", "12", "--format", "csv", "--output", str(out)]) == 0
+    assert (
+        audit(
+            [
+                "export",
+                str(recorded_log.db),
+                "--from",
+                "5",
+                "--to",
+                "12",
+                "--format",
+                "csv",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes().startswith(b"position,recorded_at,stream,")
     assert b"\r\n" in out.read_bytes()
     records = _read_csv(out)
@@ -88,7 +105,8 @@ async def test_csv_escaping_of_commas_quotes_newlines_and_unicode(tmp_path: Path
     nasty = 'a,b "quoted" \r\n second line; é ü 日本 \t tab'
     try:
         await store.async_append(
-            "vm-x", [NewEvent("vm.updated", {"changes": {"description": nasty}}, actor='uid=1("o,dd") gid=1 pid=2')]
+            "vm-x",
+            [NewEvent("vm.updated", {"changes": {"description": nasty}}, actor='uid=1("o,dd") gid=1 pid=2')],
         )
         await store.async_append("group-g", [NewEvent("group.created", {"name": "g", "description": "\n"})])
         log_id = store.log_id

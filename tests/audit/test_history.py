@@ -61,16 +61,26 @@ async def _ha_log(path: Path) -> None:
             "name": "vm-1", "id": 1, "internal_name": "i-1-VM", "display_name": "a", "hostname": "a",
             "host": "h1", "cluster": "c1", "offering": {"name": "small"}, "ha_enabled": True,
         }  # fmt: skip
-        await store.async_append("vm-vm-1", [NewEvent("vm.deploy.requested", deploy, actor="uid=0(root) gid=0 pid=1")])
-        await store.async_append("vm-vm-1", [NewEvent("vm.created", {"host": "h1"}), NewEvent("vm.started", {"host": "h1"})])
+        await store.async_append(
+            "vm-vm-1", [NewEvent("vm.deploy.requested", deploy, actor="uid=0(root) gid=0 pid=1")]
+        )
+        await store.async_append(
+            "vm-vm-1", [NewEvent("vm.created", {"host": "h1"}), NewEvent("vm.started", {"host": "h1"})]
+        )
         await store.async_append(
             "vm-vm-1",
             [NewEvent("libvirt.domain_event", {"host": "h1", "domain": "i-1-VM", "event": "STOPPED", "detail": "CRASHED"}, actor="libvirt")],
         )  # fmt: skip
-        await store.async_append("vm-vm-1", [NewEvent("ha.restart.scheduled", {"cause": "crashed", "delay_s": 1}, actor="ha")])
-        await store.async_append("vm-vm-1", [NewEvent("ha.restart.started", {"host": "h2", "cause": "crashed"}, actor="ha")])
+        await store.async_append(
+            "vm-vm-1", [NewEvent("ha.restart.scheduled", {"cause": "crashed", "delay_s": 1}, actor="ha")]
+        )
+        await store.async_append(
+            "vm-vm-1", [NewEvent("ha.restart.started", {"host": "h2", "cause": "crashed"}, actor="ha")]
+        )
         await store.async_append("vm-vm-1", [NewEvent("ha.restart.succeeded", {"host": "h2"}, actor="ha")])
-        await store.async_append("host-h1", [NewEvent("host.link", {"kind": "disconnected"}, actor="libvirt")])
+        await store.async_append(
+            "host-h1", [NewEvent("host.link", {"kind": "disconnected"}, actor="libvirt")]
+        )
     finally:
         await store.async_close()
 

@@ -126,7 +126,9 @@ def test_wholesale_rewrite_without_the_key_is_detected_by_the_checkpoints(
             actor = "uid=4242(mallory) gid=4242 pid=1"
         fields = encode_fields(sid, et, actor, cid, caus, corr)
         h = link_hash(prev, pos, sv, ts, schv, fields, bytes(payload))
-        conn.execute("UPDATE events SET actor = ?, prev_hash = ?, hash = ? WHERE position = ?", (actor, prev, h, pos))
+        conn.execute(
+            "UPDATE events SET actor = ?, prev_hash = ?, hash = ? WHERE position = ?", (actor, prev, h, pos)
+        )
         prev = h
     conn.close()
     code, report = run_verify(capsys, db)
@@ -143,7 +145,11 @@ def test_forged_checkpoint_line_is_detected(recorded_log: RecordedLog, tmp_path:
     forged = json.loads(lines[-1]) | {"position": 1}
     cps.write_text("\n".join([*lines, json.dumps(forged)]) + "\n")
     code, report = run_verify(
-        capsys, recorded_log.db, RecordedLog(recorded_log.root, recorded_log.db, cps, recorded_log.public_key, recorded_log.private_key)
+        capsys,
+        recorded_log.db,
+        RecordedLog(
+            recorded_log.root, recorded_log.db, cps, recorded_log.public_key, recorded_log.private_key
+        ),
     )
     assert code == 1 and any(i["kind"] == "checkpoint_invalid" for i in report["issues"])
 

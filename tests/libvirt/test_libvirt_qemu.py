@@ -422,13 +422,17 @@ async def test_block_resize_live_and_offline(lab_conns: Conns, recorder: Recorde
 
 
 async def test_cdrom_insert_and_eject_live_and_in_config(
-    lab_conns: Conns, recorder: Recorder, disk_dir: Path
+    lab_conns: Conns, recorder: Recorder, disk_dir: Path, guest_image: GuestImage
 ) -> None:
     c0, _ = lab_conns
     iso = disk_dir / "media.iso"
     iso.write_bytes(b"\0" * (1 * MiB))
-    spec = await _blank_spec(disk_dir, _name(), cdrom_drive=True)
+    # A booted guest: within ~2 s of start SeaBIOS still probes the drive and QEMU may refuse the
+    # change ("Tray ... is not open"), see HostConnection.async_attach_cdrom.
+    spec = _guest_spec(guest_image, disk_dir, _name("cd"), cdrom_drive=True)
     await _start(c0, spec, recorder)
+    assert spec.serial_log is not None
+    await _wait_for_text(spec.serial_log, GUEST_READY_MARKER)
 
     def cd_source(xml: str) -> str | None:
         for disk in _live(xml).findall("devices/disk"):
@@ -443,9 +447,11 @@ async def test_cdrom_insert_and_eject_live_and_in_config(
     await c0.async_attach_cdrom(spec.name, None)
     assert cd_source(await c0.async_get_xml(spec.name)) is None
     assert cd_source(await c0.async_get_xml(spec.name, inactive=True)) is None
+    await c0.async_attach_cdrom(spec.name, iso)
+    assert cd_source(await c0.async_get_xml(spec.name)) == str(iso)
     with pytest.raises(NotFound):
         await c0.async_attach_cdrom(spec.name, iso, target="hdd")
     # shut off: config only
     await c0.async_destroy(spec.name)
-    await c0.async_attach_cdrom(spec.name, iso)
-    assert cd_source(await c0.async_get_xml(spec.name, inactive=True)) == str(iso)
+    await c0.async_attach_cdrom(spec.name, None)
+    assert cd_source(await c0.async_get_xml(spec.name, inactive=True)) is None
