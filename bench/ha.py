@@ -44,8 +44,8 @@ async def event_time(client: Client, vm: str, type: str, after: int, timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for ev in await client.events(vm):
-            if ev["type"] == type and ev["position"] > after:
-                return datetime.fromisoformat(ev["at"]).timestamp(), ev["position"]
+            if ev["event_type"] == type and ev["position"] > after:
+                return datetime.fromisoformat(ev["recorded_at"]).timestamp(), ev["position"]
         await asyncio.sleep(0.02)
     raise TimeoutError(f"{type} did not happen for {vm}")
 

@@ -1,10 +1,17 @@
 """The hash chain: each row's hash covers the previous hash, its position and every stored field.
 
 hash_n = SHA-256(TAG ‖ hash_{n-1} ‖ u64 position ‖ u64 stream_version ‖ i64 recorded_at_us
-                 ‖ u32 schema_version ‖ u32 len(fields) ‖ fields ‖ payload)
-fields = canonical JSON [stream_id, event_type, actor, command_id, causation_id, correlation_id]
-payload = the payload bytes exactly as stored
+                 ‖ u32 schema_version ‖ fields ‖ payload)
+fields = i32 length of each of [stream_id, event_type, actor, command_id, causation_id, correlation_id]
+         (the UTF-8 byte length as stored; -1 for NULL, so None stays distinct from "")
+         ‖ the UTF-8 bytes of those six fields, concatenated in that order
+payload = the payload bytes exactly as stored (everything after the fields)
 genesis = SHA-256(GENESIS_TAG ‖ log_id)
+
+Every part before the payload has a fixed size or an explicit length, and the payload is the rest, so the
+hashed bytes decode to exactly one envelope: two different envelopes never hash the same bytes. The text
+fields are hashed as the bytes SQLite stores (UTF-8), so verify hashes the columns it reads without any
+re-serialisation (no JSON).
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from .canonical import canonical_text
-
-TAG = b"events.chain.v1\x00"
+TAG = b"events.chain.v2\x00"
 GENESIS_TAG = b"events.genesis.v1\x00"
 HASH_SIZE = 32
+NULL_LENGTH = -1
 
 _sha256 = hashlib.sha256
-_pack = struct.Struct(">QQqII").pack
+INTS = struct.Struct(">QQqI")
+"""position, stream_version, recorded_at_us, schema_version."""
+LENGTHS = struct.Struct(">iiiiii")
+"""Byte lengths of the six text fields (-1 = NULL)."""
+HEADER = struct.Struct(">QQqIiiiiii")
+"""INTS followed by LENGTHS (big-endian, no padding: HEADER.pack(*a, *b) == INTS.pack(*a) + LENGTHS.pack(*b))."""
+_pack_ints = INTS.pack
+_pack_lengths = LENGTHS.pack
 
 
 def genesis_hash(log_id: str) -> bytes:
@@ -36,9 +49,30 @@ def encode_fields(
     correlation_id: str | None,
     errors: str = "strict",
 ) -> bytes:
-    """Canonical bytes of the envelope's string fields (None stays null, distinct from "")."""
-    return canonical_text([stream_id, event_type, actor, command_id, causation_id, correlation_id]).encode(
-        "utf-8", errors
+    """Length-framed UTF-8 bytes of the envelope's text fields (None is length -1, distinct from "")."""
+    s = stream_id.encode("utf-8", errors)
+    t = event_type.encode("utf-8", errors)
+    a = actor.encode("utf-8", errors)
+    c = b"" if command_id is None else command_id.encode("utf-8", errors)
+    ca = b"" if causation_id is None else causation_id.encode("utf-8", errors)
+    co = b"" if correlation_id is None else correlation_id.encode("utf-8", errors)
+    return b"".join(
+        (
+            _pack_lengths(
+                len(s),
+                len(t),
+                len(a),
+                NULL_LENGTH if command_id is None else len(c),
+                NULL_LENGTH if causation_id is None else len(ca),
+                NULL_LENGTH if correlation_id is None else len(co),
+            ),
+            s,
+            t,
+            a,
+            c,
+            ca,
+            co,
+        )
     )
 
 
@@ -51,13 +85,13 @@ def link_hash(
     fields: bytes,
     payload: bytes,
 ) -> bytes:
-    """The hash of one row given the previous row's hash."""
+    """The hash of one row given the previous row's hash (`fields` from encode_fields)."""
     return _sha256(
         b"".join(
             (
                 TAG,
                 prev_hash,
-                _pack(position, stream_version, recorded_at_us, schema_version, len(fields)),
+                _pack_ints(position, stream_version, recorded_at_us, schema_version),
                 fields,
                 payload,
             )

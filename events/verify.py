@@ -17,8 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .canonical import canonical_text
-from .chain import TAG, genesis_hash
+from .chain import HEADER, TAG, genesis_hash
 from .checkpoint import Checkpoint, load_public_key, parse_checkpoints
 from .errors import CheckpointError, NotALogError
 from .upcast import KnownTypes, known_versions
@@ -182,102 +181,105 @@ class _Scan:
 
 
 def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any, ...]], None] | None) -> None:
+    """Check every row from st.expected on. The hot loop keeps its state in locals and hashes the columns as
+    read (text as its stored UTF-8 bytes, payload as is): see events.chain for the hashed layout."""
     sha256 = hashlib.sha256
-    pack = struct.Struct(">QQqII").pack
-    encode = canonical_text
-    cache: dict[tuple[Any, ...], bytes] = {}
+    join = b"".join
+    pack = HEADER.pack
+    tag = TAG
     wanted = st.wanted
+    hashes = st.hashes
     versions = st.versions
+    versions_get = versions.get
     known = st.known
+    malformed = (TypeError, ValueError, struct.error, OverflowError, UnicodeError, AttributeError)
     while True:
-        cur = conn.execute(
-            f"SELECT {COLUMNS} FROM events WHERE position >= ? ORDER BY position", (st.expected,)
-        )
+        expected = st.expected
+        prev: Any = st.prev
+        last_ts = st.last_ts
+        count = st.count
+        pos: Any = None
+        cur = conn.execute(f"SELECT {COLUMNS} FROM events WHERE position >= ? ORDER BY position", (expected,))
+        cur.arraysize = FETCH
         try:
-            while True:
-                batch = cur.fetchmany(FETCH)
-                if not batch:
-                    return
-                n = len(batch)
-                i = 0
-                while i < n:
+            for row in cur:
+                try:
+                    pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
+                    if pos != expected:
+                        st.issue(expected, "position_gap", f"expected position {expected}, found {pos}")
+                    if prev_h != prev:
+                        st.issue(pos, "broken_link", "prev_hash does not match the hash of the previous row")
                     try:
-                        for i in range(i, n):  # noqa: B020 - resumes after a malformed row
-                            row = batch[i]
-                            pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
-                            if pos != st.expected:
-                                st.issue(
-                                    st.expected,
-                                    "position_gap",
-                                    f"expected position {st.expected}, found {pos}",
-                                )
-                            if prev_h != st.prev:
-                                st.issue(
-                                    pos,
-                                    "broken_link",
-                                    "prev_hash does not match the hash of the previous row",
-                                )
-                            key = (sid, et, actor, cid, caus, corr)
-                            fields = cache.get(key)
-                            if fields is None:
-                                fields = encode(list(key)).encode("utf-8", "surrogateescape")
-                                if len(cache) > 100_000:
-                                    cache.clear()
-                                cache[key] = fields
-                            calc = sha256(
-                                b"".join((TAG, prev_h, pack(pos, sv, ts, schv, len(fields)), fields, payload))
-                            ).digest()
-                            if calc != h:
-                                st.issue(pos, "hash_mismatch", "the row's content does not match its hash")
-                            last_v = versions.get(sid, 0)
-                            if sv != last_v + 1:
-                                st.issue(
-                                    pos,
-                                    "stream_version_gap",
-                                    f"stream {sid!r} goes from version {last_v} to {sv}",
-                                )
-                            versions[sid] = sv
-                            if ts < st.last_ts:
-                                st.issue(
-                                    pos, "time_backwards", "recorded_at is earlier than the previous event's"
-                                )
-                            st.last_ts = ts
-                            if known is not None:
-                                cv = known.get(et)
-                                if cv is None:
-                                    st.warn(pos, "unknown_event_type", f"event type {et!r} is not declared")
-                                elif schv > cv:
-                                    st.warn(
-                                        pos,
-                                        "schema_version_from_future",
-                                        f"{et!r} has schema version {schv}, this code knows up to {cv}",
-                                    )
-                            if pos in wanted:
-                                st.hashes[pos] = h
-                            if on_row is not None:
-                                on_row(row)
-                            st.prev = h
-                            st.expected = pos + 1
-                            st.count += 1
-                            if st.first is None:
-                                st.first = pos
-                            st.last = pos
-                        i = n
-                    except (TypeError, ValueError, struct.error, OverflowError, UnicodeError) as exc:
-                        row = batch[i]
-                        pos = row[0] if isinstance(row[0], int) else st.expected
-                        st.issue(pos, "malformed_row", f"a column has an impossible value: {exc}")
-                        st.prev = row[12] if isinstance(row[12], bytes) else b""
-                        st.expected = pos + 1
-                        st.count += 1
-                        st.first = pos if st.first is None else st.first
-                        st.last = pos
-                        i += 1
+                        s = sid.encode()
+                        e = et.encode()
+                        a = actor.encode()
+                        c = b"" if cid is None else cid.encode()
+                        ca = b"" if caus is None else caus.encode()
+                        co = b"" if corr is None else corr.encode()
+                    except UnicodeEncodeError:  # text read back byte-exact (not UTF-8 on disk): hash those bytes
+                        s = sid.encode("utf-8", "surrogateescape")
+                        e = et.encode("utf-8", "surrogateescape")
+                        a = actor.encode("utf-8", "surrogateescape")
+                        c = b"" if cid is None else cid.encode("utf-8", "surrogateescape")
+                        ca = b"" if caus is None else caus.encode("utf-8", "surrogateescape")
+                        co = b"" if corr is None else corr.encode("utf-8", "surrogateescape")
+                    header = pack(
+                        pos,
+                        sv,
+                        ts,
+                        schv,
+                        len(s),
+                        len(e),
+                        len(a),
+                        -1 if cid is None else len(c),
+                        -1 if caus is None else len(ca),
+                        -1 if corr is None else len(co),
+                    )
+                    if sha256(join((tag, prev_h, header, s, e, a, c, ca, co, payload))).digest() != h:
+                        st.issue(pos, "hash_mismatch", "the row's content does not match its hash")
+                    last_v = versions_get(sid, 0)
+                    if sv != last_v + 1:
+                        st.issue(pos, "stream_version_gap", f"stream {sid!r} goes from version {last_v} to {sv}")
+                    versions[sid] = sv
+                    if ts < last_ts:
+                        st.issue(pos, "time_backwards", "recorded_at is earlier than the previous event's")
+                    last_ts = ts
+                    if known is not None:
+                        cv = known.get(et)
+                        if cv is None:
+                            st.warn(pos, "unknown_event_type", f"event type {et!r} is not declared")
+                        elif schv > cv:
+                            st.warn(
+                                pos,
+                                "schema_version_from_future",
+                                f"{et!r} has schema version {schv}, this code knows up to {cv}",
+                            )
+                    if pos in wanted:
+                        hashes[pos] = h
+                    if on_row is not None:
+                        on_row(row)
+                    prev = h
+                except malformed as exc:
+                    pos = row[0] if isinstance(row[0], int) else expected
+                    st.issue(pos, "malformed_row", f"a column has an impossible value: {exc}")
+                    prev = row[12] if isinstance(row[12], bytes) else b""
+                expected = pos + 1
+                count += 1
+                if st.first is None:
+                    st.first = pos
+            return
         except sqlite3.OperationalError as exc:
             if "decode" not in str(exc) or conn.text_factory is _surrogate_text:
                 raise
             # a TEXT column holds bytes that are not UTF-8 (never written by the library): read on, byte-exact
             conn.text_factory = _surrogate_text
+        finally:
+            st.expected = expected
+            st.prev = prev
+            st.last_ts = last_ts
+            st.count = count
+            if count:
+                st.last = expected - 1
 
 
 def verify(

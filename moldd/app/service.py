@@ -56,10 +56,11 @@ def verb(name: str) -> Callable[[Handler], Handler]:
 def event_view(ev: StoredEvent) -> dict[str, Any]:
     return {
         "position": ev.position,
-        "stream": ev.stream_id,
-        "version": ev.stream_version,
-        "type": ev.event_type,
-        "at": ev.recorded_at.isoformat(),
+        "stream_id": ev.stream_id,
+        "stream_version": ev.stream_version,
+        "event_type": ev.event_type,
+        "schema_version": ev.schema_version,
+        "recorded_at": ev.recorded_at.isoformat(),
         "actor": ev.actor,
         "command_id": ev.command_id,
         "causation_id": ev.causation_id,

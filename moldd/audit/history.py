@@ -17,7 +17,7 @@ from typing import Any
 from events import StoredEvent
 from events.canonical import loads
 from moldd.audit.errors import AuditError
-from moldd.audit.log import iso, iter_events, open_log
+from moldd.audit.log import fold_into, iso, iter_events, open_log
 from moldd.projection.readmodel import ReadModel
 
 _ACTOR = re.compile(r"^uid=(?P<uid>-?\d+|None)(?:\((?P<user>[^)]*)\))?")
@@ -159,12 +159,12 @@ def vm_history(db: str | Path, vm: str) -> History:
         entries: list[Entry] = []
         for ev in iter_events(conn):
             if not _concerns(ev, name, internal):
-                model.apply(ev)
+                fold_into(model, ev)
                 continue
             before = model.vms.get(name)
             sb, pb, hb = (before.state, before.power_state, before.host) if before else (None, None, None)
             cause_before = (before.stop_cause, before.down_at) if before else (None, None)
-            model.apply(ev)
+            fold_into(model, ev)
             after = model.vms.get(name)
             sa, pa, ha = (after.state, after.power_state, after.host) if after else (None, None, None)
             cause = _cause(ev)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from events import EventLogError, StoredEvent
 from events.canonical import loads
@@ -19,6 +20,7 @@ from events.envelope import datetime_to_us, us_to_datetime
 from events.verify import open_readonly, read_head, read_log_id
 from moldd.audit.errors import AuditError
 from moldd.eventtypes import EVENT_TYPES, upcasters
+from moldd.projection.readmodel import ReadModel
 
 COLUMNS = (
     "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
@@ -112,8 +114,14 @@ def iter_events(
             schv, data = up.upcast(et, schv, data)
         yield StoredEvent(
             pos, str(sid), int(sv), et, schv, us_to_datetime(ts), str(actor),  # type: ignore[call-overload]
-            cid, caus, corr, data, bytes(prev_h), bytes(h),  # type: ignore[arg-type]
+            cid, caus, corr, data, bytes(prev_h), bytes(h),  # type: ignore[arg-type,call-overload]
         )  # fmt: skip
+
+
+def fold_into(model: ReadModel, ev: StoredEvent) -> None:
+    """``model.apply(ev)``. ReadModel's EventLike protocol declares settable attributes, which a NamedTuple
+    StoredEvent (what the daemon folds too) does not have; the fold only reads them."""
+    model.apply(cast(Any, ev))
 
 
 def parse_time(text: str) -> datetime:

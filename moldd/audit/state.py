@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moldd.audit.errors import AuditError
-from moldd.audit.log import iso, iter_events, log_info, open_log, parse_time, time_to_us
+from moldd.audit.log import fold_into, iso, iter_events, log_info, open_log, parse_time, time_to_us
 from moldd.projection.readmodel import ReadModel
 
 
@@ -62,7 +62,7 @@ def fold(
     for ev in iter_events(conn, 1, to_position):
         if limit_us is not None and time_to_us(ev.recorded_at) > limit_us:
             break  # recorded_at never goes backwards in an intact log (verify checks it)
-        model.apply(ev)
+        fold_into(model, ev)
         last_at, last_hash = iso(ev.recorded_at), ev.hash.hex()
     return model, last_at, last_hash
 

@@ -224,7 +224,7 @@ VM_COLUMNS = (
     "ha_enabled", "ha_status", "internal_name",
 )  # fmt: skip
 HOST_COLUMNS = ("name", "cluster", "health", "link", "vms", "running", "max_vms", "uri")
-EVENT_COLUMNS = ("position", "at", "stream", "type", "actor", "correlation_id")
+EVENT_COLUMNS = ("position", "recorded_at", "stream_id", "event_type", "actor", "correlation_id")
 EVENTS_CMD = Cmd("events", "listEvents", "list log entries", columns=EVENT_COLUMNS)
 
 COMMANDS: tuple[Cmd, ...] = (

@@ -43,7 +43,9 @@ async def _run(*args: str, timeout: float = 60.0) -> str:
         raise OperationFailed(f"qemu-img {args[0]} did not finish within {timeout:g} s") from None
     if proc.returncode != 0:
         msg = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
-        raise OperationFailed(f"qemu-img {args[0]} failed: {msg}")
+        code = proc.returncode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        raise OperationFailed(f"qemu-img {args[0]} failed ({how}): {msg or 'no message'}")
     return out.decode(errors="replace")
 
 

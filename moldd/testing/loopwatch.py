@@ -7,7 +7,7 @@ from types import TracebackType
 
 
 class LoopWatch:
-    """``async with LoopWatch() as watch: ...`` then ``assert watch.max_lag < 0.2``.
+    """``async with LoopWatch() as watch: ...`` then ``assert watch.max_lag < limit``.
 
     A task sleeps ``interval`` seconds over and over and records how much later than asked it woke up;
     anything that holds the loop (a blocking call) shows up as lag.  The final lag is also measured on

@@ -63,6 +63,7 @@ def written_event_types() -> dict[str, str]:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 funcs.append((path, node))
         owner: dict[ast.AST, Func | None] = {}
+        fn: Func
         for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
             for n in ast.walk(fn):
                 if isinstance(n, ast.Call):
@@ -78,9 +79,10 @@ def written_event_types() -> dict[str, str]:
     changed = True
     while changed:
         changed = False
-        for _, fn, call in calls:
-            if fn is None:
+        for _, caller, call in calls:
+            if caller is None:
                 continue
+            fn = caller
             for w in list(writers.get(_name(call.func), ())):
                 expr = _arg(call, *w)
                 used = (
@@ -100,12 +102,13 @@ def written_event_types() -> dict[str, str]:
             if "." in t and " " not in t and "{" not in t:
                 found.setdefault(t, f"{path.relative_to(MOLDD.parent)}:{getattr(node, 'lineno', '?')}")
 
-    for path, fn, call in calls:
+    for path, caller, call in calls:
         for w in writers.get(_name(call.func), ()):
             expr = _arg(call, *w)
             add(_strings(expr), path, call)
-            if fn is None or expr is None:
+            if caller is None or expr is None:
                 continue
+            fn = caller
             names = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}
             for node in ast.walk(fn):  # a local such as `fail = "vm.x.failed" if ... else "vm.y.failed"`
                 if isinstance(node, ast.Assign) and any(

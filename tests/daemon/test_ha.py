@@ -52,7 +52,7 @@ async def wait_event(client: Client, vm: str, type: str, after: int = 0, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for ev in await client.events(vm):
-            if ev["type"] == type and ev["position"] > after:
+            if ev["event_type"] == type and ev["position"] > after:
                 return ev
         await asyncio.sleep(0.05)
     raise TimeoutError(f"no {type} for {vm} after position {after}")
@@ -109,7 +109,7 @@ async def test_stop_through_moldd_is_never_undone(client: Client, clean_lab: Any
     await client.job("stopVirtualMachine", id=vm["name"], forced=True)
     await asyncio.sleep(2.0)
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
-    assert not [e for e in await client.events(vm["name"]) if e["type"].startswith("ha.")]
+    assert not [e for e in await client.events(vm["name"]) if e["event_type"].startswith("ha.")]
     assert running_copies(clean_lab, vm["internal_name"]) == []
 
 
@@ -121,7 +121,7 @@ async def test_ha_disabled_vm_stays_down(client: Client, clean_lab: Any) -> None
     assert stopped["stop_cause"] == "crashed"
     await asyncio.sleep(1.5)
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
-    assert not [e for e in await client.events(vm["name"]) if e["type"].startswith("ha.")]
+    assert not [e for e in await client.events(vm["name"]) if e["event_type"].startswith("ha.")]
 
 
 async def test_crash_loop_backs_off_then_gives_up(make_config: Any, clean_lab: Any) -> None:
@@ -130,9 +130,9 @@ async def test_crash_loop_backs_off_then_gives_up(make_config: Any, clean_lab: A
         vm = await deploy_ha(client, details={"kernel_args": "halt_after=1"})
         await client.wait_vm(vm["name"], timeout=90, state="Error")
         events = await client.events(vm["name"])
-        delays = [e["payload"]["delay_s"] for e in events if e["type"] == "ha.restart.scheduled"]
+        delays = [e["payload"]["delay_s"] for e in events if e["event_type"] == "ha.restart.scheduled"]
         assert delays == sorted(delays) and delays[0] == 0 and delays[-1] > delays[1] > 0
-        gave_up = [e for e in events if e["type"] == "ha.gave_up"]
+        gave_up = [e for e in events if e["event_type"] == "ha.gave_up"]
         assert len(gave_up) == 1 and "restarts" in gave_up[0]["payload"]["reason"]
         # Error is final for HA: nothing more happens
         n = len(events)
@@ -149,7 +149,7 @@ async def test_host_killed_vms_restart_elsewhere_after_fencing(client: Client, c
     elapsed = time.monotonic() - t0
     hosts = (await client.call("listHosts"))["result"]["host"]
     assert next(h for h in hosts if h["name"] == "host0")["health"] == "Fenced"
-    health = [e["payload"]["to"] for e in await client.events_of_stream("host-host0") if e["type"] == "host.health"]
+    health = [e["payload"]["to"] for e in await client.events_of_stream("host-host0") if e["event_type"] == "host.health"]
     assert health[:4] == ["Suspect", "Down", "Fencing", "Fenced"]
     assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
     not_ha = await client.vm(other["vm"])
@@ -200,7 +200,7 @@ async def test_vm_that_died_while_daemon_was_down_is_restarted(config: Any, clea
     await asyncio.sleep(0.5)
     async with running_daemon(config) as d, Client(d.config.socket) as client:
         after = await client.wait_vm(vm["name"], timeout=20, state="Running")
-        kinds = [e["type"] for e in await client.events(vm["name"])]
+        kinds = [e["event_type"] for e in await client.events(vm["name"])]
         assert "vm.reconciled" in kinds and "ha.restart.succeeded" in kinds
         assert after["host"] == vm["host"]
 
@@ -224,7 +224,7 @@ async def test_crashed_watcher_is_restarted_and_recorded(daemon: Any, client: Cl
         await asyncio.sleep(0.05)
     assert calls["n"] == 2 and ha.healthy()
     events = (await client.call("listEvents", stream="daemon"))["result"]["event"]
-    assert [e for e in events if e["type"] == "ha.watcher_restarted" and "boom" in e["payload"]["error"]]
+    assert [e for e in events if e["event_type"] == "ha.watcher_restarted" and "boom" in e["payload"]["error"]]
     health = (await client.call("listHosts"))  # the daemon still answers
     assert health["ok"]
 

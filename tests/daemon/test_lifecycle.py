@@ -66,7 +66,7 @@ async def test_graceful_stop_uses_acpi_on_a_real_kernel(client: Client) -> None:
     await _wait_console(client, name, "MOLDD-GUEST-READY")
     stop = await client.job("stopVirtualMachine", id=name)
     assert stop["status"] == "succeeded"
-    stopped = [e for e in await client.events(name) if e["type"] == "vm.stopped"]
+    stopped = [e for e in await client.events(name) if e["event_type"] == "vm.stopped"]
     assert stopped[-1]["payload"]["how"] == "graceful"
 
 

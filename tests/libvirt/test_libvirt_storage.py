@@ -44,7 +44,7 @@ async def test_resize_grows_and_shrinking_needs_the_flag(tmp_path: Path) -> None
 async def test_missing_template_fails_with_qemu_img_message(tmp_path: Path) -> None:
     with pytest.raises(OperationFailed) as ei:
         await storage.async_create_overlay(tmp_path / "nope.qcow2", tmp_path / "r.qcow2", 32 * MiB)
-    assert "qemu-img create failed" in ei.value.message
+    assert "qemu-img create failed (exit status 1)" in ei.value.message
     assert "nope.qcow2" in ei.value.message
 
 
