@@ -3,5 +3,7 @@
 # In another terminal: .venv/bin/moldctl --socket var/demo/moldd.sock vm deploy --template tiny --serviceoffering small --ha
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# libvirtd hosts in private mount namespaces need root
+[ "$(id -u)" -eq 0 ] || exec sudo "$0" "$@"
 scripts/install.sh
 exec .venv/bin/python -m moldd.demo --root var/demo "$@"

@@ -62,6 +62,11 @@ def image_info(path: str) -> dict[str, Any]:
     return info
 
 
+def etype(entry: dict[str, Any]) -> str:
+    """An event's type in a listEvents reply (the view's key is being renamed from "type" to "event_type")."""
+    return str(entry.get("event_type") or entry.get("type"))
+
+
 def exists(path: str) -> bool:
     return Path(path).exists()
 
@@ -419,8 +424,9 @@ async def test_moldctl_console_prints_the_endpoint_and_follows_the_serial_log(cl
     code = await asyncio.to_thread(run, ["--socket", sock, "console", vm["name"]], out, err)
     assert code == 0, err.getvalue()
     assert "vnc" in out.getvalue() and "127.0.0.1:" in out.getvalue() and "/dev/pts/" in out.getvalue()
+    await wait_console(vm, "MOLDD-GUEST-READY")
     out = io.StringIO()
-    argv = ["--socket", sock, "console", vm["name"], "--follow", "--for", "4"]
+    argv = ["--socket", sock, "console", vm["name"], "--follow", "--for", "1"]
     code = await asyncio.to_thread(run, argv, out, err)
     assert code == 0, err.getvalue()
     assert "MOLDD-GUEST-READY" in out.getvalue()

@@ -11,7 +11,7 @@ import pytest
 
 from moldd.testing.harness import Client
 from tests.daemon.conftest import domain_state
-from tests.daemon.test_operations import daemon_with, deploy, idx, refused
+from tests.daemon.test_operations import daemon_with, deploy, etype, idx, refused
 
 pytestmark = pytest.mark.libvirt
 
@@ -62,7 +62,7 @@ async def test_disk_snapshots_of_a_stopped_vm_form_a_tree_and_revert(client: Cli
     tree = {s["name"]: (s["parent_name"], s["current"]) for s in await snapshots(client, name)}
     assert tree == {"s2": (None, False), "s3": (None, True)}
     assert libvirt_snapshots(clean_lab, h, dom) == {"s2": False, "s3": True}
-    types = [e["type"] for e in await client.events(name, "vmsnapshot")]
+    types = [etype(e) for e in await client.events(name, "vmsnapshot")]
     assert types.count("vmsnapshot.created") == 3 and types.count("vmsnapshot.deleted") == 1
     assert "vmsnapshot.reverted" in types
     assert (await refused(client, "deleteVMSnapshot", id=name, name="s1")).code == "not_found"
