@@ -258,7 +258,12 @@ class App:
             position=position,
         )
 
-    async def async_close(self) -> None:
+    async def async_close(self, grace_s: float = 10.0) -> None:
+        """Let running jobs finish (they carry acknowledged commands) for ``grace_s``, then cancel the rest;
+        whatever was cut short is reconciled with libvirt at the next start."""
+        pending = [*self.jobs.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
         for task in [*self.jobs.values(), *self.background]:
             task.cancel()
         for task in [*self.jobs.values(), *self.background]:

@@ -41,6 +41,12 @@ async def _run(*args: str, timeout: float = 60.0) -> str:
         proc.kill()
         await proc.wait()
         raise OperationFailed(f"qemu-img {args[0]} did not finish within {timeout:g} s") from None
+    except asyncio.CancelledError:
+        # do not leave a qemu-img behind (nor its transport to a closed loop)
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
     if proc.returncode != 0:
         msg = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
         code = proc.returncode
