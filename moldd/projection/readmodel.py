@@ -15,15 +15,24 @@ S = VMState
 
 
 class EventLike(Protocol):
-    position: int
-    stream_id: str
-    stream_version: int
-    event_type: str
-    actor: str
-    command_id: str | None
-    correlation_id: str | None
-    payload: dict[str, Any]
+    """What the fold reads of an event (``events.StoredEvent`` fits)."""
 
+    @property
+    def position(self) -> int: ...
+    @property
+    def stream_id(self) -> str: ...
+    @property
+    def stream_version(self) -> int: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def command_id(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def payload(self) -> dict[str, Any]: ...
     @property
     def recorded_at(self) -> Any: ...
 
