@@ -11,7 +11,7 @@ from moldd.testing.loopwatch import LoopWatch
 async def test_loopwatch_detects_a_deliberately_blocked_loop() -> None:
     async with LoopWatch() as watch:
         await asyncio.sleep(0.05)
-        time.sleep(0.3)  # noqa: ASYNC251 - the one place a blocking sleep is allowed: proving the detector works
+        time.sleep(0.3)
         await asyncio.sleep(0.02)
     assert watch.max_lag >= 0.25
     assert not watch.max_lag < 0.2
@@ -19,7 +19,7 @@ async def test_loopwatch_detects_a_deliberately_blocked_loop() -> None:
 
 async def test_loopwatch_detects_a_block_at_the_very_end() -> None:
     async with LoopWatch() as watch:
-        time.sleep(0.25)  # noqa: ASYNC251
+        time.sleep(0.25)
     assert watch.max_lag >= 0.2
 
 
