@@ -15,7 +15,7 @@ import structlog
 
 from events import NewEvent, SQLiteEventStore
 from moldd import systemd
-from moldd.app import groups, lifecycle, queries  # noqa: F401  (register verbs)
+from moldd.app import groups, hostops, lifecycle, queries  # noqa: F401  (register verbs)
 from moldd.app.bus import SYSTEM
 from moldd.app.hosts import HostManager
 from moldd.app.projector import Projector

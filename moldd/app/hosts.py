@@ -120,6 +120,10 @@ class HostManager:
         log.info("domain_event", vm=vm.name if vm else None, host=ev.host, lv_event=ev.event, lv_detail=ev.detail)
 
     async def _async_ingest_link(self, ev: HostLinkEvent) -> None:
+        known = self.app.model.hosts.get(ev.host)
+        if ev.kind == "reconnect_failed" and known is not None and known.link == "disconnected":
+            log.debug("host_still_unreachable", host=ev.host, reason=ev.reason)
+            return  # one record per outage, not one per retry
         await self.app.async_append(
             f"host-{ev.host}", [NewEvent("host.link", ev.to_payload() | {"host": ev.host}, actor="libvirt")]
         )

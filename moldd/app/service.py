@@ -135,7 +135,18 @@ class App:
         hosts = {}
         if self.hosts is not None:
             hosts = {h.name: {"link": h.link, "health": h.health} for h in self.model.hosts.values()}
-        return {"ok": all(checks.values()), "checks": checks, "position": self.model.position, "hosts": hosts}
+        alerts = [
+            f"host {h.name} is {h.health}: {h.health_cause}"
+            for h in self.model.hosts.values()
+            if h.health in ("FenceFailed", "Down", "Fencing")
+        ]
+        return {
+            "ok": all(checks.values()),
+            "checks": checks,
+            "position": self.model.position,
+            "hosts": hosts,
+            "alerts": alerts,
+        }
 
     async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
         async for ev in self.store.async_subscribe(from_position=max(1, from_position)):

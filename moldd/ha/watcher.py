@@ -134,6 +134,8 @@ class HAManager:
             self.queue.put_nowait((ev.stream_id.removeprefix("vm-"), "restart-failed", ev.position))
         elif t == "host.link":
             self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), ev.payload["kind"], ev.position))
+        elif t == "host.health" and ev.payload.get("confirmed_by_operator"):
+            self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), "operator-fenced", ev.position))
 
     # -- VM watcher ------------------------------------------------------------------------------------
     async def _async_vm_watcher(self) -> None:
@@ -312,6 +314,13 @@ class HAManager:
             host, kind, position = await self.host_queue.get()
             if kind == "connected":
                 await self._async_host_back(host, position)
+                continue
+            if kind == "operator-fenced":
+                task = self.host_tasks.pop(host, None)
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                self.host_tasks[host] = asyncio.create_task(self._async_evacuate(host), name=f"ha-evacuate-{host}")
                 continue
             task = self.host_tasks.get(host)
             if task is None or task.done():

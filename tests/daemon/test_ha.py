@@ -13,7 +13,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client, running_daemon
+from moldd.testing.harness import Client, CommandFailed, running_daemon
 
 pytestmark = pytest.mark.libvirt
 
@@ -236,3 +236,31 @@ async def test_health_turns_bad_when_ha_watcher_is_dead(daemon: Any) -> None:
     await asyncio.sleep(0.05)
     report = daemon.app.health()
     assert report["ok"] is False and report["checks"]["ha"] is False
+
+
+def _config_with_failing_fence(make_config: Any) -> Any:
+    from moldd.config import load_config
+
+    config = make_config(ha={"fence_command": ["false"], "fence_timeout_s": 2.0})
+    text = config.path.read_text().replace('fence_command = ["python3"', '# fence_command = ["python3"')
+    config.path.write_text(text)
+    return load_config(config.path)
+
+
+async def test_operator_confirmation_moves_vms_of_an_unfenceable_host(make_config: Any, clean_lab: Any) -> None:
+    config = _config_with_failing_fence(make_config)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        with pytest.raises(CommandFailed) as refused:
+            await client.call("confirmHostFenced", host="host0")
+        assert refused.value.code == "invalid_state" and "Up" in str(refused.value)
+        vm = await deploy_ha(client, host="host0")
+        clean_lab.hosts[0].freeze()
+        await client.wait_host("host0", timeout=40, health="FenceFailed")
+        alerts = d.app.health()["alerts"]
+        assert any("host0 is FenceFailed" in a for a in alerts), alerts
+        clean_lab.hosts[0].kill()  # the operator pulls the plug, then says so
+        await client.call("confirmHostFenced", host="host0", reason="PDU outlet 7 switched off by hand")
+        moved = await client.wait_vm(vm["name"], timeout=30, state="Running", host="host1")
+        assert moved["host"] == "host1"
+        confirmed = [e for e in await client.events_of_stream("host-host0") if e["payload"].get("confirmed_by_operator")]
+        assert confirmed and f"uid={os.getuid()}" in confirmed[0]["actor"]
