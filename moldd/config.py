@@ -94,6 +94,7 @@ class Config:
     log_level: str = "info"
     stop_timeout_s: float = 60.0
     expunge_delay_s: float = 86400.0
+    expunge_sweep_s: float = 60.0
     snapshot_every: int = 1000
     internal_name_pattern: str = "i-{account}-{id}-{instance}"
     append_display_name: bool = False
@@ -219,7 +220,7 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
         "daemon",
         {
             "socket", "socket_mode", "socket_group", "database", "storage_dir", "log_level", "stop_timeout_s",
-            "expunge_delay_s", "snapshot_every", "internal_name_pattern", "append_display_name", "account",
+            "expunge_delay_s", "expunge_sweep_s", "snapshot_every", "internal_name_pattern", "append_display_name", "account",
             "instance_suffix", "domain_type", "max_vm_snapshots", "tolerated_host_failures",
             "capacity_warning_headroom",
         },
@@ -356,6 +357,7 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
         log_level=level,
         stop_timeout_s=d.positive("stop_timeout_s", float, 60.0),
         expunge_delay_s=d.get("expunge_delay_s", float, 86400.0),
+        expunge_sweep_s=d.positive("expunge_sweep_s", float, 60.0),
         snapshot_every=d.positive("snapshot_every", int, 1000),
         internal_name_pattern=pattern,
         append_display_name=d.get("append_display_name", bool, False),

@@ -72,7 +72,9 @@ class Daemon:
         await self._async_recover_unreachable(set(unsynced))
         self._start_ha()
         self.tasks.append(
-            asyncio.create_task(lifecycle.async_sweep_expunged(self.app), name="expunge-sweeper")
+            asyncio.create_task(
+                lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
+            )
         )
         if cfg.checkpoints.key is not None:
             self.tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))

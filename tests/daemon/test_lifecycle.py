@@ -115,3 +115,36 @@ async def test_bad_deploy_is_refused_and_writes_nothing(client: Client, args: di
     assert refused.value.status in (400, 404, 409)
     after = (await client.call("listEvents", limit=10000))["result"]["count"]
     assert after == before
+
+
+async def test_blank_vm_boots_its_iso_from_an_empty_root_disk(client: Client, clean_lab: Any) -> None:
+    import libvirt
+
+    job = await client.job("deployVirtualMachine", iso="installer", offering="small", rootdisksize=2)
+    assert job["status"] == "succeeded", job
+    vm = await client.vm(job["vm"])
+    assert vm["iso"] == "installer" and vm["template"] is None and vm["root_disk"]["size_gb"] == 2
+    conn = libvirt.open(clean_lab.hosts[host_index(vm)].uri)
+    try:
+        xml = conn.lookupByName(vm["internal_name"]).XMLDesc(0)
+    finally:
+        conn.close()
+    assert "empty.iso" in xml and "device='cdrom'" in xml
+    assert xml.index("<boot dev='cdrom'/>") < xml.index("<boot dev='hd'/>")
+
+
+async def test_destroyed_vm_is_expunged_by_the_sweeper_after_the_delay(make_config: Any) -> None:
+    import asyncio
+
+    from moldd.testing.harness import running_daemon
+
+    config = make_config(daemon={"expunge_delay_s": 1, "expunge_sweep_s": 0.2})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        job = await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+        await client.job("destroyVirtualMachine", id=job["vm"])
+        assert (await client.vm(job["vm"]))["state"] == "Destroyed"
+        gone = await client.wait_vm(job["vm"], timeout=10, state="Expunged")
+        assert gone["state"] == "Expunged"
+        sweep = [e for e in await client.events(job["vm"]) if e["event_type"] == "vm.expunge.requested"]
+        assert sweep[0]["actor"] == "system" and "delay" in sweep[0]["payload"]["reason"]
+        await asyncio.sleep(0)
