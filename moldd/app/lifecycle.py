@@ -14,6 +14,7 @@ import structlog
 from events import NO_STREAM, NewEvent
 from moldd.app.args import Args
 from moldd.app.bus import SYSTEM, Actor, CommandReply
+from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
@@ -148,6 +149,10 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         )
         res = await app.async_append(f"vm-{name}", [ev], expected_version=NO_STREAM, command_id=cmd.id)
     log.info("vm_deploy_requested", vm=name, host=host.name)
+    try:
+        await async_note_capacity(app, host.cluster, cmd, name)
+    except MolddError as exc:  # a warning must never fail the deploy it follows
+        log.warning("capacity_warning_failed", reason=exc.message)
     app.spawn_job(cmd.id, name, async_run_deploy(app, name, cmd, start))
     return app.job_reply(cmd.id, app.model.vms[name], res.last_position)
 

@@ -18,14 +18,13 @@ from typing import Any
 
 import structlog
 
-from events import ANY_VERSION, NewEvent
+from events import NewEvent
 from moldd.app.args import Args
 from moldd.app.bus import CommandReply
 from moldd.app.lifecycle import async_power_off, async_start_on, hostname_taken
-from moldd.app.placement import capacities, host_loads
-from moldd.app.service import _REGISTRY, App, Command, verb
+from moldd.app.placement import host_loads
+from moldd.app.service import App, Command, verb
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
-from moldd.domain.capacity import low_headroom
 from moldd.domain.errors import (
     CapacityError,
     Conflict,
@@ -750,45 +749,3 @@ async def _async_cdrom_job(
         await app.async_record(
             name, "vm.iso.detached", {"iso": vm.iso, "live": live, "job_status": "succeeded"}, cmd=cmd
         )
-
-
-# -- capacity warning ------------------------------------------------------------------------------------
-async def async_note_capacity(app: App, cluster: str, cmd: Command | None, vm: str | None) -> None:
-    """After a deploy: warn once when the cluster's headroom crosses down to the warning level. A deploy adds
-    exactly one VM to the cluster, so it crossed iff the headroom is now exactly at the threshold."""
-    threshold = app.config.capacity_warning_headroom
-    cap = next((c for c in capacities(app.config, app.model) if c.cluster == cluster), None)
-    if cap is None or not low_headroom(cap, threshold) or cap.headroom != threshold:
-        return
-    payload = {**cap.to_dict(), "threshold": threshold, "vm": vm,
-               "message": f"cluster {cluster!r} has {cap.headroom} VM slot(s) left under its N-"
-                          f"{cap.tolerated_failures} rule ({cap.used}/{cap.limit}): add a host or rebalance"}  # fmt: skip
-    await app.async_append(
-        f"cluster-{cluster}",
-        [NewEvent("cluster.capacity_low", payload, actor="system", causation_id=cmd.id if cmd else None)],
-        expected_version=ANY_VERSION,
-    )
-    log.warning(
-        "cluster_capacity_low", cluster=cluster, used=cap.used, limit=cap.limit, headroom=cap.headroom
-    )
-
-
-def _with_capacity_warning(deploy: Any) -> Any:
-    async def handler(app: App, cmd: Command) -> CommandReply:
-        reply: CommandReply = await deploy(app, cmd)
-        vm = (reply.result or {}).get("vm") or {}
-        if vm.get("cluster") and not (reply.result or {}).get("duplicate"):
-            try:
-                await async_note_capacity(app, vm["cluster"], cmd, vm.get("name"))
-            except MolddError as exc:  # a warning must never fail the deploy it follows
-                log.warning("capacity_warning_failed", reason=exc.message)
-        return reply
-
-    handler.__wrapped__ = deploy  # type: ignore[attr-defined]
-    return handler
-
-
-# The deploy verb lives in lifecycle.py; the warning follows every deploy it records.
-_deploy = _REGISTRY.get("deployVirtualMachine")
-if _deploy is not None and not hasattr(_deploy, "__wrapped__"):
-    verb("deployVirtualMachine")(_with_capacity_warning(_deploy))

@@ -395,6 +395,8 @@ def _destroyed(model: ReadModel, ev: EventLike) -> None:
         vm.power_state = "off"
         vm.prior_state = None
         vm.ha_status = None
+        vm.snapshots = {}  # the domain's snapshot metadata goes with its definition
+        vm.current_snapshot = None
         vm.expunge_at = ev.payload.get("expunge_at")
 
 
