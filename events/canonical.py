@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import json.encoder
 from json.decoder import JSONDecoder
-from json.encoder import c_make_encoder, encode_basestring
 from typing import Any
+
+c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator (None without it)
 
 _encoder = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=True
@@ -16,11 +18,11 @@ _encode = _encoder.encode
 # keeps no state and is safe to share). A cycle, or nesting too deep, ends in RecursionError; the checking
 # encoder then runs to raise what it always raised (ValueError for a cycle). Same output, byte for byte.
 _fast_encode: Any = (
-    c_make_encoder(None, _encoder.default, encode_basestring, None, ":", ",", True, False, False)
+    c_make_encoder(None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", True, False, False)
     if c_make_encoder is not None
     else None
 )
-_scan_once = JSONDecoder().scan_once
+_scan_once: Any = getattr(JSONDecoder(), "scan_once")  # noqa: B009 - not in the typeshed stubs
 
 
 def canonical_json(value: Any) -> bytes:

@@ -23,6 +23,7 @@ from .upcast import Upcasters
 from .writer import CommandRow, Row
 
 SCHEMA_VERSION = 1
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 FORMAT = "events.log"
 
 COLUMNS = (
@@ -33,6 +34,15 @@ INSERT_EVENT = f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,
 INSERT_COMMAND = (
     "INSERT INTO commands (command_id, stream_id, first_position, last_position, stream_version) "
     "VALUES (?,?,?,?,?)"
+)
+
+TUNING = (
+    # Checkpoint the WAL into the database every ~40 MB instead of every ~4 MB: an index page rewritten by
+    # many groups is copied (and the database fsynced) once per checkpoint, not once per 1000 frames. Each
+    # COMMIT is still fsynced to the WAL (synchronous=FULL): durability does not depend on checkpoints.
+    f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}",
+    "PRAGMA cache_size = -16384",  # KiB: keeps the hot index and table pages across groups
+    "PRAGMA temp_store = MEMORY",
 )
 
 SCHEMA = [
@@ -202,6 +212,8 @@ class SQLiteEventStore(EventStore):
             if mode is None or str(mode[0]).lower() != "wal":
                 raise NotALogError(f"cannot put {path} in WAL mode (got {mode!r})")
             await conn.execute("PRAGMA synchronous = FULL")
+            for pragma in TUNING:
+                await conn.execute(pragma)
             raw = conn._conn  # the sqlite3 connection; used only through conn._execute (its own thread)
             log_id = await conn._execute(migrate, raw)
             head = await conn._execute(_head, raw, log_id)

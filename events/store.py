@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from .canonical import canonical_json, loads
+from .canonical import canonical_text, loads
 from .chain import encode_fields
 from .envelope import ANY_VERSION, AppendResult, NewEvent, Snapshot, StoredEvent, us_to_datetime
 from .errors import InvalidEventError, PayloadError, StoreClosedError
@@ -18,6 +18,7 @@ from .upcast import Upcasters
 from .writer import AppendRequest, CommandRow, GroupWriter, PreparedEvent, Row
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+_new_tuple = tuple.__new__  # StoredEvent(*fields) without the NamedTuple's Python-level __new__
 
 
 def system_clock_us() -> int:
@@ -101,20 +102,37 @@ class EventStore(abc.ABC):
     def _prepare(
         self, stream_id: str, events: Sequence[NewEvent], command_id: str | None
     ) -> list[PreparedEvent]:
-        _check_str(stream_id, "stream_id")
-        _check_str(command_id, "command_id", allow_none=True)
+        # Fast paths first (exact str, non-empty, no NUL); anything else goes through _check_str, which
+        # accepts what it always accepted and raises the detailed error.
+        if not (type(stream_id) is str and stream_id and "\x00" not in stream_id):
+            _check_str(stream_id, "stream_id")
+        if command_id is not None and not (type(command_id) is str and command_id and "\x00" not in command_id):
+            _check_str(command_id, "command_id", allow_none=True)
         if isinstance(events, NewEvent) or not events:
             raise InvalidEventError("events must be a non-empty sequence of NewEvent", field="events")
         limit = self.max_payload_bytes
         prepared: list[PreparedEvent] = []
         for i, ev in enumerate(events):
-            if not isinstance(ev, NewEvent):
+            if type(ev) is not NewEvent and not isinstance(ev, NewEvent):
                 raise InvalidEventError(f"events[{i}] is not a NewEvent: {ev!r}", field=f"events[{i}]")
             et = ev.event_type
-            _check_str(et, f"events[{i}].event_type")
-            _check_str(ev.actor, f"events[{i}].actor")
-            _check_str(ev.causation_id, f"events[{i}].causation_id", allow_none=True)
-            _check_str(ev.correlation_id, f"events[{i}].correlation_id", allow_none=True)
+            actor = ev.actor
+            caus = ev.causation_id
+            corr = ev.correlation_id
+            if not (
+                type(et) is str
+                and et
+                and "\x00" not in et
+                and type(actor) is str
+                and actor
+                and "\x00" not in actor
+                and (caus is None or (type(caus) is str and caus and "\x00" not in caus))
+                and (corr is None or (type(corr) is str and corr and "\x00" not in corr))
+            ):
+                _check_str(et, f"events[{i}].event_type")
+                _check_str(actor, f"events[{i}].actor")
+                _check_str(caus, f"events[{i}].causation_id", allow_none=True)
+                _check_str(corr, f"events[{i}].correlation_id", allow_none=True)
             sv = ev.schema_version
             if type(sv) is not int or not 1 <= sv < 2**31:
                 raise InvalidEventError(
@@ -130,7 +148,8 @@ class EventStore(abc.ABC):
                     reason="not_an_object",
                 )
             try:
-                data = canonical_json(payload)
+                text = canonical_text(payload)
+                data = text.encode("utf-8")
             except ValueError as exc:
                 reason = "nan_or_infinity" if "Out of range float" in str(exc) else "not_serialisable"
                 raise PayloadError(
@@ -161,14 +180,12 @@ class EventStore(abc.ABC):
                     reason="too_large",
                 )
             try:
-                fields = encode_fields(
-                    stream_id, et, ev.actor, command_id, ev.causation_id, ev.correlation_id
-                )
+                fields = encode_fields(stream_id, et, actor, command_id, caus, corr)
             except UnicodeEncodeError as exc:
                 raise InvalidEventError(f"event {i} has a field that is not valid Unicode: {exc}") from exc
-            prepared.append(
-                PreparedEvent(et, sv, ev.actor, ev.causation_id, ev.correlation_id, fields, data, loads(data))
-            )
+            # the payload handed back (StoredEvent.payload) is decoded from the stored text: a private copy,
+            # exactly what a later read returns
+            prepared.append(PreparedEvent(et, sv, actor, caus, corr, fields, data, loads(text)))
         return prepared
 
     async def async_append(
@@ -204,20 +221,23 @@ class EventStore(abc.ABC):
         up = self.upcasters
         if up is not None and up.needs_upcast(row[3], schema_version):
             schema_version, payload = up.upcast(row[3], schema_version, payload)
-        return StoredEvent(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            schema_version,
-            recorded_at if recorded_at is not None else us_to_datetime(row[5]),
-            row[6],
-            row[7],
-            row[8],
-            row[9],
-            payload,
-            row[11],
-            row[12],
+        return _new_tuple(
+            StoredEvent,
+            (
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                schema_version,
+                recorded_at if recorded_at is not None else us_to_datetime(row[5]),
+                row[6],
+                row[7],
+                row[8],
+                row[9],
+                payload,
+                row[11],
+                row[12],
+            ),
         )
 
     def _rows_to_events(self, rows: list[Row]) -> list[StoredEvent]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -89,6 +90,7 @@ class Daemon:
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
+        gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
 
     def _start_ha(self) -> None:
         try:

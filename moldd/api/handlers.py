@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+import orjson
 import structlog
 from aiohttp import web
 
@@ -21,14 +23,48 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 
 
-# default=str: a datetime or Path slipping into a result should not turn a success into a 500.
-# check_circular=False: results are JSON-ready trees (the bus contract); skipping the cycle check makes
-# encoding a 200-VM list ~30 % faster, and a cycle still fails (RecursionError → 500).
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False, default=str)
+# Replies are encoded by orjson (~5x the stdlib encoder on a 200-VM list), and a read-model view
+# (``moldd.projection.model.View``: anything with ``encoded_json()``) is spliced in from the encoding
+# it caches until its object changes. default=str: a datetime or Path slipping into a result should not
+# turn a success into a 500 (orjson itself writes datetimes, UUIDs and dataclasses). What orjson
+# refuses (non-string keys: OPT_NON_STR_KEYS would cost +50 % on every reply; integers beyond 64 bits;
+# nesting deeper than 254) goes to the stdlib encoder, which writes such keys as strings.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+# Subclasses of dict/list/str/int come to _default (so views are recognised); they leave as what the
+# stdlib encoder writes for them.
+_OPTIONS = orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def _default(value: Any) -> Any:
+    encoded = getattr(value, "encoded_json", None)
+    if encoded is not None:
+        return encoded()  # an orjson.Fragment
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return str(value)
 
 
 def dumps(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode()
+    try:
+        return orjson.dumps(value, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(value).encode()
+
+
+def loads(raw: bytes) -> Any:
+    """Parse a request body (UTF-8 JSON); raises ``ValueError`` (``orjson.JSONDecodeError``) when it is not.
+    Integers beyond 64 bits arrive as floats, which the verbs' integer checks refuse."""
+    return orjson.loads(raw)
 
 
 def json_response(payload: Any, status: int = 200) -> web.Response:
@@ -53,8 +89,8 @@ async def _read_json(request: web.Request) -> Any:
     if not raw:
         raise ValidationError("the request body is empty; send a JSON object", field="body")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return loads(raw)
+    except ValueError as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
 
 

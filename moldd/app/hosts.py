@@ -145,8 +145,11 @@ class HostManager:
                 continue
             dom = domains.get(vm.internal_name)
             if vm.host != host:
-                if dom is not None and is_on(dom.state) and vm.state == VMState.RUNNING:
-                    await self._async_stale_copy(host, vm, dom.state)
+                if dom is not None and is_on(dom.state):
+                    if vm.state == VMState.RUNNING:
+                        await self._async_stale_copy(host, vm, dom.state)
+                    elif vm.state in (VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN) and not app.busy(vm.name):
+                        await self._async_adopt(host, vm, dom.state)
                 continue
             async with app.locks[vm.name]:
                 vm = app.model.vms[vm.name]
@@ -187,6 +190,22 @@ class HostManager:
                     why=finding.reason,
                 )
         self.synced[host].set()
+
+    async def _async_adopt(self, host: str, vm: Any, domain_state: str) -> None:
+        """The only running copy of a VM is on a host the log did not place it on (a host came back whose guests
+        survived while moldd had given them up): the hypervisor is the truth for power, so record where it runs."""
+        async with self.app.locks[vm.name]:
+            payload = {
+                "state": "Running",
+                "power_state": "on",
+                "host": host,
+                "domain_state": domain_state,
+                "reason": f"found running on {host} while the log had it {vm.state} on {vm.host}",
+                "stop_cause": None,
+                "was": vm.state,
+            }
+            await self.app.async_append(f"vm-{vm.name}", [NewEvent("vm.reconciled", payload, actor="system")])
+        log.warning("vm_adopted", vm=vm.name, host=host, was=vm.state, log_host=vm.host)
 
     async def _async_stale_copy(self, host: str, vm: Any, domain_state: str) -> None:
         """A copy of a VM runs on a host that is not its current one (a host came back after its VMs were

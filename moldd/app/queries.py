@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from moldd.app.args import Args
@@ -20,7 +21,7 @@ def _reply(app: App, result: Any) -> CommandReply:
 async def list_vms(app: App, cmd: Command) -> CommandReply:
     a = Args(
         cmd.args,
-        {"id", "group", "state", "host", "listall", "keyword"},
+        {"id", "group", "state", "host", "listall", "keyword", "page", "pagesize"},
         {"groupid": "group", "hostid": "host", "name": "id"},
     )
     state = a.text("state", None)
@@ -34,6 +35,7 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
     else:
         show_expunged = a.boolean("listall", False) or state == "Expunged"
         vms = [v for v in app.model.vms.values() if show_expunged or v.state != "Expunged"]
+    page, pagesize = _paging(a)
     vms = [
         v
         for v in vms
@@ -42,9 +44,29 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
         and (host is None or v.host == host)
         and (keyword is None or keyword.lower() in f"{v.name} {v.display_name} {v.hostname}".lower())
     ]
-    return _reply(
-        app, {"count": len(vms), "virtualmachine": [v.to_dict() for v in sorted(vms, key=lambda v: v.id)]}
-    )
+    vms.sort(key=_BY_ID)
+    if pagesize is not None:
+        vms_page = vms[(page - 1) * pagesize : page * pagesize]
+    else:
+        vms_page = vms
+    # Shared read-only views: the reply is encoded at once and each VM's JSON is cached until it changes.
+    return _reply(app, {"count": len(vms), "virtualmachine": [v.view() for v in vms_page]})
+
+
+MAX_PAGE_SIZE = 10000
+
+
+_BY_ID = operator.attrgetter("id")
+
+
+def _paging(a: Args) -> tuple[int, int | None]:
+    """CloudStack paging: ``page`` (from 1) with ``pagesize``; without them, every match. ``count`` stays the
+    number of matches, so a client knows how many pages there are."""
+    pagesize = a.integer("pagesize", None, min=1, max=MAX_PAGE_SIZE)
+    page = a.integer("page", None, min=1)
+    if page is not None and pagesize is None:
+        raise ValidationError("page needs pagesize (the number of items per page)", field="pagesize")
+    return (page or 1), pagesize
 
 
 @verb("listHosts")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+import orjson
 
 T = TypeVar("T")
 
@@ -13,8 +16,67 @@ def _from(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def _json_copy(value: Any) -> Any:
+    """A private copy of a JSON-like tree (dicts, lists, tuples of scalars): ``asdict``'s copy, minus its cost.
+    Enum members (``VMState``) become their plain values, which encode faster and compare equal."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _json_copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_json_copy(v) for v in value]
+    if kind is tuple:
+        return tuple(_json_copy(v) for v in value)
+    if isinstance(value, Enum):
+        return _json_copy(value.value)
+    return value
+
+
+class View(dict[str, Any]):
+    """The JSON view of a read-model object, shared by every reader until the object changes: read-only.
+
+    It caches its own JSON encoding (``encoded_json()``, an ``orjson.Fragment``), which the API splices
+    into a reply instead of encoding the same VM again for every list."""
+
+    __slots__ = ("_json",)
+
+    def encoded_json(self) -> orjson.Fragment:
+        try:
+            return self._json
+        except AttributeError:
+            self._json: orjson.Fragment = orjson.Fragment(orjson.dumps(self, default=str))
+            return self._json
+
+
+class _Viewed:
+    """``to_dict()`` / ``view()`` from a cached view, dropped by any attribute assignment.
+
+    The view is built once per change, as a private copy (like ``asdict``: later folds never show
+    through it, so a snapshot or reply taken from it stays consistent). ``view()`` returns it as is
+    (read-only); ``to_dict()`` returns a fresh top-level dict over it: callers may add or replace keys,
+    but the nested containers (``offering``, ``snapshots``, ...) are shared and must not be mutated.
+    The fold changes nested containers only in the same step as attribute assignments (``vm.position``
+    at least), so every change drops the view.
+    """
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        self.__dict__["_view"] = None
+
+    def view(self) -> View:
+        view: View | None = self.__dict__.get("_view")
+        if view is None:
+            view = View({name: _json_copy(getattr(self, name)) for name in self._FIELDS})
+            self.__dict__["_view"] = view
+        return view
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.view())
+
+
 @dataclass
-class VM:
+class VM(_Viewed):
     name: str  # immutable RFC 1123 VM name
     id: int
     internal_name: str
@@ -52,16 +114,13 @@ class VM:
     ha_restarts: list[float] = field(default_factory=list)  # epoch seconds of HA restarts (recent window)
     ha_status: str | None = None  # None, "pending", "restarting", "failed"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VM:
         return _from(cls, data)
 
 
 @dataclass
-class Host:
+class Host(_Viewed):
     name: str
     uri: str
     cluster: str
@@ -73,22 +132,16 @@ class Host:
     link_since: str = ""
     position: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Host:
         return _from(cls, data)
 
 
 @dataclass
-class Group:
+class Group(_Viewed):
     name: str
     created_at: str
     description: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Group:
@@ -96,7 +149,7 @@ class Group:
 
 
 @dataclass
-class Job:
+class Job(_Viewed):
     """One long-running command. Its id is the command id; the log events of its progress carry it as
     correlation id. ``status``: pending → running → succeeded | failed."""
 
@@ -114,9 +167,10 @@ class Job:
     error: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
         return _from(cls, data)
+
+
+for _cls in (VM, Host, Group, Job):
+    _cls._FIELDS = tuple(f.name for f in fields(_cls))

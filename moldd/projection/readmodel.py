@@ -438,6 +438,10 @@ def _reconciled(model: ReadModel, ev: EventLike) -> None:
     vm.power_state = p.get("power_state", vm.power_state)
     vm.host = p.get("host", vm.host)
     vm.prior_state = None
+    if vm.state == S.RUNNING:
+        vm.ha_status = None
+        vm.error = None
+        vm.stop_cause = None
     if p.get("stop_cause"):
         vm.stop_cause = p["stop_cause"]
         vm.down_at = _iso(ev)

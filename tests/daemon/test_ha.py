@@ -264,3 +264,45 @@ async def test_operator_confirmation_moves_vms_of_an_unfenceable_host(make_confi
         assert moved["host"] == "host1"
         confirmed = [e for e in await client.events_of_stream("host-host0") if e["payload"].get("confirmed_by_operator")]
         assert confirmed and f"uid={os.getuid()}" in confirmed[0]["actor"]
+
+
+async def test_fencing_that_lied_never_leaves_two_copies(make_config: Any, clean_lab: Any) -> None:
+    """A fence command that says "done" without killing anything. QEMU's image lock stops the second copy from
+    opening the disk, HA gives up (Error), and when the host returns its surviving copy is adopted: one copy,
+    on the host where it really runs, recorded as found."""
+    config = make_config(ha={"fence_command": ["true"], "max_restarts": 2, "backoff_base_s": 0.2})
+    text = config.path.read_text().replace('fence_command = ["python3"', '# fence_command = ["python3"')
+    config.path.write_text(text)
+    from moldd.config import load_config
+
+    config = load_config(config.path)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, host="host0")
+        clean_lab.hosts[0].freeze()
+        await client.wait_vm(vm["name"], timeout=40, state="Error")
+        failed = [e for e in await client.events(vm["name"]) if e["event_type"] == "ha.restart.failed"]
+        assert failed and "lock" in failed[0]["payload"]["error"]["message"]
+        assert running_copies(clean_lab, vm["internal_name"]) == []  # host0 is frozen, host1 has none
+        clean_lab.hosts[0].thaw()
+        back = await client.wait_vm(vm["name"], timeout=30, state="Running", host="host0")
+        assert back["ha_status"] is None
+        assert running_copies(clean_lab, vm["internal_name"]) == ["host0"]
+        found = [e for e in await client.events(vm["name"]) if e["event_type"] == "vm.reconciled"][-1]
+        assert "found running on host0" in found["payload"]["reason"]
+
+
+async def test_evacuation_follows_ha_priority(make_config: Any, clean_lab: Any) -> None:
+    config = make_config(max_vms=3)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        low = await deploy_ha(client, host="host0", hapriority=1)
+        high = await deploy_ha(client, host="host0", hapriority=90)
+        clean_lab.hosts[0].kill()
+        await client.wait_vm(low["name"], timeout=40, state="Running", host="host1")
+        await client.wait_vm(high["name"], timeout=40, state="Running", host="host1")
+        evac = [e for e in await client.events_of_stream("host-host0") if e["event_type"] == "ha.evacuation"]
+        assert evac[-1]["payload"]["vms"] == [high["name"], low["name"]]
+        started = {}
+        for name in (low["name"], high["name"]):
+            ev = [e for e in await client.events(name) if e["event_type"] == "ha.restart.started"][-1]
+            started[name] = ev["position"]
+        assert started[high["name"]] < started[low["name"]]

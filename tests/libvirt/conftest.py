@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,7 +60,28 @@ def _wipe_host(uri: str) -> None:
         conn.close()
 
 
+def _reap_orphaned_libvirtd_helpers() -> None:
+    """Work around moldd.lab.reaper: it only ever looks at the *first* exited child (``waitid`` with
+    ``WNOWAIT``) and skips non-QEMU ones, so one orphaned libvirtd helper (comm ``rpc-libvirtd``, left
+    when a test kills libvirtd) wedges it and every later QEMU stays a zombie: libvirt then needs 80 s
+    to destroy a domain ("Failed to terminate process ... with SIGKILL").  Reap those orphans here."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == me and comm.startswith("rpc-"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
 def _heal_lab(lab: Any) -> None:
+    _reap_orphaned_libvirtd_helpers()
     for h in lab.hosts:
         if h.is_frozen():
             h.thaw()
@@ -73,7 +95,7 @@ async def lab_conns(
     lab_healthy: Any, bridge: LibvirtBridge, recorder: Recorder
 ) -> AsyncIterator[tuple[HostConnection, HostConnection]]:
     """HostConnections to the two lab hosts (started); afterwards hosts healed and emptied."""
-    await asyncio.to_thread(_heal_lab, lab_healthy)
+    await asyncio.wait_for(asyncio.to_thread(_heal_lab, lab_healthy), 60)
     h0, h1 = lab_healthy.hosts
     c0 = make_conn(h0.name, h0.uri, bridge, recorder)
     c1 = make_conn(h1.name, h1.uri, bridge, recorder)
@@ -84,7 +106,7 @@ async def lab_conns(
     finally:
         await c0.async_stop()
         await c1.async_stop()
-        await asyncio.to_thread(_heal_lab, lab_healthy)
+        await asyncio.wait_for(asyncio.to_thread(_heal_lab, lab_healthy), 60)
 
 
 @pytest.fixture

@@ -107,6 +107,7 @@ async def test_killed_qemu_is_stopped_failed(
     os.kill(_qemu_pid(lab.hosts[0], spec.name), signal.SIGKILL)
     t0 = time.monotonic()
     pairs = await recorder.wait_domain(spec.name, ("STOPPED", "FAILED"), timeout=10)
+    print(f"qemu killed: STOPPED/FAILED after {time.monotonic() - t0:.2f}s")
     assert time.monotonic() - t0 < 5
     assert pairs[-1] == ("STOPPED", "FAILED")
     assert ("SHUTDOWN", "GUEST") not in pairs
@@ -122,8 +123,10 @@ async def test_acpi_shutdown_of_a_real_guest_is_shutdown_guest_then_stopped_shut
         await _start(c0, spec, recorder)
         assert spec.serial_log is not None
         await _wait_for_text(spec.serial_log, GUEST_READY_MARKER)  # serial pty is also logged to a file
+        t0 = time.monotonic()
         await c0.async_shutdown(spec.name)
         pairs = await recorder.wait_domain(spec.name, ("STOPPED", "SHUTDOWN"), timeout=20)
+        print(f"ACPI shutdown: STOPPED/SHUTDOWN after {time.monotonic() - t0:.2f}s")
     assert watch.max_lag < 0.2
     assert pairs.index(("SHUTDOWN", "GUEST")) < pairs.index(("STOPPED", "SHUTDOWN"))
     assert recorder.off_loop_calls == 0
@@ -179,6 +182,7 @@ async def test_reconnects_after_libvirtd_is_killed_and_restarted(
         t_restarted = time.monotonic()
         await recorder.wait_link(c0.name, "connected", after=n, timeout=15)
         reconnect_delay = time.monotonic() - t_restarted
+        print(f"libvirtd restarted: connected again after {reconnect_delay:.2f}s")
         assert await c0.async_list_domains() == []
     assert watch.max_lag < 0.2
     assert down.reason in ("eof", "error")
