@@ -75,12 +75,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, libvirt_events: None) -> Itera
 def lab_healthy(lab: Lab) -> Iterator[Lab]:
     """The session lab; after the test every host is thawed and running, without guests."""
     yield lab
-    for h in lab.hosts:
-        if h.is_frozen():
-            h.thaw()
-        if not h.is_running():
-            h.restart()
-        h.fence()
+    lab.heal()
 
 
 @pytest.fixture

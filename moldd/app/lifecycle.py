@@ -250,12 +250,9 @@ async def stop_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "forced"}, {"virtualmachineid": "id", "name": "id"})
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        check(vm.state, Action.STOP)
-        res = await app.async_record(
-            vm, "vm.stop.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True
-        )
+    vm, res = await app.async_accept(
+        cmd, vm, Action.STOP, "vm.stop.requested", lambda v: {"forced": forced, "host": v.host}
+    )
     app.spawn_job(cmd.id, vm.name, async_stop_job(app, vm.name, forced, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -302,12 +299,9 @@ async def reboot_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "forced"}, {"virtualmachineid": "id", "name": "id"})
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        check(vm.state, Action.REBOOT)
-        res = await app.async_record(
-            vm, "vm.reboot.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True
-        )
+    vm, res = await app.async_accept(
+        cmd, vm, Action.REBOOT, "vm.reboot.requested", lambda v: {"forced": forced, "host": v.host}
+    )
     app.spawn_job(cmd.id, vm.name, _async_reboot_job(app, vm.name, forced, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -329,12 +323,9 @@ async def destroy_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "expunge"}, {"virtualmachineid": "id", "name": "id"})
     vm = app.get_vm({"id": a.raw("id")})
     expunge = a.boolean("expunge", False)
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        check(vm.state, Action.DESTROY)
-        res = await app.async_record(
-            vm, "vm.destroy.requested", {"expunge": expunge, "host": vm.host}, cmd=cmd, first=True
-        )
+    vm, res = await app.async_accept(
+        cmd, vm, Action.DESTROY, "vm.destroy.requested", lambda v: {"expunge": expunge, "host": v.host}
+    )
     app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -381,10 +372,7 @@ async def async_expunge_now(
 async def recover_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, {"virtualmachineid": "id", "name": "id"})
     vm = app.get_vm({"id": a.raw("id")})
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        check(vm.state, Action.RECOVER)
-        res = await app.async_record(vm, "vm.recovered", {}, cmd=cmd, first=True)
+    vm, res = await app.async_accept(cmd, vm, Action.RECOVER, "vm.recovered", lambda v: {})
     return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
 
 
@@ -392,10 +380,7 @@ async def recover_vm(app: App, cmd: Command) -> CommandReply:
 async def expunge_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, {"virtualmachineid": "id", "name": "id"})
     vm = app.get_vm({"id": a.raw("id")})
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        check(vm.state, Action.EXPUNGE)
-        res = await app.async_record(vm, "vm.expunge.requested", {}, cmd=cmd, first=True)
+    vm, res = await app.async_accept(cmd, vm, Action.EXPUNGE, "vm.expunge.requested", lambda v: {})
     app.spawn_job(cmd.id, vm.name, async_expunge_now(app, vm.name, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 

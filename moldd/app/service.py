@@ -24,6 +24,7 @@ from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
 from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.states import Action, VMState, check
 from moldd.projection.model import VM
 
 log = structlog.get_logger("moldd.app")
@@ -216,6 +217,22 @@ class App:
         return await self.async_append(
             f"vm-{name}", [ev], expected_version=expected, command_id=cmd.id if (first and cmd) else None
         )
+
+    async def async_accept(
+        self,
+        cmd: Command,
+        vm: VM,
+        action: Action,
+        event_type: str,
+        payload: Callable[[VM], dict[str, Any]],
+    ) -> tuple[VM, AppendResult]:
+        """The common front half of a VM command: under the VM's lock, check ``action`` against its current state
+        and append the event that acknowledges ``cmd``. Returns the VM as checked and the append result."""
+        async with self.locks[vm.name]:
+            vm = self.model.vms[vm.name]
+            check(VMState(vm.state), action)
+            res = await self.async_record(vm, event_type, payload(vm), cmd=cmd, first=True)
+        return vm, res
 
     def spawn_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(self._async_run_job(job_id, vm, coro), name=f"job-{job_id}")

@@ -39,20 +39,12 @@ _loop_lock = threading.Lock()
 _loop_thread: threading.Thread | None = None
 
 
-def ensure_default_event_loop() -> threading.Thread:
-    """Register libvirt's default event loop (once per process) and run it in a daemon thread."""
-    global _loop_thread
-    with _loop_lock:
-        if _loop_thread is None:
-            libvirt.virEventRegisterDefaultImpl()
+def ensure_default_event_loop() -> None:
+    """Register libvirt's default event loop (once per process) and run it in a daemon thread: the same thread
+    moldd's bridge uses, since libvirt allows one event implementation per process."""
+    from moldd.libvirt.bridge import ensure_event_loop_thread
 
-            def run() -> None:
-                while True:
-                    libvirt.virEventRunDefaultImpl()
-
-            _loop_thread = threading.Thread(target=run, name="libvirt-event-loop", daemon=True)
-            _loop_thread.start()
-        return _loop_thread
+    ensure_event_loop_thread()
 
 
 EVENT_NAMES = {

@@ -413,6 +413,26 @@ class LabHost:
             return False
         return True
 
+    def wipe(self) -> None:
+        """Destroy and undefine every domain of this host, snapshot metadata included."""
+        import libvirt
+
+        conn = libvirt.open(self.uri)
+        try:
+            for dom in conn.listAllDomains(0):
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isActive():
+                        dom.destroy()
+                with contextlib.suppress(libvirt.libvirtError):
+                    for snap in dom.listAllSnapshots(0):
+                        snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefineFlags(
+                        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                    )
+        finally:
+            conn.close()
+
     def qemu_pids(self) -> list[int]:
         """Live QEMU processes of this host (also those orphaned after libvirtd died)."""
         return host_qemu_pids(self.dir)
@@ -564,6 +584,18 @@ class Lab:
             self.stop()
             raise
         return self
+
+    def heal(self, *, wipe: bool = False) -> None:
+        """Every host thawed and running again, with no guests left (what a test leaves behind); with ``wipe``
+        also no domain definitions (nor their snapshot metadata)."""
+        for h in self.hosts:
+            if h.is_frozen():
+                h.thaw()
+            if not h.is_running():
+                h.restart()
+            h.fence()
+            if wipe:
+                h.wipe()
 
     def stop(self) -> None:
         """Stop every host; no libvirtd or qemu of this lab is left afterwards."""

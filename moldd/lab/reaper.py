@@ -18,12 +18,44 @@ _started = False
 _lock = threading.Lock()
 
 
+# Orphans the lab leaves us: QEMU (daemonized), and libvirtd's helpers once a test kills libvirtd. A killed lab
+# libvirtd is one of our Popen children; reaping it makes Popen report returncode 0, which the lab treats as
+# "not running" — true. Other children (qemu-img, fence commands) belong to asyncio or subprocess: left alone.
+REAPED = ("qemu-system", "rpc-libvirtd", "libvirtd", "rpc-virt")
+
+
 def _comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def _zombie_children() -> list[int]:
+    pids: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+    except OSError:
+        return pids
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    out.append(pid)
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _loop() -> None:
@@ -38,13 +70,14 @@ def _loop() -> None:
         if info is None:
             time.sleep(0.01)
             continue
-        if _comm(info.si_pid).startswith("qemu-system"):
-            try:
-                os.waitpid(info.si_pid, 0)
-            except ChildProcessError:
-                pass
-        else:
-            time.sleep(0.005)  # someone else's child: its owner reaps it
+        if _comm(info.si_pid).startswith(REAPED):
+            _reap(info.si_pid)
+            continue
+        # The first exited child is someone else's: do not wait behind it, reap ours by pid, then back off.
+        for pid in _zombie_children():
+            if _comm(pid).startswith(REAPED):
+                _reap(pid)
+        time.sleep(0.02)
 
 
 def ensure_reaper() -> bool:

@@ -14,24 +14,7 @@ from moldd.testing.harness import Client, running_daemon, write_config
 
 def wipe_lab(lab: Any) -> None:
     """Leave every lab host running, thawed and without domains (definitions included)."""
-    for h in lab.hosts:
-        if h.is_frozen():
-            h.thaw()
-        if not h.is_running():
-            h.restart()
-        h.fence()
-        conn = libvirt.open(h.uri)
-        try:
-            for dom in conn.listAllDomains():
-                try:
-                    if dom.isActive():
-                        dom.destroy()
-                    flags = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                    dom.undefineFlags(flags)
-                except libvirt.libvirtError:
-                    pass
-        finally:
-            conn.close()
+    lab.heal(wipe=True)
 
 
 @pytest.fixture

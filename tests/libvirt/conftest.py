@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,55 +37,8 @@ def make_conn(name: str, uri: str, bridge: LibvirtBridge, rec: Recorder, **kw: A
     return rec.connection(name, uri, bridge, **kw)
 
 
-def _wipe_host(uri: str) -> None:
-    """Destroy and undefine every domain (sync: runs in a thread from the fixture)."""
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        for dom in conn.listAllDomains(0):
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isActive():
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                for snap in dom.listAllSnapshots(0):
-                    snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefineFlags(
-                    libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                )
-    finally:
-        conn.close()
-
-
-def _reap_orphaned_libvirtd_helpers() -> None:
-    """Work around moldd.lab.reaper: it only ever looks at the *first* exited child (``waitid`` with
-    ``WNOWAIT``) and skips non-QEMU ones, so one orphaned libvirtd helper (comm ``rpc-libvirtd``, left
-    when a test kills libvirtd) wedges it and every later QEMU stays a zombie: libvirt then needs 80 s
-    to destroy a domain ("Failed to terminate process ... with SIGKILL").  Reap those orphans here."""
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] == "Z" and int(fields[1]) == me and comm.startswith("rpc-"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
-
-
 def _heal_lab(lab: Any) -> None:
-    _reap_orphaned_libvirtd_helpers()
-    for h in lab.hosts:
-        if h.is_frozen():
-            h.thaw()
-        if not h.is_running():
-            h.restart()
-        _wipe_host(h.uri)
+    lab.heal(wipe=True)
 
 
 @pytest.fixture
