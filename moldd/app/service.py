@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from events import ANY_VERSION, AppendResult, NewEvent, StoredEvent
+from events import ANY_VERSION, AppendResult, ConcurrencyError, NewEvent, StoredEvent
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
 from moldd.config import Config
@@ -105,7 +105,14 @@ class App:
         cmd = Command(id=command_id or uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(actor))
         try:
-            reply = await handler(self, cmd)
+            try:
+                reply = await handler(self, cmd)
+            except ConcurrencyError as exc:
+                # Another change to the same VM was committed between our check and our append: nothing of this
+                # command was written; the client may retry (with the same id) and be checked afresh.
+                raise Conflict(
+                    f"{exc.stream_id} changed while this command was being checked; retry it", field="id"
+                ) from None
         except MolddError as exc:
             log.info("command_refused", verb=verb, code=exc.code, field=exc.field, reason=exc.message)
             raise

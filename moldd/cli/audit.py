@@ -152,7 +152,8 @@ def _cmd_history(args: argparse.Namespace) -> int:
     for e in hist.entries:
         who = e.actor if e.uid is None else f"uid={e.uid}" + (f"({e.user})" if e.user else "")
         change = "" if (e.state_before, e.power_before, e.host_before) == (e.state_after, e.power_after, e.host_after) else (
-            f"{e.state_before}/{e.power_before}@{e.host_before} -> {e.state_after}/{e.power_after}@{e.host_after}"
+            ("(new)" if e.state_before is None else f"{e.state_before}/{e.power_before}@{e.host_before}")
+            + f" -> {e.state_after}/{e.power_after}@{e.host_after}"
         )  # fmt: skip
         detail = " ".join(x for x in (e.summary, f"cause: {e.cause}" if e.cause else "") if x)
         rows.append(
