@@ -105,20 +105,28 @@ class App:
         cmd = Command(id=command_id or uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(actor))
         try:
-            try:
-                reply = await handler(self, cmd)
-            except ConcurrencyError as exc:
-                # Another change to the same VM was committed between our check and our append: nothing of this
-                # command was written; the client may retry (with the same id) and be checked afresh.
-                raise Conflict(
-                    f"{exc.stream_id} changed while this command was being checked; retry it", field="id"
-                ) from None
+            reply = await self._async_run_checked(handler, cmd)
         except MolddError as exc:
             log.info("command_refused", verb=verb, code=exc.code, field=exc.field, reason=exc.message)
             raise
         finally:
             structlog.contextvars.unbind_contextvars("command_id", "actor")
         return reply
+
+    async def _async_run_checked(self, handler: Handler, cmd: Command, attempts: int = 3) -> CommandReply:
+        """Run a handler; if another event for the same stream (a libvirt event, say) was committed between its
+        check and its append, nothing of the command was written: let the projection catch up and decide again."""
+        for attempt in range(attempts):
+            try:
+                return await handler(self, cmd)
+            except ConcurrencyError as exc:
+                head, _ = await self.store.async_head()
+                await self.projector.async_wait(head)
+                if attempt == attempts - 1:
+                    raise Conflict(
+                        f"{exc.stream_id} kept changing while this command was being checked; retry it", field="id"
+                    ) from None
+        raise AssertionError("unreachable")
 
     def replay_reply(self, previous: AppendResult) -> CommandReply:
         """A retried command id: answer with what the first attempt started (its job as it is now)."""

@@ -148,3 +148,31 @@ async def test_destroyed_vm_is_expunged_by_the_sweeper_after_the_delay(make_conf
         sweep = [e for e in await client.events(job["vm"]) if e["event_type"] == "vm.expunge.requested"]
         assert sweep[0]["actor"] == "system" and "delay" in sweep[0]["payload"]["reason"]
         await asyncio.sleep(0)
+
+
+async def test_a_command_that_races_a_libvirt_event_is_checked_again(daemon: Any, client: Client) -> None:
+    """An event committed on the VM's stream between a command's check and its append (here: injected once)
+    makes the append fail its expected-version check; the command is decided again, not lost or doubled."""
+    from events import NewEvent
+
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+    name = job["vm"]
+    app = daemon.app
+    original = app.async_record
+    injected = {"n": 0}
+
+    async def racing_record(vm: Any, event_type: str, payload: dict[str, Any], **kw: Any) -> Any:
+        if kw.get("first") and not injected["n"]:
+            injected["n"] += 1
+            await app.store.async_append(f"vm-{name}", [NewEvent("libvirt.domain_event", {"host": "host0", "event": "DEFINED", "detail": "UPDATED"})])
+        return await original(vm, event_type, payload, **kw)
+
+    app.async_record = racing_record  # type: ignore[method-assign]
+    try:
+        reply = await client.call("startVirtualMachine", id=name)
+    finally:
+        app.async_record = original  # type: ignore[method-assign]
+    done = await client.wait_job(reply["result"]["job"]["id"])
+    assert injected["n"] == 1 and done["status"] == "succeeded"
+    kinds = [e["event_type"] for e in await client.events(name)]
+    assert kinds.count("vm.start.requested") == 1
