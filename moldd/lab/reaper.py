@@ -53,7 +53,7 @@ def _zombie_children() -> list[int]:
 
 def _reap(pid: int) -> None:
     try:
-        os.waitpid(pid, 0)
+        os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
 
