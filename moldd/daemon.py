@@ -38,6 +38,22 @@ def _load_optional_verbs() -> None:
             importlib.import_module(name)
 
 
+def _log_event(ev: Any, model: Any) -> None:
+    """One journal line per log entry, with the fields an operator greps for."""
+    stream = ev.stream_id
+    log.info(
+        "log_event",
+        position=ev.position,
+        event_type=ev.event_type,
+        vm=stream[3:] if stream.startswith("vm-") else None,
+        host=ev.payload.get("host") if isinstance(ev.payload, dict) else None,
+        stream=stream,
+        actor=ev.actor,
+        command_id=ev.command_id or ev.causation_id,
+        job=ev.correlation_id,
+    )
+
+
 class Daemon:
     """The whole daemon as one object, so tests run exactly what production runs."""
 
@@ -61,6 +77,7 @@ class Daemon:
         self.store = await SQLiteEventStore.async_open(cfg.database)
         self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
         await self.projector.async_restore()
+        self.projector.listeners.append(_log_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running

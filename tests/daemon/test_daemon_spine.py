@@ -113,7 +113,8 @@ async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any
     assert watch.max_lag < 1.0, f"event loop blocked for {watch.max_lag:.3f} s"
 
 
-async def test_sigterm_stops_the_daemon_cleanly(config: Any) -> None:
+async def test_daemon_process_logs_json_lines_and_stops_cleanly_on_sigterm(make_config: Any) -> None:
+    config = make_config(daemon={"log_level": "info"})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "moldd.daemon", "--config", str(config.path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -124,10 +125,15 @@ async def test_sigterm_stops_the_daemon_cleanly(config: Any) -> None:
             assert time.monotonic() < deadline, "daemon did not create its socket"
             await asyncio.sleep(0.1)
         async with Client(config.socket) as client:
-            assert (await client.call("listHosts"))["ok"]
+            reply = await client.call("createInstanceGroup", name="web")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
         assert not config.socket.exists()
+        assert proc.stderr is not None
+        lines = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines() if line.strip()]
+        entry = next(x for x in lines if x.get("event") == "log_event" and x.get("event_type") == "group.created")
+        assert entry["position"] == reply["position"] and f"uid={os.getuid()}" in entry["actor"]
+        assert {"timestamp", "level"} <= set(entry)
     finally:
         if proc.returncode is None:
             proc.kill()
