@@ -151,3 +151,25 @@ def test_bad_config_is_refused_with_file_key_and_reason(tmp_path: Path) -> None:
 
 
 _ = qemu_pid
+
+
+async def test_reconnect_resyncs_what_happened_while_disconnected(make_config: Any, clean_lab: Any) -> None:
+    """libvirtd restarts (guests keep running); meanwhile a guest dies, and its event is lost with the
+    connection. After the reconnect moldd resyncs and records what it found."""
+    config = make_config(ha={"host_down_after_s": 30.0})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        job = await client.job("deployVirtualMachine", template="tiny", offering="small", host="host0")
+        vm = await client.vm(job["vm"])
+        host = clean_lab.hosts[0]
+        pid = qemu_pid(clean_lab, "host0", vm["internal_name"])
+        host.kill_daemon()
+        await client.wait_host("host0", timeout=10, link="disconnected")
+        os.kill(pid, signal.SIGKILL)  # nobody is there to see it
+        await asyncio.sleep(0.5)
+        host.restart()
+        found = await client.wait_vm(vm["name"], timeout=30, state="Stopped")
+        assert found["stop_cause"] == "found-stopped"
+        rec = [e for e in await client.events(vm["name"]) if e["event_type"] == "vm.reconciled"][-1]
+        assert rec["payload"]["was"] == "Running" and rec["actor"] == "system"
+        hosts = (await client.call("listHosts"))["result"]["host"]
+        assert next(h for h in hosts if h["name"] == "host0")["health"] in ("Up", "Suspect")
