@@ -9,6 +9,9 @@ from moldd.domain.errors import ValidationError
 
 _MISSING: Any = object()
 
+VM_ALIASES = {"virtualmachineid": "id", "vm": "id", "name": "id"}
+"""The names CloudStack clients (and moldctl) use for "the VM this command is about"."""
+
 
 class Args:
     def __init__(

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from events import NO_STREAM, NewEvent
-from moldd.app.args import Args
+from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm
@@ -222,7 +222,7 @@ async def async_start_on(
 
 @verb("startVirtualMachine")
 async def start_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id", "host"}, {"hostid": "host", "virtualmachineid": "id", "name": "id"})
+    a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -247,7 +247,7 @@ async def _async_start_job(app: App, name: str, host: str, cmd: Command) -> None
 # -- stop ------------------------------------------------------------------------------------------------
 @verb("stopVirtualMachine")
 async def stop_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id", "forced"}, {"virtualmachineid": "id", "name": "id"})
+    a = Args(cmd.args, {"id", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
     vm, res = await app.async_accept(
@@ -296,7 +296,7 @@ async def async_stop_job(
 # -- reboot ----------------------------------------------------------------------------------------------
 @verb("rebootVirtualMachine")
 async def reboot_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id", "forced"}, {"virtualmachineid": "id", "name": "id"})
+    a = Args(cmd.args, {"id", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
     vm, res = await app.async_accept(
@@ -320,7 +320,7 @@ async def _async_reboot_job(app: App, name: str, forced: bool, cmd: Command) -> 
 # -- destroy / recover / expunge -------------------------------------------------------------------------
 @verb("destroyVirtualMachine")
 async def destroy_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id", "expunge"}, {"virtualmachineid": "id", "name": "id"})
+    a = Args(cmd.args, {"id", "expunge"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     expunge = a.boolean("expunge", False)
     vm, res = await app.async_accept(
@@ -370,7 +370,7 @@ async def async_expunge_now(
 
 @verb("recoverVirtualMachine")
 async def recover_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id"}, {"virtualmachineid": "id", "name": "id"})
+    a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     vm, res = await app.async_accept(cmd, vm, Action.RECOVER, "vm.recovered", lambda v: {})
     return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
@@ -378,7 +378,7 @@ async def recover_vm(app: App, cmd: Command) -> CommandReply:
 
 @verb("expungeVirtualMachine")
 async def expunge_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id"}, {"virtualmachineid": "id", "name": "id"})
+    a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     vm, res = await app.async_accept(cmd, vm, Action.EXPUNGE, "vm.expunge.requested", lambda v: {})
     app.spawn_job(cmd.id, vm.name, async_expunge_now(app, vm.name, cmd=cmd))

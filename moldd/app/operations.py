@@ -19,9 +19,9 @@ from typing import Any
 import structlog
 
 from events import NewEvent
-from moldd.app.args import Args
+from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import CommandReply
-from moldd.app.lifecycle import async_power_off, async_start_on, hostname_taken
+from moldd.app.lifecycle import async_power_off, async_start_on, err, hostname_taken
 from moldd.app.placement import host_loads
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
@@ -45,12 +45,7 @@ from moldd.projection.model import VM
 
 log = structlog.get_logger("moldd.operations")
 GIB = 1024**3
-VM_ALIASES = {"virtualmachineid": "id", "vm": "id", "name": "id"}
 OFFERING_ALIASES = {"serviceofferingid": "offering", "serviceoffering": "offering"}
-
-
-def err(exc: MolddError) -> dict[str, Any]:
-    return exc.to_dict()
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
