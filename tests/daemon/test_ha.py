@@ -306,3 +306,15 @@ async def test_evacuation_follows_ha_priority(make_config: Any, clean_lab: Any) 
             ev = [e for e in await client.events(name) if e["event_type"] == "ha.restart.started"][-1]
             started[name] = ev["position"]
         assert started[high["name"]] < started[low["name"]]
+
+
+async def test_host_that_died_while_daemon_was_down_is_fenced_and_evacuated(config: Any, clean_lab: Any) -> None:
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, host="host0")
+    clean_lab.hosts[0].kill()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        moved = await client.wait_vm(vm["name"], timeout=40, state="Running", host="host1")
+        assert moved["host"] == "host1"
+        health = [e["payload"]["to"] for e in await client.events_of_stream("host-host0") if e["event_type"] == "host.health"]
+        assert "Fenced" in health
+        assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
