@@ -173,3 +173,38 @@ async def test_reconnect_resyncs_what_happened_while_disconnected(make_config: A
         assert rec["payload"]["was"] == "Running" and rec["actor"] == "system"
         hosts = (await client.call("listHosts"))["result"]["host"]
         assert next(h for h in hosts if h["name"] == "host0")["health"] in ("Up", "Suspect")
+
+
+async def test_systemd_gets_ready_after_the_socket_listens_and_watchdog_pings(make_config: Any, tmp_path: Path) -> None:
+    import socket as socketlib
+
+    config = make_config()
+    notify_path = tmp_path / "notify.sock"
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.setblocking(False)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moldd.daemon", "--config", str(config.path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    messages: list[str] = []
+    socket_at_ready = None
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 2:
+            data = await asyncio.wait_for(loop.sock_recv(listener, 4096), 30)
+            text = data.decode()
+            if "READY=1" in text:
+                socket_at_ready = config.socket.exists()
+            messages.append(text)
+        assert any("READY=1" in m for m in messages), messages
+        assert socket_at_ready is True  # READY only once clients can connect
+        assert sum("WATCHDOG=1" in m for m in messages) >= 2
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        listener.close()
+        if proc.returncode is None:
+            proc.kill()
