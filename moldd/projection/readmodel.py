@@ -228,6 +228,12 @@ def _host_health(model: ReadModel, ev: EventLike) -> None:
         host.health_since = _iso(ev)
         host.health_cause = ev.payload.get("cause", "")
         host.position = ev.position
+        # Nobody can see the power of a VM on a host that does not answer; when it answers again the resync
+        # that follows records any difference, so what the log last saw is back in force.
+        unknown = host.health != "Up"
+        for vm in model.vms_on(host.name):
+            if vm.state == S.RUNNING and vm.power_state in ("on", "unknown"):
+                vm.power_state = "unknown" if unknown else "on"
 
 
 @on("group.created")

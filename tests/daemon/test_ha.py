@@ -183,6 +183,7 @@ async def test_failed_fencing_starts_nothing_elsewhere(make_config: Any, clean_l
         vm = await deploy_ha(client, host="host0")
         clean_lab.hosts[0].freeze()
         await client.wait_host("host0", timeout=40, health="FenceFailed")
+        assert (await client.vm(vm["name"]))["power_state"] == "unknown"
         await asyncio.sleep(1.0)
         assert running_copies(clean_lab, vm["internal_name"]) == []  # host0 frozen: not listed; nothing on host1
         assert (await client.vm(vm["name"]))["host"] == "host0"
@@ -190,7 +191,8 @@ async def test_failed_fencing_starts_nothing_elsewhere(make_config: Any, clean_l
         await client.wait_host("host0", timeout=30, health="Up", link="connected")
         await asyncio.sleep(1.0)
         assert running_copies(clean_lab, vm["internal_name"]) == ["host0"]
-        assert (await client.vm(vm["name"]))["state"] == "Running"
+        back = await client.vm(vm["name"])
+        assert back["state"] == "Running" and back["power_state"] == "on"
 
 
 async def test_vm_that_died_while_daemon_was_down_is_restarted(config: Any, clean_lab: Any) -> None:
