@@ -54,8 +54,28 @@ PRIVATE_DIRS: dict[str, str] = {
 }
 MIGRATION_PORT_BASE = 49152
 DISPLAY_PORT_BASE = 5900
-WEBSOCKET_PORT_BASE = 5700
-PORTS_PER_HOST = 100
+WEBSOCKET_PORT_BASE = 11000
+PORTS_PER_HOST = 50
+HOSTS_PER_SLOT = 8
+SLOTS = 12  # labs that may run at once on one machine (each holds a slot lock while it lives)
+SLOT_LOCK_DIR = Path("/tmp/moldd-lab-slots")
+
+
+def claim_slot() -> tuple[int, int]:
+    """A free lab slot and the open file descriptor whose lock holds it (closing it frees the slot). Labs of
+    different processes (two test runs, the demo) then get disjoint VNC and migration port ranges."""
+    import fcntl
+
+    SLOT_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    for slot in range(SLOTS):
+        fd = os.open(SLOT_LOCK_DIR / f"{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return slot, fd
+    raise LabError(f"all {SLOTS} lab slots are in use (locks in {SLOT_LOCK_DIR})")
 HOST_INFO_FILE = "host.json"
 
 
@@ -556,8 +576,11 @@ class Lab:
         self.n_hosts = n_hosts
         self.name_prefix = name_prefix
         self.prepare = prepare
+        if n_hosts > HOSTS_PER_SLOT:
+            raise LabError(f"a lab has at most {HOSTS_PER_SLOT} hosts")
+        self.slot, self._slot_fd = claim_slot()
         self.hosts: list[LabHost] = [
-            LabHost(f"{name_prefix}{i}", self.root / f"{name_prefix}{i}", index=i,
+            LabHost(f"{name_prefix}{i}", self.root / f"{name_prefix}{i}", index=self.slot * HOSTS_PER_SLOT + i,
                     qemu_caps_seed=self.qemu_caps_cache)
             for i in range(n_hosts)
         ]
@@ -606,6 +629,9 @@ class Lab:
             except Exception as e:
                 errors.append(e)
         _live_labs.discard(self)
+        if self._slot_fd >= 0:
+            os.close(self._slot_fd)  # frees the slot (its port ranges) for another lab
+            self._slot_fd = -1
         if errors:
             raise LabError("; ".join(str(e) for e in errors))
 
