@@ -49,45 +49,10 @@ def encode_fields(
     correlation_id: str | None,
     errors: str = "strict",
 ) -> bytes:
-    """Length-framed UTF-8 bytes of the envelope's text fields (None is length -1, distinct from "")."""
-    if errors == "strict":  # the common case, without the codec lookup of encode("utf-8", errors)
-        s = stream_id.encode()
-        t = event_type.encode()
-        a = actor.encode()
-        c = b"" if command_id is None else command_id.encode()
-        ca = b"" if causation_id is None else causation_id.encode()
-        co = b"" if correlation_id is None else correlation_id.encode()
-    else:
-        return _encode_fields_slow(stream_id, event_type, actor, command_id, causation_id, correlation_id, errors)
-    return b"".join(
-        (
-            _pack_lengths(
-                len(s),
-                len(t),
-                len(a),
-                NULL_LENGTH if command_id is None else len(c),
-                NULL_LENGTH if causation_id is None else len(ca),
-                NULL_LENGTH if correlation_id is None else len(co),
-            ),
-            s,
-            t,
-            a,
-            c,
-            ca,
-            co,
-        )
-    )
+    """Length-framed UTF-8 bytes of the envelope's text fields (None is length -1, distinct from "").
 
-
-def _encode_fields_slow(
-    stream_id: str,
-    event_type: str,
-    actor: str,
-    command_id: str | None,
-    causation_id: str | None,
-    correlation_id: str | None,
-    errors: str,
-) -> bytes:
+    `errors` is the UTF-8 error handler ("surrogateescape" re-creates bytes read back from a damaged file).
+    """
     s = stream_id.encode("utf-8", errors)
     t = event_type.encode("utf-8", errors)
     a = actor.encode("utf-8", errors)

@@ -154,30 +154,45 @@ def checkpoint_db(db_path: str | Path, key: Ed25519PrivateKey | str | Path, out:
 def parse_checkpoints(
     path: str | Path, public_key: Ed25519PublicKey
 ) -> tuple[list[Checkpoint], list[tuple[int, str]]]:
-    """(checkpoints with a valid signature, [(line number, problem)] for the others)."""
+    """(checkpoints with a valid signature, [(line number, problem)] for the others).
+
+    Raises CheckpointError only when the file cannot be read; a line that is not a well-formed, validly
+    signed checkpoint (bad JSON or UTF-8, wrong field types, bad signature) is reported in the second list.
+    """
     good: list[Checkpoint] = []
     bad: list[tuple[int, str]] = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = Path(path).read_bytes()
+    except OSError as exc:
         raise CheckpointError(f"cannot read checkpoints {path}: {exc}", field="checkpoints") from exc
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            d = json.loads(line)
-            cp = Checkpoint(
-                str(d["log_id"]), int(d["position"]), str(d["head_hash"]), str(d["time"]), str(d["signature"])
-            )
+            cp = _parse_line(raw)
             public_key.verify(bytes.fromhex(cp.signature), cp.message())
         except InvalidSignature:
             bad.append((lineno, "signature does not verify"))
             continue
-        except (ValueError, KeyError, TypeError) as exc:
-            bad.append((lineno, f"malformed checkpoint line: {exc}"))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            bad.append((lineno, f"malformed checkpoint line: {type(exc).__name__}: {exc}"))
             continue
         good.append(cp)
     return good, bad
+
+
+def _parse_line(raw: bytes) -> Checkpoint:
+    d = json.loads(raw.decode("utf-8"))
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    position = d["position"]
+    if type(position) is not int:
+        raise ValueError(f"position must be an integer, got {position!r}")
+    text = {k: d[k] for k in ("log_id", "head_hash", "time", "signature")}
+    for key, value in text.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+    return Checkpoint(text["log_id"], position, text["head_hash"], text["time"], text["signature"])
 
 
 def load_checkpoints(path: str | Path, public_key: Ed25519PublicKey | str | Path) -> list[Checkpoint]:

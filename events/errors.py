@@ -35,7 +35,7 @@ class ConcurrencyError(EventLogError):
 
 
 class InvalidEventError(EventLogError):
-    """An argument of an append is malformed (empty stream id, empty event type, bad version...)."""
+    """An argument is malformed (empty stream id or event type, bad version, negative limit...)."""
 
     code = "invalid_event"
 

@@ -6,10 +6,9 @@ import bisect
 import uuid
 from typing import Any
 
-from .canonical import canonical_json, loads
 from .chain import genesis_hash
-from .envelope import AppendResult, Snapshot, us_to_datetime
-from .store import DEFAULT_MAX_PAYLOAD_BYTES, EventStore, system_clock_us
+from .envelope import AppendResult
+from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row
 
@@ -23,7 +22,7 @@ class MemoryEventStore(EventStore):
         upcasters: Upcasters | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         *,
-        clock: Any = None,
+        clock: Clock | None = None,
         subscriber_queue_limit: int = 10_000,
     ) -> None:
         log_id = log_id or str(uuid.uuid4())
@@ -34,13 +33,13 @@ class MemoryEventStore(EventStore):
             last_recorded_us=0,
             upcasters=upcasters,
             max_payload_bytes=max_payload_bytes,
-            clock=clock or system_clock_us,
+            clock=clock,
             subscriber_queue_limit=subscriber_queue_limit,
         )
         self._rows: list[Row] = []
         self._streams: dict[str, list[int]] = {}  # stream id -> positions
         self._commands: dict[str, CommandRow] = {}
-        self._snapshots: dict[str, tuple[int, bytes, bytes, int]] = {}
+        self._snapshots: dict[str, SnapshotRow] = {}
 
     @classmethod
     async def async_open(
@@ -61,7 +60,7 @@ class MemoryEventStore(EventStore):
             if cmd[0] in self._commands:
                 raise RuntimeError(f"duplicate command id {cmd[0]!r}")
         for row in rows:
-            self._rows.append(tuple(row))
+            self._rows.append(row)
             self._streams.setdefault(row[1], []).append(row[0])
         for cmd in commands:
             self._commands[cmd[0]] = cmd
@@ -95,24 +94,11 @@ class MemoryEventStore(EventStore):
             rows = self._rows[lo:]
         return list(rows if limit is None else rows[:limit])
 
-    async def async_hash_at(self, position: int) -> bytes | None:
-        if position == 0:
-            return genesis_hash(self.log_id)
-        if 1 <= position <= len(self._rows):
-            return bytes(self._rows[position - 1][12])
-        return None
+    async def _async_hash_at(self, position: int) -> bytes | None:
+        return bytes(self._rows[position - 1][12]) if position <= len(self._rows) else None
 
-    async def async_save_snapshot(self, name: str, position: int, state: dict[str, Any]) -> Snapshot:
-        head_hash = await self.async_hash_at(position)
-        if head_hash is None:
-            raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
-        now = system_clock_us()
-        data = canonical_json(state)
-        self._snapshots[name] = (position, head_hash, data, now)
-        return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now))
+    async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
+        self._snapshots[name] = snapshot
 
-    async def async_load_snapshot(self, name: str) -> Snapshot | None:
-        snap = self._snapshots.get(name)
-        if snap is None:
-            return None
-        return Snapshot(name, snap[0], snap[1], loads(snap[2]), us_to_datetime(snap[3]))
+    async def _async_get_snapshot(self, name: str) -> SnapshotRow | None:
+        return self._snapshots.get(name)

@@ -1,8 +1,9 @@
 """SQLiteEventStore: the log in one SQLite file (WAL, synchronous=FULL), written through aiosqlite.
 
 The library creates and migrates its schema (PRAGMA user_version + a meta table holding the log id).
-Rows of `events`, `commands` and `meta` can never be updated or deleted: triggers abort such statements,
-so the rule holds for every client of the file, not just this code.
+Rows of `events`, `commands` and `meta` cannot be updated or deleted: triggers abort such statements for
+every client of the file, not just this code. (Whoever can write the file can drop the triggers: that is
+what the hash chain and the signed checkpoints of `events.verify` are for.)
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any
 
 import aiosqlite
 
-from .canonical import canonical_json, loads
 from .chain import genesis_hash
-from .envelope import AppendResult, Snapshot, us_to_datetime
+from .envelope import AppendResult
 from .errors import NotALogError
-from .store import DEFAULT_MAX_PAYLOAD_BYTES, EventStore, system_clock_us
+from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row
 
@@ -183,7 +183,7 @@ class SQLiteEventStore(EventStore):
 
     def __init__(
         self, conn: aiosqlite.Connection, path: Path, log_id: str, head: tuple[int, bytes, int], **kw: Any
-    ):
+    ) -> None:
         super().__init__(
             log_id=log_id, head_position=head[0], head_hash=head[1], last_recorded_us=head[2], **kw
         )
@@ -197,7 +197,7 @@ class SQLiteEventStore(EventStore):
         upcasters: Upcasters | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         *,
-        clock: Any = None,
+        clock: Clock | None = None,
         subscriber_queue_limit: int = 10_000,
     ) -> SQLiteEventStore:
         """Open (creating and migrating if needed) the log at `path`. Raises NotALogError."""
@@ -227,7 +227,7 @@ class SQLiteEventStore(EventStore):
             head,
             upcasters=upcasters,
             max_payload_bytes=max_payload_bytes,
-            clock=clock or system_clock_us,
+            clock=clock,
             subscriber_queue_limit=subscriber_queue_limit,
         )
 
@@ -263,36 +263,25 @@ class SQLiteEventStore(EventStore):
         rows: list[Row] = list(await self._conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
         return rows
 
-    async def async_hash_at(self, position: int) -> bytes | None:
-        if position == 0:
-            return genesis_hash(self.log_id)
+    async def _async_hash_at(self, position: int) -> bytes | None:
         rows = list(
             await self._conn.execute_fetchall("SELECT hash FROM events WHERE position = ?", (position,))
         )
         return bytes(rows[0][0]) if rows else None
 
-    async def async_save_snapshot(self, name: str, position: int, state: dict[str, Any]) -> Snapshot:
-        head_hash = await self.async_hash_at(position)
-        if head_hash is None:
-            raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
-        data = canonical_json(state)
-        now = system_clock_us()
+    async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
         await self._conn.execute(
             "INSERT OR REPLACE INTO snapshots (name, position, head_hash, state, created_at) VALUES (?,?,?,?,?)",
-            (name, position, head_hash, data, now),
+            (name, *snapshot),
         )
-        return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now))
 
-    async def async_load_snapshot(self, name: str) -> Snapshot | None:
+    async def _async_get_snapshot(self, name: str) -> SnapshotRow | None:
         rows = list(
             await self._conn.execute_fetchall(
-                "SELECT name, position, head_hash, state, created_at FROM snapshots WHERE name = ?", (name,)
+                "SELECT position, head_hash, state, created_at FROM snapshots WHERE name = ?", (name,)
             )
         )
-        if not rows:
-            return None
-        r = rows[0]
-        return Snapshot(r[0], r[1], bytes(r[2]), loads(r[3]), us_to_datetime(r[4]))
+        return tuple(rows[0]) if rows else None  # type: ignore[return-value]
 
     async def _async_close_backend(self) -> None:
         await self._conn.close()

@@ -9,15 +9,27 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from .canonical import canonical_text, loads
-from .chain import encode_fields
-from .envelope import ANY_VERSION, AppendResult, NewEvent, Snapshot, StoredEvent, us_to_datetime
+from .canonical import canonical_json, canonical_text, loads
+from .chain import encode_fields, genesis_hash
+from .envelope import (
+    ANY_VERSION,
+    AppendResult,
+    NewEvent,
+    Snapshot,
+    StoredEvent,
+    datetime_to_us,
+    us_to_datetime,
+)
 from .errors import InvalidEventError, PayloadError, StoreClosedError
 from .subscription import Subscriber, async_subscribe
 from .upcast import Upcasters
 from .writer import AppendRequest, CommandRow, GroupWriter, PreparedEvent, Row
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+Clock = Callable[[], int]
+"""Microseconds since the Unix epoch (UTC)."""
+SnapshotRow = tuple[int, bytes, bytes, int]
+"""(position, head_hash, state as canonical JSON, created_at_us) as a backend stores a snapshot."""
 _new_tuple = tuple.__new__  # StoredEvent(*fields) without the NamedTuple's Python-level __new__
 
 
@@ -35,6 +47,11 @@ def _check_str(value: object, name: str, *, allow_none: bool = False) -> None:
         raise InvalidEventError(f"{name} must not contain NUL characters", field=name)
 
 
+def _check_count(value: object, name: str, *, minimum: int) -> None:
+    if type(value) is not int or value < minimum:
+        raise InvalidEventError(f"{name} must be an int >= {minimum}, got {value!r}", field=name)
+
+
 class EventStore(abc.ABC):
     """An append-only, hash-chained event log. Backends implement storage; this class does the rest."""
 
@@ -49,7 +66,7 @@ class EventStore(abc.ABC):
         last_recorded_us: int,
         upcasters: Upcasters | None,
         max_payload_bytes: int,
-        clock: Callable[[], int] | None,
+        clock: Clock | None,
         subscriber_queue_limit: int,
     ) -> None:
         self.log_id = log_id
@@ -58,6 +75,7 @@ class EventStore(abc.ABC):
         self.subscriber_queue_limit = subscriber_queue_limit
         self._subscribers: set[Subscriber] = set()
         self._closed = False
+        self._close_task: asyncio.Future[None] | None = None
         self._writer = GroupWriter(
             self,
             head_position=head_position,
@@ -85,15 +103,15 @@ class EventStore(abc.ABC):
         "since" (start = recorded_at_us)."""
 
     @abc.abstractmethod
-    async def async_hash_at(self, position: int) -> bytes | None:
-        """The chain hash at `position` (the genesis hash at 0), or None beyond the head."""
+    async def _async_hash_at(self, position: int) -> bytes | None:
+        """The stored hash of the row at `position` (>= 1), or None if there is none."""
 
     @abc.abstractmethod
-    async def async_save_snapshot(self, name: str, position: int, state: dict[str, Any]) -> Snapshot:
-        """Store `state` as the snapshot `name` at `position` (replacing the previous one)."""
+    async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
+        """Store the snapshot `name`, replacing the previous one."""
 
     @abc.abstractmethod
-    async def async_load_snapshot(self, name: str) -> Snapshot | None: ...
+    async def _async_get_snapshot(self, name: str) -> SnapshotRow | None: ...
 
     async def _async_close_backend(self) -> None:
         return None
@@ -150,6 +168,13 @@ class EventStore(abc.ABC):
             try:
                 text = canonical_text(payload)
                 data = text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a ValueError too: must come first
+                raise PayloadError(
+                    f"payload of event {i} ({et!r}) contains text that is not valid Unicode: {exc}",
+                    index=i,
+                    event_type=et,
+                    reason="not_serialisable",
+                ) from exc
             except ValueError as exc:
                 reason = "nan_or_infinity" if "Out of range float" in str(exc) else "not_serialisable"
                 raise PayloadError(
@@ -165,13 +190,6 @@ class EventStore(abc.ABC):
                     event_type=et,
                     reason="not_serialisable",
                 ) from exc
-            except UnicodeEncodeError as exc:
-                raise PayloadError(
-                    f"payload of event {i} ({et!r}) contains text that is not valid Unicode: {exc}",
-                    index=i,
-                    event_type=et,
-                    reason="not_serialisable",
-                ) from exc
             if len(data) > limit:
                 raise PayloadError(
                     f"payload of event {i} ({et!r}) is {len(data)} bytes, over the limit of {limit}",
@@ -183,8 +201,9 @@ class EventStore(abc.ABC):
                 fields = encode_fields(stream_id, et, actor, command_id, caus, corr)
             except UnicodeEncodeError as exc:
                 raise InvalidEventError(f"event {i} has a field that is not valid Unicode: {exc}") from exc
-            # the payload handed back (StoredEvent.payload) is decoded from the stored text: a private copy,
-            # exactly what a later read returns
+            # the payload handed back (StoredEvent.payload) is decoded from the stored text, so it is exactly
+            # what a later read returns and shares nothing with the caller's NewEvent; it is shared by the
+            # AppendResult, a retry's duplicate result and live subscribers: treat it as read-only
             prepared.append(PreparedEvent(et, sv, actor, caus, corr, fields, data, loads(text)))
         return prepared
 
@@ -199,7 +218,9 @@ class EventStore(abc.ABC):
 
         expected_version: the stream's current version (NO_STREAM == 0: must not exist) or ANY_VERSION.
         command_id: idempotency key; a retry returns the original result with duplicate=True.
-        Raises ConcurrencyError, PayloadError/InvalidEventError (nothing written), StoreClosedError.
+        Raises ConcurrencyError, PayloadError/InvalidEventError (nothing written), StoreClosedError, or
+        what the COMMIT raised (nothing of the whole group written). Cancelling the caller does not withdraw
+        an append that was already queued.
         """
         if self._closed:
             raise StoreClosedError("the event store is closed")
@@ -248,11 +269,16 @@ class EventStore(abc.ABC):
         if self._closed:
             raise StoreClosedError("the event store is closed")
 
+    def _check_range(self, limit: int | None) -> None:
+        self._check_open()
+        if limit is not None:
+            _check_count(limit, "limit", minimum=0)
+
     async def async_read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
     ) -> list[StoredEvent]:
         """Events of one stream, from_version..to_version inclusive, in order."""
-        self._check_open()
+        self._check_range(None)
         return self._rows_to_events(
             await self._async_read_rows("stream", stream_id, from_version, to_version, None)
         )
@@ -261,16 +287,14 @@ class EventStore(abc.ABC):
         self, from_position: int = 1, to_position: int | None = None, limit: int | None = None
     ) -> list[StoredEvent]:
         """Events by global position, from_position..to_position inclusive, at most `limit`."""
-        self._check_open()
+        self._check_range(limit)
         return self._rows_to_events(
             await self._async_read_rows("position", None, from_position, to_position, limit)
         )
 
     async def async_read_since(self, since: datetime, limit: int | None = None) -> list[StoredEvent]:
         """Events recorded at or after `since` (aware datetime), in position order."""
-        self._check_open()
-        from .envelope import datetime_to_us
-
+        self._check_range(limit)
         return self._rows_to_events(
             await self._async_read_rows("since", None, datetime_to_us(since), None, limit)
         )
@@ -293,6 +317,7 @@ class EventStore(abc.ABC):
         The iterator ends when the store is closed.
         """
         self._check_open()
+        _check_count(batch_size, "batch_size", minimum=1)
 
         async def read(start: int, n: int) -> list[StoredEvent]:
             if self._closed:
@@ -317,10 +342,44 @@ class EventStore(abc.ABC):
         for sub in self._subscribers:
             sub.push(events)
 
+    # ---- snapshots -------------------------------------------------------------------------------------
+    async def async_hash_at(self, position: int) -> bytes | None:
+        """The chain hash at `position` (the genesis hash at 0), or None where the log has no row."""
+        self._check_open()
+        if position == 0:
+            return genesis_hash(self.log_id)
+        return await self._async_hash_at(position) if position > 0 else None
+
+    async def async_save_snapshot(self, name: str, position: int, state: dict[str, Any]) -> Snapshot:
+        """Store `state` as the snapshot `name` at `position` with the head hash there (replacing the
+        previous one). Raises ValueError if the log ends before `position`."""
+        head_hash = await self.async_hash_at(position)
+        if head_hash is None:
+            raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
+        data = canonical_json(state)
+        now = system_clock_us()
+        await self._async_put_snapshot(name, (position, head_hash, data, now))
+        return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now))
+
+    async def async_load_snapshot(self, name: str) -> Snapshot | None:
+        """The snapshot `name` as stored (events.snapshot.async_load_valid_snapshot also checks its hash)."""
+        self._check_open()
+        snap = await self._async_get_snapshot(name)
+        if snap is None:
+            return None
+        position, head_hash, data, created_us = snap
+        return Snapshot(name, position, bytes(head_hash), loads(data), us_to_datetime(created_us))
+
+    # ---- closing ---------------------------------------------------------------------------------------
     async def async_close(self) -> None:
-        """Finish queued appends, end subscriptions, release the storage."""
-        if self._closed:
-            return
+        """Finish queued appends, end subscriptions, release the storage. Every caller (also concurrent
+        ones) returns once all of that is done."""
+        if self._close_task is None:
+            self._writer.stop_accepting()  # at once: no append is accepted once close() was called
+            self._close_task = asyncio.ensure_future(self._async_close())
+        await asyncio.shield(self._close_task)
+
+    async def _async_close(self) -> None:
         await self._writer.async_close()
         self._closed = True
         for sub in list(self._subscribers):

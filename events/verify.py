@@ -180,6 +180,15 @@ class _Scan:
             self.warnings.append(Issue(position, kind, message))
 
 
+def _scan_out_of_range(conn: sqlite3.Connection, st: _Scan) -> None:
+    """Rows at positions before 1 are outside the chain (the scan starts at 1) but the store still serves them
+    by stream and by time: each one is an inserted row."""
+    for (pos,) in conn.execute(
+        "SELECT position FROM events WHERE position < 1 ORDER BY position LIMIT ?", (MAX_ISSUES,)
+    ):
+        st.issue(pos, "position_out_of_range", f"a row at position {pos}: positions start at 1 (inserted row)")
+
+
 def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any, ...]], None] | None) -> None:
     """Check every row from st.expected on. The hot loop keeps its state in locals and hashes the columns as
     read (text as its stored UTF-8 bytes, payload as is): see events.chain for the hashed layout."""
@@ -315,6 +324,7 @@ def verify(
                 {c.position for c in own},
             )
             try:
+                _scan_out_of_range(conn, st)
                 _scan_rows(conn, st, on_row)
             except sqlite3.DatabaseError as exc:
                 if st.count == 0 and "no such table" in str(exc):

@@ -2,9 +2,11 @@
 
 Appenders put requests in a queue; the writer drains whatever is queued, checks each request against its
 in-memory caches (stream versions, recent command ids), chains the accepted events, commits them in ONE
-transaction and only then resolves each caller's future. A request that fails its checks fails alone;
-a failed COMMIT fails the whole group and leaves the caches as they were (they are only updated after
-COMMIT).
+transaction and only then resolves each caller's future. A request that fails its checks against committed
+state fails alone, at once; a failed COMMIT fails the whole group (including requests that were only
+duplicates of, or in conflict with, another request of the group) and leaves the caches as they were
+(they are only updated after COMMIT). If the writer task ends (cancelled), every queued and later append
+fails with StoreClosedError instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -95,12 +97,13 @@ class GroupWriter:
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._stopped_reason = "the event store is closed"
         # test hook: awaited before each commit (lets tests hold a group open)
         self.before_commit: Callable[[], Awaitable[None]] | None = None
 
     def submit(self, request: AppendRequest) -> None:
         if self._closed:
-            raise StoreClosedError("the event store is closed")
+            raise StoreClosedError(self._stopped_reason)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._async_run(), name="events-writer")
         self._queue.append(request)
@@ -113,17 +116,39 @@ class GroupWriter:
             if not w.done():
                 w.set_result(None)
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on; what is queued is still written."""
+        if not self._closed:
+            self._closed = True
+            if self._task is not None and not self._task.done():
+                self._queue.append(None)
+                self._wake()
+
     async def async_close(self) -> None:
-        """Finish what is queued, then stop the writer."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._task is not None:
-            self._queue.append(None)
-            self._wake()
-            await self._task
+        """Finish what is queued, then stop the writer. Every caller waits until the writer has stopped; the
+        writer's own end (even a cancellation) is not raised here."""
+        self.stop_accepting()
+        task = self._task
+        if task is not None:
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # retrieved: the writer already failed every request it could not finish
 
     async def _async_run(self) -> None:
+        try:
+            await self._async_drain()
+        except BaseException as exc:  # cancelled (or a bug): nothing may keep waiting on this writer
+            self._stopped_reason = f"the event store's writer stopped ({type(exc).__name__})"
+            raise
+        finally:
+            self._closed = True
+            stopped = StoreClosedError(self._stopped_reason)
+            while self._queue:
+                req = self._queue.popleft()
+                if req is not None and not req.future.done():
+                    req.future.set_exception(stopped)
+
+    async def _async_drain(self) -> None:
         queue = self._queue
         loop = asyncio.get_running_loop()
         while True:
@@ -146,13 +171,9 @@ class GroupWriter:
             try:
                 await self._async_process(group)
             except Exception as exc:  # the writer must survive a failed group
-                for req in group:
-                    if not req.future.done():
-                        req.future.set_exception(exc)
+                _fail(group, exc)
             except BaseException:
-                for req in group:
-                    if not req.future.done():
-                        req.future.set_exception(StoreClosedError("the writer was cancelled"))
+                _fail(group, StoreClosedError("the event store's writer was cancelled; nothing was written"))
                 raise
             if stop:
                 return
@@ -169,16 +190,28 @@ class GroupWriter:
             loaded, found = await self._backend._async_lookup(need_streams, need_commands)
             for sid in need_streams:
                 versions[sid] = loaded.get(sid, 0)
+            for cid, original in found.items():
+                self._remember(cid, original)
+        plan = self._plan(group, found)
+        if not plan.rows:
+            return
+        if self.before_commit is not None:
+            await self.before_commit()
+        await self._async_commit_group(plan)
 
-        staged: dict[str, int] = {}
-        rows: list[Row] = []
-        command_rows: list[CommandRow] = []
-        accepted: list[tuple[AppendRequest, AppendResult]] = []
+    def _plan(self, group: list[AppendRequest], found: dict[str, AppendResult]) -> _Plan:
+        """Check each request against the caches, chain the accepted events, and settle at once every
+        request whose outcome does not depend on this group's COMMIT."""
+        versions = self._versions
+        recent = self._recent
+        plan = _Plan()
+        rows = plan.rows
+        staged = plan.staged
+        outcomes = plan.outcomes
         in_group: dict[str, AppendResult] = {}
-        in_group_dups: list[tuple[AppendRequest, str]] = []
         position = self.head_position
         prev = self.head_hash
-        recorded_us = max(self._clock(), self.last_recorded_us)
+        recorded_us = max(int(self._clock()), self.last_recorded_us)  # time never goes backwards
         recorded_at = us_to_datetime(recorded_us)
         make_event = self._make_event
         sha256 = hashlib.sha256
@@ -191,83 +224,151 @@ class GroupWriter:
             sid = req.stream_id
             if cid is not None:
                 original = recent.get(cid) or found.get(cid)
-                if original is not None:
+                if original is not None:  # durable already: settled now
                     if not fut.done():
                         fut.set_result(replace(original, duplicate=True))
                     continue
-                if cid in in_group:
-                    in_group_dups.append((req, cid))
+                if cid in in_group:  # a duplicate of a request of this group: stands or falls with it
+                    outcomes.append((req, replace(in_group[cid], duplicate=True)))
                     continue
             current = staged[sid] if sid in staged else versions[sid]
             expected = req.expected_version
             if expected != ANY_VERSION and expected != current:
-                if not fut.done():
-                    fut.set_exception(ConcurrencyError(sid, expected, current))
+                conflict = ConcurrencyError(sid, expected, current)
+                if sid in staged:  # the conflict is with this group's uncommitted events
+                    outcomes.append((req, conflict))
+                elif not fut.done():
+                    fut.set_exception(conflict)
                 continue
             version = current
+            pos = position
+            link = prev
+            req_rows: list[Row] = []
             stored: list[StoredEvent] = []
+            try:
+                for ev in req.events:
+                    pos += 1
+                    version += 1
+                    sv = ev.schema_version
+                    data = ev.payload_bytes
+                    h = sha256(join((TAG, link, pack_ints(pos, version, recorded_us, sv), ev.fields, data))).digest()
+                    row = (
+                        pos,
+                        sid,
+                        version,
+                        ev.event_type,
+                        sv,
+                        recorded_us,
+                        ev.actor,
+                        cid,
+                        ev.causation_id,
+                        ev.correlation_id,
+                        data,
+                        link,
+                        h,
+                    )
+                    req_rows.append(row)
+                    stored.append(make_event(row, ev.payload, recorded_at))  # may run an upcaster
+                    link = h
+            except Exception as exc:  # this request alone fails; the chain goes on from the previous one
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
             first_position = position + 1
-            for ev in req.events:
-                position += 1
-                version += 1
-                sv = ev.schema_version
-                data = ev.payload_bytes
-                h = sha256(join((TAG, prev, pack_ints(position, version, recorded_us, sv), ev.fields, data))).digest()
-                row = (
-                    position,
-                    sid,
-                    version,
-                    ev.event_type,
-                    sv,
-                    recorded_us,
-                    ev.actor,
-                    cid,
-                    ev.causation_id,
-                    ev.correlation_id,
-                    data,
-                    prev,
-                    h,
-                )
-                rows.append(row)
-                stored.append(make_event(row, ev.payload, recorded_at))
-                prev = h
+            position = pos
+            prev = link
+            rows.extend(req_rows)
             staged[sid] = version
             result = AppendResult(tuple(stored), position, version, False)
-            accepted.append((req, result))
+            plan.accepted.append((req, result))
+            outcomes.append((req, result))
             if cid is not None:
                 in_group[cid] = result
-                command_rows.append((cid, sid, first_position, position, version))
+                plan.command_rows.append((cid, sid, first_position, position, version))
+        plan.head_position = position
+        plan.head_hash = prev
+        plan.recorded_us = recorded_us
+        return plan
 
-        if not rows:
-            return
-        if self.before_commit is not None:
-            await self.before_commit()
+    async def _async_commit_group(self, plan: _Plan) -> None:
+        """Run the group's COMMIT to its end and settle every caller with its real outcome.
+
+        A cancellation that arrives while the transaction runs (on SQLite's thread it cannot be stopped) first
+        waits for the outcome, so that no caller is told "failed" about a group that was written; a second
+        cancellation gives up waiting and tells the callers the outcome is unknown.
+        """
+        commit = asyncio.ensure_future(self._backend._async_commit(plan.rows, plan.command_rows))
         try:
-            await self._backend._async_commit(rows, command_rows)
-        except BaseException as exc:
-            # nothing was written: the caches were never touched, every caller of the group gets the error
-            err = exc if isinstance(exc, Exception) else StoreClosedError("the writer was cancelled")
-            for req, _ in accepted:
-                if not req.future.done():
-                    req.future.set_exception(err)
-            for req, _ in in_group_dups:
-                if not req.future.done():
-                    req.future.set_exception(err)
+            await asyncio.wait([commit])
+        except asyncio.CancelledError:
+            try:
+                await asyncio.wait([commit])
+            finally:
+                self._settle(plan, commit)
             raise
-        self.head_position = position
-        self.head_hash = prev
-        self.last_recorded_us = recorded_us
-        versions.update(staged)
+        self._settle(plan, commit)
+
+    def _settle(self, plan: _Plan, commit: asyncio.Future[None]) -> None:
+        if not commit.done() or commit.cancelled():
+            commit.add_done_callback(_retrieve)
+            _fail(
+                [req for req, _ in plan.outcomes],
+                StoreClosedError(
+                    "the event store's writer was cancelled during COMMIT: whether the append was written is "
+                    "unknown (look its command id up, or read the stream, after reopening the store)"
+                ),
+            )
+            return
+        exc = commit.exception()
+        if exc is not None:
+            # nothing was written: the caches were never touched, every caller of the group gets the error
+            _fail([req for req, _ in plan.outcomes], exc)
+            return
+        self.head_position = plan.head_position
+        self.head_hash = plan.head_hash
+        self.last_recorded_us = plan.recorded_us
+        self._versions.update(plan.staged)
         published: list[StoredEvent] = []
-        for req, result in accepted:
+        for req, result in plan.accepted:
             published.extend(result.events)
             if req.command_id is not None:
-                recent[req.command_id] = result
-                if len(recent) > self.RECENT_COMMANDS:
-                    recent.popitem(last=False)
-            if not req.future.done():
-                req.future.set_result(result)
-        for req, cid in in_group_dups:
-            if not req.future.done():
-                req.future.set_result(replace(in_group[cid], duplicate=True))
+                self._remember(req.command_id, result)
+        for req, outcome in plan.outcomes:
+            if req.future.done():
+                continue
+            if isinstance(outcome, AppendResult):
+                req.future.set_result(outcome)
+            else:
+                req.future.set_exception(outcome)
         self._publish(published)
+
+    def _remember(self, command_id: str, result: AppendResult) -> None:
+        recent = self._recent
+        recent[command_id] = result
+        if len(recent) > self.RECENT_COMMANDS:
+            recent.popitem(last=False)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one group writes, and what each of its callers is told once the COMMIT's outcome is known."""
+
+    rows: list[Row] = field(default_factory=list)
+    command_rows: list[CommandRow] = field(default_factory=list)
+    staged: dict[str, int] = field(default_factory=dict)  # stream id -> version after this group
+    accepted: list[tuple[AppendRequest, AppendResult]] = field(default_factory=list)
+    outcomes: list[tuple[AppendRequest, AppendResult | Exception]] = field(default_factory=list)
+    head_position: int = 0
+    head_hash: bytes = b""
+    recorded_us: int = 0
+
+
+def _fail(requests: Iterable[AppendRequest], exc: BaseException) -> None:
+    for req in requests:
+        if not req.future.done():
+            req.future.set_exception(exc)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -14,6 +14,7 @@ from typing import Any
 from moldd.domain.errors import ValidationError
 
 MAX_COMMAND_ID_LEN = 128
+MAX_POSITION = 2**63 - 1  # SQLite INTEGER
 
 
 class UnknownCommand(ValidationError):
@@ -88,13 +89,12 @@ def parse_events_query(query: Mapping[str, str]) -> EventsQuery:
             f"unexpected query parameter {unknown[0]!r}; allowed: from, stream, correlation", field=unknown[0]
         )
     raw_from = query.get("from", "1")
-    try:
-        from_position = int(raw_from)
-    except ValueError:
-        from_position = -1
-    if from_position < 0:
+    # Plain digits only (int() would take "1_000" and " 5"), and within SQLite's INTEGER range.
+    from_position = int(raw_from) if raw_from.isascii() and raw_from.isdigit() else -1
+    if not 0 <= from_position <= MAX_POSITION:
         raise ValidationError(
-            f'"from" must be a log position (an integer >= 0), not {raw_from!r}', field="from"
+            f'"from" must be a log position (an integer from 0 to {MAX_POSITION}), not {raw_from[:40]!r}',
+            field="from",
         )
     stream = query.get("stream") or None
     correlation = query.get("correlation") or None

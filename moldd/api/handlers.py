@@ -83,13 +83,19 @@ async def _read_json(request: web.Request) -> Any:
     max_bytes = request.app[SETTINGS_KEY].max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
-    raw = await request.content.read(max_bytes + 1)
+    # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
+    raw = bytearray()
+    while len(raw) <= max_bytes:
+        chunk = await request.content.read(max_bytes + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
     if not raw:
         raise ValidationError("the request body is empty; send a JSON object", field="body")
     try:
-        return loads(raw)
+        return loads(bytes(raw))
     except ValueError as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
 
@@ -99,27 +105,14 @@ async def async_command(request: web.Request) -> web.Response:
     bus = request.app[BUS_KEY]
     envelope = parse_command(await _read_json(request), bus.verbs())
     actor = request[ACTOR_KEY]
+    who = {"verb": envelope.verb, "command_id": envelope.command_id, "actor": str(actor)}
     started = time.perf_counter()
     try:
         reply = await bus.async_dispatch(envelope.verb, envelope.args, envelope.command_id, actor)
     except MolddError as err:
-        log.info(
-            "command_refused",
-            verb=envelope.verb,
-            command_id=envelope.command_id,
-            actor=str(actor),
-            code=err.code,
-            field=err.field,
-        )
+        log.info("command_refused", **who, code=err.code, field=err.field)
         raise
-    log.debug(
-        "command",
-        verb=envelope.verb,
-        command_id=envelope.command_id,
-        actor=str(actor),
-        position=reply.position,
-        ms=round((time.perf_counter() - started) * 1000, 3),
-    )
+    log.debug("command", **who, position=reply.position, ms=round((time.perf_counter() - started) * 1000, 3))
     return json_response({"ok": True, "result": reply.result, "position": reply.position})
 
 
@@ -149,9 +142,15 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     response.enable_chunked_encoding()
     await response.prepare(request)
     try:
-        await _async_pump(entries, response, query.matches, settings.heartbeat_s, closing)
+        await _async_pump(
+            entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s
+        )
     except (ConnectionResetError, ConnectionError):
         pass  # the client left; nothing to tell it
+    except _StalledClient:
+        log.info("event_stream_client_stalled", timeout_s=settings.write_timeout_s)
+        if request.transport is not None:
+            request.transport.abort()  # what it has not read cannot be delivered anyway
     finally:
         aclose = getattr(entries, "aclose", None)
         if aclose is not None:
@@ -165,12 +164,24 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+class _StalledClient(Exception):
+    """The client of an event stream took no data for ``write_timeout_s``."""
+
+
+async def _async_write(response: web.StreamResponse, data: bytes, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(response.write(data), timeout)
+    except TimeoutError:
+        raise _StalledClient from None
+
+
 async def _async_pump(
     entries: AsyncIterator[dict[str, Any]],
     response: web.StreamResponse,
     matches: Callable[[Mapping[str, Any]], bool],
     heartbeat_s: float,
     closing: asyncio.Event,
+    write_timeout_s: float = 30.0,
 ) -> None:
     closing_wait = asyncio.ensure_future(closing.wait())
     next_entry: asyncio.Future[dict[str, Any]] | None = None
@@ -189,11 +200,13 @@ async def _async_pump(
                 except StopAsyncIteration:
                     return
                 if matches(entry):
-                    await response.write(dumps(entry) + b"\n")
+                    await _async_write(response, dumps(entry) + b"\n", write_timeout_s)
                     last_write = time.monotonic()
             # Filtered-out traffic does not count as life: the client saw nothing.
             if time.monotonic() - last_write >= heartbeat_s:
-                await response.write(dumps({"heartbeat": round(time.time(), 3)}) + b"\n")
+                await _async_write(
+                    response, dumps({"heartbeat": round(time.time(), 3)}) + b"\n", write_timeout_s
+                )
                 last_write = time.monotonic()
     finally:
         closing_wait.cancel()

@@ -17,6 +17,9 @@ class ApiSettings:
 
     heartbeat_s: float = 10.0  # an idle event stream sends ``{"heartbeat": ...}`` this often
     max_body_bytes: int = 1_048_576
+    # An event stream whose client has not taken a line for this long (a stopped or wedged reader) is
+    # ended, so it does not hold a handler and a log subscription for ever.
+    write_timeout_s: float = 30.0
 
 
 BUS_KEY = web.AppKey("moldd.bus", CommandBus)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from moldd.app.bus import Actor
 from moldd.domain.errors import PermissionDenied
 
-_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; } (ids unsigned)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def supplementary_gids(user: str | None, gid: int) -> list[int]:
         return [gid]
     try:
         return os.getgrouplist(user, gid)
-    except OSError:
+    except (OSError, OverflowError):
         return [gid]
 
 

@@ -13,7 +13,7 @@ from events import ANY_VERSION, NewEvent
 from moldd.config import Config
 from moldd.domain.errors import MolddError, Unavailable
 from moldd.domain.reconcile import is_on, reconcile
-from moldd.domain.states import VMState
+from moldd.domain.states import TRANSIENT, VMState
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.events import DomainEvent, HostLinkEvent
 from moldd.libvirt.host import HostConnection
@@ -158,38 +158,82 @@ class HostManager:
                 finding = reconcile(VMState(vm.state), dom.state if dom else None, stale_job=stale)
                 if finding is None:
                     continue
-                payload = {
-                    "state": str(finding.state),
-                    "power_state": finding.power_state,
-                    "host": host,
-                    "domain_state": dom.state if dom else None,
-                    "reason": finding.reason,
-                    "stop_cause": finding.stop_cause,
-                    "was": vm.state,
-                }
-                if stale and vm.job:
-                    payload |= {
-                        "job_status": "failed",
-                        "error": {"code": "interrupted", "message": finding.reason},
-                    }
-                await app.async_append(
-                    f"vm-{vm.name}",
-                    [
-                        NewEvent(
-                            "vm.reconciled", payload, actor="system", correlation_id=vm.job if stale else None
-                        )
-                    ],
-                    expected_version=ANY_VERSION,
-                )
-                log.warning(
-                    "vm_reconciled",
-                    vm=vm.name,
-                    host=host,
-                    was=vm.state,
-                    now=str(finding.state),
-                    why=finding.reason,
-                )
+                # The listing is as old as this resync, and events were ingested since: check again, now.
+                try:
+                    domain_state = await self.conn(host).async_domain_state(vm.internal_name)
+                except MolddError as exc:
+                    log.warning("resync_failed", host=host, vm=vm.name, reason=exc.message)
+                    return
+                vm = app.model.vms[vm.name]
+                await self._async_record_finding(vm, host, domain_state, stale=vm.name not in app.vm_jobs)
         self.synced[host].set()
+
+    async def _async_record_finding(
+        self, vm: Any, host: str, domain_state: str | None, *, stale: bool, crashed: bool = False
+    ) -> bool:
+        """Record what libvirt shows of ``vm`` on ``host`` if the log disagrees (the caller holds the VM's lock).
+        ``stale``: no command of this daemon is working on it; its job (if any) is recorded as failed."""
+        finding = reconcile(VMState(vm.state), domain_state, stale_job=stale)
+        if finding is None:
+            return False
+        payload: dict[str, Any] = {
+            "state": str(finding.state),
+            "power_state": finding.power_state,
+            "host": host,
+            "domain_state": domain_state,
+            "reason": finding.reason,
+            "stop_cause": finding.stop_cause,
+            "was": vm.state,
+        }
+        if stale and vm.job:
+            error = {"code": "internal" if crashed else "interrupted", "message": finding.reason}
+            payload |= {"job_status": "failed", "error": error}
+        await self.app.async_append(
+            f"vm-{vm.name}",
+            [NewEvent("vm.reconciled", payload, actor="system", correlation_id=vm.job if stale else None)],
+            expected_version=ANY_VERSION,
+        )
+        log.warning(
+            "vm_reconciled", vm=vm.name, host=host, was=vm.state, now=str(finding.state), why=finding.reason
+        )
+        return True
+
+    async def async_after_crash(self, name: str, job: str) -> None:
+        """A job crashed (a bug, not a refusal): record its failure, and what libvirt shows of the VM now so it is
+        not left in the in-progress state the job put it in. The caller has no lock and no job entry left."""
+        app = self.app
+        async with app.locks[name]:
+            vm = app.model.vms.get(name)
+            if vm is None:
+                return
+            if vm.job == job and vm.host is not None:
+                try:
+                    domain_state = await self.conn(vm.host).async_domain_state(vm.internal_name)
+                except MolddError:
+                    domain_state = None
+                    if VMState(vm.state) in TRANSIENT:
+                        await app.async_append(
+                            f"vm-{name}",
+                            [NewEvent("vm.reconciled", {
+                                "state": "Unknown", "power_state": "unknown", "host": vm.host,
+                                "domain_state": None, "was": vm.state,
+                                "reason": f"the job crashed while {vm.state} and host {vm.host} does not answer",
+                                "job_status": "failed",
+                                "error": {"code": "internal", "message": "the job crashed"},
+                            }, actor="system", correlation_id=job)],
+                        )  # fmt: skip
+                        return
+                else:
+                    if await self._async_record_finding(vm, vm.host, domain_state, stale=True, crashed=True):
+                        return
+            await app.async_append(
+                f"vm-{name}",
+                [NewEvent(
+                    "vm.job.crashed",
+                    {"job_status": "failed", "error": {"code": "internal", "message": "the job crashed"}},
+                    actor="system", correlation_id=job,
+                )],
+            )  # fmt: skip
 
     async def _async_adopt(self, host: str, vm: Any, domain_state: str) -> None:
         """The only running copy of a VM is on a host the log did not place it on (a host came back whose guests

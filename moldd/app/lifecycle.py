@@ -28,7 +28,7 @@ from moldd.domain.names import (
     validate_hostname,
 )
 from moldd.domain.settings import validate_details
-from moldd.domain.states import Action, check
+from moldd.domain.states import Action, VMState, check, check_stop
 from moldd.libvirt import storage
 from moldd.libvirt.xml import build_domain_xml
 from moldd.projection.model import VM
@@ -108,7 +108,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     requested_host = a.text("host", None)
 
     async with app.placement_lock:
-        host = place_new_vm(cfg, app.model, requested_host)
+        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations)
         name = generate_vm_name(set(app.model.vms))
         hostname = hostname or name
         if hostname_taken(app, hostname):
@@ -230,7 +230,14 @@ async def start_vm(app: App, cmd: Command) -> CommandReply:
         target = a.text("host", None)
         if target is not None and app.config.host(target) is None:
             raise NotFound(f"no host {target!r}", field="host")
-        host = place_existing(app.config, app.model, vm.name, current=target or vm.host, cluster=vm.cluster)
+        host = place_existing(
+            app.config,
+            app.model,
+            vm.name,
+            current=target or vm.host,
+            cluster=vm.cluster,
+            reserved=app.migrations,
+        )
         if target is not None and host.name != target:
             raise Conflict(f"host {target!r} is down or full", field="host")
         res = await app.async_record(
@@ -251,8 +258,9 @@ async def stop_vm(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
     vm, res = await app.async_accept(
-        cmd, vm, Action.STOP, "vm.stop.requested", lambda v: {"forced": forced, "host": v.host}
-    )
+        cmd, vm, Action.STOP, "vm.stop.requested", lambda v: {"forced": forced, "host": v.host},
+        checker=lambda v: check_stop(VMState(v.state), ha_restart_pending=v.ha_status == "pending"),
+    )  # fmt: skip
     app.spawn_job(cmd.id, vm.name, async_stop_job(app, vm.name, forced, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -283,7 +291,12 @@ async def async_stop_job(
 ) -> bool:
     vm = app.model.vms[name]
     try:
-        how = await async_power_off(app, vm, forced)
+        if vm.prior_state == VMState.STOPPED and (vm.host is None or not app.hosts.is_connected(vm.host)):
+            how = {
+                "how": "already-off"
+            }  # stopped while HA waited to restart it: nothing runs, nothing to ask
+        else:
+            how = await async_power_off(app, vm, forced)
     except MolddError as exc:
         await app.async_record(
             name, "vm.stop.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd, job=job
@@ -386,19 +399,29 @@ async def expunge_vm(app: App, cmd: Command) -> CommandReply:
 
 
 async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
-    """Expunge Destroyed VMs whose delay has passed (CloudStack's expunge sweeper)."""
+    """Expunge Destroyed VMs whose delay has passed (CloudStack's expunge sweeper). Each expunge is re-checked
+    under the VM's lock and runs as a job of its own, so resync and other commands see the VM as busy."""
     while True:
-        now = datetime.now(UTC).isoformat()
-        for vm in list(app.model.vms.values()):
-            if vm.state == "Destroyed" and vm.expunge_at and vm.expunge_at <= now and not app.busy(vm.name):
-                job = f"expunge-{vm.name}-{vm.version}"
+        try:
+            now = datetime.now(UTC).isoformat()
+            for vm in list(app.model.vms.values()):
+                if vm.state != "Destroyed" or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
+                    continue
                 async with app.locks[vm.name]:
+                    current = app.model.vms[vm.name]
+                    if current.state != "Destroyed" or not current.expunge_at or current.expunge_at > now:
+                        continue  # recovered (or expunged) meanwhile
+                    job = f"expunge-{vm.name}-{current.version}"
                     await app.async_record(
-                        vm.name,
+                        current,
                         "vm.expunge.requested",
                         {"reason": "expunge delay passed"},
                         job=job,
                         actor=SYSTEM,
                     )
-                await async_expunge_now(app, vm.name, job=job)
+                app.spawn_job(job, vm.name, async_expunge_now(app, vm.name, job=job))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one bad sweep must not end the sweeper
+            log.exception("expunge_sweep_failed")
         await asyncio.sleep(interval_s)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Coroutine
 from pathlib import Path
@@ -393,8 +392,6 @@ async def _async_resize_job(
 
 
 # -- migrate ---------------------------------------------------------------------------------------------
-# Destinations of migrations this process is running, so two at once cannot take a host's last slot.
-_IN_FLIGHT: weakref.WeakKeyDictionary[App, dict[str, str]] = weakref.WeakKeyDictionary()
 PROGRESS_EVERY_S = 1.0
 
 
@@ -406,7 +403,7 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     dest = app.config.host(dest_name)
     if dest is None:
         raise NotFound(f"no host {dest_name!r}", field="host")
-    in_flight = _IN_FLIGHT.setdefault(app, {})
+    in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         state = state_of(vm)
@@ -429,16 +426,12 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
                 field="id",
             )
         async with app.placement_lock:
-            load = next(
-                h for h in host_loads(app.config, app.model, ignore_vm=vm.name) if h.name == dest.name
-            )
+            loads = host_loads(app.config, app.model, ignore_vm=vm.name, reserved=in_flight)
+            load = next(h for h in loads if h.name == dest.name)
             if not load.up:
                 raise CapacityError(f"host {dest.name!r} is not up", field="host")
-            pending = sum(1 for v, h in in_flight.items() if h == dest.name and v != vm.name)
-            if load.vms + pending >= load.max_vms:
-                raise CapacityError(
-                    f"host {dest.name!r} is full: {load.vms + pending} of {load.max_vms} VMs", field="host"
-                )
+            if load.vms >= load.max_vms:
+                raise CapacityError(f"host {dest.name!r} is full: {load.vms} of {load.max_vms} VMs", field="host")
             if live:
                 app.hosts.conn(dest.name)  # Unavailable unless connected
                 app.hosts.conn(vm.host)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from moldd.config import Config
@@ -16,12 +17,17 @@ from moldd.domain.capacity import (
 from moldd.domain.errors import NotFound
 
 
-def host_loads(config: Config, model: Any, *, ignore_vm: str | None = None) -> list[HostLoad]:
+def host_loads(
+    config: Config, model: Any, *, ignore_vm: str | None = None, reserved: Mapping[str, str] | None = None
+) -> list[HostLoad]:
+    """``reserved``: VM name → host a migration in flight is taking it to (the slot is spoken for)."""
     loads = []
+    heading = list((reserved or {}).items())
     for h in config.hosts:
         state = model.hosts.get(h.name)
         up = state is None or (state.health == "Up" and state.link == "connected")
         count = sum(1 for vm in model.vms_on(h.name) if vm.name != ignore_vm)
+        count += sum(1 for vm, dest in heading if dest == h.name and vm != ignore_vm)
         loads.append(HostLoad(name=h.name, cluster=h.cluster, max_vms=h.max_vms, vms=count, up=up))
     return loads
 
@@ -32,10 +38,12 @@ def capacities(config: Config, model: Any) -> list[ClusterCapacity]:
     return [cluster_capacity(c, loads, config.tolerated_host_failures) for c in clusters]
 
 
-def place_new_vm(config: Config, model: Any, requested_host: str | None) -> HostLoad:
+def place_new_vm(
+    config: Config, model: Any, requested_host: str | None, *, reserved: Mapping[str, str] | None = None
+) -> HostLoad:
     """Choose (or check) the host for a new VM: the host must be up with a free slot, and the cluster must stay
     within its N-k capacity rule."""
-    loads = host_loads(config, model)
+    loads = host_loads(config, model, reserved=reserved)
     if requested_host is not None:
         host = next((h for h in loads if h.name == requested_host), None)
         if host is None:
@@ -55,10 +63,11 @@ def place_existing(
     current: str | None,
     exclude: set[str] | None = None,
     cluster: str | None = None,
+    reserved: Mapping[str, str] | None = None,
 ) -> HostLoad:
     """A host to (re)start an existing VM: its own host when that is up, else the emptiest up host of its cluster.
     The VM already counts against its cluster, so only per-host room is checked."""
-    loads = host_loads(config, model, ignore_vm=vm_name)
+    loads = host_loads(config, model, ignore_vm=vm_name, reserved=reserved)
     excluded = exclude or set()
     if current is not None and current not in excluded:
         mine = next((h for h in loads if h.name == current), None)

@@ -80,6 +80,7 @@ class App:
         self.placement_lock = asyncio.Lock()
         self.jobs: dict[str, asyncio.Task[None]] = {}  # job id -> task
         self.vm_jobs: dict[str, str] = {}  # vm name -> job id running in this process
+        self.migrations: dict[str, str] = {}  # vm name -> destination of a migration this process is running
         self.background: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[str, Callable[[], bool]] = {}
         self.clock: Callable[[], float] = time.time
@@ -240,12 +241,18 @@ class App:
         action: Action,
         event_type: str,
         payload: Callable[[VM], dict[str, Any]],
+        *,
+        checker: Callable[[VM], None] | None = None,
     ) -> tuple[VM, AppendResult]:
         """The common front half of a VM command: under the VM's lock, check ``action`` against its current state
-        and append the event that acknowledges ``cmd``. Returns the VM as checked and the append result."""
+        (or run ``checker``, which raises to refuse) and append the event that acknowledges ``cmd``. Returns the
+        VM as checked and the append result."""
         async with self.locks[vm.name]:
             vm = self.model.vms[vm.name]
-            check(VMState(vm.state), action)
+            if checker is not None:
+                checker(vm)
+            else:
+                check(VMState(vm.state), action)
             res = await self.async_record(vm, event_type, payload(vm), cmd=cmd, first=True)
         return vm, res
 
@@ -263,18 +270,20 @@ class App:
             raise
         except Exception:
             log.exception("job_crashed", job=job_id)
-            if vm is not None:
-                with contextlib.suppress(Exception):
-                    await self.async_record(
-                        vm,
-                        "vm.job.crashed",
-                        {"job_status": "failed", "error": {"code": "internal", "message": "the job crashed"}},
-                        job=job_id,
-                    )
+            crashed = True
+        else:
+            crashed = False
         finally:
             self.jobs.pop(job_id, None)
             if vm is not None and self.vm_jobs.get(vm) == job_id:
                 self.vm_jobs.pop(vm, None)
+        if crashed and vm is not None:
+            # Every job ends with an outcome carrying job_status, and a crash must not leave the VM Starting,
+            # Stopping, ... until the next daemon start: record the failure with what libvirt shows now.
+            try:
+                await self.hosts.async_after_crash(vm, job_id)
+            except Exception:
+                log.exception("job_crash_not_recorded", job=job_id)
 
     def busy(self, vm: str) -> bool:
         """A command of this daemon is working on the VM right now."""

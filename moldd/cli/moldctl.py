@@ -45,6 +45,7 @@ from typing import Any, TextIO
 DEFAULT_SOCKET = "/run/moldd/moldd.sock"
 FINAL_STATUSES = ("succeeded", "failed")
 POLL_INTERVAL_S = 0.5
+DEFAULT_TIMEOUT_S = 120.0
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -346,14 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", default=argparse.SUPPRESS, help="do not follow a job"
     )
     common.add_argument("--id", dest="command_id", default=argparse.SUPPRESS, help="client command id")
+    # Accepted before or after the subcommand; run() fills in the defaults.
+    common.add_argument(
+        "--socket",
+        default=argparse.SUPPRESS,
+        help=f"moldd socket (default: $MOLDD_SOCKET or {DEFAULT_SOCKET})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"seconds to wait for a reply (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
     parser = _Parser(prog="moldctl", description="Manage VMs through moldd.", parents=[common])
-    parser.add_argument(
-        "--socket",
-        default=os.environ.get("MOLDD_SOCKET", DEFAULT_SOCKET),
-        help="moldd socket (default: $MOLDD_SOCKET or %(default)s)",
-    )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
     top = parser.add_subparsers(dest="topic", metavar="COMMAND", parser_class=_Parser)
     top.required = True
 
@@ -379,9 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="*", metavar="key=value")
     p.set_defaults(action="call")
     p = top.add_parser("events", help="list log entries, or follow them live", parents=[common])
-    p.add_argument("--follow", "-f", action="store_true", help="stream new entries until interrupted")
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="stream new entries (from now on) until interrupted"
+    )
     p.add_argument("--vm", help="only this VM's entries")
-    p.add_argument("--from", dest="from_position", type=int, help="start at this log position")
+    p.add_argument(
+        "--from", dest="from_position", type=int, help="start at this log position (with --follow: replay)"
+    )
     p.add_argument("--correlation", help="only entries of this job / correlation id")
     p.set_defaults(action="events")
     p = top.add_parser("health", help="daemon health", parents=[common])
@@ -418,11 +429,22 @@ def command_args(cmd: Cmd, ns: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- output
 
 
+def _nested(value: Any) -> bool:
+    """An object, or a list holding objects or lists: too big for a table cell."""
+    return isinstance(value, dict) or (
+        isinstance(value, list) and any(isinstance(v, dict | list) for v in value)
+    )
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if value == {}:
+        return "-"
+    if isinstance(value, list) and not _nested(value):
+        return ", ".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
@@ -448,7 +470,7 @@ def format_table(rows: list[dict[str, Any]], preferred: Sequence[str] = ()) -> s
         present.update(dict.fromkeys(row))
     columns = [c for c in preferred if c in present]
     if not columns:
-        columns = [k for k in present if not any(isinstance(r.get(k), dict | list) for r in rows)]
+        columns = [k for k in present if not any(_nested(r.get(k)) for r in rows)]
         columns = columns or list(present)
     table = [[c.upper() for c in columns]] + [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
@@ -457,9 +479,18 @@ def format_table(rows: list[dict[str, Any]], preferred: Sequence[str] = ()) -> s
     )
 
 
-def format_mapping(obj: dict[str, Any]) -> str:
-    width = max((len(k) for k in obj), default=0)
-    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in obj.items())
+def format_mapping(obj: dict[str, Any], indent: int = 0) -> str:
+    """``key  value`` lines; a nested object is a ``key:`` line with its own lines indented below."""
+    pad = " " * indent
+    flat = [k for k, v in obj.items() if not (isinstance(v, dict) and v)]
+    width = max((len(k) for k in flat), default=0)
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, dict) and v:
+            lines += [f"{pad}{k}:", format_mapping(v, indent + 2)]
+        else:
+            lines.append(f"{pad}{k.ljust(width)}  {_cell(v)}".rstrip())
+    return "\n".join(lines)
 
 
 def render(result: Any, cmd: Cmd | None, out: TextIO) -> None:
@@ -476,21 +507,25 @@ def render(result: Any, cmd: Cmd | None, out: TextIO) -> None:
         else:
             print("(none)", file=out)
     elif isinstance(result, dict):
-        job = result.get("job")
-        print(format_mapping(job if isinstance(job, dict) and len(result) == 1 else result), file=out)
+        # {"group": {...}}, {"job": {...}}: the one object itself
+        (only,) = result.values() if len(result) == 1 else (None,)
+        print(format_mapping(only if isinstance(only, dict) else result), file=out)
     elif result is None:
         print("ok", file=out)
     else:
         print(_cell(result), file=out)
 
 
-def describe_event(entry: dict[str, Any]) -> str:
+_EVENT_DETAILS = ("event", "detail", "state", "host", "status", "reason", "error")
+
+
+def describe_event(entry: dict[str, Any], *, stream: bool = False) -> str:
+    """``[position] type key=value ...`` (with the stream after the position when ``stream``)."""
     payload = entry.get("payload") if isinstance(entry.get("payload"), dict) else {}
     assert isinstance(payload, dict)
-    details = " ".join(
-        f"{k}={_cell(payload[k])}" for k in ("state", "host", "status", "reason", "error") if k in payload
-    )
-    head = f"[{entry.get('position', '?')}] {entry.get('event_type', '?')}"
+    details = " ".join(f"{k}={_cell(payload[k])}" for k in _EVENT_DETAILS if k in payload)
+    where = f" {entry.get('stream_id', '?')}" if stream else ""
+    head = f"[{entry.get('position', '?')}]{where} {entry.get('event_type', '?')}"
     return f"{head} {details}" if details else head
 
 
@@ -646,11 +681,16 @@ def _events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
         else:
             render(result, EVENTS_CMD, out)
         return EXIT_OK
+    start = ns.from_position
+    if start is None:  # like tail -f: what happens from now on, not a replay of the whole log
+        _, health = client.health()
+        head = health.get("position") if isinstance(health, dict) else None
+        start = head + 1 if isinstance(head, int) and not isinstance(head, bool) else None
     try:
-        for entry in client.events(ns.from_position, stream=stream, correlation=ns.correlation):
+        for entry in client.events(start, stream=stream, correlation=ns.correlation):
             if "heartbeat" in entry:
                 continue
-            print(json.dumps(entry) if as_json else describe_event(entry), file=out, flush=True)
+            print(json.dumps(entry) if as_json else describe_event(entry, stream=True), file=out, flush=True)
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -674,7 +714,8 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextI
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    client = Client(ns.socket, timeout=ns.timeout)
+    socket_path = getattr(ns, "socket", None) or os.environ.get("MOLDD_SOCKET") or DEFAULT_SOCKET
+    client = Client(socket_path, timeout=getattr(ns, "timeout", DEFAULT_TIMEOUT_S))
     command_id = getattr(ns, "command_id", None)
     try:
         if cmd is not None:

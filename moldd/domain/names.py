@@ -54,8 +54,9 @@ def validate_display_name(value: object, *, field: str = "displayname") -> str:
     text = value.strip()
     if not 1 <= len(text) <= 255:
         raise ValidationError(f"{field} must be 1-255 characters long", field=field)
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ValidationError(f"{field} must not contain control characters", field=field)
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF or ord(c) in (0xFFFE, 0xFFFF) for c in text):
+        # (surrogates and U+FFFE/U+FFFF cannot go into the libvirt domain XML the display name is written to)
+        raise ValidationError(f"{field} must not contain control or non-character code points", field=field)
     return text
 
 

@@ -91,12 +91,12 @@ _ALLOWED: dict[Action, tuple[frozenset[VMState], str]] = {
     ),
     Action.STOP: (
         frozenset({S.RUNNING, S.ERROR, S.UNKNOWN}),
-        "only a Running VM (or one in Error/Unknown) can be stopped",
+        "only a Running VM (or one in Error/Unknown, or a Stopped one HA is about to restart) can be stopped",
     ),
     Action.REBOOT: (frozenset({S.RUNNING}), "reboot works only on a Running VM"),
     Action.DESTROY: (
         frozenset({S.CREATED, S.RUNNING, S.STOPPED, S.ERROR, S.UNKNOWN}),
-        "a VM can be destroyed when Created, Running, Stopped or in Error",
+        "a VM can be destroyed when Created, Running, Stopped, in Error or Unknown",
     ),
     Action.RECOVER: (frozenset({S.DESTROYED}), "only a Destroyed VM (not yet expunged) can be recovered"),
     Action.EXPUNGE: (frozenset({S.DESTROYED}), "a VM must be Destroyed before it is expunged"),
@@ -175,7 +175,15 @@ def check(state: VMState, action: Action) -> None:
     """Raise ``InvalidState`` (naming the state and the rule) unless ``action`` may run in ``state``."""
     allowed, rule = _ALLOWED[action]
     if state not in allowed:
-        raise InvalidState(f"cannot {action} a VM that is {state.value}: {rule}", field="state")
+        raise InvalidState(f"cannot {action}: the VM is {state.value} ({rule})", field="state")
+
+
+def check_stop(state: VMState, *, ha_restart_pending: bool) -> None:
+    """Like ``check(state, Action.STOP)``, and a Stopped VM whose HA restart is pending (back-off) may be stopped as
+    well: that is how a user keeps an HA VM down (the Mold manual: stop it through Mold, or disable HA)."""
+    if state is VMState.STOPPED and ha_restart_pending:
+        return
+    check(state, Action.STOP)
 
 
 def pending_state(action: Action) -> VMState | None:

@@ -40,6 +40,8 @@ RESTARTABLE_CAUSES = {str(c) for c in DownCause}
 
 
 class HAManager:
+    JOB_WAIT_S = 60.0
+
     def __init__(self, app: App) -> None:
         self.app = app
         cfg = app.config.ha
@@ -49,6 +51,7 @@ class HAManager:
         self.host_queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()  # (host, kind, position)
         self.active: dict[str, asyncio.Task[None]] = {}  # one HA job per VM
         self.host_tasks: dict[str, asyncio.Task[None]] = {}  # one failure handler per host
+        self.host_phase: dict[str, str] = {}  # "grace" while a failure handler may still be called off
         self.supervised: dict[str, asyncio.Task[None]] = {}
         self.crashes = 0
         self.stats: dict[str, float] = {}
@@ -114,7 +117,12 @@ class HAManager:
                 if vm.ha_status != "failed":
                     self.queue.put_nowait((vm.name, vm.stop_cause or "found-stopped", vm.position))
         for host in model.hosts.values():
-            if host.health != "Up" or host.link == "disconnected":
+            if self.app.hosts.is_connected(host.name):
+                # it answers now, but the log left it Suspect/Down/Fenced/...: its "connected" event was folded
+                # before this listener was registered, so bring it back here
+                if host.health != "Up":
+                    self.host_queue.put_nowait((host.name, "connected", host.position))
+            elif host.health != "Up" or host.link == "disconnected":
                 self.host_queue.put_nowait((host.name, "check", host.position))
 
     # -- the listener: runs inside the projector, after each event is folded; must not block -------------
@@ -173,7 +181,7 @@ class HAManager:
         if vm.stop_cause == "user":
             return "it was stopped through moldd"
         if vm.ha_status == "failed":
-            return "HA gave up on it (Error); start it by hand"
+            return "HA gave up on it (Error); stop it, then start it by hand"
         return None
 
     async def _async_recover_vm_inner(self, name: str, cause: str, position: int) -> None:
@@ -210,7 +218,7 @@ class HAManager:
                     trigger
                     | {
                         "reason": f"{recent} restarts within {self.limits.window_s:g} s (limit {self.limits.max_restarts}): "
-                        "the VM keeps going down; fix it and start it by hand",
+                        "the VM keeps going down; fix it, then stop and start it by hand",
                         "restarts": recent,
                     },
                 )
@@ -223,7 +231,14 @@ class HAManager:
             if delay:
                 await asyncio.sleep(delay)
             outcome = await self._async_restart(name, trigger, recent + 1)
-            if outcome in ("started", "gone", "waiting"):
+            if outcome == "gone":
+                vm = app.model.vms.get(name)
+                reason = self._eligible(vm)
+                if reason is not None and vm is not None and vm.ha_status == "pending":
+                    # e.g. started by hand during the back-off: say why HA let go, so it is not left "pending"
+                    await self._async_ha_event(name, "ha.cancelled", trigger | {"reason": reason})
+                return
+            if outcome in ("started", "waiting"):
                 return
             # "failed": the ha.restart.failed event is recorded; go round (back-off grows with the count)
 
@@ -238,7 +253,9 @@ class HAManager:
             old_state = app.model.hosts.get(old) if old else None
             async with app.placement_lock:
                 try:
-                    target = place_existing(app.config, app.model, name, current=old, cluster=vm.cluster)
+                    target = place_existing(
+                        app.config, app.model, name, current=old, cluster=vm.cluster, reserved=app.migrations
+                    )
                 except CapacityError as exc:
                     await self._async_ha_event(
                         name, "ha.restart.failed", trigger | {"attempt": attempt, "error": exc.to_dict()}
@@ -320,7 +337,9 @@ class HAManager:
                 if task is not None and not task.done():
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
-                self.host_tasks[host] = asyncio.create_task(self._async_evacuate(host), name=f"ha-evacuate-{host}")
+                self.host_tasks[host] = asyncio.create_task(
+                    self._async_evacuate(host), name=f"ha-evacuate-{host}"
+                )
                 continue
             task = self.host_tasks.get(host)
             if task is None or task.done():
@@ -342,13 +361,20 @@ class HAManager:
 
     async def _async_host_back(self, host: str, position: int) -> None:
         task = self.host_tasks.pop(host, None)
-        state = self.app.model.hosts.get(host)
-        if task is not None and not task.done() and state is not None and state.health in ("Suspect", "Down"):
+        if task is not None and not task.done() and self.host_phase.get(host) == "grace":
             task.cancel()  # it came back before we declared it dead: a blip, nothing to fence
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         elif task is not None and not task.done():
             await asyncio.gather(task, return_exceptions=True)  # never interrupt a fencing in progress
+        state = self.app.model.hosts.get(host)
+        if state is not None and state.health == str(HostHealth.FENCING):
+            # no fencing runs (it ended above, or a daemon restart cut it short): its outcome is unknown
+            await self._async_set_health(
+                host,
+                HostHealth.FENCE_FAILED,
+                {"cause": "fencing was interrupted", "trigger_position": position},
+            )
         state = self.app.model.hosts.get(host)
         if state is not None and state.health != "Up":
             await self._async_set_health(
@@ -362,12 +388,18 @@ class HAManager:
         started = app.clock()
         if app.hosts.is_connected(host):
             return
-        await self._async_set_health(
-            host, HostHealth.SUSPECT, {"cause": f"link {kind}", "trigger_position": position}
-        )
-        await asyncio.sleep(cfg.host_down_after_s)
-        if app.hosts.is_connected(host):
-            return  # _async_host_back moves it to Up
+        self.host_phase[host] = "grace"
+        try:
+            await self._async_set_health(
+                host, HostHealth.SUSPECT, {"cause": f"link {kind}", "trigger_position": position}
+            )
+            await asyncio.sleep(cfg.host_down_after_s)
+            if app.hosts.is_connected(host):
+                return  # _async_host_back moves it to Up
+        finally:
+            # Past the grace period we are committed: Down, then fencing runs to its end (a host that answers
+            # meanwhile waits for it), so no health state is left behind half-way (Down or Fencing forever).
+            self.host_phase.pop(host, None)
         await self._async_set_health(
             host,
             HostHealth.DOWN,
@@ -421,6 +453,11 @@ class HAManager:
             f"host-{host}", [NewEvent("ha.evacuation", {"host": host, "vms": order}, actor="ha")]
         )
         for name in order:
+            job = app.jobs.get(app.vm_jobs.get(name, ""))
+            if job is not None:
+                # A command still works on it (a migration from this host, say): let it record its outcome
+                # first (its calls to the fenced host fail), so that outcome cannot land on top of the restart.
+                await asyncio.wait({job}, timeout=self.JOB_WAIT_S)
             async with app.locks[name]:
                 vm = app.model.vms[name]
                 if vm.host != host or vm.state not in (

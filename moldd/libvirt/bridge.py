@@ -15,6 +15,7 @@ keepalive gives up), so the asyncio loop never calls libvirt directly.  Instead:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 from collections.abc import Callable
@@ -145,8 +146,12 @@ class LibvirtBridge:
         self, fn: Callable[..., T], *args: Any, pool: str = "default", long: bool = False
     ) -> asyncio.Future[T]:
         """Start ``fn(*args)`` in a worker; the returned future is not cancelled on timeout by anyone."""
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._pool(pool, long), functools.partial(fn, *args))
+        return asyncio.wrap_future(self._submit(fn, *args, pool=pool, long=long))
+
+    def _submit(
+        self, fn: Callable[..., T], *args: Any, pool: str = "default", long: bool = False
+    ) -> concurrent.futures.Future[T]:
+        return self._pool(pool, long).submit(functools.partial(fn, *args))
 
     async def async_call(
         self,
@@ -164,7 +169,8 @@ class LibvirtBridge:
         """
         if timeout is not None and timeout < 0:
             timeout = None if long else self.default_timeout
-        fut = self.submit(fn, *args, pool=pool, long=long)
+        work = self._submit(fn, *args, pool=pool, long=long)
+        fut = asyncio.wrap_future(work)
         try:
             if timeout is None:
                 return await fut
@@ -172,9 +178,14 @@ class LibvirtBridge:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             fut.add_done_callback(_swallow)
-            raise Unavailable(
-                f"{what or getattr(fn, '__name__', 'libvirt call')} did not answer within {timeout:g} s"
-            ) from None
+            name = what or getattr(fn, "__name__", "libvirt call")
+            # Still queued behind stuck workers (a frozen host): drop it, or the operation the caller was
+            # told failed would run whenever a worker frees up. cancel() is atomic with the worker's pick-up.
+            if work.cancel():
+                raise Unavailable(
+                    f"{name} did not start within {timeout:g} s (every worker of {pool!r} is busy)"
+                ) from None
+            raise Unavailable(f"{name} did not answer within {timeout:g} s") from None
         except libvirt.libvirtError as exc:
             raise translate_error(exc, what=what) from exc
 

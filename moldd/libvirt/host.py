@@ -168,20 +168,22 @@ def _is_active(dom: libvirt.virDomain) -> bool:
     return bool(dom.isActive())
 
 
-def _set_vcpus(conn: libvirt.virConnect, name: str, n: int) -> None:
-    dom = conn.lookupByName(name)
+def _affect(dom: libvirt.virDomain) -> int:
+    """Change the running domain (if it runs) and its persistent definition (if it has one)."""
     flags = (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
     if not dom.isPersistent():
         flags &= ~_CONFIG
-    dom.setVcpusFlags(n, flags)
+    return flags
+
+
+def _set_vcpus(conn: libvirt.virConnect, name: str, n: int) -> None:
+    dom = conn.lookupByName(name)
+    dom.setVcpusFlags(n, _affect(dom))
 
 
 def _set_memory(conn: libvirt.virConnect, name: str, mib: int) -> None:
     dom = conn.lookupByName(name)
-    flags = (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
-    if not dom.isPersistent():
-        flags &= ~_CONFIG
-    dom.setMemoryFlags(mib * 1024, flags)
+    dom.setMemoryFlags(mib * 1024, _affect(dom))
 
 
 def _disk_source(xml: str, target_dev: str) -> Path | None:
@@ -309,9 +311,7 @@ def _change_cdrom(conn: libvirt.virConnect, name: str, iso: str | None, target: 
     ET.SubElement(disk, "target", {"dev": target, "bus": tgt.get("bus", "ide")})
     ET.SubElement(disk, "readonly")
     flags = libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE  # open the tray even if the guest locked it
-    flags |= (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
-    if not dom.isPersistent():
-        flags &= ~_CONFIG
+    flags |= _affect(dom)
     dom.updateDeviceFlags(ET.tostring(disk, encoding="unicode"), flags)
 
 
@@ -495,6 +495,12 @@ class HostConnection:
         except libvirt.libvirtError as exc:
             self._pending_open = None
             raise translate_error(exc, what=f"connect to {self.name}") from None
+        except Exception as exc:
+            # Whatever else the open thread raised is a failed attempt too: an exception escaping here
+            # would end the reconnect loop for good and leave the host disconnected forever.
+            self._pending_open = None
+            log.error("libvirt_connect_error", host=self.name, error=repr(exc), exc_info=exc)
+            raise Unavailable(f"connect to {self.name} failed: {type(exc).__name__}: {exc}") from None
         except BaseException:
             if pending.done():
                 self._pending_open = None

@@ -33,8 +33,8 @@ DEFAULT_OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 DEFAULT_OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-# XML 1.0 cannot carry these at all, escaped or not.
-_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# XML 1.0 cannot carry these at all, escaped or not; lone surrogates cannot even be encoded as UTF-8.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 _TARGET_PREFIX: dict[str, str] = {"virtio": "vd", "sata": "sd", "ide": "hd"}
 

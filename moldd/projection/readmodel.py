@@ -85,7 +85,8 @@ class ReadModel:
         model.groups = {k: Group.from_dict(v) for k, v in data["groups"].items()}
         model.jobs = {k: Job.from_dict(v) for k, v in data["jobs"].items()}
         model.next_vm_id = data["next_vm_id"]
-        model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values()}
+        # as the fold keeps it: an expunged VM's domain name is forgotten (``_expunged``)
+        model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values() if vm.state != S.EXPUNGED}
         return model
 
     def view(self) -> dict[str, Any]:
@@ -430,7 +431,8 @@ def _expunged(model: ReadModel, ev: EventLike) -> None:
         vm.prior_state = None
         vm.expunge_at = None
         vm.host = None
-        model.by_internal.pop(vm.internal_name, None)
+        if model.by_internal.get(vm.internal_name) == vm.name:
+            del model.by_internal[vm.internal_name]
 
 
 @on("vm.reconciled")

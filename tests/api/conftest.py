@@ -54,10 +54,11 @@ class FakeBus:
 
     def verbs(self) -> list[str]:
         return ["listVirtualMachines", "startVirtualMachine", "stopVirtualMachine", "deployVirtualMachine",
-                "queryAsyncJobResult", "listHosts", "listEvents", "explode", "echo"]  # fmt: skip
+                "queryAsyncJobResult", "listHosts", "listEvents", "explode", "echo", "createInstanceGroup",
+                "updateVirtualMachine"]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self.ok, "watchers": "up" if self.ok else "down"}
+        return {"ok": self.ok, "watchers": "up" if self.ok else "down", "position": len(self.log)}
 
     async def _append(self, stream: str, event_type: str, payload: dict[str, Any], *,
                       command_id: str | None = None, correlation_id: str | None = None) -> int:  # fmt: skip
@@ -89,6 +90,13 @@ class FakeBus:
             rows = [vm for vm in self.vms.values()
                     if all(vm.get(k) == args[k] for k in ("name", "group", "state") if k in args)]  # fmt: skip
             return CommandReply({"count": len(rows), "virtualmachine": rows}, len(self.log))
+        if verb == "createInstanceGroup":
+            return CommandReply({"group": {"name": args.get("name"), "description": "", "vms": []}}, 1)
+        if verb == "updateVirtualMachine":
+            vm = self.vms[str(args["name"])]
+            vm.update(display_name=args.get("displayname", vm["display_name"]))
+            return CommandReply({"vm": dict(vm, offering={"name": "small", "vcpus": 1}),
+                                 "changed": {"display_name": vm["display_name"]}}, 1)  # fmt: skip
         if verb == "listHosts":
             return CommandReply(
                 {"count": 1, "host": [{"name": "h1", "state": "Up", "vms": len(self.vms)}]}, 0

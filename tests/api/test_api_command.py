@@ -7,9 +7,9 @@ import pwd
 
 import aiohttp
 import pytest
-from conftest import FakeBus, Poster
 
 from moldd.domain.errors import CapacityError, Conflict, MolddError, PermissionDenied, Unavailable
+from tests.api.conftest import FakeBus, Poster
 
 
 async def test_command_reply_carries_result_and_position(post: Poster, bus: FakeBus) -> None:
@@ -137,3 +137,21 @@ async def test_unknown_path_and_method_get_json_errors(http: aiohttp.ClientSessi
     async with http.get("http://moldd/v1/command") as resp:
         assert resp.status == 405
         assert (await resp.json())["ok"] is False
+
+
+async def test_a_large_body_within_the_limit_is_read_whole(post: Poster) -> None:
+    """The body arrives in many socket reads; all of it is parsed (not just the first chunk)."""
+    big = "x" * 600_000
+    status, reply = await post({"command": "echo", "args": {"blob": big, "n": 1}})
+    assert status == 200, reply
+    assert reply["result"]["args"] == {"blob": big, "n": 1}
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_naming_the_body(http: aiohttp.ClientSession) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(20):
+            yield b" " * 100_000
+
+    async with http.post("http://moldd/v1/command", data=chunks()) as resp:
+        assert resp.status in (400, 413)
+        assert (await resp.json())["error"]["field"] == "body"

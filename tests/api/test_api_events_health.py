@@ -7,9 +7,9 @@ import json
 from typing import Any
 
 import aiohttp
-from conftest import FakeBus
 
 from moldd.api import ApiServer
+from tests.api.conftest import FakeBus
 
 
 async def _lines(
@@ -73,7 +73,7 @@ async def test_idle_event_stream_sends_heartbeats(http: aiohttp.ClientSession, b
 
 
 async def test_events_bad_from_is_400(http: aiohttp.ClientSession) -> None:
-    for query in ("from=abc", "from=-1", "colour=red"):
+    for query in ("from=abc", "from=-1", "colour=red", "from=99999999999999999999999", "from=1_000"):
         async with http.get(f"http://moldd/v1/events?{query}") as resp:
             assert resp.status == 400
             body = await resp.json()
@@ -93,7 +93,29 @@ async def test_open_event_stream_does_not_hold_up_shutdown(
 
 async def test_health_200_when_ok_and_503_when_not(http: aiohttp.ClientSession, bus: FakeBus) -> None:
     async with http.get("http://moldd/v1/health") as resp:
-        assert (resp.status, await resp.json()) == (200, {"ok": True, "watchers": "up"})
+        assert (resp.status, await resp.json()) == (200, {"ok": True, "watchers": "up", "position": 0})
     bus.ok = False
     async with http.get("http://moldd/v1/health") as resp:
         assert (resp.status, (await resp.json())["ok"]) == (503, False)
+
+
+async def test_a_client_that_stops_reading_is_dropped(bus: FakeBus, sock_dir: Any) -> None:
+    """A stalled reader (a suspended ``moldctl events -f``) must not pin a handler and a subscription
+    forever: a write that cannot complete within write_timeout_s ends the stream."""
+    from moldd.api import ApiSettings, async_serve
+
+    for i in range(3000):  # ~3 MB: more than the socket buffers hold
+        await bus._append("vm-a", "vm.updated", {"i": i, "pad": "x" * 1000})
+    srv = await async_serve(bus, sock_dir / "slow.sock", use_socket_activation=False,
+                            settings=ApiSettings(heartbeat_s=0.2, write_timeout_s=0.5))  # fmt: skip
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock_dir / "slow.sock"))
+        writer.write(b"GET /v1/events HTTP/1.1\r\nHost: moldd\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1.5)  # not reading: the server's writes block, then time out
+        # What was sent is still readable, then the server has hung up (EOF), not kept streaming.
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert b'"position":1,' in data and b'"position":3000,' not in data
+        writer.close()
+    finally:
+        await srv.async_close()

@@ -8,15 +8,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeBus
 
 from moldd.api import ApiServer
 from moldd.cli import moldctl
 from moldd.cli.moldctl import COMMANDS, build_parser, command_args, format_table, parse_pairs, parse_value
+from tests.api.conftest import FakeBus
 
 
 async def run(server: ApiServer | str, *argv: str) -> tuple[int, str, str]:
@@ -207,3 +208,65 @@ async def test_no_wait_returns_the_pending_job(server: ApiServer) -> None:
     code, out, _ = await run(server, "--json", "vm", "start", "web-2", "--no-wait")
     assert code == 0
     assert json.loads(out)["job"]["status"] == "pending"
+
+
+async def test_an_object_result_is_printed_as_key_values_not_a_json_blob(server: ApiServer) -> None:
+    code, out, err = await run(server, "group", "create", "web")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == ["name         web", "description", "vms          -"]
+    code, out, _ = await run(server, "vm", "edit", "web-1", "--display-name", "Web one")
+    assert code == 0
+    assert "{" not in out
+    lines = out.splitlines()
+    assert lines[0] == "vm:"
+    assert "  display_name  Web one" in lines
+    assert "  offering:" in lines and "    vcpus  1" in lines
+    assert lines[-2:] == ["changed:", "  display_name  Web one"]
+
+
+async def test_list_cells_are_comma_separated() -> None:
+    assert format_table([{"name": "web", "vms": ["a", "b"]}, {"name": "db", "vms": []}]).splitlines() == [
+        "NAME  VMS", "web   a, b", "db    -",
+    ]  # fmt: skip
+
+
+async def test_events_follow_starts_at_the_end_unless_from_is_given(server: ApiServer, bus: FakeBus) -> None:
+    await bus._append("vm-old", "vm.created", {"state": "Stopped"})
+    path = server.path
+    assert path is not None
+    out = io.StringIO()
+
+    def follow(*extra: str) -> None:
+        moldctl.run(["--socket", path, "events", "--follow", *extra], out, io.StringIO())
+
+    threading.Thread(target=follow, daemon=True).start()
+    await asyncio.sleep(0.3)
+    await bus._append(
+        "vm-new", "libvirt.domain_event", {"event": "STOPPED", "detail": "DESTROYED", "host": "h1"}
+    )
+    for _ in range(50):
+        if "vm-new" in out.getvalue():
+            break
+        await asyncio.sleep(0.05)
+    assert out.getvalue().splitlines() == [
+        "[2] vm-new libvirt.domain_event event=STOPPED detail=DESTROYED host=h1"
+    ]
+    out2 = io.StringIO()
+    threading.Thread(
+        target=lambda: moldctl.run(["--socket", path, "events", "-f", "--from", "1"], out2, io.StringIO()),
+        daemon=True,
+    ).start()
+    for _ in range(50):
+        if "[2]" in out2.getvalue():
+            break
+        await asyncio.sleep(0.05)
+    assert out2.getvalue().splitlines()[0] == "[1] vm-old vm.created state=Stopped"
+
+
+async def test_socket_and_timeout_are_accepted_after_the_subcommand(server: ApiServer) -> None:
+    assert server.path is not None
+    out = io.StringIO()
+    code = await asyncio.to_thread(
+        moldctl.run, ["vm", "list", "--socket", server.path, "--timeout", "5"], out, io.StringIO()
+    )
+    assert code == 0 and "web-1" in out.getvalue()

@@ -10,11 +10,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import FakeBus
 
 from moldd.api import ApiServer, PeerCreds, authorize, bind_unix_socket, peer_creds, peercred
 from moldd.api.peercred import AccessPolicy
 from moldd.domain.errors import PermissionDenied
+from tests.api.conftest import FakeBus
 
 MOLDD_GID = 2000
 DAEMON_UID = 900
@@ -138,3 +138,15 @@ async def test_a_user_outside_the_group_is_refused_with_403(
     assert int(head.split()[1]) == 403
     assert json.loads(payload)["error"]["code"] == "permission_denied"
     assert bus.calls == []
+
+
+def test_peer_creds_reads_uid_and_gid_as_unsigned() -> None:
+    """uid_t/gid_t are unsigned: a uid above 2**31 (user namespaces, nobody = 4294967294 on some systems)
+    must not come out negative (a wrong actor in the log, and a 500 from the group look-up)."""
+    import struct
+
+    class FakeSock:
+        def getsockopt(self, *_: object) -> bytes:
+            return struct.pack("iII", 4242, 4294967294, 3000000000)
+
+    assert peer_creds(FakeSock()) == PeerCreds(pid=4242, uid=4294967294, gid=3000000000)  # type: ignore[arg-type]

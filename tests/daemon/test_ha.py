@@ -320,3 +320,57 @@ async def test_host_that_died_while_daemon_was_down_is_fenced_and_evacuated(conf
         health = [e["payload"]["to"] for e in await client.events_of_stream("host-host0") if e["event_type"] == "host.health"]
         assert "Fenced" in health
         assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
+
+
+async def _crash_twice(client: Client, lab: Any, vm: dict[str, Any]) -> dict[str, Any]:
+    """Crash an HA VM, let HA restart it, crash it again: returns the ha.restart.scheduled of the second restart,
+    which waits out a back-off (the first restart does not)."""
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    os.kill(qemu_pid(lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+    await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos)
+    await client.wait_vm(vm["name"], state="Running")
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    os.kill(qemu_pid(lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+    return await wait_event(client, vm["name"], "ha.restart.scheduled", after=pos)
+
+
+async def test_user_acting_during_ha_backoff_wins(make_config: Any, clean_lab: Any) -> None:
+    """The manual: to really stop an HA VM, stop it through Mold. A stop sent while HA waits out its back-off keeps
+    the VM down (it used to be refused: "only a Running VM can be stopped", and HA restarted it anyway); a start
+    sent meanwhile is followed by an ha.cancelled, not by a VM left "pending" for ever."""
+    config = make_config(ha={"backoff_base_s": 4.0, "backoff_cap_s": 8.0})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        kept, started = await deploy_ha(client, host="host0"), await deploy_ha(client, host="host1")
+        sched_kept, sched_started = await asyncio.gather(
+            _crash_twice(client, clean_lab, kept), _crash_twice(client, clean_lab, started)
+        )
+        assert sched_kept["payload"]["delay_s"] > 0 and sched_started["payload"]["delay_s"] > 0
+        stop = await client.job("stopVirtualMachine", id=kept["name"])
+        assert stop["status"] == "succeeded", stop
+        start = await client.job("startVirtualMachine", id=started["name"])
+        assert start["status"] == "succeeded", start
+        await asyncio.sleep(sched_kept["payload"]["delay_s"] + 1.5)
+        after = await client.vm(kept["name"])
+        assert (after["state"], after["stop_cause"], after["ha_status"]) == ("Stopped", "user", None)
+        late = [e for e in await client.events(kept["name"]) if e["position"] > sched_kept["position"]]
+        assert not [e for e in late if e["event_type"] == "ha.restart.started"], late
+        assert running_copies(clean_lab, kept["internal_name"]) == []
+        cancelled = await wait_event(client, started["name"], "ha.cancelled", after=sched_started["position"])
+        assert "Running" in cancelled["payload"]["reason"]
+        assert (await client.vm(started["name"]))["ha_status"] is None
+        assert running_copies(clean_lab, started["internal_name"]) == [started["host"]]
+
+
+async def test_host_fenced_before_a_daemon_restart_is_up_once_it_answers(config: Any, clean_lab: Any) -> None:
+    """The host came back while moldd was down: its "connected" is folded before HA listens, and HA's catch-up
+    used to leave it Fenced (so never placed on again) for ever."""
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, host="host0")
+        clean_lab.hosts[0].kill()
+        await client.wait_vm(vm["name"], timeout=40, state="Running", host="host1")
+        await client.wait_host("host0", timeout=10, health="Fenced")
+    clean_lab.hosts[0].restart()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        await client.wait_host("host0", timeout=15, health="Up", link="connected")
+        assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
+        assert (await client.vm(vm["name"]))["host"] == "host1"

@@ -176,3 +176,28 @@ async def test_a_command_that_races_a_libvirt_event_is_checked_again(daemon: Any
     assert injected["n"] == 1 and done["status"] == "succeeded"
     kinds = [e["event_type"] for e in await client.events(name)]
     assert kinds.count("vm.start.requested") == 1
+
+
+async def test_a_crashed_job_leaves_no_vm_in_progress(
+    daemon: Any, client: Client, clean_lab: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a job (an exception that is not a refusal) used to record only a job failure and leave the VM
+    Starting until the next daemon start; now the VM is reconciled with libvirt at once."""
+    import moldd.app.lifecycle as lifecycle
+
+    job = await client.job("deployVirtualMachine", template="tiny", offering="small")
+    name = job["vm"]
+    await client.job("stopVirtualMachine", id=name, forced=True)
+
+    def boom(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("a bug in the job")
+
+    monkeypatch.setattr(lifecycle, "domain_spec", boom)
+    failed = await client.job("startVirtualMachine", id=name)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "internal", failed
+    vm = await client.wait_vm(name, timeout=5, state="Stopped")
+    assert vm["job"] is None and vm["power_state"] == "off"
+    monkeypatch.undo()
+    again = await client.job("startVirtualMachine", id=name)
+    assert again["status"] == "succeeded", again
+    assert domain_state(clean_lab, host_index(vm), vm["internal_name"]) == "running"

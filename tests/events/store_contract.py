@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ from events import (
     InvalidEventError,
     NewEvent,
     PayloadError,
+    StoreClosedError,
     StoredEvent,
     Upcasters,
     async_fold,
@@ -49,12 +51,26 @@ class CountingProjection:
         return data
 
 
+def hold_writer_before_commit(store: EventStore) -> tuple[asyncio.Event, asyncio.Event]:
+    """(entered, gate): the writer's next group sets `entered`, then waits for `gate` before its COMMIT."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        entered.set()
+        await gate.wait()
+
+    store._writer.before_commit = hold
+    return entered, gate
+
+
 class StoreContract:
     """Behaviour every EventStore backend must show."""
 
     @pytest.fixture
-    async def store(self) -> EventStore:
-        raise NotImplementedError
+    async def store(self) -> AsyncIterator[EventStore]:
+        s = await self.make_store()
+        yield s
+        await s.async_close()
 
     async def make_store(self, **kw: Any) -> EventStore:
         """A fresh store with options (upcasters, max_payload_bytes, subscriber_queue_limit)."""
@@ -195,6 +211,155 @@ class StoreContract:
         with pytest.raises(InvalidEventError):
             await store.async_append("s", [NewEvent(event_type, {})])
         assert await store.async_read() == []
+
+    async def test_payload_with_text_that_is_not_unicode_says_so(self, store: EventStore) -> None:
+        with pytest.raises(PayloadError) as info:
+            await store.async_append("s", [NewEvent("bad.event", {"x": "\ud800"})])
+        assert info.value.reason == "not_serialisable" and "not valid Unicode" in str(info.value)
+
+    # ---- writer failure paths ------------------------------------------------------------------------
+    async def test_conflict_with_an_uncommitted_append_fails_with_its_group(
+        self, store: EventStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # B conflicts only with A, which is in the same group: if the group's COMMIT fails, B must not be told
+        # that the stream reached a version it never reached; it fails with the group
+        await store.async_append("s", [ev()])
+
+        async def broken(rows: Any, commands: Any) -> None:
+            raise OSError("disk on fire")
+
+        monkeypatch.setattr(store, "_async_commit", broken)
+        a, b = await asyncio.gather(
+            store.async_append("s", [ev()], expected_version=1),
+            store.async_append("s", [ev()], expected_version=1),
+            return_exceptions=True,
+        )
+        assert isinstance(a, OSError) and isinstance(b, OSError), (a, b)
+
+    async def test_an_upcaster_failing_on_append_fails_only_its_own_request(self) -> None:
+        up = Upcasters()
+
+        def boom(p: dict[str, Any]) -> dict[str, Any]:
+            raise KeyError("upcaster bug")
+
+        up.register("old.event", 1, boom)
+        store = await self.make_store(upcasters=up)
+        try:
+            good, bad, good2 = await asyncio.gather(
+                store.async_append("a", [ev()]),
+                store.async_append("b", [NewEvent("old.event", {}, schema_version=1)]),
+                store.async_append("c", [ev()]),
+                return_exceptions=True,
+            )
+            assert isinstance(bad, KeyError), bad
+            assert not isinstance(good, BaseException) and not isinstance(good2, BaseException), (good, good2)
+            events = await store.async_read()
+            assert [e.stream_id for e in events] == ["a", "c"] and events[1].prev_hash == events[0].hash
+        finally:
+            await store.async_close()
+
+    async def test_close_while_appends_are_queued_commits_them_even_when_closed_twice(self) -> None:
+        store = await self.make_store()
+        entered, gate = hold_writer_before_commit(store)
+        first = asyncio.create_task(store.async_append("s", [ev(n=0)]))
+        await asyncio.wait_for(entered.wait(), 5)
+        store._writer.before_commit = None
+        queued = [asyncio.create_task(store.async_append("s", [ev(n=i)])) for i in range(1, 5)]
+        await asyncio.sleep(0)
+        closes = [asyncio.create_task(store.async_close()) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *queued, *closes, return_exceptions=True), 5)
+        assert not any(isinstance(r, BaseException) for r in results), results
+        assert [r.last_position for r in results[:5]] == [1, 2, 3, 4, 5]  # type: ignore[union-attr]
+        with pytest.raises(StoreClosedError):
+            await store.async_append("s", [ev()])
+
+    async def test_a_cancelled_writer_fails_queued_and_later_appends_instead_of_hanging(self) -> None:
+        store = await self.make_store()
+        entered, _ = hold_writer_before_commit(store)
+        first = asyncio.create_task(store.async_append("s", [ev()]))
+        await asyncio.wait_for(entered.wait(), 5)
+        queued = asyncio.create_task(store.async_append("s", [ev()]))
+        await asyncio.sleep(0)
+        writer_task = store._writer._task
+        assert writer_task is not None
+        writer_task.cancel()
+        for fut in (first, queued):
+            with pytest.raises(StoreClosedError):
+                await asyncio.wait_for(fut, 5)
+        with pytest.raises(StoreClosedError):
+            await asyncio.wait_for(store.async_append("s", [ev()]), 5)
+        await asyncio.wait_for(store.async_close(), 5)  # no CancelledError out of close, the backend is released
+        with pytest.raises(StoreClosedError):
+            await store.async_read()
+
+    async def test_writer_cancelled_during_commit_reports_the_commit_outcome(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = await self.make_store()
+        try:
+            real_commit = store._async_commit
+            gate = asyncio.Event()
+            entered = asyncio.Event()
+
+            async def slow_commit(rows: Any, commands: Any) -> None:
+                entered.set()
+                await gate.wait()  # the transaction is in flight (on SQLite's thread it cannot be stopped)
+                await real_commit(rows, commands)
+
+            monkeypatch.setattr(store, "_async_commit", slow_commit)
+            append = asyncio.create_task(store.async_append("s", [ev()], command_id="c-1"))
+            await asyncio.wait_for(entered.wait(), 5)
+            writer_task = store._writer._task
+            assert writer_task is not None
+            writer_task.cancel()
+            await asyncio.sleep(0.01)
+            gate.set()
+            res = await asyncio.wait_for(append, 5)  # the group was written: its caller is told so
+            assert res.last_position == 1 and not res.duplicate
+            assert [e.position for e in await store.async_read()] == [1]
+            with pytest.raises(StoreClosedError):
+                await asyncio.wait_for(store.async_append("s", [ev()]), 5)
+        finally:
+            await asyncio.wait_for(store.async_close(), 5)
+
+    async def test_commands_older_than_the_recent_cache_are_still_deduplicated(self, store: EventStore) -> None:
+        store._writer.RECENT_COMMANDS = 2
+        first = await store.async_append("s", [ev(n=0)], command_id="c-0")
+        for i in range(1, 6):
+            await store.async_append("s", [ev(n=i)], command_id=f"c-{i}")
+        again = await store.async_append("s", [ev(n=99)], command_id="c-0")
+        assert again.duplicate and again.events == first.events
+        assert len(await store.async_read()) == 6
+
+    # ---- argument checks and closed store ------------------------------------------------------------
+    async def test_reads_and_snapshots_of_a_closed_store_raise_store_closed(self) -> None:
+        store = await self.make_store()
+        await store.async_append("s", [ev()])
+        await store.async_save_snapshot("p", 1, {})
+        await store.async_close()
+        for call in (
+            store.async_read(),
+            store.async_read_stream("s"),
+            store.async_read_since(datetime.now(UTC)),
+            store.async_find_command("c"),
+            store.async_hash_at(1),
+            store.async_load_snapshot("p"),
+            store.async_save_snapshot("p", 1, {}),
+        ):
+            with pytest.raises(StoreClosedError):
+                await call
+
+    async def test_bad_limits_and_batch_sizes_are_refused(self, store: EventStore) -> None:
+        for i in range(3):
+            await store.async_append("s", [ev(i=i)])
+        for limit in (-1, 1.5, True):
+            with pytest.raises(InvalidEventError):
+                await store.async_read(limit=limit)  # type: ignore[arg-type]
+        with pytest.raises(InvalidEventError):
+            store.async_subscribe(1, batch_size=0)
+        assert len(await store.async_read(limit=0)) == 0
 
     # ---- chain -----------------------------------------------------------------------------------
     async def test_events_form_a_hash_chain_from_the_genesis_hash(self, store: EventStore) -> None:

@@ -6,10 +6,9 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from conftest import drop_triggers_copy
-
 from events import NewEvent, SQLiteEventStore, verify
 from events.chain import encode_fields, link_hash
+from tests.events.conftest import drop_triggers_copy
 
 
 def test_fields_framing_separates_null_empty_and_boundaries() -> None:

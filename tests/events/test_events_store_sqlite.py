@@ -2,14 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from store_contract import StoreContract, ev
 
 from events import EventStore, MemoryEventStore, NewEvent, NotALogError, SQLiteEventStore, verify
+from tests.events.store_contract import StoreContract, ev
 
 
 class TestSQLiteEventStore(StoreContract):
@@ -17,12 +16,6 @@ class TestSQLiteEventStore(StoreContract):
     def _dir(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.n = 0
-
-    @pytest.fixture
-    async def store(self) -> AsyncIterator[EventStore]:  # type: ignore[override]
-        s = await self.make_store()
-        yield s
-        await s.async_close()
 
     async def make_store(self, **kw: Any) -> EventStore:
         self.n += 1

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import drop_triggers_copy
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from events import NewEvent, SQLiteEventStore, Upcasters, verify
 from events.checkpoint import checkpoint_db, generate_keys, load_checkpoints
+from tests.events.conftest import drop_triggers_copy
 
 N_EVENTS = 30
 TEXT_COLS = ["stream_id", "event_type", "actor"]
@@ -47,6 +47,22 @@ def sealed_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pa
 def attacker_copy(src: Path, tmp: Path) -> Path:
     dst = tmp / f"copy-{os.urandom(4).hex()}.db"
     return drop_triggers_copy(src, dst)
+
+
+def tamper(src: Path, tmp: Path, *statements: tuple[str, tuple[object, ...]]) -> Path:
+    """An attacker's copy of `src` with the statements applied (a UNIQUE collision skips the example)."""
+    copy = attacker_copy(src, tmp)
+    conn = sqlite3.connect(copy)
+    try:
+        for sql, params in statements:
+            conn.execute(sql, params)
+    except sqlite3.IntegrityError:  # the edit collides with UNIQUE(stream_id, stream_version): not possible
+        conn.close()
+        copy.unlink()
+        assume(False)
+    conn.commit()
+    conn.close()
+    return copy
 
 
 def test_intact_log_verifies_with_its_checkpoint(sealed_log: tuple[Path, Path, Path, Path]) -> None:
@@ -96,16 +112,8 @@ def test_any_single_byte_edit_is_detected_at_its_position(
 def test_integer_field_edits_are_detected_at_their_position(
     sealed_log: tuple[Path, Path, Path, Path], tmp_path: Path, position: int, column: str, delta: int
 ) -> None:
-    path = sealed_log[0]
-    copy = attacker_copy(path, tmp_path)
-    conn = sqlite3.connect(copy)
-    try:
-        conn.execute(f"UPDATE events SET {column} = {column} + ? WHERE position = ?", (delta, position))
-    except sqlite3.IntegrityError:  # collides with UNIQUE(stream_id, stream_version): not possible
-        conn.close()
-        assume(False)
-    conn.commit()
-    conn.close()
+    copy = tamper(sealed_log[0], tmp_path,
+                  (f"UPDATE events SET {column} = {column} + ? WHERE position = ?", (delta, position)))
     r = verify(copy)
     assert r.exit_code == 1 and r.first_bad_position == position, r.render()
     copy.unlink()
@@ -116,11 +124,7 @@ def test_integer_field_edits_are_detected_at_their_position(
 def test_a_deleted_row_is_detected_at_its_position(
     sealed_log: tuple[Path, Path, Path, Path], tmp_path: Path, position: int
 ) -> None:
-    copy = attacker_copy(sealed_log[0], tmp_path)
-    conn = sqlite3.connect(copy)
-    conn.execute("DELETE FROM events WHERE position = ?", (position,))
-    conn.commit()
-    conn.close()
+    copy = tamper(sealed_log[0], tmp_path, ("DELETE FROM events WHERE position = ?", (position,)))
     r = verify(copy)
     assert r.exit_code == 1 and r.first_bad_position == position, r.render()
     copy.unlink()
@@ -133,13 +137,13 @@ def test_swapped_rows_are_detected_at_the_first_of_them(
 ) -> None:
     if a == b:
         return
-    copy = attacker_copy(sealed_log[0], tmp_path)
-    conn = sqlite3.connect(copy)
-    conn.execute("UPDATE events SET position = -1 WHERE position = ?", (a,))
-    conn.execute("UPDATE events SET position = ? WHERE position = ?", (a, b))
-    conn.execute("UPDATE events SET position = ? WHERE position = -1", (b,))
-    conn.commit()
-    conn.close()
+    copy = tamper(
+        sealed_log[0],
+        tmp_path,
+        ("UPDATE events SET position = -1 WHERE position = ?", (a,)),
+        ("UPDATE events SET position = ? WHERE position = ?", (a, b)),
+        ("UPDATE events SET position = ? WHERE position = -1", (b,)),
+    )
     r = verify(copy)
     assert r.exit_code == 1 and r.first_bad_position == min(a, b), r.render()
     copy.unlink()
@@ -151,11 +155,7 @@ def test_truncation_is_detected_against_the_checkpoint(
     sealed_log: tuple[Path, Path, Path, Path], tmp_path: Path, keep: int
 ) -> None:
     path, _, pub, cps = sealed_log
-    copy = attacker_copy(path, tmp_path)
-    conn = sqlite3.connect(copy)
-    conn.execute("DELETE FROM events WHERE position > ?", (keep,))
-    conn.commit()
-    conn.close()
+    copy = tamper(path, tmp_path, ("DELETE FROM events WHERE position > ?", (keep,)))
     assert verify(copy).exit_code == 0  # the chain alone cannot see a clean truncation
     r = verify(copy, checkpoints=cps, public_key=pub)
     assert r.exit_code == 1 and r.first_bad_position == keep + 1, r.render()
@@ -210,11 +210,7 @@ def test_unknown_types_and_future_versions_are_warned(sealed_log: tuple[Path, Pa
 
 
 def test_time_running_backwards_is_reported(sealed_log: tuple[Path, Path, Path, Path], tmp_path: Path) -> None:
-    copy = attacker_copy(sealed_log[0], tmp_path)
-    conn = sqlite3.connect(copy)
-    conn.execute("UPDATE events SET recorded_at = recorded_at - 10000000 WHERE position = 7")
-    conn.commit()
-    conn.close()
+    copy = tamper(sealed_log[0], tmp_path, ("UPDATE events SET recorded_at = recorded_at - 10000000 WHERE position = 7", ()))
     kinds = {i.kind for i in verify(copy).issues if i.position == 7}
     assert {"hash_mismatch", "time_backwards"} <= kinds
 
@@ -257,11 +253,7 @@ def test_cli_exit_codes_and_output(sealed_log: tuple[Path, Path, Path, Path], tm
     path, priv, pub, cps = sealed_log
     ok = run_cli("verify", str(path), "--checkpoints", str(cps), "--public-key", str(pub))
     assert ok.returncode == 0 and "checked positions 1..30" in ok.stdout and "INTACT" in ok.stdout
-    copy = attacker_copy(path, tmp_path)
-    conn = sqlite3.connect(copy)
-    conn.execute("UPDATE events SET payload = CAST('{\"i\":99}' AS BLOB) WHERE position = 12")
-    conn.commit()
-    conn.close()
+    copy = tamper(path, tmp_path, ("UPDATE events SET payload = CAST('{\"i\":99}' AS BLOB) WHERE position = 12", ()))
     bad = run_cli("verify", str(copy), "--json")
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
@@ -286,3 +278,49 @@ def test_cli_keygen_and_checkpoint(sealed_log: tuple[Path, Path, Path, Path], tm
     assert len(out.read_text().splitlines()) == 2
     pub = tmp_path / "keys" / "checkpoint-ed25519.pub"
     assert verify(path, checkpoints=out, public_key=pub).checkpoints_valid == 2
+
+
+@pytest.mark.parametrize("position", [0, -3])
+def test_a_row_inserted_before_position_1_is_detected(
+    sealed_log: tuple[Path, Path, Path, Path], tmp_path: Path, position: int
+) -> None:
+    # the store serves such a row (read_stream / read_since select by stream and time, not by position)
+    copy = tamper(
+        sealed_log[0],
+        tmp_path,
+        (
+            "INSERT INTO events SELECT ?, stream_id, 999, event_type, schema_version, recorded_at, actor, NULL, "
+            "NULL, NULL, payload, prev_hash, hash FROM events WHERE position = 5",
+            (position,),
+        ),
+    )
+    r = verify(copy)
+    assert r.exit_code == 1 and r.first_bad_position == position, r.render()
+    assert r.issues[0].kind == "position_out_of_range"
+
+
+def test_malformed_checkpoint_lines_are_reported_one_by_one(
+    sealed_log: tuple[Path, Path, Path, Path], tmp_path: Path
+) -> None:
+    path, _, pub, cps = sealed_log
+    good = cps.read_bytes().splitlines()[0]
+    as_string = json.loads(good)
+    as_string["position"] = str(as_string["position"])
+    bad_lines = [
+        b'{"log_id": "x", "position": Infinity, "head_hash": "00", "time": "t", "signature": "00"}',
+        b"[1, 2, 3]",
+        b'"just a string"',
+        b"[" * 100_000,
+        b"\xff\xfe not utf-8",
+        b'{"log_id": "x"}',
+        json.dumps(as_string).encode(),
+    ]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"\n".join([good, *bad_lines, b""]))
+    r = verify(path, checkpoints=mixed, public_key=pub)  # never raises
+    assert r.status == "tampered" and r.exit_code == 1, r.render()
+    assert r.checkpoints_valid == 1 and r.checkpoints_checked == 1 + len(bad_lines)
+    bad = [i.message for i in r.issues if i.kind == "checkpoint_invalid"]
+    assert [m.split(":")[0] for m in bad] == [f"checkpoint line {n}" for n in range(2, 2 + len(bad_lines))]
+    cli = run_cli("verify", str(path), "--checkpoints", str(mixed), "--public-key", str(pub))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr + cli.stdout, cli.stderr

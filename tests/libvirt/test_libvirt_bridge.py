@@ -93,3 +93,20 @@ async def test_shutdown_refuses_new_calls() -> None:
     b.shutdown()
     with pytest.raises(Unavailable):
         await b.async_call(lambda: 1)
+
+
+async def test_a_call_that_timed_out_while_queued_never_runs_later(bridge: LibvirtBridge) -> None:
+    """A caller told "did not answer" must not have its operation (say, destroy) run minutes later,
+    when a frozen host's stuck worker frees up: a queued call is dropped at its timeout."""
+    b = LibvirtBridge(short_workers=1)
+    release = threading.Event()
+    ran: list[str] = []
+    blocker = asyncio.ensure_future(b.async_call(release.wait, 10, pool="h", timeout=None))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Unavailable, match=r"did not start within 0\.2 s"):
+        await b.async_call(ran.append, "destroy", pool="h", timeout=0.2)
+    release.set()
+    await blocker
+    assert await b.async_call(lambda: "next", pool="h") == "next"
+    assert ran == []
+    b.shutdown()

@@ -133,3 +133,32 @@ async def test_unreachable_host_keeps_retrying_with_backoff(
     await recorder.wait(lambda: True, timeout=0.1)
     assert len(recorder.links("gone")) == n
     assert not conn.connected
+
+
+async def test_an_unexpected_error_while_connecting_does_not_end_reconnecting(
+    bridge: LibvirtBridge, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything the open thread raises (not only libvirtError) is a failed attempt: retried, never fatal."""
+    import libvirt
+
+    real_open = libvirt.open
+    failures = [RuntimeError("boom 1"), TypeError("boom 2")]
+
+    def flaky_open(uri: str) -> libvirt.virConnect:
+        if failures:
+            raise failures.pop(0)
+        return real_open(uri)
+
+    monkeypatch.setattr(libvirt, "open", flaky_open)
+    conn = recorder.connection("flaky", URI, bridge, backoff_initial=0.05)
+    try:
+        assert await conn.async_start() is False
+        await conn.async_wait_connected(5)
+        assert [k for k, _ in recorder.links("flaky")] == [
+            "reconnect_failed",
+            "reconnect_failed",
+            "connected",
+        ]
+        assert "boom 1" in recorder.links("flaky")[0][1]
+    finally:
+        await conn.async_stop()

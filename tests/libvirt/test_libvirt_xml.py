@@ -132,6 +132,8 @@ def test_uefi_uses_ovmf_when_installed(tmp_path: Path) -> None:
         ({"name": "vm", "cpu_model": "host-model"}, "cpu_model"),
         ({"name": "vm", "cmdline": "console=ttyS0"}, "kernel"),
         ({"name": "vm", "description": "a\x00b"}, "description"),
+        ({"name": "vm", "description": "a\ud800b"}, "description"),  # a lone surrogate is not UTF-8
+        ({"name": "vm", "moldd_vm": "x\uffff"}, "moldd_vm"),
         ({"name": "vm", "nic_model": "virtio", "nic_type": "bridge"}, "nic_source"),
     ],
 )
