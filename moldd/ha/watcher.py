@@ -51,6 +51,8 @@ class HAManager:
         self.host_queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()  # (host, kind, position)
         self.active: dict[str, asyncio.Task[None]] = {}  # one HA job per VM
         self.host_tasks: dict[str, asyncio.Task[None]] = {}  # one failure handler per host
+        self.host_inbox: dict[str, asyncio.Queue[tuple[str, int]]] = {}
+        self.host_workers: dict[str, asyncio.Task[None]] = {}
         self.host_phase: dict[str, str] = {}  # "grace" while a failure handler may still be called off
         self.supervised: dict[str, asyncio.Task[None]] = {}
         self.crashes = 0
@@ -69,7 +71,12 @@ class HAManager:
     async def async_stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.app.projector.listeners.remove(self._on_event)
-        tasks = [*self.supervised.values(), *self.active.values(), *self.host_tasks.values()]
+        tasks = [
+            *self.supervised.values(),
+            *self.active.values(),
+            *self.host_tasks.values(),
+            *self.host_workers.values(),
+        ]
         self.supervised.clear()
         for t in tasks:
             t.cancel()
@@ -327,25 +334,46 @@ class HAManager:
 
     # -- host watcher ----------------------------------------------------------------------------------
     async def _async_host_watcher(self) -> None:
+        """Hand each host's events to a worker of its own: in order for one host, and a host whose handling
+        waits (a fencing in progress) never holds up another."""
         while True:
             host, kind, position = await self.host_queue.get()
-            if kind == "connected":
-                await self._async_host_back(host, position)
-                continue
-            if kind == "operator-fenced":
-                task = self.host_tasks.pop(host, None)
-                if task is not None and not task.done():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-                self.host_tasks[host] = asyncio.create_task(
-                    self._async_evacuate(host), name=f"ha-evacuate-{host}"
+            inbox = self.host_inbox.setdefault(host, asyncio.Queue())
+            inbox.put_nowait((kind, position))
+            worker = self.host_workers.get(host)
+            if worker is None or worker.done():
+                self.host_workers[host] = asyncio.create_task(
+                    self._async_host_worker(host, inbox), name=f"ha-host-worker-{host}"
                 )
-                continue
-            task = self.host_tasks.get(host)
-            if task is None or task.done():
-                self.host_tasks[host] = asyncio.create_task(
-                    self._async_host_failure(host, kind, position), name=f"ha-host-{host}"
-                )
+
+    async def _async_host_worker(self, host: str, inbox: asyncio.Queue[tuple[str, int]]) -> None:
+        while True:
+            kind, position = await inbox.get()
+            try:
+                await self._async_host_item(host, kind, position)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ha_host_item_failed", host=host, kind=kind)
+
+    async def _async_host_item(self, host: str, kind: str, position: int) -> None:
+        if kind == "connected":
+            await self._async_host_back(host, position)
+            return
+        if kind == "operator-fenced":
+            task = self.host_tasks.pop(host, None)
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            self.host_tasks[host] = asyncio.create_task(
+                self._async_evacuate(host), name=f"ha-evacuate-{host}"
+            )
+            return
+        task = self.host_tasks.get(host)
+        if task is None or task.done():
+            self.host_tasks[host] = asyncio.create_task(
+                self._async_host_failure(host, kind, position), name=f"ha-host-{host}"
+            )
 
     async def _async_set_health(self, host: str, to: HostHealth, cause: dict[str, Any]) -> bool:
         state = self.app.model.hosts.get(host)
