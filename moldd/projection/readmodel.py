@@ -176,6 +176,26 @@ def on(*types: str) -> Callable[[Handler], Handler]:
     return register
 
 
+VMHandler = Callable[[ReadModel, VM, EventLike], None]
+
+
+def on_vm(*types: str) -> Callable[[VMHandler], VMHandler]:
+    """Register a handler of events on a VM's stream; it runs only for a VM the model knows (and after the VM's
+    version, position and update time have moved to this event)."""
+
+    def register(fn: VMHandler) -> VMHandler:
+        def handler(model: ReadModel, ev: EventLike) -> None:
+            vm = _vm(model, ev)
+            if vm is not None:
+                fn(model, vm, ev)
+
+        for t in types:
+            _HANDLERS[t] = handler
+        return fn
+
+    return register
+
+
 def _vm(model: ReadModel, ev: EventLike) -> VM | None:
     vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
     if vm is not None:
@@ -283,103 +303,81 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
     model.next_vm_id = max(model.next_vm_id, vm.id + 1)
 
 
-@on("vm.created")
-def _created(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.CREATED
-        vm.root_disk.update(ev.payload.get("root_disk", {}))
-        vm.host = ev.payload.get("host", vm.host)
+@on_vm("vm.created")
+def _created(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.CREATED
+    vm.root_disk.update(ev.payload.get("root_disk", {}))
+    vm.host = ev.payload.get("host", vm.host)
 
 
-@on("vm.deploy.failed")
-def _deploy_failed(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.ERROR
-        vm.error = (ev.payload.get("error") or {}).get("message")
+@on_vm("vm.deploy.failed")
+def _deploy_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.ERROR
+    vm.error = (ev.payload.get("error") or {}).get("message")
 
 
-@on("vm.start.requested", "ha.restart.started")
-def _start_requested(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _begin(vm, S.STARTING)
-        vm.host = ev.payload.get("host", vm.host)
-        vm.cluster = ev.payload.get("cluster", vm.cluster)
-        vm.error = None
+@on_vm("vm.start.requested", "ha.restart.started")
+def _start_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _begin(vm, S.STARTING)
+    vm.host = ev.payload.get("host", vm.host)
+    vm.cluster = ev.payload.get("cluster", vm.cluster)
+    vm.error = None
 
 
-@on("vm.started", "ha.restart.succeeded")
-def _started(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.RUNNING
-        vm.power_state = "on"
-        vm.prior_state = None
-        vm.host = ev.payload.get("host", vm.host)
-        vm.stop_cause = None
-        vm.error = None
-        if ev.event_type == "ha.restart.succeeded":
-            vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
-            vm.ha_status = None
-
-
-@on("vm.start.failed", "vm.stop.failed", "vm.destroy.failed", "vm.expunge.failed")
-def _failed_back(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _fail_back(vm, ev)
-
-
-@on("ha.restart.failed")
-def _ha_restart_failed(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _fail_back(vm, ev)
+@on_vm("vm.started", "ha.restart.succeeded")
+def _started(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.RUNNING
+    vm.power_state = "on"
+    vm.prior_state = None
+    vm.host = ev.payload.get("host", vm.host)
+    vm.stop_cause = None
+    vm.error = None
+    if ev.event_type == "ha.restart.succeeded":
         vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
-        vm.ha_status = "pending"
-
-
-@on("ha.restart.scheduled")
-def _ha_scheduled(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.ha_status = "pending"
-
-
-@on("ha.gave_up")
-def _ha_gave_up(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.ERROR
-        vm.ha_status = "failed"
-        vm.error = ev.payload.get("reason")
-
-
-@on("ha.cancelled")
-def _ha_cancelled(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
         vm.ha_status = None
 
 
-@on("vm.stop.requested")
-def _stop_requested(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _begin(vm, S.STOPPING)
+@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed", "vm.expunge.failed")
+def _failed_back(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _fail_back(vm, ev)
 
 
-@on("vm.stopped")
-def _stopped(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.STOPPED
-        vm.power_state = "off"
-        vm.prior_state = None
-        vm.stop_cause = "user"
-        vm.ha_status = None
+@on_vm("ha.restart.failed")
+def _ha_restart_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _fail_back(vm, ev)
+    vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
+    vm.ha_status = "pending"
+
+
+@on_vm("ha.restart.scheduled")
+def _ha_scheduled(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = "pending"
+
+
+@on_vm("ha.gave_up")
+def _ha_gave_up(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.ERROR
+    vm.ha_status = "failed"
+    vm.error = ev.payload.get("reason")
+
+
+@on_vm("ha.cancelled")
+def _ha_cancelled(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = None
+
+
+@on_vm("vm.stop.requested")
+def _stop_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _begin(vm, S.STOPPING)
+
+
+@on_vm("vm.stopped")
+def _stopped(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.STOPPED
+    vm.power_state = "off"
+    vm.prior_state = None
+    vm.stop_cause = "user"
+    vm.ha_status = None
 
 
 @on("vm.reboot.requested", "vm.rebooted", "vm.reboot.failed")
@@ -387,52 +385,42 @@ def _reboot(model: ReadModel, ev: EventLike) -> None:
     _vm(model, ev)
 
 
-@on("vm.destroy.requested")
-def _destroy_requested(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _begin(vm, S.DESTROYING)
+@on_vm("vm.destroy.requested")
+def _destroy_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _begin(vm, S.DESTROYING)
 
 
-@on("vm.destroyed")
-def _destroyed(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.DESTROYED
-        vm.power_state = "off"
-        vm.prior_state = None
-        vm.ha_status = None
-        vm.snapshots = {}  # the domain's snapshot metadata goes with its definition
-        vm.current_snapshot = None
-        vm.expunge_at = ev.payload.get("expunge_at")
+@on_vm("vm.destroyed")
+def _destroyed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.DESTROYED
+    vm.power_state = "off"
+    vm.prior_state = None
+    vm.ha_status = None
+    vm.snapshots = {}  # the domain's snapshot metadata goes with its definition
+    vm.current_snapshot = None
+    vm.expunge_at = ev.payload.get("expunge_at")
 
 
-@on("vm.recovered")
-def _recovered(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.STOPPED
-        vm.expunge_at = None
+@on_vm("vm.recovered")
+def _recovered(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.STOPPED
+    vm.expunge_at = None
 
 
-@on("vm.expunge.requested")
-def _expunge_requested(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _begin(vm, S.EXPUNGING)
+@on_vm("vm.expunge.requested")
+def _expunge_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _begin(vm, S.EXPUNGING)
 
 
-@on("vm.expunged")
-def _expunged(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.state = S.EXPUNGED
-        vm.power_state = "off"
-        vm.prior_state = None
-        vm.expunge_at = None
-        vm.host = None
-        if model.by_internal.get(vm.internal_name) == vm.name:
-            del model.by_internal[vm.internal_name]
+@on_vm("vm.expunged")
+def _expunged(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.state = S.EXPUNGED
+    vm.power_state = "off"
+    vm.prior_state = None
+    vm.expunge_at = None
+    vm.host = None
+    if model.by_internal.get(vm.internal_name) == vm.name:
+        del model.by_internal[vm.internal_name]
 
 
 @on("vm.reconciled")
@@ -455,15 +443,13 @@ def _reconciled(model: ReadModel, ev: EventLike) -> None:
         vm.down_at = _iso(ev)
 
 
-@on("vm.updated")
-def _updated(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        for key, value in ev.payload.get("changes", {}).items():
-            if key in EDITABLE:
-                setattr(vm, key, value)
-        if not vm.ha_enabled:
-            vm.ha_status = None
+@on_vm("vm.updated")
+def _updated(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    for key, value in ev.payload.get("changes", {}).items():
+        if key in EDITABLE:
+            setattr(vm, key, value)
+    if not vm.ha_enabled:
+        vm.ha_status = None
 
 
 # -- libvirt facts ---------------------------------------------------------------------------------------
@@ -503,87 +489,69 @@ def _touch(model: ReadModel, ev: EventLike) -> None:
     _vm(model, ev)  # recorded for the job and the audit trail; the VM itself does not change
 
 
-@on("vm.offering.changed", "vm.scaled")
-def _offering(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.offering = dict(ev.payload["offering"])
+@on_vm("vm.offering.changed", "vm.scaled")
+def _offering(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.offering = dict(ev.payload["offering"])
 
 
-@on("vm.settings.changed")
-def _settings(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.details = dict(ev.payload["details"])
+@on_vm("vm.settings.changed")
+def _settings(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.details = dict(ev.payload["details"])
 
 
-@on("vm.volume.resized")
-def _resized(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.root_disk = {**vm.root_disk, "size_gb": ev.payload["new_size_gb"]}
+@on_vm("vm.volume.resized")
+def _resized(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.root_disk = {**vm.root_disk, "size_gb": ev.payload["new_size_gb"]}
 
 
-@on("vm.migrate.requested")
-def _migrate_requested(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _begin(vm, S.MIGRATING)
+@on_vm("vm.migrate.requested")
+def _migrate_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _begin(vm, S.MIGRATING)
 
 
-@on("vm.migrated")
-def _migrated(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        p = ev.payload
-        vm.host = p["host"]
-        vm.cluster = p.get("cluster", vm.cluster)
-        vm.state = (vm.prior_state or S.STOPPED) if p.get("offline") else S.RUNNING
-        if not p.get("offline"):
-            vm.power_state = "on"
-        vm.prior_state = None
-        vm.error = None
+@on_vm("vm.migrated")
+def _migrated(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    p = ev.payload
+    vm.host = p["host"]
+    vm.cluster = p.get("cluster", vm.cluster)
+    vm.state = (vm.prior_state or S.STOPPED) if p.get("offline") else S.RUNNING
+    if not p.get("offline"):
+        vm.power_state = "on"
+    vm.prior_state = None
+    vm.error = None
 
 
-@on("vm.migrate.failed")
-def _migrate_failed(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        _fail_back(vm, ev)
-        vm.host = ev.payload.get("host", vm.host)
-        if ev.payload.get("state"):  # what libvirt showed on the source after the failure
-            vm.state = ev.payload["state"]
-            vm.power_state = "on" if vm.state == S.RUNNING else "off"
+@on_vm("vm.migrate.failed")
+def _migrate_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    _fail_back(vm, ev)
+    vm.host = ev.payload.get("host", vm.host)
+    if ev.payload.get("state"):  # what libvirt showed on the source after the failure
+        vm.state = ev.payload["state"]
+        vm.power_state = "on" if vm.state == S.RUNNING else "off"
 
 
-@on("vm.restored")
-def _restored(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        p = ev.payload
-        vm.template = p["template"]
-        vm.root_disk = dict(p["root_disk"])
-        vm.os_type = p.get("os_type", vm.os_type)
+@on_vm("vm.restored")
+def _restored(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    p = ev.payload
+    vm.template = p["template"]
+    vm.root_disk = dict(p["root_disk"])
+    vm.os_type = p.get("os_type", vm.os_type)
 
 
-@on("vm.iso.attached", "vm.iso.detached")
-def _iso_changed(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.iso = ev.payload.get("iso") if ev.event_type == "vm.iso.attached" else None
+@on_vm("vm.iso.attached", "vm.iso.detached")
+def _iso_changed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.iso = ev.payload.get("iso") if ev.event_type == "vm.iso.attached" else None
 
 
 # -- VM snapshots (moldd/app/snapshots.py) ---------------------------------------------------------------
-@on("vmsnapshot.create.requested")
-def _snap_requested(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        p = ev.payload
-        vm.snapshots[p["id"]] = {
-            "id": p["id"], "name": p["name"], "description": p.get("description", ""),
-            "memory": bool(p.get("memory")), "parent": p.get("parent"), "state": "Creating",
-            "created_at": _iso(ev), "vm_state": vm.state,
-        }  # fmt: skip
+@on_vm("vmsnapshot.create.requested")
+def _snap_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    p = ev.payload
+    vm.snapshots[p["id"]] = {
+        "id": p["id"], "name": p["name"], "description": p.get("description", ""),
+        "memory": bool(p.get("memory")), "parent": p.get("parent"), "state": "Creating",
+        "created_at": _iso(ev), "vm_state": vm.state,
+    }  # fmt: skip
 
 
 @on("vmsnapshot.created")
@@ -594,11 +562,9 @@ def _snap_created(model: ReadModel, ev: EventLike) -> None:
         vm.current_snapshot = ev.payload["id"]
 
 
-@on("vmsnapshot.failed")
-def _snap_failed(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.snapshots.pop(ev.payload["id"], None)
+@on_vm("vmsnapshot.failed")
+def _snap_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.snapshots.pop(ev.payload["id"], None)
 
 
 @on("vmsnapshot.revert.requested", "vmsnapshot.revert.failed", "vmsnapshot.delete.failed")
@@ -609,19 +575,17 @@ def _snap_touch(model: ReadModel, ev: EventLike) -> None:
         vm.snapshots[ev.payload["id"]]["state"] = busy
 
 
-@on("vmsnapshot.reverted")
-def _snap_reverted(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        p = ev.payload
-        if p["id"] in vm.snapshots:
-            vm.snapshots[p["id"]]["state"] = "Ready"
-        vm.current_snapshot = p["id"]
-        vm.state = p["state"]
-        vm.power_state = "on" if p["state"] == S.RUNNING else "off"
-        vm.prior_state = None
-        if p["state"] == S.RUNNING:
-            vm.stop_cause = None
+@on_vm("vmsnapshot.reverted")
+def _snap_reverted(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    p = ev.payload
+    if p["id"] in vm.snapshots:
+        vm.snapshots[p["id"]]["state"] = "Ready"
+    vm.current_snapshot = p["id"]
+    vm.state = p["state"]
+    vm.power_state = "on" if p["state"] == S.RUNNING else "off"
+    vm.prior_state = None
+    if p["state"] == S.RUNNING:
+        vm.stop_cause = None
 
 
 @on("vmsnapshot.delete.requested")
@@ -631,10 +595,6 @@ def _snap_delete_requested(model: ReadModel, ev: EventLike) -> None:
         vm.snapshots[ev.payload["id"]]["state"] = "Deleting"
 
 
-@on("vmsnapshot.deleted")
-def _snap_deleted(model: ReadModel, ev: EventLike) -> None:
-    vm = _vm(model, ev)
-    if vm is not None:
-        vm.snapshots, vm.current_snapshot = remove_from_tree(
-            vm.snapshots, vm.current_snapshot, ev.payload["id"]
-        )
+@on_vm("vmsnapshot.deleted")
+def _snap_deleted(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.snapshots, vm.current_snapshot = remove_from_tree(vm.snapshots, vm.current_snapshot, ev.payload["id"])
