@@ -511,6 +511,8 @@ def _migrate_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
 
 @on_vm("vm.migrated")
 def _migrated(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    if vm.state != S.MIGRATING:
+        return  # HA (its source host was fenced) or a resync already settled where it runs
     p = ev.payload
     vm.host = p["host"]
     vm.cluster = p.get("cluster", vm.cluster)
@@ -523,6 +525,9 @@ def _migrated(model: ReadModel, vm: VM, ev: EventLike) -> None:
 
 @on_vm("vm.migrate.failed")
 def _migrate_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    if vm.state != S.MIGRATING:
+        vm.error = (ev.payload.get("error") or {}).get("message")
+        return  # a late outcome: HA or a resync already settled where it runs
     _fail_back(vm, ev)
     vm.host = ev.payload.get("host", vm.host)
     if ev.payload.get("state"):  # what libvirt showed on the source after the failure
