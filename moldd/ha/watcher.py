@@ -151,6 +151,11 @@ class HAManager:
             self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), ev.payload["kind"], ev.position))
         elif t == "host.health" and ev.payload.get("confirmed_by_operator"):
             self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), "operator-fenced", ev.position))
+        elif t == "host.health" and ev.payload.get("to") == "Up":
+            # room (or the VM's own host) is back: VMs waiting for a place try again
+            for vm in model.vms.values():
+                if vm.ha_enabled and vm.ha_status == "pending" and vm.state in ("Stopped", "Unknown"):
+                    self.queue.put_nowait((vm.name, "host-up", ev.position))
 
     # -- VM watcher ------------------------------------------------------------------------------------
     async def _async_vm_watcher(self) -> None:
@@ -264,10 +269,14 @@ class HAManager:
                         app.config, app.model, name, current=old, cluster=vm.cluster, reserved=app.migrations
                     )
                 except CapacityError as exc:
+                    # Not the VM's fault: it does not count against its restart budget. It waits for room (a host
+                    # coming back Up wakes every waiting VM).
                     await self._async_ha_event(
-                        name, "ha.restart.failed", trigger | {"attempt": attempt, "error": exc.to_dict()}
+                        name,
+                        "ha.waiting",
+                        trigger | {"attempt": attempt, "reason": f"waiting for capacity: {exc.message}"},
                     )
-                    return "failed"
+                    return "waiting"
                 why = (
                     "its own host is up"
                     if target.name == old

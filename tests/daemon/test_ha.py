@@ -374,3 +374,21 @@ async def test_host_fenced_before_a_daemon_restart_is_up_once_it_answers(config:
         await client.wait_host("host0", timeout=15, health="Up", link="connected")
         assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
         assert (await client.vm(vm["name"]))["host"] == "host1"
+
+
+async def test_no_room_waits_without_burning_the_budget_and_restarts_when_a_host_returns(
+    make_config: Any, clean_lab: Any
+) -> None:
+    config = make_config(max_vms=1, daemon={"tolerated_host_failures": 0}, ha={"max_restarts": 2})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, host="host0")
+        await client.job("deployVirtualMachine", template="tiny", offering="small", host="host1")  # fills host1
+        clean_lab.hosts[0].kill()
+        waiting = await wait_event(client, vm["name"], "ha.waiting", timeout=40)
+        assert "capacity" in waiting["payload"]["reason"]
+        await asyncio.sleep(1.0)
+        assert (await client.vm(vm["name"]))["state"] == "Stopped"  # not Error: the budget is untouched
+        clean_lab.hosts[0].restart()
+        back = await client.wait_vm(vm["name"], timeout=40, state="Running", host="host0")
+        assert back["ha_status"] is None
+        assert running_copies(clean_lab, vm["internal_name"]) == ["host0"]
