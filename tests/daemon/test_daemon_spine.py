@@ -33,7 +33,9 @@ async def moldctl(socket: Path, *args: str) -> tuple[int, str, str]:
 
 async def test_moldctl_deploys_follows_the_job_and_lists(daemon: Any, client: Client) -> None:
     sock = daemon.config.socket
-    code, out, err = await moldctl(sock, "vm", "deploy", "--template", "tiny", "--offering", "small", "--name-display", "cli vm")
+    code, out, err = await moldctl(
+        sock, "vm", "deploy", "--template", "tiny", "--offering", "small", "--name-display", "cli vm"
+    )
     assert code == 0, err
     assert "succeeded" in out.lower()
     code, out, err = await moldctl(sock, "--json", "vm", "list")
@@ -104,11 +106,13 @@ async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any
     async with LoopWatch() as watch:
         job = await client.job("deployVirtualMachine", template="tiny", offering="small", host="host0")
         await client.job("stopVirtualMachine", id=job["vm"], forced=True)
-        clean_lab.hosts[1].freeze()  # calls to a frozen host must not hold the loop either
+        await asyncio.to_thread(
+            clean_lab.hosts[1].freeze
+        )  # (the lab is sync) calls to a frozen host must not hold the loop either
         await client.call("listHosts")
         await asyncio.sleep(1.0)
         await client.job("startVirtualMachine", id=job["vm"], host="host0")
-        clean_lab.hosts[1].thaw()
+        await asyncio.to_thread(clean_lab.hosts[1].thaw)
     assert watch.ticks > 50
     assert watch.max_lag < 1.0, f"event loop blocked for {watch.max_lag:.3f} s"
 
@@ -130,8 +134,12 @@ async def test_daemon_process_logs_json_lines_and_stops_cleanly_on_sigterm(make_
         assert await asyncio.wait_for(proc.wait(), 20) == 0
         assert not config.socket.exists()
         assert proc.stderr is not None
-        lines = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines() if line.strip()]
-        entry = next(x for x in lines if x.get("event") == "log_event" and x.get("event_type") == "group.created")
+        lines = [
+            json.loads(line) for line in (await proc.stderr.read()).decode().splitlines() if line.strip()
+        ]
+        entry = next(
+            x for x in lines if x.get("event") == "log_event" and x.get("event_type") == "group.created"
+        )
         assert entry["position"] == reply["position"] and f"uid={os.getuid()}" in entry["actor"]
         assert {"timestamp", "level"} <= set(entry)
     finally:
@@ -144,7 +152,9 @@ def test_bad_config_is_refused_with_file_key_and_reason(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[daemon]\nsocket_mode = "rw"\n[[hosts]]\nname = "h1"\nuri = "test:///default"\n')
-    res = subprocess.run([sys.executable, "-m", "moldd.daemon", "--config", str(bad)], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "moldd.daemon", "--config", str(bad)], capture_output=True, text=True
+    )
     assert res.returncode == 2
     assert str(bad) in res.stderr and "daemon.socket_mode" in res.stderr and "octal" in res.stderr
     assert "Traceback" not in res.stderr
@@ -175,7 +185,9 @@ async def test_reconnect_resyncs_what_happened_while_disconnected(make_config: A
         assert next(h for h in hosts if h["name"] == "host0")["health"] in ("Up", "Suspect")
 
 
-async def test_systemd_gets_ready_after_the_socket_listens_and_watchdog_pings(make_config: Any, tmp_path: Path) -> None:
+async def test_systemd_gets_ready_after_the_socket_listens_and_watchdog_pings(
+    make_config: Any, tmp_path: Path
+) -> None:
     import socket as socketlib
 
     config = make_config()
@@ -224,7 +236,9 @@ async def test_fold_equals_snapshot_round_trip_plus_tail_at_every_position(
     gone = await client.job("deployVirtualMachine", template="tiny", offering="small", group="web")
     await client.job("createVMSnapshot", id=gone["vm"], name="s1", snapshotmemory=True)
     await client.job("stopVirtualMachine", id=gone["vm"], forced=True)
-    await client.call("updateVirtualMachine", id=gone["vm"], displayname="going", details={"kernel_args": "x=1"})
+    await client.call(
+        "updateVirtualMachine", id=gone["vm"], displayname="going", details={"kernel_args": "x=1"}
+    )
     await client.job("destroyVirtualMachine", id=gone["vm"], expunge=True)
     kept = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=True)
     await client.job("rebootVirtualMachine", id=kept["vm"])
