@@ -305,8 +305,7 @@ async def _async_scale_job(
             # the virtio-balloon target up to it. A guest without a balloon driver sees the maximum all along.
             await conn.async_set_memory(vm.internal_name, memory_mib)
             applied["memory_mib"] = memory_mib
-            live = ET.fromstring(await conn.async_get_xml(vm.internal_name))
-            applied["memory_reported_mib"] = int(live.findtext("currentMemory") or 0) // 1024
+            applied["memory_reported_mib"] = await _async_settled_memory(conn, vm.internal_name, memory_mib)
     except MolddError as exc:
         await app.async_record(
             name, "vm.scale.failed", {"error": err(exc), "applied": applied, "job_status": "failed"}, cmd=cmd
@@ -319,6 +318,19 @@ async def _async_scale_job(
          "job_status": "succeeded", "result": {"offering": new["name"], **applied, **_memory_note(applied)}},
         cmd=cmd,
     )  # fmt: skip
+
+
+async def _async_settled_memory(conn: Any, domain: str, target_mib: int, wait_s: float = 5.0) -> int:
+    """What QEMU reports for the guest once its balloon driver has moved to the target (it takes a moment), or
+    after ``wait_s`` (a guest without the driver never moves: the caller reports that)."""
+    seen = 0
+    for _ in range(int(wait_s / 0.25)):
+        live = ET.fromstring(await conn.async_get_xml(domain))
+        seen = int(live.findtext("currentMemory") or 0) // 1024
+        if seen == target_mib:
+            break
+        await asyncio.sleep(0.25)
+    return seen
 
 
 def _memory_note(applied: dict[str, Any]) -> dict[str, Any]:

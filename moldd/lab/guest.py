@@ -9,7 +9,8 @@ Initramfs: ``busybox-static`` plus an ``/init`` shell script, packed with ``busy
 
 * mounts proc/sys/devtmpfs and re-opens ``/dev/console`` (works whether or not the kernel found a console),
 * ``insmod``s ``evdev`` and ``button`` (modules in the cloud kernel, ``CONFIG_INPUT_EVDEV=m``,
-  ``CONFIG_ACPI_BUTTON=m``; dependencies are read from each module's ``depends=`` modinfo and loaded
+  ``CONFIG_ACPI_BUTTON=m``), and ``virtio_pci`` + ``virtio_balloon`` so live memory changes reach the guest
+  (dependencies are read from each module's ``depends=`` modinfo and loaded
   first; ``.ko.xz`` / ``.ko.gz`` are decompressed at build time),
 * creates ``/var/log`` and ``/var/run`` (busybox acpid silently does nothing without its log file),
 * starts busybox ``acpid`` whose action for the power button is ``/etc/acpi/PWRF/00000080``
@@ -44,7 +45,7 @@ GUEST_HALTING_MARKER = "MOLDD-GUEST-HALTING"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 # modules the init loads, in this order (dependencies are prepended automatically)
-GUEST_MODULES = ("evdev", "button")
+GUEST_MODULES = ("evdev", "button", "virtio_pci", "virtio_balloon")  # balloon: live memory changes
 BASE_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable no_timer_check"
 
 # Bump when the init script or the layout changes: a new initrd is then built next to the old one.
