@@ -69,23 +69,15 @@ DEPLOY_ALIASES = {
 async def deploy(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, DEPLOY_ARGS, DEPLOY_ALIASES)
     cfg = app.config
-    offering_name = a.text("offering")
-    offering = cfg.offering(offering_name)
-    if offering is None:
-        known = ", ".join(o.name for o in cfg.offerings)
-        raise NotFound(f"no service offering {offering_name!r} (known: {known})", field="offering")
+    offering = app.catalog("offering", a.text("offering"))
     template_name, iso_name = a.text("template", None), a.text("iso", None)
     if (template_name is None) == (iso_name is None):
         raise ValidationError(
             "give either template (deploy from a template) or iso (a blank VM that boots the ISO)",
             field="template",
         )
-    template = cfg.template(template_name) if template_name else None
-    if template_name and template is None:
-        raise NotFound(f"no template {template_name!r}", field="template")
-    iso = cfg.iso(iso_name) if iso_name else None
-    if iso_name and iso is None:
-        raise NotFound(f"no ISO {iso_name!r}", field="iso")
+    template = app.catalog("template", template_name) if template_name else None
+    iso = app.catalog("iso", iso_name) if iso_name else None
     size_gb = a.integer("rootdisksize", None, min=1, max=4096)
     if iso is not None and size_gb is None:
         raise ValidationError(
@@ -228,8 +220,8 @@ async def start_vm(app: App, cmd: Command) -> CommandReply:
         vm = app.model.vms[vm.name]
         check(vm.state, Action.START)
         target = a.text("host", None)
-        if target is not None and app.config.host(target) is None:
-            raise NotFound(f"no host {target!r}", field="host")
+        if target is not None:
+            app.catalog("host", target)
         host = place_existing(
             app.config,
             app.model,

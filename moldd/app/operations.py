@@ -74,11 +74,7 @@ def state_of(vm: VM) -> VMState:
 
 
 def offering_named(app: App, name: str) -> dict[str, Any]:
-    offering = app.config.offering(name)
-    if offering is None:
-        known = ", ".join(o.name for o in app.config.offerings)
-        raise NotFound(f"no service offering {name!r} (known: {known})", field="offering")
-    return dataclasses.asdict(offering)
+    return dataclasses.asdict(app.catalog("offering", name))
 
 
 async def async_define_stopped(app: App, vm: VM) -> Any:
@@ -412,9 +408,7 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
     dest_name = a.text("host")
-    dest = app.config.host(dest_name)
-    if dest is None:
-        raise NotFound(f"no host {dest_name!r}", field="host")
+    dest = app.catalog("host", dest_name)
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -561,8 +555,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
                 "the VM was created from an ISO and has no template: give the template to install",
                 field="template",
             )
-        if app.config.template(template_name) is None:
-            raise NotFound(f"no template {template_name!r}", field="template")
+        app.catalog("template", template_name)
         running = vm.state == VMState.RUNNING
         res = await app.async_record(
             vm,
@@ -665,9 +658,7 @@ async def attach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "iso"}, VM_ALIASES | {"isoid": "iso"})
     vm = app.get_vm({"id": a.raw("id")})
     iso_name = a.text("iso")
-    iso = app.config.iso(iso_name)
-    if iso is None:
-        raise NotFound(f"no ISO {iso_name!r}", field="iso")
+    iso = app.catalog("iso", iso_name)
     lock = await async_claim(app, vm.name)
     try:
         vm = app.model.vms[vm.name]

@@ -170,6 +170,23 @@ class App:
             yield event_view(ev)
 
     # -- helpers for handlers --------------------------------------------------------------------------
+    _CATALOG = {
+        "offering": ("service offering", "offerings"),
+        "template": ("template", "templates"),
+        "iso": ("ISO", "isos"),
+        "host": ("host", "hosts"),
+    }
+
+    def catalog(self, kind: str, name: str, field: str | None = None) -> Any:
+        """The configured offering, template, ISO or host called ``name``; NotFound names the known ones."""
+        label, attr = self._CATALOG[kind]
+        items = getattr(self.config, attr)
+        for item in items:
+            if item.name == name:
+                return item
+        known = ", ".join(i.name for i in items) or "none configured"
+        raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
+
     def get_vm(self, args: Mapping[str, Any], field: str = "id", *, expunged: bool = False) -> VM:
         """Find a VM by its VM name, numeric id, internal name, or (if unique) display name."""
         key = args.get(field)
