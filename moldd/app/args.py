@@ -41,12 +41,20 @@ class Args:
     def raw(self, key: str, default: Any = None) -> Any:
         return self._values.get(key, default)
 
-    def text(self, key: str, default: Any = _MISSING, *, max_len: int = 255) -> Any:
-        value = self._values.get(key, _MISSING)
-        if value is _MISSING or value is None:
+    def _given(self, key: str, default: Any) -> tuple[bool, Any]:
+        """(True, value) when the client gave ``key`` (null counts as not given); else (False, default), or a
+        refusal naming the field when there is no default."""
+        value = self._values.get(key)
+        if value is None:
             if default is _MISSING:
                 raise ValidationError(f"{key} is required", field=key)
-            return default
+            return False, default
+        return True, value
+
+    def text(self, key: str, default: Any = _MISSING, *, max_len: int = 255) -> Any:
+        given, value = self._given(key, default)
+        if not given:
+            return value
         if not isinstance(value, str) or not value.strip():
             raise ValidationError(f"{key} must be a non-empty string", field=key)
         if len(value) > max_len:
@@ -56,11 +64,9 @@ class Args:
     def integer(
         self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
     ) -> Any:
-        value = self._values.get(key, _MISSING)
-        if value is _MISSING or value is None:
-            if default is _MISSING:
-                raise ValidationError(f"{key} is required", field=key)
-            return default
+        given, value = self._given(key, default)
+        if not given:
+            return value
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -72,11 +78,9 @@ class Args:
         return value
 
     def boolean(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._values.get(key, _MISSING)
-        if value is _MISSING or value is None:
-            if default is _MISSING:
-                raise ValidationError(f"{key} is required", field=key)
-            return default
+        given, value = self._given(key, default)
+        if not given:
+            return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if not isinstance(value, bool):
@@ -84,11 +88,9 @@ class Args:
         return value
 
     def mapping(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._values.get(key, _MISSING)
-        if value is _MISSING or value is None:
-            if default is _MISSING:
-                raise ValidationError(f"{key} is required", field=key)
-            return default
+        given, value = self._given(key, default)
+        if not given:
+            return value
         if not isinstance(value, Mapping):
             raise ValidationError(f"{key} must be a JSON object", field=key)
         return dict(value)
