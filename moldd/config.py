@@ -78,6 +78,61 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class CloudStackConfig:
+    """``[cloudstack]``: the CloudStack-compatible API (``/client/api``). On the Unix socket it is always
+    there; the TCP listener is off unless ``port`` is set, and always needs signed requests."""
+
+    bind: str = "127.0.0.1"
+    port: int | None = None  # None: no TCP listener
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    secrets_file: Path | None = None  # default: api-secrets.json beside the log database (mode 0600)
+    signature_max_age_s: float = 900.0  # requests without signatureversion=3/expires: no replay window
+    rate_per_s: float = 20.0  # per API key, sustained
+    rate_burst: int = 40
+    max_request_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    """``[roles]``: roles on the Unix socket. Root, the daemon's uid and members of ``admin_group`` are admins;
+    other members of ``[daemon].socket_group`` get ``socket_group_role``."""
+
+    socket_group_role: str = "operator"
+    admin_group: str | None = None
+
+
+def _cloudstack_section(file: Path, doc: dict[str, Any]) -> tuple[CloudStackConfig, RolesConfig]:
+    r = _Reader(file, _table(file, doc, "cloudstack"), "cloudstack", set(CloudStackConfig.__dataclass_fields__))
+    port = r.get("port", int, None)
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(file, "cloudstack.port", f"must be a TCP port (1-65535), got {port}")
+    cs = CloudStackConfig(
+        bind=r.get("bind", str, "127.0.0.1"),
+        port=port,
+        tls_cert=r.path("tls_cert", None),
+        tls_key=r.path("tls_key", None),
+        secrets_file=r.path("secrets_file", None),
+        signature_max_age_s=r.positive("signature_max_age_s", float, 900.0),
+        rate_per_s=r.positive("rate_per_s", float, 20.0),
+        rate_burst=r.positive("rate_burst", int, 40),
+        max_request_bytes=r.positive("max_request_bytes", int, 65536),
+    )
+    if (cs.tls_cert is None) != (cs.tls_key is None):
+        raise ConfigError(file, "cloudstack.tls_key", "set both tls_cert and tls_key, or neither")
+    if port is not None and cs.tls_cert is None and cs.bind not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(
+            file, "cloudstack.bind", f"a listener on {cs.bind} needs TLS (tls_cert and tls_key); "
+            "plain HTTP is only allowed on the loopback address",
+        )  # fmt: skip
+    o = _Reader(file, _table(file, doc, "roles"), "roles", set(RolesConfig.__dataclass_fields__))
+    role = o.get("socket_group_role", str, "operator")
+    if role not in ("admin", "operator", "readonly"):
+        raise ConfigError(file, "roles.socket_group_role", "must be admin, operator or readonly")
+    return cs, RolesConfig(socket_group_role=role, admin_group=o.get("admin_group", str, None))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     socket: Path
@@ -104,6 +159,8 @@ class Config:
     max_vm_snapshots: int = 10
     tolerated_host_failures: int = 1
     capacity_warning_headroom: int = 1
+    cloudstack: CloudStackConfig = field(default_factory=CloudStackConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
 
     def host(self, name: str) -> HostConfig | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -210,7 +267,7 @@ def load_config(path: Path | str) -> Config:
 
 
 def parse_config(doc: dict[str, Any], file: Path) -> Config:
-    known_top = {"daemon", "ha", "checkpoints", "hosts", "offerings", "templates", "isos"}
+    known_top = {"daemon", "ha", "checkpoints", "hosts", "offerings", "templates", "isos", "cloudstack", "roles"}
     for key in doc:
         if key not in known_top:
             raise ConfigError(file, key, f"unknown section (known: {', '.join(sorted(known_top))})")
@@ -341,7 +398,10 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
         )
     _unique(file, "isos", [i.name for i in isos])
 
+    cloudstack, roles = _cloudstack_section(file, doc)
     return Config(
+        cloudstack=cloudstack,
+        roles=roles,
         path=file,
         socket=d.path("socket", "/run/moldd/moldd.sock") or Path(),
         database=d.path("database", "/var/lib/moldd/log.db") or Path(),

@@ -100,8 +100,14 @@ class AccessPolicy:
         daemon_uid: int | None = None,
         cache_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        group_role: str = "admin",
+        admin_group_gid: int | None = None,
     ) -> None:
         self.allowed_group_gid = allowed_group_gid
+        # Roles on the socket ([roles] in the config): root and the daemon's uid are admins, members of
+        # ``admin_group_gid`` too; the other members of the socket group get ``group_role``.
+        self.group_role = group_role
+        self.admin_group_gid = admin_group_gid
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self._ttl = cache_ttl_s
         self._clock = clock
@@ -122,5 +128,11 @@ class AccessPolicy:
     def actor_for(self, creds: PeerCreds) -> Actor:
         """The :class:`Actor` for an allowed peer; raises ``PermissionDenied`` for any other."""
         name, groups = self._lookup(creds.uid, creds.gid)
-        authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
-        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name)
+        admin = creds.uid in (0, self.daemon_uid) or (
+            self.admin_group_gid is not None
+            and (creds.gid == self.admin_group_gid or self.admin_group_gid in groups)
+        )
+        if not admin:
+            authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
+        role = "admin" if admin else self.group_role
+        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name, role=role)

@@ -64,6 +64,9 @@ class ReadModel:
         self.jobs: dict[str, Job] = {}
         self.by_internal: dict[str, str] = {}
         self.next_vm_id = 1
+        # moldd users (API keys and roles), by name; ``by_apikey`` maps a live API key to its user.
+        self.users: dict[str, dict[str, Any]] = {}
+        self.by_apikey: dict[str, str] = {}
 
     # -- snapshots -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +77,7 @@ class ReadModel:
             "groups": {k: v.to_dict() for k, v in self.groups.items()},
             "jobs": {k: v.to_dict() for k, v in self.jobs.items()},
             "next_vm_id": self.next_vm_id,
+            "users": {k: dict(v) for k, v in self.users.items()},
         }
 
     @classmethod
@@ -85,6 +89,8 @@ class ReadModel:
         model.groups = {k: Group.from_dict(v) for k, v in data["groups"].items()}
         model.jobs = {k: Job.from_dict(v) for k, v in data["jobs"].items()}
         model.next_vm_id = data["next_vm_id"]
+        model.users = {k: dict(v) for k, v in data.get("users", {}).items()}
+        model.by_apikey = {u["apikey"]: k for k, u in model.users.items() if u.get("state") == "enabled"}
         # as the fold keeps it: an expunged VM's domain name is forgotten (``_expunged``)
         model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values() if vm.state != S.EXPUNGED}
         return model
@@ -603,3 +609,35 @@ def _snap_delete_requested(model: ReadModel, ev: EventLike) -> None:
 @on_vm("vmsnapshot.deleted")
 def _snap_deleted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.snapshots, vm.current_snapshot = remove_from_tree(vm.snapshots, vm.current_snapshot, ev.payload["id"])
+
+
+# -- users and API keys (moldd/app/users.py) ---------------------------------------------------------------
+# The log holds each user's role, API key and the SHA-256 of its secret key, never the secret itself.
+@on("user.created")
+def _user_created(model: ReadModel, ev: EventLike) -> None:
+    p = ev.payload
+    model.users[p["name"]] = {
+        "name": p["name"], "id": p["id"], "role": p["role"], "apikey": p["apikey"],
+        "secret_sha256": p["secret_sha256"], "state": "enabled", "created": _iso(ev), "updated": _iso(ev),
+    }  # fmt: skip
+    model.by_apikey[p["apikey"]] = p["name"]
+
+
+@on("user.keys.registered")
+def _user_keys(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(apikey=ev.payload["apikey"], secret_sha256=ev.payload["secret_sha256"], updated=_iso(ev))
+    user["state"] = "enabled"
+    model.by_apikey[user["apikey"]] = user["name"]
+
+
+@on("user.revoked")
+def _user_revoked(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(state="revoked", updated=_iso(ev))
