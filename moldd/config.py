@@ -105,8 +105,8 @@ class RolesConfig:
 def _cloudstack_section(file: Path, doc: dict[str, Any]) -> tuple[CloudStackConfig, RolesConfig]:
     r = _Reader(file, _table(file, doc, "cloudstack"), "cloudstack", set(CloudStackConfig.__dataclass_fields__))
     port = r.get("port", int, None)
-    if port is not None and not 1 <= port <= 65535:
-        raise ConfigError(file, "cloudstack.port", f"must be a TCP port (1-65535), got {port}")
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(file, "cloudstack.port", f"must be a TCP port (1-65535; 0: any free port), got {port}")
     cs = CloudStackConfig(
         bind=r.get("bind", str, "127.0.0.1"),
         port=port,

@@ -435,20 +435,26 @@ async def delete_group(call: Call) -> dict[str, Any]:
 
 # -- jobs ------------------------------------------------------------------------------------------------
 _JOB_STATUS = {"pending": 0, "running": 0, "succeeded": 1, "failed": 2}
+# A job's ``command`` is the prefix of the event that started it (``vm.start`` for vm.start.requested).
+_PKG = "org.apache.cloudstack.api.command"
 _CMD_CLASS = {
-    "deployVirtualMachine": "org.apache.cloudstack.api.command.user.vm.DeployVMCmd",
-    "startVirtualMachine": "org.apache.cloudstack.api.command.user.vm.StartVMCmd",
-    "stopVirtualMachine": "org.apache.cloudstack.api.command.user.vm.StopVMCmd",
-    "rebootVirtualMachine": "org.apache.cloudstack.api.command.user.vm.RebootVMCmd",
-    "destroyVirtualMachine": "org.apache.cloudstack.api.command.user.vm.DestroyVMCmd",
-    "expungeVirtualMachine": "org.apache.cloudstack.api.command.admin.vm.ExpungeVMCmd",
-    "migrateVirtualMachine": "org.apache.cloudstack.api.command.admin.vm.MigrateVMCmd",
-    "createVMSnapshot": "org.apache.cloudstack.api.command.user.vmsnapshot.CreateVMSnapshotCmd",
-    "revertToVMSnapshot": "org.apache.cloudstack.api.command.user.vmsnapshot.RevertToVMSnapshotCmd",
-    "deleteVMSnapshot": "org.apache.cloudstack.api.command.user.vmsnapshot.DeleteVMSnapshotCmd",
-    "resizeVolume": "org.apache.cloudstack.api.command.user.volume.ResizeVolumeCmd",
+    "vm.deploy": f"{_PKG}.user.vm.DeployVMCmd",
+    "vm.start": f"{_PKG}.user.vm.StartVMCmd",
+    "vm.stop": f"{_PKG}.user.vm.StopVMCmd",
+    "vm.reboot": f"{_PKG}.user.vm.RebootVMCmd",
+    "vm.destroy": f"{_PKG}.user.vm.DestroyVMCmd",
+    "vm.expunge": f"{_PKG}.admin.vm.ExpungeVMCmd",
+    "vm.migrate": f"{_PKG}.admin.vm.MigrateVMCmd",
+    "vm.restore": f"{_PKG}.user.vm.RestoreVMCmd",
+    "vm.scale": f"{_PKG}.user.vm.ScaleVMCmd",
+    "vm.iso.attach": f"{_PKG}.user.iso.AttachIsoCmd",
+    "vm.iso.detach": f"{_PKG}.user.iso.DetachIsoCmd",
+    "vm.volume.resize": f"{_PKG}.user.volume.ResizeVolumeCmd",
+    "vmsnapshot.create": f"{_PKG}.user.vmsnapshot.CreateVMSnapshotCmd",
+    "vmsnapshot.revert": f"{_PKG}.user.vmsnapshot.RevertToVMSnapshotCmd",
+    "vmsnapshot.delete": f"{_PKG}.user.vmsnapshot.DeleteVMSnapshotCmd",
 }
-_SUCCESS_ONLY = {"expungeVirtualMachine", "deleteVMSnapshot"}
+_SUCCESS_ONLY = {"vm.expunge", "vmsnapshot.delete"}
 
 
 async def job_response(call: Call, job: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +466,7 @@ async def job_response(call: Call, job: dict[str, Any]) -> dict[str, Any]:
         vm = dict(found[0]) if found else None
     out: dict[str, Any] = {
         "jobid": job["id"],
-        "cmd": _CMD_CLASS.get(verb, f"org.apache.cloudstack.api.command.user.vm.{verb[:1].upper()}{verb[1:]}Cmd"),
+        "cmd": _CMD_CLASS.get(verb, f"{_PKG}.moldd.{verb}"),
         "jobstatus": status,
         "jobprocstatus": 0,
         "jobresultcode": 530 if status == 2 else 0,
@@ -482,9 +488,9 @@ async def job_response(call: Call, job: dict[str, Any]) -> dict[str, Any]:
 async def _job_result(call: Call, verb: str, job: dict[str, Any], vm: dict[str, Any] | None) -> dict[str, Any]:
     if verb in _SUCCESS_ONLY or vm is None:
         return {"success": True}
-    if verb == "resizeVolume":
+    if verb == "vm.volume.resize":
         return {"volume": shapes.volume(vm)}
-    if verb == "createVMSnapshot":
+    if verb == "vmsnapshot.create":
         sid = (job.get("result") or {}).get("vmsnapshotid")
         rows = (await call.dispatch("listVMSnapshots", {"vmsnapshotid": sid}))["vmSnapshot"] if sid else []
         if rows:
