@@ -130,7 +130,8 @@ async def test_cs_groups_update_snapshots_resize_and_migrate(cs_lab: CsLab) -> N
 
     # Migration is for admins: the operator is refused, the admin moves it.
     hosts = (await cs_lab.call("readonly", "listHosts"))["host"]
-    other = next(h for h in hosts if h["id"] != (await cs_lab.call("readonly", "listVirtualMachines", id=vm_id))["virtualmachine"][0]["hostid"])
+    here = (await cs_lab.call("readonly", "listVirtualMachines", id=vm_id))["virtualmachine"][0]["hostid"]
+    other = next(h for h in hosts if h["id"] != here)
     with pytest.raises(CloudStackApiException) as refused:
         await cs_lab.call("operator", "migrateVirtualMachine", virtualmachineid=vm_id, hostid=other["id"])
     assert refused.value.response.status_code == 432 and refused.value.error["cserrorcode"] == 4365

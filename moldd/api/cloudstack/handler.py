@@ -221,5 +221,5 @@ async def _async_params(request: web.Request, max_bytes: int) -> dict[str, str]:
 
 
 def add_route(app: web.Application, endpoint: CloudStackEndpoint) -> None:
-    app.router.add_route("GET", PATH, endpoint.async_handle)
-    app.router.add_route("POST", PATH, endpoint.async_handle)
+    # Every method reaches the handler, so even a PUT is answered with a CloudStack-shaped error.
+    app.router.add_route("*", PATH, endpoint.async_handle)
