@@ -26,9 +26,9 @@ class CsLab:
         return CloudStack(endpoint=self.endpoint, key=key, secret=secret, poll_interval=0.2, job_timeout=180,
                           timeout=60, **kw)  # fmt: skip
 
-    async def call(self, role: str, command: str, **params: Any) -> Any:
-        """A ``cs`` call in a worker thread (``cs`` is synchronous; the daemon runs on this loop)."""
-        api = self.cs(role)
+    async def call(self, who: str, command: str, **params: Any) -> Any:
+        """A ``cs`` call as user ``who`` in a worker thread (``cs`` is synchronous; the daemon runs on this loop)."""
+        api = self.cs(who)
         return await asyncio.to_thread(lambda: getattr(api, command)(**params))
 
 

@@ -65,6 +65,9 @@ class CloudStackSettings:
     require_expires: bool = False
     rate_per_s: float = 20.0
     rate_burst: int = 40
+    # Failed signatures per peer (address, or uid on the socket): a key cannot be guessed at line speed.
+    fail_rate_per_s: float = 1.0
+    fail_burst: int = 20
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
@@ -77,12 +80,11 @@ class CloudStackEndpoint:
     settings: CloudStackSettings
     tcp: bool  # a TCP listener: a signed request is the only way in
     limiter: RateLimiter = field(init=False)
-    # Failed signatures from one peer are limited too, so a key cannot be guessed at line speed.
     failures: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.settings.rate_per_s, self.settings.rate_burst)
-        self.failures = RateLimiter(1.0, 10)
+        self.failures = RateLimiter(self.settings.fail_rate_per_s, self.settings.fail_burst)
 
     async def async_handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()

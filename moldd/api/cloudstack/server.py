@@ -52,8 +52,11 @@ async def async_serve_tcp(
         raise ValueError("a TCP listener needs an endpoint that requires signed requests (tcp=True)")
     ctx = tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     app = make_tcp_app(endpoint, max_request_bytes)
-    # The query string may be as long as a request may be (aiohttp's default line limit is 8190 bytes).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=max_request_bytes + 1024)
+    # A query string up to twice the limit still reaches the handler and gets a CloudStack-shaped refusal
+    # (aiohttp's default line limit is 8190 bytes); a longer request line is refused by aiohttp itself (400).
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, max_line_size=2 * max_request_bytes + 8192
+    )
     await runner.setup()
     site = web.TCPSite(runner, bind, port, ssl_context=ctx)
     try:
