@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 import pytest
-from cs import CloudStackApiException
+from cs import CloudStack, CloudStackApiException
 
 from tests.cloudstack.conftest import CsLab
 
@@ -175,3 +175,47 @@ async def test_cs_cli_deploys_lists_and_stops(cs_lab: CsLab) -> None:
     assert code == 0 and stopped["virtualmachine"]["state"] == "Stopped"
     code, post, _ = await cli("--post", "listVirtualMachines", f"id={vm['id']}")
     assert code == 0 and post["count"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client side asks for TLS 1.0/1.1 on purpose
+async def test_cs_over_tls_and_old_tls_refused(make_config: Any, tmp_path: Any) -> None:
+    import ssl
+    import subprocess
+
+    from moldd.testing.harness import Client, running_daemon
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)  # fmt: skip
+    config = make_config(sections={"cloudstack": {"port": 0, "tls_cert": str(cert), "tls_key": str(key)}})
+    async with running_daemon(config) as daemon, Client(config.socket) as client:
+        user = (await client.call("createUser", username="tls", role="readonly"))["result"]["user"]
+        port = daemon.cloudstack_tcp.port
+        lab = CsLab(daemon, client, f"https://127.0.0.1:{port}/client/api", {"tls": (user["apikey"], user["secretkey"])})
+        api = CloudStack(endpoint=lab.endpoint, key=user["apikey"], secret=user["secretkey"], verify=str(cert))
+        assert (await asyncio.to_thread(api.listZones))["count"] == 1
+
+        def old_handshake() -> None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(str(cert))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+            ctx.set_ciphers("ALL:@SECLEVEL=0")
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port)) as raw_sock:
+                with ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1"):
+                    pass
+
+        with pytest.raises(ssl.SSLError):
+            await asyncio.to_thread(old_handshake)
+        # Plain HTTP to the TLS port gets nowhere either.
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(f"http://127.0.0.1:{port}/client/api?command=listZones") as resp:
+                    await resp.read()
+                    if resp.status == 400:
+                        raise aiohttp.ClientError("refused")
