@@ -225,7 +225,10 @@ def command(name: str, *, is_async: bool = False, verb: str | None = None, descr
 # -- VMs -------------------------------------------------------------------------------------------------
 @command("listVirtualMachines", description="Lists VMs (id, name, state, groupid, hostid, zoneid, keyword, paging).")
 async def list_vms(call: Call) -> dict[str, Any]:
-    args: dict[str, Any] = {"state": call.get("state"), "keyword": call.get("keyword")}
+    args: dict[str, Any] = {"keyword": call.get("keyword")}
+    state = call.get("state")
+    if state is not None and state not in _VM_STATES:
+        raise bad_value(call, "state", state)
     if call.get("id"):
         args["id"] = call.get("id")
     group, host = await resolve_group(call, "groupid"), await resolve_host(call, "hostid")
@@ -235,7 +238,13 @@ async def list_vms(call: Call) -> dict[str, Any]:
     out = [shapes.virtual_machine(v) for v in vms if name is None or name in (v["hostname"], v["name"])]
     if zone is not None:
         out = [v for v in out if zone in (v.get("zoneid"), v.get("zonename"))]
+    if state is not None:
+        out = [v for v in out if state in (v["state"], v["moldstate"])]
     return paged(call, "virtualmachine", out)
+
+
+_VM_STATES = {"Starting", "Running", "Stopping", "Stopped", "Destroyed", "Expunging", "Migrating", "Error",
+              "Unknown", "Created", "Creating", "Destroying", "Expunged"}  # fmt: skip
 
 
 @command("deployVirtualMachine", is_async=True, description="Creates a VM from a template (or an ISO) and starts it.")

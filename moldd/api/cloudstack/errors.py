@@ -49,9 +49,9 @@ def unauthorized() -> CloudStackError:
 
 def from_moldd(err: e.MolddError) -> CloudStackError:
     """A moldd refusal as CloudStack would phrase its class of error."""
-    text = err.message + (f" (parameter: {err.field})" if err.field else "")
     if isinstance(err, e.PermissionDenied):
-        return CloudStackError(UNSUPPORTED_ACTION_ERROR, text, CS_PERMISSION_DENIED)
+        return CloudStackError(UNSUPPORTED_ACTION_ERROR, err.message, CS_PERMISSION_DENIED)
+    text = err.message + (f" (parameter: {err.field})" if err.field else "")
     if isinstance(err, e.ValidationError):
         return CloudStackError(PARAM_ERROR, text, CS_INVALID_PARAMETER)
     if isinstance(err, e.NotFound):

@@ -46,6 +46,15 @@ def zone_of(cluster: str | None) -> dict[str, Any]:
     return {"zoneid": stable_uuid("zone", name), "zonename": name}
 
 
+# moldd's states that CloudStack does not have, as CloudStack shows the same moment (clients such as
+# Libcloud know only CloudStack's states). moldd's own state stays in ``moldstate``.
+_CS_STATE = {"Created": "Stopped", "Creating": "Starting", "Destroying": "Stopping", "Expunged": "Expunging"}
+
+
+def cs_state(state: str) -> str:
+    return _CS_STATE.get(state, state)
+
+
 def virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
     offering = vm.get("offering") or {}
     host = vm.get("host")
@@ -54,7 +63,8 @@ def virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
         "name": vm["hostname"],
         "displayname": vm["display_name"],
         "instancename": vm["internal_name"],
-        "state": vm["state"],
+        "state": cs_state(vm["state"]),
+        "moldstate": vm["state"],
         "created": cs_time(vm.get("created_at")),
         "haenable": bool(vm.get("ha_enabled")),
         "cpunumber": offering.get("vcpus"),
@@ -110,7 +120,7 @@ def volume(vm: dict[str, Any]) -> dict[str, Any]:
         "virtualmachineid": vm_uuid(vm),
         "vmname": vm["hostname"],
         "vmdisplayname": vm["display_name"],
-        "vmstate": vm["state"],
+        "vmstate": cs_state(vm["state"]),
         "created": cs_time(vm.get("created_at")),
         "storagetype": "shared",
         "hypervisor": "KVM",

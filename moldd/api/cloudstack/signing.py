@@ -45,15 +45,17 @@ def sign(params: Mapping[str, str], secret: str) -> str:
 
 
 def _candidates(params: Mapping[str, str]) -> list[str]:
-    # Java's encoder writes "~" as %7E; Python clients (cs) leave it as is. Both are CloudStack signatures
-    # in practice, so a value with "~" is checked both ways.
-    first = string_to_sign(params)
-    if not any("~" in v for v in params.values()):
-        return [first]
-    alt = "&".join(
-        f"{n}={quote(params[n], safe='*')}" for n in sorted(params) if n.lower() != "signature"
-    ).lower()
-    return [first, alt]
+    """The strings a correct client may have signed. CloudStack's own (Java's encoder) first; then the two
+    variants real clients compute, which CloudStack servers accept in practice because they differ only
+    where values hold ``~`` (``cs``: ``quote(v, safe="*")``) or ``[]`` and names sort differently once
+    lower-cased (Libcloud: names lower-cased before sorting, ``quote(v, safe="[]*")``)."""
+    names = [n for n in params if n.lower() != "signature"]
+    found = [string_to_sign(params)]
+    for order, safe in ((sorted(names), "*"), (sorted(names, key=str.lower), "[]*")):
+        text = "&".join(f"{n}={quote(params[n], safe=safe)}" for n in order).lower()
+        if text not in found:
+            found.append(text)
+    return found
 
 
 def signature_matches(params: Mapping[str, str], secret: str, given: str) -> bool:
