@@ -34,7 +34,7 @@ class CsLab:
 
 @pytest.fixture
 def cs_config(make_config: Callable[..., Any]) -> Any:  # noqa: F811
-    return make_config(sections={"cloudstack": {"port": 0, "rate_per_s": 200.0, "rate_burst": 400}})
+    return make_config(sections={"cloudstack": {"port": 0, "rate_per_s": 1000.0, "rate_burst": 10000}})
 
 
 @pytest.fixture

@@ -221,3 +221,40 @@ async def test_rate_limit_per_key(make_config: Callable[..., Any]) -> None:
             await lab.call("busy", "listZones")
         assert limited.value.response.status_code == 429 and limited.value.error["cserrorcode"] == 4545
         assert (await lab.call("calm", "listZones"))["count"] == 1  # another key is not slowed down
+
+
+GARBAGE = ["", "x", "-1", "0", "ü✓", "../../etc/passwd", "00000000-0000-0000-0000-000000000000", "y" * 3000,
+           "true", "{\"a\":1}"]  # fmt: skip
+PARAMS = ["id", "virtualmachineid", "hostid", "templateid", "serviceofferingid", "zoneid", "name", "displayname",
+          "size", "page", "pagesize", "vmsnapshotid", "jobid", "group", "groupid", "state", "keyword", "username",
+          "role", "forced", "expunge", "startvm", "rootdisksize", "ostypeid", "templatefilter", "details[0].cpu_model",
+          "snapshotmemory", "shrinkok"]  # fmt: skip
+
+
+async def test_sweep_of_wrong_values_never_gives_an_internal_error(cs_lab: CsLab) -> None:
+    """Every command, every parameter it might read, wrong values: CloudStack-shaped answers, no 500, no 530
+    "internal error" (an exception that escaped a translator)."""
+    from urllib.parse import urlencode
+
+    from moldd.api.cloudstack.commands import COMMANDS
+
+    key, secret = cs_lab.keys["admin"]
+    seen: dict[int, int] = {}
+    async with aiohttp.ClientSession() as s:
+        for spec in COMMANDS.values():
+            for i, value in enumerate(GARBAGE):
+                params = {"command": spec.name, "apiKey": key, "response": "json"}
+                params |= {p: value for p in PARAMS[i % 3 :: 3]}  # a different third of the parameters each time
+                params["signature"] = sign(params, secret)
+                async with s.post(cs_lab.endpoint, data=urlencode(params),
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"}) as resp:  # fmt: skip
+                    body = await resp.json(content_type=None)
+                    seen[resp.status] = seen.get(resp.status, 0) + 1
+                    assert resp.status != 500, (spec.name, value, body)
+                    (only,) = body.values()
+                    assert "internal error" not in str(only.get("errortext", "")), (spec.name, value, body)
+                    if resp.status != 200:
+                        assert only["errorcode"] == resp.status and only["errortext"]
+    assert set(seen) <= {200, 431, 432, 530, 533, 534}, seen  # signed right, never throttled here
+    print("status counts", seen)
+    assert seen[431] > 100 and seen[200] > 10, seen

@@ -102,3 +102,19 @@ async def test_group_delete_refuses_unless_ungroup_and_uuid_finds_vms(make_confi
                           ("listServiceOfferings", "serviceoffering"), ("listOsTypes", "ostype")]:  # fmt: skip
             items = (await c.call(verb))["result"][key]
             assert items and all(len(i["id"]) == 36 for i in items)
+
+
+async def test_concurrent_user_creation_loses_no_secret_and_admits_one_per_name(make_config: Any) -> None:
+    config = make_config(sections={"cloudstack": {"port": 0}})
+    async with running_daemon(config) as daemon, Client(config.socket) as c:
+        distinct = await asyncio.gather(*(c.raw("createUser", {"username": f"u{i}", "role": "readonly"}) for i in range(12)))
+        same = await asyncio.gather(*(c.raw("createUser", {"username": "dup", "role": "admin"}) for _ in range(8)))
+        assert [s for s, _ in distinct] == [200] * 12
+        assert sorted(s for s, _ in same) == [200] + [409] * 7
+        users = [r["result"]["user"] for _, r in distinct] + [r["result"]["user"] for s, r in same if s == 200]
+        secrets = json.loads((config.database.parent / "api-secrets.json").read_text())
+        assert len(secrets) == 13 and all(secrets[u["apikey"]] == u["secretkey"] for u in users)
+        endpoint = f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/client/api"
+        for u in users:
+            api = CloudStack(endpoint=endpoint, key=u["apikey"], secret=u["secretkey"])
+            assert (await asyncio.to_thread(api.listZones))["count"] == 1
