@@ -118,3 +118,47 @@ async def test_concurrent_user_creation_loses_no_secret_and_admits_one_per_name(
         for u in users:
             api = CloudStack(endpoint=endpoint, key=u["apikey"], secret=u["secretkey"])
             assert (await asyncio.to_thread(api.listZones))["count"] == 1
+
+
+async def test_socket_group_member_is_operator_admin_group_member_is_admin(make_config: Any, tmp_path: Path) -> None:
+    """Real peers with other uids (setpriv) on the real socket: roles come from the [roles] config."""
+    import shutil
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(prefix="moldd-roles-"))  # world-traversable, unlike pytest's tmp_path
+    try:
+        run_dir.chmod(0o755)
+        moldctl_py = run_dir / "moldctl.py"  # moldctl is standard-library only: the system python runs it
+        shutil.copy(Path(__file__).parents[2] / "moldd" / "cli" / "moldctl.py", moldctl_py)
+        moldctl_py.chmod(0o644)
+        sock = run_dir / "moldd.sock"
+        config = make_config(daemon={"socket": str(sock), "socket_group": "12345"},
+                             sections={"roles": {"socket_group_role": "operator", "admin_group": "12347"}})  # fmt: skip
+
+        async def as_uid(uid: int, gid: int, groups: str, *args: str) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                "setpriv", f"--reuid={uid}", f"--regid={gid}", f"--groups={groups}", "/usr/bin/python3",
+                str(moldctl_py), "--socket", str(sock), *args,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            return proc.returncode or 0, out.decode()
+
+        async with running_daemon(config), Client(sock) as c:
+            code, out = await as_uid(12345, 12345, "12345", "host", "list")
+            assert code == 0 and "host0" in out
+            code, out = await as_uid(12345, 12345, "12345", "call", "confirmHostFenced", "host=host0")
+            assert code == 1 and "role operator may not call confirmHostFenced" in out
+            code, out = await as_uid(12345, 12345, "12345", "user", "create", "mallory", "--role", "admin")
+            assert code == 1 and "may not call createUser" in out
+            # An admin-group member passes the role check; the business rule (the host is Up) decides.
+            code, out = await as_uid(12347, 12347, "12345", "call", "confirmHostFenced", "host=host0")
+            assert code == 1 and "may not call" not in out and "Up" in out
+            # Not in the socket group: the socket file (0660, group 12345) keeps it out (moldctl exit 3).
+            code, out = await as_uid(12346, 12346, "12346", "host", "list")
+            assert code == 3
+            audit = await c.events_of_stream("access")
+            who = [(e["payload"]["verb"], e["payload"]["uid"], e["payload"]["role"]) for e in audit]
+            assert who == [("confirmHostFenced", 12345, "operator"), ("createUser", 12345, "operator")]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
