@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from moldd.domain.ids import stable_uuid
+from moldd.projection.model import View
 
 DOMAIN_ID = stable_uuid("domain", "ROOT")
 ACCOUNT = "admin"
@@ -55,7 +56,26 @@ def cs_state(state: str) -> str:
     return _CS_STATE.get(state, state)
 
 
+# The CloudStack shape of a VM, kept while the read model's shared view of the VM (``View``) is the same
+# object, i.e. until the VM changes; a list answer then costs a dictionary look-up and a spliced, already
+# encoded JSON fragment per VM.
+_SHAPED: dict[str, tuple[Any, View]] = {}
+
+
 def virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(vm, View):
+        return _virtual_machine(vm)
+    hit = _SHAPED.get(vm["name"])
+    if hit is not None and hit[0] is vm:
+        return hit[1]
+    shaped = View(_virtual_machine(vm))
+    if len(_SHAPED) > 100_000:
+        _SHAPED.clear()
+    _SHAPED[vm["name"]] = (vm, shaped)
+    return shaped
+
+
+def _virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
     offering = vm.get("offering") or {}
     host = vm.get("host")
     out: dict[str, Any] = {
