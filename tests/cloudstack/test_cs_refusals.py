@@ -258,3 +258,21 @@ async def test_sweep_of_wrong_values_never_gives_an_internal_error(cs_lab: CsLab
     assert set(seen) <= {200, 431, 432, 530, 533, 534}, seen  # signed right, never throttled here
     print("status counts", seen)
     assert seen[431] > 100 and seen[200] > 10, seen
+
+
+async def test_refused_signatures_are_logged_without_secrets(cs_lab: CsLab) -> None:
+    from structlog.testing import capture_logs
+
+    key, secret = cs_lab.keys["operator"]
+    api = cs_lab.cs("operator")
+    api.secret = "wrong-" + secret
+    with capture_logs() as logs:
+        with pytest.raises(CloudStackApiException):
+            await asyncio.to_thread(api.listZones)
+        status, _ = await raw(cs_lab, query="command=listZones&response=json")
+        assert status == 401
+    events = [e["event"] for e in logs]
+    assert "cloudstack_bad_signature" in events and "cloudstack_unauthenticated" in events
+    bad = next(e for e in logs if e["event"] == "cloudstack_bad_signature")
+    assert bad["user"] == "operator-user" and bad["peer"] == "127.0.0.1"
+    assert secret not in repr(logs) and "wrong-" not in repr(logs)
