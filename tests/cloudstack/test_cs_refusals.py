@@ -263,7 +263,7 @@ async def test_sweep_of_wrong_values_never_gives_an_internal_error(cs_lab: CsLab
 async def test_refused_signatures_are_logged_without_secrets(cs_lab: CsLab) -> None:
     from structlog.testing import capture_logs
 
-    key, secret = cs_lab.keys["operator"]
+    _, secret = cs_lab.keys["operator"]
     api = cs_lab.cs("operator")
     api.secret = "wrong-" + secret
     with capture_logs() as logs:
