@@ -68,3 +68,11 @@ def test_socket_roles_root_admin_group_member_operator_others_refused() -> None:
     assert policy.actor_for(PeerCreds(pid=1, uid=1234, gid=6000)).role == "admin"
     with pytest.raises(PermissionDenied):
         policy.actor_for(PeerCreds(pid=1, uid=1234, gid=7000))
+
+
+async def test_a_tcp_listener_cannot_be_built_without_signatures() -> None:
+    from moldd.api.cloudstack import CloudStackEndpoint, CloudStackSettings, async_serve_tcp
+
+    endpoint = CloudStackEndpoint(bus=None, directory=None, settings=CloudStackSettings(), tcp=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="signed"):
+        await async_serve_tcp(endpoint, "127.0.0.1", 0)
