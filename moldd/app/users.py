@@ -119,7 +119,7 @@ class UserDirectory:
         if secret is None:
             log.warning("api_secret_missing", user=name)
             return None
-        if not secrets.compare_digest(secret_digest(secret), user["secret_sha256"]):
+        if not secrets.compare_digest(secret_digest(secret), user["key_fingerprint"]):
             log.error("api_secret_mismatch", user=name, hint="the secrets file does not match the log")
             return None
         return ApiUser(name=user["name"], id=user["id"], role=user["role"], apikey=apikey, secret=secret)
@@ -177,7 +177,7 @@ async def create_user(app: App, cmd: Command) -> CommandReply:
         await users.store.async_change(add={apikey: secret})
         payload = {
             "name": name, "id": str(uuid.uuid4()), "role": str(role), "apikey": apikey,
-            "secret_sha256": secret_digest(secret),
+            "key_fingerprint": secret_digest(secret),
         }  # fmt: skip
         try:
             position = await _async_append_user(app, cmd, name, "user.created", payload)
@@ -223,7 +223,7 @@ async def register_keys(app: App, cmd: Command) -> CommandReply:
         try:
             position = await _async_append_user(
                 app, cmd, name, "user.keys.registered",
-                {"name": name, "apikey": apikey, "secret_sha256": secret_digest(secret)},
+                {"name": name, "apikey": apikey, "key_fingerprint": secret_digest(secret)},
             )  # fmt: skip
         except BaseException:
             await users.store.async_change(remove=(apikey,))

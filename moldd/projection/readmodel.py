@@ -618,7 +618,7 @@ def _user_created(model: ReadModel, ev: EventLike) -> None:
     p = ev.payload
     model.users[p["name"]] = {
         "name": p["name"], "id": p["id"], "role": p["role"], "apikey": p["apikey"],
-        "secret_sha256": p["secret_sha256"], "state": "enabled", "created": _iso(ev), "updated": _iso(ev),
+        "key_fingerprint": p["key_fingerprint"], "state": "enabled", "created": _iso(ev), "updated": _iso(ev),
     }  # fmt: skip
     model.by_apikey[p["apikey"]] = p["name"]
 
@@ -629,7 +629,7 @@ def _user_keys(model: ReadModel, ev: EventLike) -> None:
     if user is None:
         return
     model.by_apikey.pop(user["apikey"], None)
-    user.update(apikey=ev.payload["apikey"], secret_sha256=ev.payload["secret_sha256"], updated=_iso(ev))
+    user.update(apikey=ev.payload["apikey"], key_fingerprint=ev.payload["key_fingerprint"], updated=_iso(ev))
     user["state"] = "enabled"
     model.by_apikey[user["apikey"]] = user["name"]
 
