@@ -51,7 +51,7 @@ def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> 
 # -- deploy ----------------------------------------------------------------------------------------------
 DEPLOY_ARGS = {
     "offering", "template", "iso", "displayname", "hostname", "group", "ha", "hapolicy", "hapriority",
-    "host", "rootdisksize", "startvm", "details", "description", "ostype",
+    "host", "rootdisksize", "startvm", "details", "description", "ostype", "cluster",
 }  # fmt: skip
 DEPLOY_ALIASES = {
     "serviceofferingid": "offering",
@@ -98,9 +98,10 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
     requested_host = a.text("host", None)
+    cluster = a.text("cluster", None)  # CloudStack's zone
 
     async with app.placement_lock:
-        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations)
+        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations, cluster=cluster)
         name = generate_vm_name(set(app.model.vms))
         hostname = hostname or name
         if hostname_taken(app, hostname):

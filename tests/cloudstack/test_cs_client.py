@@ -219,3 +219,33 @@ async def test_cs_over_tls_and_old_tls_refused(make_config: Any, tmp_path: Any) 
                     await resp.read()
                     if resp.status == 400:
                         raise aiohttp.ClientError("refused")
+
+
+async def test_zone_per_cluster_and_deploy_lands_in_the_zone(make_config: Any) -> None:
+    from moldd.config import load_config
+    from moldd.testing.harness import Client, running_daemon
+
+    config = make_config(daemon={"tolerated_host_failures": 0}, sections={"cloudstack": {"port": 0}})
+    text = config.path.read_text()
+    second = text.index('cluster = "c1"', text.index('cluster = "c1"') + 1)
+    config.path.write_text(text[:second] + 'cluster = "c2"' + text[second + len('cluster = "c1"'):])
+    config = load_config(config.path)
+    async with running_daemon(config) as daemon, Client(config.socket) as client:
+        user = (await client.call("createUser", username="z", role="operator"))["result"]["user"]
+        lab = CsLab(daemon, client, f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/client/api",
+                    {"z": (user["apikey"], user["secretkey"])})  # fmt: skip
+        zones = {z["name"]: z for z in (await lab.call("z", "listZones"))["zone"]}
+        assert set(zones) == {"c1", "c2"}
+        hosts = {h["name"]: h for h in (await lab.call("z", "listHosts", zoneid=zones["c2"]["id"]))["host"]}
+        assert set(hosts) == {"host1"}
+        template = (await lab.call("z", "listTemplates", templatefilter="all", zoneid=zones["c2"]["id"]))["template"]
+        assert [t["zoneid"] for t in template] == [zones["c2"]["id"]]
+        offering = (await lab.call("z", "listServiceOfferings", name="small"))["serviceoffering"][0]
+        for _ in range(2):
+            vm = (await lab.call("z", "deployVirtualMachine", zoneid=zones["c2"]["id"], templateid=template[0]["id"],
+                                 serviceofferingid=offering["id"], startvm=False, fetch_result=True))["virtualmachine"]  # fmt: skip
+            assert vm["zoneid"] == zones["c2"]["id"] and vm["hostname"] == "host1" and vm["state"] == "Stopped"
+        with pytest.raises(CloudStackApiException) as wrong:
+            await lab.call("z", "deployVirtualMachine", zoneid=zones["c1"]["id"], templateid=template[0]["id"],
+                           serviceofferingid=offering["id"], hostid=hosts["host1"]["id"])  # fmt: skip
+        assert wrong.value.response.status_code == 431

@@ -137,13 +137,15 @@ async def resolve_ostype(call: Call, name: str) -> str | None:
     return None if value is None else await _by_id(call, "listOsTypes", "ostype", "ostype", name, value)
 
 
-async def check_zone(call: Call) -> None:
+async def resolve_zone(call: Call) -> str | None:
+    """``zoneid`` → the cluster it is (a zone per cluster)."""
     value = call.get("zoneid")
     if value is None:
-        return
-    zones = (await call.dispatch("listZones", {}))["zone"]
-    if not any(value in (z["id"], z["name"]) for z in zones):
-        raise bad_value(call, "zoneid", value)
+        return None
+    for z in (await call.dispatch("listZones", {}))["zone"]:
+        if value in (z["id"], z["name"]):
+            return str(z["name"])
+    raise bad_value(call, "zoneid", value)
 
 
 async def vm_view(call: Call, key: str) -> dict[str, Any]:
@@ -249,7 +251,7 @@ _VM_STATES = {"Starting", "Running", "Stopping", "Stopped", "Destroyed", "Expung
 
 @command("deployVirtualMachine", is_async=True, description="Creates a VM from a template (or an ISO) and starts it.")
 async def deploy(call: Call) -> dict[str, Any]:
-    await check_zone(call)
+    cluster = await resolve_zone(call)
     image = await resolve_image(call, "templateid")
     if image is None:
         call.need("templateid")
@@ -267,6 +269,7 @@ async def deploy(call: Call) -> dict[str, Any]:
         "details": call.map("details"),
         "ha": call.get("haenable"),
         "ostype": await resolve_ostype(call, "ostypeid"),
+        "cluster": cluster,
     }
     return async_reply(await call.dispatch("deployVirtualMachine", args, job=True), with_id=True)
 
