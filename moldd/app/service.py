@@ -24,6 +24,7 @@ from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
 from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, PermissionDenied, ValidationError
+from moldd.domain.ids import is_uuid, stable_uuid
 from moldd.domain.roles import Role, required_role
 from moldd.domain.states import Action, VMState, check
 from moldd.projection.model import VM
@@ -212,6 +213,10 @@ class App:
         for item in items:
             if item.name == name:
                 return item
+        if is_uuid(name):  # its stable id (moldd.domain.ids), as CloudStack clients name it
+            for item in items:
+                if stable_uuid(kind, item.name) == name:
+                    return item
         known = ", ".join(i.name for i in items) or "none configured"
         raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
 

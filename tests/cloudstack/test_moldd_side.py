@@ -162,3 +162,17 @@ async def test_socket_group_member_is_operator_admin_group_member_is_admin(make_
             assert who == [("confirmHostFenced", 12345, "operator"), ("createUser", 12345, "operator")]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_moldd_verbs_take_catalog_uuids_beside_names(make_config: Any) -> None:
+    from moldd.domain.ids import stable_uuid
+
+    config = make_config()
+    async with running_daemon(config), Client(config.socket) as c:
+        reply = await c.call("deployVirtualMachine", template=stable_uuid("template", "tiny"),
+                             offering=stable_uuid("offering", "small"), host=stable_uuid("host", "host1"), startvm=False)  # fmt: skip
+        vm = reply["result"]["vm"]
+        assert (vm["template"], vm["offering"]["name"], vm["host"]) == ("tiny", "small", "host1")
+        with pytest.raises(CommandFailed) as unknown:
+            await c.call("deployVirtualMachine", template=stable_uuid("template", "nope"), offering="small")
+        assert unknown.value.status == 404 and unknown.value.field == "template"
