@@ -18,6 +18,7 @@ from moldd.api.app import make_app
 from moldd.api.keys import ApiSettings
 from moldd.api.peercred import AccessPolicy
 from moldd.app.bus import CommandBus
+from moldd.config import ApiConfig
 from moldd.domain.errors import ValidationError
 
 log = structlog.get_logger("moldd.api")
@@ -101,6 +102,7 @@ async def async_serve(
     use_socket_activation: bool = True,
     settings: ApiSettings | None = None,
     shutdown_timeout_s: float = 5.0,
+    api: ApiConfig | None = None,
 ) -> ApiServer:
     """Serve the API for ``bus`` and return once it accepts connections.
 
@@ -110,6 +112,9 @@ async def async_serve(
     :func:`moldd.api.peercred.authorize`).
     """
     gid = resolve_group(group)
+    limits = api or ApiConfig()
+    if settings is None:
+        settings = ApiSettings(max_body_bytes=limits.max_body_bytes)
     owns_path = False
     if sock is None and use_socket_activation:
         fds = systemd.listen_fds()
@@ -119,7 +124,7 @@ async def async_serve(
             for extra in fds[1:]:
                 os.close(extra)
     if sock is None:
-        sock = bind_unix_socket(socket_path, mode=mode, gid=gid)
+        sock = bind_unix_socket(socket_path, mode=mode, gid=gid, backlog=limits.backlog)
         owns_path = True
     path = sock.getsockname() if sock.family == socket.AF_UNIX else None
     app = make_app(bus, access=AccessPolicy(gid), settings=settings)

@@ -129,7 +129,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
             "ha_enabled": ha,
             "ha_policy": str(policy),
             "ha_priority": priority,
-            "offering": dataclasses.asdict(offering),
+            "offering": offering.model_dump(),
             "template": template_name,
             "iso": iso_name,
             "root_disk": {"size_gb": size_gb},

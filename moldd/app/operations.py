@@ -9,7 +9,6 @@ end, so a start or stop sent meanwhile waits and then re-checks, instead of raci
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Coroutine
 from pathlib import Path
@@ -74,7 +73,7 @@ def state_of(vm: VM) -> VMState:
 
 
 def offering_named(app: App, name: str) -> dict[str, Any]:
-    return dataclasses.asdict(app.catalog("offering", name))
+    return app.catalog("offering", name).model_dump()
 
 
 async def async_define_stopped(app: App, vm: VM) -> Any:
