@@ -93,7 +93,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     priority = a.integer("hapriority", 0, min=0, max=100)
     details = {k: v for k, v in validate_details(a.mapping("details", {})).items() if v is not None}
     start = a.boolean("startvm", True)
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     os_type = a.text(
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from events import ANY_VERSION, AppendResult, ConcurrencyError, NewEvent, StoredEvent
+from moldd.app.args import check_no_controls, show
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
 from moldd.config import Config
@@ -306,7 +307,12 @@ class App:
         if key is None and field == "id":
             key = args.get("name") or args.get("virtualmachineid")
         if key is None or (not isinstance(key, (str, int)) or isinstance(key, bool)):
-            raise ValidationError(f"{field} is required: the VM name (or its numeric id)", field=field)
+            got = "" if key is None else f", got {show(key)}"
+            raise ValidationError(f"{field} is required: the VM name (or its numeric id){got}", field=field)
+        if isinstance(key, str):
+            if not key.strip() or len(key) > 255:
+                raise ValidationError(f"{field} must be a VM name of 1 to 255 characters, got {show(key)}", field=field)
+            check_no_controls(field, key)
         vms = self.model.vms
         vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
         if vm is None:

@@ -65,7 +65,7 @@ async def create_snapshot(app: App, cmd: Command) -> CommandReply:
     )
     vm = app.get_vm({"id": a.raw("id")})
     memory = a.boolean("snapshotmemory", False)
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     name = validate_snapshot_name(a.raw("name")) if "name" in a else None
     lock = await async_claim(app, vm.name)
     try:
