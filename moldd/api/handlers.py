@@ -35,6 +35,11 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=s
 _OPTIONS = orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
+class UnsupportedMediaType(ValidationError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
 def _default(value: Any) -> Any:
     encoded = getattr(value, "encoded_json", None)
     if encoded is not None:
@@ -103,6 +108,11 @@ async def _read_json(request: web.Request) -> Any:
 async def async_command(request: web.Request) -> web.Response:
     """``POST /v1/command``."""
     bus = request.app[BUS_KEY]
+    if request.content_type != JSON:
+        raise UnsupportedMediaType(
+            f"the request body must be sent as Content-Type: {JSON}, not {request.content_type or 'none'}",
+            field="Content-Type",
+        )
     envelope = parse_command(await _read_json(request), bus.verbs())
     actor = request[ACTOR_KEY]
     who = {"verb": envelope.verb, "command_id": envelope.command_id, "actor": str(actor)}
