@@ -216,10 +216,10 @@ async def async_start_on(
 async def start_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
+    target = a.text("host", None)
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(vm.state, Action.START)
-        target = a.text("host", None)
         if target is not None:
             app.catalog("host", target)
         host = place_existing(

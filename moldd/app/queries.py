@@ -101,7 +101,7 @@ async def list_events(app: App, cmd: Command) -> CommandReply:
     start = a.integer("from", 1, min=1, max=MAX_POSITION)
     event_type = a.text("type", None)
     if "vm" in a:
-        vm = app.get_vm({"id": a.raw("vm")}, "id", expunged=True)
+        vm = app.get_vm({"vm": a.raw("vm")}, "vm", expunged=True)
         events = await app.store.async_read_stream(f"vm-{vm.name}")
         events = [e for e in events if e.position >= start]
     elif "stream" in a:
