@@ -146,11 +146,14 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     query = parse_events_query(request.query)
     settings = request.app[SETTINGS_KEY]
     closing = request.app[CLOSING_KEY]
-    entries = request.app[BUS_KEY].async_follow(query.from_position)
+    entries = request.app[BUS_KEY].async_follow(
+        query.from_position, stream=query.stream, correlation=query.correlation
+    )
 
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
     response.enable_chunked_encoding()
     await response.prepare(request)
+    _FOLLOWERS[0] += 1
     try:
         await _async_pump(
             entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s
@@ -165,6 +168,9 @@ async def async_events(request: web.Request) -> web.StreamResponse:
         aclose = getattr(entries, "aclose", None)
         if aclose is not None:
             await aclose()
+        _FOLLOWERS[0] -= 1
+        if _FOLLOWERS[0] == 0:
+            await asyncio.to_thread(release_memory)
     if not request.transport or request.transport.is_closing():
         return response
     try:
@@ -172,6 +178,25 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass
     return response
+
+
+_FOLLOWERS = [0]  # open event streams in this process
+
+
+def release_memory() -> None:
+    """Give freed heap back to the system once the last follower has gone (glibc keeps it otherwise, and RSS
+    would stay at the peak of a burst of followers)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    trim(0)
 
 
 class _StalledClient(Exception):

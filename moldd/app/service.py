@@ -35,6 +35,7 @@ from moldd.projection.model import VM
 log = structlog.get_logger("moldd.app")
 
 
+FOLLOW_PAGE = 200  # log entries a follower reads from the store at a time
 REPLY_CACHE = 4096  # finished client command ids whose first reply is kept in memory (older: rebuilt from the log)
 BINDING_KEY = "_command"  # in the payload of a command's first event: what its id is bound to
 
@@ -279,9 +280,37 @@ class App:
             "alerts": alerts,
         }
 
-    async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
-        async for ev in self.store.async_subscribe(from_position=max(1, from_position)):
-            yield event_view(ev)
+    async def async_follow(
+        self, from_position: int, *, stream: str | None = None, correlation: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Log entries from ``from_position`` on (only a ``stream``'s, or only those of a ``correlation`` id:
+        its ``*.requested`` event and its outcomes), then live. The past is read in pages of ``FOLLOW_PAGE``
+        (the correlation filter through the store's index) and at most ``follower_buffer`` live events wait for
+        a slow follower, so a follower holds a bounded amount of memory however far back it starts."""
+        position = max(1, from_position)
+        page_size = FOLLOW_PAGE
+        while True:  # catch up
+            head = (await self.store.async_head())[0] if correlation is not None else None
+            if correlation is not None:
+                page = await self.store.async_read_correlated(correlation, position, page_size)
+            else:
+                page = await self.store.async_read(position, limit=page_size)
+            for ev in page:
+                if stream is None or ev.stream_id == stream:
+                    yield event_view(ev)
+            if page:
+                position = page[-1].position + 1
+            if len(page) < page_size:
+                if correlation is not None and head is not None:
+                    position = max(position, head + 1)  # everything up to head was matched above
+                break
+            page = []  # drop the page before the next read
+        limit = self.config.api.follower_buffer
+        async for ev in self.store.async_subscribe(from_position=position, batch_size=page_size, queue_limit=limit):
+            if (stream is None or ev.stream_id == stream) and (
+                correlation is None or correlation in (ev.correlation_id, ev.command_id)
+            ):
+                yield event_view(ev)
 
     # -- helpers for handlers --------------------------------------------------------------------------
     _CATALOG = {

@@ -69,7 +69,7 @@ class FakeBus:
             self._changed.notify_all()
             return position
 
-    async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
+    async def async_follow(self, from_position: int, **_filters: Any) -> AsyncIterator[dict[str, Any]]:
         position = from_position
         while True:
             async with self._changed:
