@@ -21,7 +21,7 @@ from moldd.app.bus import SYSTEM
 from moldd.app.hosts import HostManager
 from moldd.app.projector import Projector
 from moldd.app.service import App
-from moldd.config import Config, ConfigError, load_config
+from moldd.config import Config, ConfigError, check_environment, load_config
 from moldd.domain.states import TRANSIENT
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
@@ -72,6 +72,8 @@ class Daemon:
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
         _load_optional_verbs()
         cfg = self.config
+        # Everything the config refers to is checked before anything (database, directories, socket) is made.
+        gid = await asyncio.to_thread(check_environment, cfg)
         cfg.database.parent.mkdir(parents=True, exist_ok=True)
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
         self.store = await SQLiteEventStore.async_open(cfg.database)
@@ -99,9 +101,7 @@ class Daemon:
         if self.serve_api:
             from moldd.api.serve import async_serve
 
-            self.api = await async_serve(
-                self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group
-            )
+            self.api = await async_serve(self.app, str(cfg.socket), mode=cfg.socket_mode, group=gid, api=cfg.api)
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
         )
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        check_environment(config)
     except ConfigError as exc:
         print(f"moldd: bad configuration: {exc.file}: key {exc.key}: {exc.reason}", file=sys.stderr)
         return 2

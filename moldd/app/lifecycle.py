@@ -93,7 +93,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     priority = a.integer("hapriority", 0, min=0, max=100)
     details = {k: v for k, v in validate_details(a.mapping("details", {})).items() if v is not None}
     start = a.boolean("startvm", True)
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     os_type = a.text(
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
@@ -129,7 +129,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
             "ha_enabled": ha,
             "ha_policy": str(policy),
             "ha_priority": priority,
-            "offering": dataclasses.asdict(offering),
+            "offering": offering.model_dump(),
             "template": template_name,
             "iso": iso_name,
             "root_disk": {"size_gb": size_gb},
@@ -216,10 +216,10 @@ async def async_start_on(
 async def start_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
+    target = a.text("host", None)
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(vm.state, Action.START)
-        target = a.text("host", None)
         if target is not None:
             app.catalog("host", target)
         host = place_existing(

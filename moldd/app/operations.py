@@ -9,7 +9,6 @@ end, so a start or stop sent meanwhile waits and then re-checks, instead of raci
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Coroutine
 from pathlib import Path
@@ -74,7 +73,7 @@ def state_of(vm: VM) -> VMState:
 
 
 def offering_named(app: App, name: str) -> dict[str, Any]:
-    return dataclasses.asdict(app.catalog("offering", name))
+    return app.catalog("offering", name).model_dump()
 
 
 async def async_define_stopped(app: App, vm: VM) -> Any:
@@ -142,7 +141,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
     if "vmname" in a:
         raise ValidationError(
-            "the VM name (ID) is immutable; change displayname or hostname instead", field="name"
+            "the VM name (ID) is immutable; change displayname or hostname instead", field="vmname"
         )
     key = a.raw("id") if "id" in a else a.raw("name")
     vm = app.get_vm({"id": key})
@@ -173,10 +172,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
     if "ostype" in a:
         changes["os_type"] = a.text("ostype", max_len=64)
     if "description" in a:
-        description = a.raw("description")
-        if not isinstance(description, str) or len(description) > 1024:
-            raise ValidationError("description must be text of at most 1024 characters", field="description")
-        changes["description"] = description
+        changes["description"] = a.text("description", max_len=1024, multiline=True)
     details = a.mapping("details") if "details" in a else None
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]

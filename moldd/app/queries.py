@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-from moldd.app.args import Args
+from moldd.app.args import MAX_POSITION, Args
 from moldd.app.bus import CommandReply
 from moldd.app.placement import capacities
 from moldd.app.service import App, Command, event_view, verb
@@ -54,6 +54,7 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
 
 
 MAX_PAGE_SIZE = 10000
+MAX_PAGE = 1_000_000
 
 
 _BY_ID = operator.attrgetter("id")
@@ -63,7 +64,7 @@ def _paging(a: Args) -> tuple[int, int | None]:
     """CloudStack paging: ``page`` (from 1) with ``pagesize``; without them, every match. ``count`` stays the
     number of matches, so a client knows how many pages there are."""
     pagesize = a.integer("pagesize", None, min=1, max=MAX_PAGE_SIZE)
-    page = a.integer("page", None, min=1)
+    page = a.integer("page", None, min=1, max=MAX_PAGE)
     if page is not None and pagesize is None:
         raise ValidationError("page needs pagesize (the number of items per page)", field="pagesize")
     return (page or 1), pagesize
@@ -97,10 +98,10 @@ async def list_clusters(app: App, cmd: Command) -> CommandReply:
 async def list_events(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"vm", "stream", "from", "limit", "type"}, {"id": "vm", "startid": "from"})
     limit = a.integer("limit", 100, min=1, max=10000)
-    start = a.integer("from", 1, min=1)
+    start = a.integer("from", 1, min=1, max=MAX_POSITION)
     event_type = a.text("type", None)
     if "vm" in a:
-        vm = app.get_vm({"id": a.raw("vm")}, "id", expunged=True)
+        vm = app.get_vm({"vm": a.raw("vm")}, "vm", expunged=True)
         events = await app.store.async_read_stream(f"vm-{vm.name}")
         events = [e for e in events if e.position >= start]
     elif "stream" in a:

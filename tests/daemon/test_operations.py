@@ -147,7 +147,7 @@ async def test_edit_basic_info_records_vm_updated_and_keeps_the_name(client: Cli
     assert groups[0]["vms"] == [other["name"]]
     # refusals, none of which writes anything
     assert (await refused(client, "updateVirtualMachine", id=name, name="vm-renamed")).field == "name"
-    assert (await refused(client, "updateVirtualMachine", id=name, vmname="vm-renamed")).field == "name"
+    assert (await refused(client, "updateVirtualMachine", id=name, vmname="vm-renamed")).field == "vmname"
     conflict = await refused(client, "updateVirtualMachine", id=name, hostname="taken")
     assert (conflict.code, conflict.field) == ("conflict", "hostname")
     assert (await refused(client, "updateVirtualMachine", id=name, hostname="1abc")).field == "hostname"
