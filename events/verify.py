@@ -21,9 +21,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .canonical import loads
-from .chain import HEADER, TAG, genesis_hash
+from .chain import HEADER, LENGTHS, TAG, encode_fields, genesis_hash
 from .checkpoint import Checkpoint, load_public_key, parse_checkpoints
-from .errors import CheckpointError, NotALogError
+from .errors import CheckpointError, LogIntegrityError, NotALogError
 from .upcast import KnownTypes, known_versions
 
 MAX_ISSUES = 1000
@@ -552,6 +552,57 @@ def _check_checkpoint_sequence(cps: list[Checkpoint], st: _Scan) -> None:
                 f"checkpoint #{c.seq} does not link to checkpoint #{before.seq} before it (a line was replaced)",
             )
         before = c
+
+
+def verify_chain_range(
+    conn: sqlite3.Connection, after_position: int, after_hash: bytes, to_position: int | None = None
+) -> tuple[int, bytes]:
+    """Recompute the rows after `after_position` (whose hash `after_hash` the caller vouches for: the genesis
+    hash, a signed checkpoint, a sealed snapshot, or an earlier call) up to `to_position` (default: the end).
+    Returns (last position, its hash); raises LogIntegrityError at the first row that does not link, hash or
+    follow. The incremental check a daemon runs at start and before it signs."""
+    sha256 = hashlib.sha256
+    join = b"".join
+    pack = HEADER.pack
+    expected = after_position + 1
+    prev = after_hash
+    end = 2**62 if to_position is None else to_position
+    cur = conn.execute(
+        f"SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ? ORDER BY position", (after_position, end)
+    )
+    cur.arraysize = FETCH
+    try:
+        for row in cur:
+            pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
+            if pos != expected:
+                raise LogIntegrityError(
+                    f"position {expected}: missing (the next row is at {pos})", position=expected, kind="position_gap"
+                )
+            if prev_h != prev:
+                raise LogIntegrityError(
+                    f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
+                    position=pos,
+                    kind="broken_link",
+                )
+            fields = encode_fields(sid, et, actor, cid, caus, corr, "surrogateescape")
+            header = pack(pos, sv, ts, schv, *LENGTHS.unpack_from(fields))
+            if sha256(join((TAG, prev_h, header, fields[LENGTHS.size :], payload))).digest() != h:
+                raise LogIntegrityError(
+                    f"position {pos}: the row's content does not match its hash", position=pos, kind="hash_mismatch"
+                )
+            prev = h
+            expected = pos + 1
+    except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
+        raise LogIntegrityError(
+            f"position {expected}: a column has an impossible value: {exc}", position=expected, kind="malformed_row"
+        ) from exc
+    if to_position is not None and expected - 1 < to_position:
+        raise LogIntegrityError(
+            f"the log ends at position {expected - 1}, before position {to_position}",
+            position=expected,
+            kind="truncated",
+        )
+    return expected - 1, prev
 
 
 def verify(
