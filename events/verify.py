@@ -502,7 +502,14 @@ def _check_snapshots(conn: sqlite3.Connection, st: _Scan) -> int:
             except (ValueError, TypeError):
                 continue
         hrow = conn.execute("SELECT hash FROM events WHERE position = ?", (position,)).fetchone()
-        if hrow is None or bytes(hrow[0]) != head_hash:
+        if hrow is None:
+            st.issue(
+                position,
+                "snapshot_forged",
+                f"snapshot {name!r} was taken at position {position}, which the log does not have (cut short?)",
+            )
+            continue
+        if bytes(hrow[0]) != head_hash:
             st.issue(
                 position,
                 "snapshot_forged",

@@ -22,6 +22,7 @@ import structlog
 from events import ANY_VERSION, AppendResult, ConcurrencyError, NewEvent, StoredEvent
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
+from moldd.app.secrets import SecretStore
 from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.states import Action, VMState, check
@@ -78,6 +79,7 @@ class App:
         self.hosts = hosts  # moldd.app.hosts.HostManager
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.placement_lock = asyncio.Lock()
+        self.secrets = SecretStore.for_config(config)  # secret settings: kept beside the log, never in it
         self.jobs: dict[str, asyncio.Task[None]] = {}  # job id -> task
         self.vm_jobs: dict[str, str] = {}  # vm name -> job id running in this process
         self.migrations: dict[str, str] = {}  # vm name -> destination of a migration this process is running
