@@ -25,6 +25,7 @@ from moldd.app.projector import Projector
 from moldd.app.secrets import SecretStore
 from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.names import check_safe_text
 from moldd.domain.states import Action, VMState, check
 from moldd.projection.model import VM
 
@@ -196,6 +197,8 @@ class App:
             key = args.get("name") or args.get("virtualmachineid")
         if key is None or (not isinstance(key, (str, int)) or isinstance(key, bool)):
             raise ValidationError(f"{field} is required: the VM name (or its numeric id)", field=field)
+        if isinstance(key, str):
+            check_safe_text(key, field)
         vms = self.model.vms
         vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
         if vm is None:

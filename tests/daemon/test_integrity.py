@@ -171,3 +171,55 @@ async def test_files_are_private_whatever_the_umask_and_a_readable_key_is_refuse
                 pass
     finally:
         os.umask(old)
+
+
+RLO = "\u202e"
+
+
+async def test_control_and_format_characters_are_refused_in_names_and_ids(make_config: Any) -> None:
+    from moldd.testing.harness import CommandFailed
+
+    config = make_config()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        before, _ = await d.store.async_head()
+        for args in (
+            {"displayname": f"web{RLO}gpj.exe"},
+            {"displayname": "a\x1b[2Jb"},
+            {"displayname": "zero\u200bwidth"},
+        ):
+            with pytest.raises(CommandFailed) as err:
+                await client.call("deployVirtualMachine", template="tiny", offering="small", startvm=False, **args)
+            assert err.value.status == 400 and err.value.field == "displayname" and "U+" in str(err.value)
+        with pytest.raises(CommandFailed) as err:
+            await client.call("listVirtualMachines", command_id=f"id{RLO}1")
+        assert err.value.status == 400 and err.value.field == "id"
+        with pytest.raises(CommandFailed) as err:
+            await client.call("stopVirtualMachine", id=f"vm{RLO}x")
+        assert err.value.status == 400 and err.value.field == "id"
+        assert (await d.store.async_head())[0] == before  # nothing written
+
+
+async def test_audit_output_escapes_what_an_older_moldd_let_into_the_log(
+    make_config: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A log written before names were checked (validation bypassed here, as an older moldd did) holds a
+    display name with U+202E: moldd-audit and moldctl print it escaped, never raw."""
+    import moldd.app.lifecycle as lifecycle
+    from moldd.cli.moldctl import _cell
+
+    monkeypatch.setattr(lifecycle, "validate_display_name", lambda v, field="displayname": v)
+    config = make_config()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        job = await client.job(
+            "deployVirtualMachine", template="tiny", offering="small", startvm=False, displayname=f"evil{RLO}txt.exe"
+        )
+    capsys.readouterr()
+    for argv in (["history", str(config.database), job["vm"]], ["state", str(config.database)]):
+        assert audit_main(argv) == 0
+        out = capsys.readouterr().out
+        assert RLO not in out and job["vm"] in out
+        assert argv[0] == "history" or "evil\\u202etxt.exe" in out
+    assert audit_main(["history", str(config.database), job["vm"], "--json"]) == 0
+    out = capsys.readouterr().out
+    assert RLO not in out and json.loads(out)["vm"] == job["vm"]
+    assert _cell(f"evil{RLO}") == "evil\\u202e"
