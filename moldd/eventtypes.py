@@ -58,6 +58,7 @@ _TYPES: dict[str, int] = {
     "vm.iso.detached": 1,
     "vm.iso.detach.failed": 1,
     "cluster.capacity_low": 1,
+    "vm.console.opened": 1,
     # VM snapshots (moldd/app/snapshots.py)
     "vmsnapshot.create.requested": 1,
     "vmsnapshot.created": 1,
@@ -72,6 +73,7 @@ _TYPES: dict[str, int] = {
     "vm.reconciled": 1,
     "vm.stale_copy_destroyed": 1,
     "vm.job.crashed": 1,
+    "vm.stale_definition_removed": 1,
     # HA decisions (moldd/ha), each with a cause
     "ha.restart.scheduled": 1,
     "ha.restart.started": 1,

@@ -48,6 +48,7 @@ TRANSIENT = frozenset(
 class PowerState(StrEnum):
     ON = "on"
     OFF = "off"
+    PAUSED = "paused"  # libvirt SUSPENDED: the guest exists but does not run
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:
@@ -174,6 +175,7 @@ def is_allowed(state: VMState, action: Action) -> bool:
 def check(state: VMState, action: Action) -> None:
     """Raise ``InvalidState`` (naming the state and the rule) unless ``action`` may run in ``state``."""
     allowed, rule = _ALLOWED[action]
+    state = VMState(state)  # a plain string (from JSON) is accepted too
     if state not in allowed:
         raise InvalidState(f"cannot {action}: the VM is {state.value} ({rule})", field="state")
 
