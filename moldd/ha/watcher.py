@@ -137,7 +137,7 @@ class HAManager:
         if not self.enabled:
             return
         t = ev.event_type
-        if t == "libvirt.domain_event" and ev.payload.get("event") == "STOPPED":
+        if (t == "libvirt.domain_event" and ev.payload.get("event") == "STOPPED") or t == "vm.migrate.failed":
             vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
             # The fold marks the VM Stopped (with a cause) only when moldd did not stop it itself.
             if vm is not None and vm.state == "Stopped" and vm.down_at and vm.position == ev.position:

@@ -667,6 +667,10 @@ class HostConnection:
             what=f"reboot {name}",
         )
 
+    async def async_reset(self, name: str) -> None:
+        """Reset the guest now, like the reset button (``virDomainReset``): no help from the guest needed."""
+        await self._call(lambda c, n: _lookup(c, n).reset(0), name, what=f"reset {name}")
+
     async def async_undefine(self, name: str) -> bool:
         """Remove the definition with its snapshot metadata and NVRAM; False if it was already gone.
 

@@ -441,6 +441,8 @@ def _destroyed(model: ReadModel, vm: VM, ev: EventLike) -> None:
 def _recovered(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.state = S.STOPPED
     vm.expunge_at = None
+    vm.host = ev.payload.get("host", vm.host)
+    vm.cluster = ev.payload.get("cluster", vm.cluster)
 
 
 @on_vm("vm.expunge.requested")

@@ -1,0 +1,163 @@
+"""Lifecycle and HA edges found by driving the daemon against independent libvirt hosts (issue 12), each on real
+libvirtd + QEMU: every event folded, crashes during migration seen, states after a restart from a snapshot,
+paused guests, failure reasons on the VM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import libvirt
+import pytest
+
+from moldd.domain.errors import MolddError, Unavailable
+from moldd.domain.states import Action, VMState, is_allowed
+from moldd.testing.harness import Client, running_daemon
+from tests.daemon.test_ha import deploy_ha, qemu_pid, running_copies, wait_event
+
+pytestmark = pytest.mark.libvirt
+
+
+def lv_domain(lab: Any, host: str, domain: str) -> tuple[libvirt.virConnect, libvirt.virDomain]:
+    conn = libvirt.open(next(h for h in lab.hosts if h.name == host).uri)
+    return conn, conn.lookupByName(domain)
+
+
+# -- 1: an event the fold had no handler for bricked the VM (409 "kept changing" for ever) ----------------------
+async def test_vm_left_down_by_ha_policy_still_takes_commands_also_after_a_restart(
+    make_config: Any, clean_lab: Any
+) -> None:
+    config = make_config()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, hapolicy="on-failure", details={"kernel_args": "halt_after=2"})
+        await wait_event(client, vm["name"], "ha.not_restarted", timeout=60)
+        view = await client.vm(vm["name"])
+        events = await client.events(vm["name"])
+        assert view["version"] == events[-1]["stream_version"]
+        assert view["state"] == "Stopped" and view["ha_status"] is None
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        start = await client.job("startVirtualMachine", id=vm["name"])
+        assert start["status"] == "succeeded", start
+        destroy = await client.job("destroyVirtualMachine", id=vm["name"], forced=True, expunge=True)
+        assert destroy["status"] == "succeeded", destroy
+        assert (await client.vm(vm["name"]))["state"] == "Expunged"
+
+
+# -- 2: the source QEMU dies during a live migration -----------------------------------------------------------
+async def test_source_crash_during_live_migration_stops_the_vm_and_ha_restarts_it(
+    client: Client, clean_lab: Any
+) -> None:
+    vm = await deploy_ha(client)
+    src, dst = vm["host"], next(h.name for h in clean_lab.hosts if h.name != vm["host"])
+    conn, dom = lv_domain(clean_lab, src, vm["internal_name"])
+    try:
+        dom.migrateSetMaxSpeed(1)  # 1 MiB/s: the migration lasts long enough to crash it half-way
+    finally:
+        conn.close()
+    pos = (await client.events(vm["name"]))[-1]["position"]
+    reply = await client.call("migrateVirtualMachine", id=vm["name"], host=dst)
+    await wait_event(client, vm["name"], "vm.migrate.progress", after=pos)
+    os.kill(qemu_pid(clean_lab, src, vm["internal_name"]), signal.SIGKILL)
+    job = await client.wait_job(reply["result"]["job"]["id"])
+    assert job["status"] == "failed", job
+    restarted = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos, timeout=60)
+    assert restarted["payload"]["cause"] == "crashed"
+    after = await client.wait_vm(vm["name"], state="Running", power_state="on")
+    assert running_copies(clean_lab, vm["internal_name"]) == [after["host"]]
+    kinds = [e["event_type"] for e in await client.events(vm["name"]) if e["position"] > pos]
+    assert kinds.index("ha.restart.scheduled") < kinds.index("ha.restart.succeeded")
+
+
+# -- 3 and 9: every verb against every state, on a daemon restarted from its snapshot ---------------------------
+VERBS: list[tuple[str, Action, dict[str, Any]]] = [
+    ("startVirtualMachine", Action.START, {}),
+    ("stopVirtualMachine", Action.STOP, {}),
+    ("rebootVirtualMachine", Action.REBOOT, {}),
+    ("destroyVirtualMachine", Action.DESTROY, {}),
+    ("recoverVirtualMachine", Action.RECOVER, {}),
+    ("expungeVirtualMachine", Action.EXPUNGE, {}),
+    ("updateVirtualMachine", Action.EDIT, {"displayname": "renamed"}),
+    ("updateVirtualMachineSettings", Action.SETTINGS, {"details": {"kernel_args": "quiet"}}),
+    ("changeServiceForVirtualMachine", Action.CHANGE_OFFERING, {"offering": "medium"}),
+    ("scaleVirtualMachine", Action.SCALE, {"offering": "medium"}),
+    ("resizeVolume", Action.RESIZE, {"size": 3}),
+    ("migrateVirtualMachine", Action.MIGRATE, {"host": "host1"}),
+    ("restoreVirtualMachine", Action.RESTORE, {}),
+    ("createVMSnapshot", Action.SNAPSHOT, {"name": "s"}),
+    ("attachIso", Action.ATTACH_ISO, {"iso": "installer"}),
+    ("detachIso", Action.DETACH_ISO, {}),
+    ("getVirtualMachineConsole", Action.CONSOLE, {}),
+]
+
+
+async def _sweep(client: Client, vms: dict[str, str]) -> dict[tuple[str, str], tuple[int, str]]:
+    """Every verb the state table refuses, on every VM: status and error code (a refusal writes nothing)."""
+    out = {}
+    for state, name in vms.items():
+        for verb, action, args in VERBS:
+            if is_allowed(VMState(state), action):
+                continue
+            status, reply = await client.raw(verb, {"id": name, **args})
+            out[(state, verb)] = (status, (reply.get("error") or {}).get("code", "ok"))
+    return out
+
+
+async def test_every_verb_against_every_state_after_a_restart_from_a_snapshot(
+    make_config: Any, clean_lab: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moldd.libvirt import storage
+
+    config = make_config()
+    hang = asyncio.Event()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        created = (await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False))["vm"]
+        running = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+        stopped = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+        await client.job("stopVirtualMachine", id=stopped, forced=True)
+        destroyed = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+        await client.job("destroyVirtualMachine", id=destroyed, forced=True)
+
+        async def refuse(*a: Any, **kw: Any) -> Any:
+            raise Unavailable("the storage refused (injected)", field="template")
+
+        monkeypatch.setattr(storage, "async_create_overlay", refuse)
+        failed = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+
+        async def never(*a: Any, **kw: Any) -> Any:
+            await hang.wait()
+            raise MolddError("unreachable")
+
+        monkeypatch.setattr(storage, "async_create_overlay", never)
+        interrupted = (await client.call("deployVirtualMachine", template="tiny", offering="small"))["result"]["vm"]
+        monkeypatch.undo()
+        vms = {"Created": created, "Running": running, "Stopped": stopped, "Destroyed": destroyed, "Error": failed}
+        assert {s: (await client.vm(n))["state"] for s, n in vms.items()} == {s: s for s in vms}
+        assert (await client.vm(failed))["error"] == "the storage refused (injected)"
+        fresh = await _sweep(client, vms)
+    assert all(status == 409 for status, _ in fresh.values()), fresh
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        assert d.projector.model.vms[running].state is VMState.RUNNING  # restored from the snapshot, an enum
+        restarted = await _sweep(client, vms)
+        assert restarted == fresh
+        # 9: a deploy cut short by the daemon's stop is Error, and the VM says why (not only its job)
+        lost = await client.wait_vm(interrupted["name"], state="Error")
+        assert lost["error"] and "interrupted" in lost["error"], lost
+        assert (await client.job("startVirtualMachine", id=stopped))["status"] == "succeeded"
+        assert (await client.job("stopVirtualMachine", id=running, forced=True))["status"] == "succeeded"
+
+
+# -- 10: a guest paused behind moldd's back ----------------------------------------------------------------------
+async def test_suspend_and_resume_behind_our_back_show_as_power_state(client: Client, clean_lab: Any) -> None:
+    name = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+    vm = await client.vm(name)
+    conn, dom = lv_domain(clean_lab, vm["host"], vm["internal_name"])
+    try:
+        dom.suspend()
+        paused = await client.wait_vm(name, power_state="paused")
+        assert paused["state"] == "Running"
+        dom.resume()
+        await client.wait_vm(name, power_state="on")
+    finally:
+        conn.close()
