@@ -313,8 +313,8 @@ async def reboot_vm(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
-# what libvirt reports when a guest honours an ACPI reboot: its shutdown, then (fake reboot) its reset and resume
-REBOOT_SIGNS = frozenset({"SHUTDOWN", "RESUMED", "STARTED", "STOPPED"})
+# what libvirt reports when a guest honours an ACPI reboot: its reset (libvirt's REBOOT event, from a fake reboot)
+REBOOT_SIGNS = frozenset({"REBOOTED", "SHUTDOWN", "STARTED", "STOPPED"})
 
 
 @contextlib.contextmanager

@@ -161,3 +161,96 @@ async def test_suspend_and_resume_behind_our_back_show_as_power_state(client: Cl
         await client.wait_vm(name, power_state="on")
     finally:
         conn.close()
+
+
+# -- 4 and 13: recover brings a VM back into the count ----------------------------------------------------------
+async def test_recover_checks_capacity_like_deploy(make_config: Any, clean_lab: Any) -> None:
+    async with running_daemon(make_config(max_vms=2)) as d, Client(d.config.socket) as client:
+        a = (await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False))["vm"]
+        await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+        await client.job("destroyVirtualMachine", id=a)
+        c = (await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False))["vm"]
+        status, reply = await client.raw("recoverVirtualMachine", {"id": a})
+        assert status == 409 and reply["error"]["code"] == "insufficient_capacity", reply
+        assert reply["error"]["field"] == "id"
+        assert (await client.vm(a))["state"] == "Destroyed"
+        cap = (await client.call("listClusters"))["result"]["cluster"][0]
+        assert cap["used"] == 2 and cap["headroom"] == 0, cap
+        # 13: a deploy that names no host is not refused "because of" field hostid
+        status, reply = await client.raw("deployVirtualMachine", {"template": "tiny", "offering": "small"})
+        assert status == 409 and reply["error"]["field"] is None, reply
+        await client.job("destroyVirtualMachine", id=c)
+        back = await client.call("recoverVirtualMachine", id=a)
+        assert back["result"]["vm"]["state"] == "Stopped"
+        assert (await client.job("startVirtualMachine", id=a))["status"] == "succeeded"
+
+
+# -- 5: forced reboot is a reset; an ignored ACPI reboot is not a success -------------------------------------------
+async def _console(client: Client, name: str) -> str:
+    from pathlib import Path
+
+    vm = await client.vm(name)
+    log = Path(vm["root_disk"]["path"]).parent / "console.log"
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+async def _wait_ready(client: Client, name: str, count: int, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await _console(client, name)).count("MOLDD-GUEST-READY") < count:
+        if loop.time() > deadline:
+            raise TimeoutError(f"{name}: fewer than {count} ready lines on the console")
+        await asyncio.sleep(0.2)
+
+
+async def test_forced_reboot_resets_a_guest_that_ignores_acpi(client: Client, clean_lab: Any) -> None:
+    deaf = (await client.job("deployVirtualMachine", template="tiny", offering="small",
+                             details={"kernel_args": "acpi=off"}))["vm"]  # fmt: skip
+    await _wait_ready(client, deaf, 1)
+    graceful = await client.job("rebootVirtualMachine", id=deaf)
+    assert graceful["status"] == "failed" and graceful["error"]["code"] == "guest_ignored_reboot", graceful
+    assert (await _console(client, deaf)).count("MOLDD-GUEST-READY") == 1  # it did not reboot
+    forced = await client.job("rebootVirtualMachine", id=deaf, forced=True)
+    assert forced["status"] == "succeeded", forced
+    await _wait_ready(client, deaf, 2)  # the guest booted again: a real reset
+    rebooted = (await client.events(deaf, "vm.rebooted"))[-1]["payload"]
+    assert rebooted["how"] == "reset"
+    assert (await client.vm(deaf))["state"] == "Running"
+
+
+async def test_graceful_reboot_of_a_guest_that_honours_acpi_succeeds(client: Client, clean_lab: Any) -> None:
+    name = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+    await _wait_ready(client, name, 1)
+    job = await client.job("rebootVirtualMachine", id=name)
+    assert job["status"] == "succeeded", job
+    await _wait_ready(client, name, 2)
+    rebooted = (await client.events(name, "vm.rebooted"))[-1]["payload"]
+    assert rebooted["how"] == "acpi"
+    await client.wait_vm(name, state="Running", power_state="on")
+
+
+# -- 6: destroying a Running VM stops it first --------------------------------------------------------------------
+def _states(events: list[dict[str, Any]]) -> list[str]:
+    return [e["event_type"] for e in events if e["event_type"] in ("vm.stopped", "vm.destroyed", "vm.expunged")]
+
+
+async def test_destroy_of_a_running_vm_stops_it_gracefully_first(client: Client, clean_lab: Any) -> None:
+    polite = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+    deaf = (await client.job("deployVirtualMachine", template="tiny", offering="small",
+                             details={"kernel_args": "acpi=off"}))["vm"]  # fmt: skip
+    hard = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+    for name in (polite, deaf, hard):
+        await _wait_ready(client, name, 1)
+    jobs = await asyncio.gather(
+        client.job("destroyVirtualMachine", id=polite),
+        client.job("destroyVirtualMachine", id=deaf),
+        client.job("destroyVirtualMachine", id=hard, forced=True, expunge=True),
+    )
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+    for name, how in ((polite, "graceful"), (deaf, "forced-after-timeout"), (hard, "forced")):
+        events = await client.events(name)
+        stopped = [e for e in events if e["event_type"] == "vm.stopped"]
+        assert stopped and stopped[-1]["payload"]["how"] == how, (name, stopped)
+        assert _states(events)[:2] == ["vm.stopped", "vm.destroyed"], name
+    assert "MOLDD-GUEST-ACPI-POWEROFF" in await _console(client, polite)
+    assert (await client.vm(hard))["state"] == "Expunged"
