@@ -85,6 +85,7 @@ _TYPES: dict[str, int] = {
     "ha.waiting": 1,
     "ha.evacuation": 1,
     "ha.watcher_restarted": 1,
+    "ha.fence_lied": 1,
     # hosts, groups, libvirt facts
     "host.registered": 1,
     "host.link": 1,

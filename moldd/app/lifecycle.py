@@ -21,7 +21,7 @@ from moldd.app.placement import place_existing, place_new_vm, place_returning_vm
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
-from moldd.domain.ha import parse_policy
+from moldd.domain.ha import blame_elsewhere, parse_policy
 from moldd.domain.names import (
     generate_vm_name,
     internal_name,
@@ -186,8 +186,10 @@ async def async_run_deploy(app: App, name: str, cmd: Command, start: bool) -> No
 async def async_start_on(
     app: App, name: str, host: str, *, cmd: Command | None = None, job: str | None = None, actor: Actor | None = None,
     ok_type: str = "vm.started", fail_type: str = "vm.start.failed", extra: dict[str, Any] | None = None,
+    blame: dict[str, Any] | None = None,
 ) -> bool:  # fmt: skip
-    """Define (so offering and settings changes apply) and start the domain on ``host``; record the outcome."""
+    """Define (so offering and settings changes apply) and start the domain on ``host``; record the outcome.
+    On failure ``blame`` (if given) gets ``counts`` (False: not the VM's own failure) and the reason."""
     vm = app.model.vms[name]
     try:
         conn = app.hosts.conn(host)
@@ -195,8 +197,13 @@ async def async_start_on(
         if await conn.async_domain_state(vm.internal_name) not in ("running", "paused", "blocked"):
             await conn.async_create(vm.internal_name)
     except MolddError as exc:
+        elsewhere = blame_elsewhere(exc.message)
+        found = {"counts": elsewhere is None} | ({"not_the_vms_fault": elsewhere} if elsewhere else {})
+        if blame is not None:
+            blame.update(found)
         await app.async_record(
-            name, fail_type, {"host": host, "error": err(exc), "job_status": "failed", **(extra or {})},
+            name, fail_type,
+            {"host": host, "error": err(exc), "job_status": "failed", **found, **(extra or {})},
             cmd=cmd, job=job, actor=actor,
         )  # fmt: skip
         return False

@@ -366,7 +366,8 @@ def _failed_back(model: ReadModel, vm: VM, ev: EventLike) -> None:
 @on_vm("ha.restart.failed")
 def _ha_restart_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
-    vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
+    if ev.payload.get("counts", True):  # only the VM's own failures use up its restart budget
+        vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
     vm.ha_status = "pending"
 
 
@@ -390,6 +391,12 @@ def _ha_not_restarted(model: ReadModel, vm: VM, ev: EventLike) -> None:
 @on_vm("ha.waiting")
 def _ha_waiting(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.ha_status = "pending"  # waiting for room or for its old host to be fenced: a host coming Up wakes it
+
+
+@on_vm("ha.fence_lied")
+def _ha_fence_lied(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = "pending"  # nothing was started; it waits for its host to answer (or an operator)
+    vm.error = ev.payload.get("reason")
 
 
 @on_vm("vm.job.crashed")

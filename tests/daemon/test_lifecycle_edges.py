@@ -254,3 +254,34 @@ async def test_destroy_of_a_running_vm_stops_it_gracefully_first(client: Client,
         assert _states(events)[:2] == ["vm.stopped", "vm.destroyed"], name
     assert "MOLDD-GUEST-ACPI-POWEROFF" in await _console(client, polite)
     assert (await client.vm(hard))["state"] == "Expunged"
+
+
+# -- 7: only the VM's own failures use up its restart budget -------------------------------------------------------
+async def test_restart_failing_on_a_locked_disk_does_not_use_up_the_budget(make_config: Any, clean_lab: Any) -> None:
+    import subprocess
+
+    config = make_config(ha={"max_restarts": 2, "backoff_base_s": 3.0, "backoff_cap_s": 4.0, "window_s": 300})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client)
+        pos = (await client.events(vm["name"]))[-1]["position"]
+        os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+        first = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos)  # restart 1 of 2
+        os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
+        await wait_event(client, vm["name"], "ha.restart.scheduled", after=first["position"])  # 3 s back-off
+        # meanwhile another process takes the disk's write lock (what a live copy, or the lab, would do)
+        holder = await asyncio.create_subprocess_exec(
+            "qemu-io", "-f", "qcow2", vm["root_disk"]["path"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            failed = await wait_event(client, vm["name"], "ha.restart.failed", after=first["position"], timeout=30)
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            await asyncio.wait_for(holder.wait(), 10)
+        assert failed["payload"]["counts"] is False and "locked" in failed["payload"]["not_the_vms_fault"]
+        done = await wait_event(client, vm["name"], "ha.restart.succeeded", after=failed["position"], timeout=30)
+        assert done["payload"]["attempt"] == 2
+        kinds = [e["event_type"] for e in await client.events(vm["name"])]
+        assert "ha.gave_up" not in kinds
+        assert (await client.wait_vm(vm["name"], state="Running"))["error"] is None
