@@ -166,7 +166,14 @@ async def test_frozen_host_is_fenced_and_no_double_start_after_it_returns(client
     await client.wait_host(  # it comes back
         "host0", timeout=30, health="Up", link="connected"
     )
-    await asyncio.sleep(1.0)
+    # the shut-off definition HA left behind on host0 is undefined by the resync, as a recorded fact
+    removed = await wait_event(client, vm["name"], "vm.stale_definition_removed", timeout=30)
+    assert removed["payload"]["host"] == "host0" and removed["payload"]["current_host"] == "host1"
+    conn = libvirt.open(clean_lab.hosts[0].uri)
+    try:
+        assert vm["internal_name"] not in [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
     assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
     assert (await client.vm(vm["name"]))["host"] == "host1"
 
