@@ -389,10 +389,12 @@ async def destroy_vm(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     expunge = a.boolean("expunge", False)
     forced = a.boolean("forced", False)
+    # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
     vm, res = await app.async_accept(
         cmd, vm, Action.DESTROY, "vm.destroy.requested",
-        lambda v: {"expunge": expunge, "forced": forced, "host": v.host},
+        lambda v: {"expunge": expunge or v.state == VMState.ERROR, "forced": forced, "host": v.host},
     )  # fmt: skip
+    expunge = expunge or vm.state == VMState.ERROR
     app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd, forced=forced))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -468,6 +470,17 @@ async def expunge_vm(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
+async def _async_retry_expunge(app: App, name: str) -> None:
+    async with app.locks[name]:
+        current = app.model.vms[name]
+        if current.state != "Expunging" or current.job:
+            return
+        job = f"expunge-{name}-{current.version}"
+        await app.async_record(current, "vm.expunge.requested", {"reason": "retry of a failed expunge"}, job=job,
+                               actor=SYSTEM)  # fmt: skip
+    app.spawn_job(job, name, async_expunge_now(app, name, job=job))
+
+
 async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
     """Expunge Destroyed VMs whose delay has passed (CloudStack's expunge sweeper). Each expunge is re-checked
     under the VM's lock and runs as a job of its own, so resync and other commands see the VM as busy."""
@@ -475,6 +488,9 @@ async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
         try:
             now = datetime.now(UTC).isoformat()
             for vm in list(app.model.vms.values()):
+                if vm.state == "Expunging" and not vm.job and not app.busy(vm.name):
+                    await _async_retry_expunge(app, vm.name)  # a failed expunge stays Expunging: retried here
+                    continue
                 if vm.state != "Destroyed" or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
                     continue
                 async with app.locks[vm.name]:

@@ -358,9 +358,16 @@ def _started(model: ReadModel, vm: VM, ev: EventLike) -> None:
         vm.ha_status = None
 
 
-@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed", "vm.expunge.failed")
+@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed")
 def _failed_back(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
+
+
+@on_vm("vm.expunge.failed")
+def _expunge_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    # CloudStack: a failed expunge stays Expunging, and the expunge sweeper tries it again
+    vm.state = S.EXPUNGING
+    vm.error = (ev.payload.get("error") or {}).get("message")
 
 
 @on_vm("ha.restart.failed")

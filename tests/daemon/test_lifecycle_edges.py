@@ -285,3 +285,50 @@ async def test_restart_failing_on_a_locked_disk_does_not_use_up_the_budget(make_
         kinds = [e["event_type"] for e in await client.events(vm["name"])]
         assert "ha.gave_up" not in kinds
         assert (await client.wait_vm(vm["name"], state="Running"))["error"] is None
+
+
+# -- 11: CloudStack's edges -----------------------------------------------------------------------------------------
+async def test_cloudstack_edges_stop_stopped_destroy_error_and_expunge_retry(
+    make_config: Any, clean_lab: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moldd.libvirt import storage
+    from moldd.libvirt.host import HostConnection
+
+    config = make_config(daemon={"expunge_sweep_s": 0.2})
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        # stopping a Stopped VM is a no-op success
+        name = (await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False))["vm"]
+        again = await client.job("stopVirtualMachine", id=name)
+        assert again["status"] == "succeeded", again
+        assert (await client.events(name, "vm.stopped"))[-1]["payload"]["how"] == "already-off"
+        assert (await client.vm(name))["state"] == "Stopped"
+
+        # destroying an Error VM expunges it (CloudStack: Error + DestroyRequested -> Expunging)
+        async def refuse(*a: Any, **kw: Any) -> Any:
+            raise Unavailable("the storage refused (injected)", field="template")
+
+        monkeypatch.setattr(storage, "async_create_overlay", refuse)
+        broken = (await client.job("deployVirtualMachine", template="tiny", offering="small"))["vm"]
+        monkeypatch.undo()
+        assert (await client.vm(broken))["state"] == "Error"
+        assert (await client.job("destroyVirtualMachine", id=broken))["status"] == "succeeded"
+        assert (await client.vm(broken))["state"] == "Expunged"
+
+        # a failed expunge stays Expunging, and the sweeper tries it again
+        real_undefine = HostConnection.async_undefine
+        fails = {"n": 0}
+
+        async def undefine_once_broken(self: Any, domain: str) -> bool:
+            if fails["n"] == 0:
+                fails["n"] += 1
+                raise Unavailable("the host refused the undefine (injected)", field="host")
+            return await real_undefine(self, domain)
+
+        monkeypatch.setattr(HostConnection, "async_undefine", undefine_once_broken)
+        await client.job("destroyVirtualMachine", id=name)
+        failed = await client.job("expungeVirtualMachine", id=name)
+        assert failed["status"] == "failed" and failed["state"] == "Expunging", failed  # not back to Destroyed
+        await client.wait_vm(name, state="Expunged")
+        kinds = [e["event_type"] for e in await client.events(name)]
+        after = kinds[kinds.index("vm.expunge.failed"):]
+        assert after.count("vm.expunge.requested") == 1 and after[-1] == "vm.expunged", after
