@@ -95,10 +95,19 @@ async def list_clusters(app: App, cmd: Command) -> CommandReply:
 
 @verb("listEvents")
 async def list_events(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"vm", "stream", "from", "limit", "type"}, {"id": "vm", "startid": "from"})
+    a = Args(cmd.args, {"vm", "stream", "from", "limit", "type", "newest"}, {"id": "vm", "startid": "from"})
     limit = a.integer("limit", 100, min=1, max=10000)
     start = a.integer("from", 1, min=1)
     event_type = a.text("type", None)
+    newest = a.boolean("newest", False)  # the last ``limit`` entries (oldest first), and how many came before
+    if newest and "from" in a:
+        raise ValidationError("give either from (a start position) or newest, not both", field="newest")
+    if newest and not ("vm" in a or "stream" in a or event_type is not None):
+        head, _ = await app.store.async_head()
+        start = max(1, head - limit + 1)
+        events = await app.store.async_read(from_position=start, limit=limit)
+        more = {"older": start - 1, "from": 1} if start > 1 else {}
+        return _reply(app, {"count": len(events), "event": [event_view(e) for e in events], "more": more})
     if "vm" in a:
         vm = app.get_vm({"id": a.raw("vm")}, "id", expunged=True)
         events = await app.store.async_read_stream(f"vm-{vm.name}")
@@ -112,8 +121,15 @@ async def list_events(app: App, cmd: Command) -> CommandReply:
         events = [
             e for e in events if e.event_type == event_type or e.event_type.startswith(event_type + ".")
         ]
-    events = events[:limit]
-    return _reply(app, {"count": len(events), "event": [event_view(e) for e in events]})
+    total = len(events)
+    if newest:
+        first = events[0].position if events else start
+        events = events[-limit:]
+        more = {"older": total - len(events), "from": first} if total > len(events) else {}
+    else:
+        events = events[:limit]
+        more = {"newer": total - len(events), "next": events[-1].position + 1} if total > len(events) else {}
+    return _reply(app, {"count": len(events), "event": [event_view(e) for e in events], "more": more})
 
 
 @verb("queryAsyncJobResult")

@@ -681,6 +681,16 @@ class HostConnection:
             what=f"reboot {name}",
         )
 
+    async def async_set_description(self, name: str, text: str) -> None:
+        """Set the domain's <description> in its definition and, if it runs, live."""
+
+        def run(c: libvirt.virConnect, n: str) -> None:
+            dom = _lookup(c, n)
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, text, None, None, flags)
+
+        await self._call(run, name, what=f"set description of {name}")
+
     async def async_reset(self, name: str) -> None:
         """Reset the guest now, like the reset button (``virDomainReset``): no help from the guest needed."""
         await self._call(lambda c, n: _lookup(c, n).reset(0), name, what=f"reset {name}")

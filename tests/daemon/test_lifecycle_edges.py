@@ -332,3 +332,28 @@ async def test_cloudstack_edges_stop_stopped_destroy_error_and_expunge_retry(
         kinds = [e["event_type"] for e in await client.events(name)]
         after = kinds[kinds.index("vm.expunge.failed"):]
         assert after.count("vm.expunge.requested") == 1 and after[-1] == "vm.expunged", after
+
+
+# -- 12: moldctl events shows the newest entries and says what it left out; vm deploy --details ----------------------
+async def test_moldctl_events_newest_first_with_a_more_line_and_deploy_details(daemon: Any, client: Client) -> None:
+    from tests.daemon.test_daemon_spine import moldctl
+
+    sock = daemon.config.socket
+    code, out, err = await moldctl(sock, "vm", "deploy", "--template", "tiny", "--offering", "small", "--no-start",
+                                   "--details", "kernel_args=quiet loglevel=1", "--details", "cpu_model=qemu64")  # fmt: skip
+    assert code == 0, err
+    name = (await client.call("listVirtualMachines", listall=True))["result"]["virtualmachine"][0]["name"]
+    assert (await client.vm(name))["details"] == {"kernel_args": "quiet loglevel=1", "cpu_model": "qemu64"}
+    code, out, err = await moldctl(sock, "vm", "deploy", "--template", "tiny", "--offering", "small",
+                                   "--details", "no-equals-sign")  # fmt: skip
+    assert code != 0 and "--details takes key=value" in err
+    events = await client.events_of_stream(f"vm-{name}")
+    code, out, err = await moldctl(sock, "events", "--limit", "2")
+    assert code == 0, err
+    head = (await client.call("listEvents", newest=True, limit=1))["result"]["event"][0]["position"]
+    assert str(head) in out and "older entries not shown (--from 1" in out
+    assert "changed" in out.splitlines()[0]
+    code, out, err = await moldctl(sock, "events", "--vm", name, "--limit", "1")
+    assert code == 0 and f"{len(events) - 1} older entries not shown" in out, out
+    code, out, err = await moldctl(sock, "events", "--vm", name, "--from", "1", "--limit", "1")
+    assert code == 0 and "newer entries not shown" in out, out
