@@ -390,11 +390,14 @@ async def destroy_vm(app: App, cmd: Command) -> CommandReply:
     expunge = a.boolean("expunge", False)
     forced = a.boolean("forced", False)
     # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
-    vm, res = await app.async_accept(
-        cmd, vm, Action.DESTROY, "vm.destroy.requested",
-        lambda v: {"expunge": expunge or v.state == VMState.ERROR, "forced": forced, "host": v.host},
-    )  # fmt: skip
-    expunge = expunge or vm.state == VMState.ERROR
+    decided: dict[str, Any] = {}
+
+    def payload(v: VM) -> dict[str, Any]:
+        decided["expunge"] = expunge or v.state == VMState.ERROR  # decided on the state as checked
+        return {"expunge": decided["expunge"], "forced": forced, "host": v.host}
+
+    vm, res = await app.async_accept(cmd, vm, Action.DESTROY, "vm.destroy.requested", payload)
+    expunge = decided["expunge"]
     app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd, forced=forced))
     return app.job_reply(cmd.id, vm, res.last_position)
 
