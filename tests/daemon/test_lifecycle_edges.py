@@ -326,8 +326,8 @@ async def test_cloudstack_edges_stop_stopped_destroy_error_and_expunge_retry(
                 raise Unavailable("the host refused the undefine (injected)", field="host")
             return await real_undefine(self, domain)
 
+        assert (await client.job("destroyVirtualMachine", id=name))["status"] == "succeeded"
         monkeypatch.setattr(HostConnection, "async_undefine", undefine_once_broken)
-        await client.job("destroyVirtualMachine", id=name)
         failed = await client.job("expungeVirtualMachine", id=name)
         assert failed["status"] == "failed" and failed["state"] == "Expunging", failed  # not back to Destroyed
         await client.wait_vm(name, state="Expunged")
