@@ -43,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moldd.lab import Lab, build_guest
+from moldd.logging import configure_logging
 from moldd.testing.harness import Client, running_daemon, write_config
 
 CACHE = Path(os.environ.get("MOLDD_LAB_CACHE", Path(__file__).resolve().parent.parent / ".lab" / "cache"))
@@ -186,6 +187,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
+    configure_logging("warning")  # the daemon's own log: warnings (HA decisions) only
     load_before = os.getloadavg()
     figures = asyncio.run(bench(parser.parse_args()))
     load_after = os.getloadavg()
