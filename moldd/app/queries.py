@@ -142,6 +142,10 @@ async def list_events(app: App, cmd: Command) -> CommandReply:
     else:
         events = events[:limit]
         more = {"newer": total - len(events), "next": events[-1].position + 1} if total > len(events) else {}
+        if not more and event_type is None and not ("vm" in a or "stream" in a) and len(events) == limit:
+            head, _ = await app.store.async_head()  # the whole log was read with a limit: say what follows
+            if head > events[-1].position:
+                more = {"newer": head - events[-1].position, "next": events[-1].position + 1}
     return _reply(app, {"count": len(events), "event": [event_view(e) for e in events], "more": more})
 
 
