@@ -81,7 +81,7 @@ async def poll(check: Callable[[], Any], timeout: float, what: str, every: float
 
 
 async def measure(
-    lab: Lab, client: Client, name: str, fault: Callable[[dict[str, Any]], Awaitable[float]], timeout: float = 120
+    lab: Lab, client: Client, name: str, fault: Callable[[dict[str, Any]], Awaitable[float]], timeout: float = 600
 ) -> tuple[float, float, str]:
     """Run one fault; returns (to new QEMU, to guest ready, host it came back on)."""
     vm = await client.wait_vm(name, timeout=60, state="Running", power_state="on")
