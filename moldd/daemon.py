@@ -242,13 +242,21 @@ async def async_main(config: Config) -> int:
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await daemon.async_start()
         await stop.wait()
+        log.info("daemon_stopping", signal=received[0] if received else None)
     finally:
         await daemon.async_stop()
+    log.info("daemon_stopped", signal=received[0] if received else None)
     return 0
 
 

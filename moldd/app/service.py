@@ -32,6 +32,7 @@ from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.names import check_safe_text
 from moldd.domain.states import Action, VMState, check
+from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
 
 log = structlog.get_logger("moldd.app")
@@ -116,7 +117,10 @@ def verb(name: str) -> Callable[[Handler], Handler]:
 
 
 def event_view(ev: StoredEvent) -> dict[str, Any]:
+    cloudstack = cloudstack_event(ev.event_type)
     return {
+        "cloudstack_type": cloudstack[0] if cloudstack else None,  # VM.START, VM.CREATE, ... (CloudStack's names)
+        "cloudstack_state": cloudstack[1] if cloudstack else None,  # Scheduled / Started / Completed / Error
         "position": ev.position,
         "stream_id": ev.stream_id,
         "stream_version": ev.stream_version,

@@ -125,6 +125,13 @@ class ReadModel:
         handler = _HANDLERS.get(ev.event_type)
         if handler is not None:
             handler(self, ev)
+        if ev.stream_id.startswith("vm-"):
+            # Every event of a VM's stream moves the VM's version, whether or not a handler changed anything:
+            # the version is what a command's optimistic check compares with the stream (a type the fold does
+            # not act on must not leave the VM behind its stream, refusing every command with "kept changing").
+            vm = self.vms.get(ev.stream_id[3:])
+            if vm is not None and vm.version < ev.stream_version:
+                _vm(self, ev)
         self._track_job(ev)
 
     def _track_job(self, ev: EventLike) -> None:
@@ -165,6 +172,20 @@ class ReadModel:
 
 Handler = Callable[[ReadModel, EventLike], None]
 _HANDLERS: dict[str, Handler] = {}
+
+STATE_NEUTRAL = frozenset(
+    {
+        "cluster.capacity_low",  # a warning on the cluster's stream
+        "vm.stale_copy_destroyed",  # a copy on a host that is not the VM's: the VM itself does not change
+        "vm.stale_definition_removed",  # a shut-off definition left on a previous host was undefined
+        "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
+        "ha.watcher_restarted",  # on the daemon's stream
+        "vm.console.opened",  # who opened a VM's console: for the audit trail
+    }
+)
+"""Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is
+listed here (``tests/projection/test_registry.py``); either way an event on a VM's stream advances the VM's
+version (``ReadModel.apply``)."""
 
 
 def on(*types: str) -> Callable[[Handler], Handler]:
@@ -337,15 +358,23 @@ def _started(model: ReadModel, vm: VM, ev: EventLike) -> None:
         vm.ha_status = None
 
 
-@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed", "vm.expunge.failed")
+@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed")
 def _failed_back(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
+
+
+@on_vm("vm.expunge.failed")
+def _expunge_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    # CloudStack: a failed expunge stays Expunging, and the expunge sweeper tries it again
+    vm.state = S.EXPUNGING
+    vm.error = (ev.payload.get("error") or {}).get("message")
 
 
 @on_vm("ha.restart.failed")
 def _ha_restart_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
-    vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
+    if ev.payload.get("counts", True):  # only the VM's own failures use up its restart budget
+        vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
     vm.ha_status = "pending"
 
 
@@ -359,6 +388,27 @@ def _ha_gave_up(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.state = S.ERROR
     vm.ha_status = "failed"
     vm.error = ev.payload.get("reason")
+
+
+@on_vm("ha.not_restarted")
+def _ha_not_restarted(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = None  # HA decided to leave it down (its policy): nothing is pending
+
+
+@on_vm("ha.waiting")
+def _ha_waiting(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = "pending"  # waiting for room or for its old host to be fenced: a host coming Up wakes it
+
+
+@on_vm("ha.fence_lied")
+def _ha_fence_lied(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = "pending"  # nothing was started; it waits for its host to answer (or an operator)
+    vm.error = ev.payload.get("reason")
+
+
+@on_vm("vm.job.crashed")
+def _job_crashed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.error = (ev.payload.get("error") or {}).get("message") or vm.error
 
 
 @on_vm("ha.cancelled")
@@ -405,6 +455,8 @@ def _destroyed(model: ReadModel, vm: VM, ev: EventLike) -> None:
 def _recovered(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.state = S.STOPPED
     vm.expunge_at = None
+    vm.host = ev.payload.get("host", vm.host)
+    vm.cluster = ev.payload.get("cluster", vm.cluster)
 
 
 @on_vm("vm.expunge.requested")
@@ -430,10 +482,12 @@ def _reconciled(model: ReadModel, ev: EventLike) -> None:
     if vm is None:
         return
     p = ev.payload
-    vm.state = p["state"]
+    vm.state = S(p["state"])
     vm.power_state = p.get("power_state", vm.power_state)
     vm.host = p.get("host", vm.host)
     vm.prior_state = None
+    if vm.state == S.ERROR:  # the VM's view carries the reason of its last failure, not only the job
+        vm.error = (p.get("error") or {}).get("message") or p.get("reason") or vm.error
     if vm.state == S.RUNNING:
         vm.ha_status = None
         vm.error = None
@@ -461,14 +515,27 @@ def _domain_event(model: ReadModel, ev: EventLike) -> None:
     p = ev.payload
     vm.last_domain_event = {k: p.get(k) for k in ("host", "event", "detail")} | {"at": _iso(ev)}
     event, detail, host = p.get("event"), p.get("detail"), p.get("host")
-    if vm.state in (S.MIGRATING,) or detail in ("MIGRATED", "FROM_SNAPSHOT"):
+    if detail in ("MIGRATED", "FROM_SNAPSHOT"):
         return  # migration and snapshot-revert events are accounted for by the migrate / revert command
+    if vm.state == S.MIGRATING:
+        # Only a power-off of the source copy counts here (CloudStack: Migrating + PowerOff -> Stopped): its
+        # QEMU died, the migration cannot succeed, and HA must see the VM down. The rest belongs to the job.
+        if event == "STOPPED" and host == vm.host:
+            vm.state = S.STOPPED
+            vm.power_state = "off"
+            vm.prior_state = None
+            vm.stop_cause = str(down_cause(event, detail or ""))
+            vm.down_at = _iso(ev)
+        return
     if event in ("STARTED", "RESUMED"):
         if host == vm.host or vm.host is None:
             vm.power_state = "on"
             if vm.state in (S.STOPPED, S.CREATED, S.UNKNOWN):
                 vm.state = S.RUNNING  # started behind moldd's back: the hypervisor is the truth for power
                 vm.stop_cause = None
+    elif event == "SUSPENDED":
+        if host == vm.host and vm.power_state != "off":
+            vm.power_state = "paused"  # paused behind moldd's back (virsh suspend, I/O error, ...): drift shows
     elif event == "STOPPED":
         if host != vm.host:
             return  # a stale copy elsewhere stopped: not this VM's current incarnation
@@ -531,8 +598,15 @@ def _migrate_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
     vm.host = ev.payload.get("host", vm.host)
     if ev.payload.get("state"):  # what libvirt showed on the source after the failure
-        vm.state = ev.payload["state"]
+        vm.state = S(ev.payload["state"])
         vm.power_state = "on" if vm.state == S.RUNNING else "off"
+    elif ev.payload.get("domain_state") in ("shutoff", "crashed"):
+        # the source QEMU died during the migration and its power-off event was not seen (CloudStack:
+        # Migrating + PowerOff -> Stopped); HA acts on it as on any crash
+        vm.state = S.STOPPED
+        vm.power_state = "off"
+        vm.stop_cause = "crashed"
+        vm.down_at = _iso(ev)
 
 
 @on_vm("vm.restored")
@@ -586,7 +660,7 @@ def _snap_reverted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if p["id"] in vm.snapshots:
         vm.snapshots[p["id"]]["state"] = "Ready"
     vm.current_snapshot = p["id"]
-    vm.state = p["state"]
+    vm.state = S(p["state"])
     vm.power_state = "on" if p["state"] == S.RUNNING else "off"
     vm.prior_state = None
     if p["state"] == S.RUNNING:
