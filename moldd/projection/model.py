@@ -61,8 +61,9 @@ class _Viewed:
     _FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        self.__dict__["_view"] = None
+        d = self.__dict__  # plain dataclass fields: no descriptors, so this is object.__setattr__, cheaper
+        d[name] = value
+        d["_view"] = None
 
     def view(self) -> View:
         view: View | None = self.__dict__.get("_view")
