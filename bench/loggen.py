@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
-from events.sqlite import INSERT_COMMAND, INSERT_EVENT, migrate
+from events.sqlite import INSERT_EVENT, migrate
 
 GROUPS = ("web", "db", "batch")
 USER = "uid=1000(ops) gid=1000 pid=4242"
@@ -40,7 +40,6 @@ class _Log:
         self.versions: dict[str, int] = {}
         self.now = start_us
         self.rows: list[tuple[Any, ...]] = []
-        self.commands: list[tuple[Any, ...]] = []
 
     def add(
         self,
@@ -63,17 +62,13 @@ class _Log:
             (self.position, stream, v, event_type, 1, self.now, actor, command_id, causation, correlation, data,
              self.prev, h)
         )  # fmt: skip
-        if command_id is not None:
-            self.commands.append((command_id, stream, self.position, self.position, v))
         self.prev = h
         if len(self.rows) >= 50_000:
             self.flush()
 
     def flush(self) -> None:
-        self.conn.executemany(INSERT_EVENT, self.rows)
-        self.conn.executemany(INSERT_COMMAND, self.commands)
+        self.conn.executemany(INSERT_EVENT, self.rows)  # command ids are in the rows (the store's lookup)
         self.rows.clear()
-        self.commands.clear()
 
 
 def _cmd(rng: random.Random) -> str:

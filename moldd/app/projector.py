@@ -6,18 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from events import StoredEvent
+from events.canonical import canonical_text
 from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.projector")
 SNAPSHOT_NAME = "moldd.readmodel"
 
 Listener = Callable[[StoredEvent, ReadModel], None]
+T = TypeVar("T")
+
+
+SNAPSHOT_CPU_SHARE = 0.1
+"""Background snapshots may use at most this share of the time: after a snapshot that took T seconds the next
+waits at least T / SNAPSHOT_CPU_SHARE (a big model is snapshotted less often than every snapshot_every events)."""
+STOP_SNAPSHOT_TIMEOUT_S = 5.0
+"""async_stop waits at most this long for its final snapshot (the tail since the last one is replayed next start)."""
 
 
 class Projector:
@@ -29,6 +40,9 @@ class Projector:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._next_snapshot_at = 0.0  # time.monotonic() before which no background snapshot starts
+        self.snapshot_position = 0  # position of the newest snapshot this projector wrote
         self.failed: BaseException | None = None
 
     async def async_restore(self) -> None:
@@ -38,6 +52,7 @@ class Projector:
             head = await self.store.async_read(from_position=snap.position, to_position=snap.position)
             if head and head[0].hash == snap.head_hash:
                 self.model = ReadModel.from_dict(snap.state)
+                self.snapshot_position = snap.position
             else:
                 log.warning(
                     "snapshot_ignored", reason="head hash differs from the log", position=snap.position
@@ -53,13 +68,19 @@ class Projector:
     def start(self) -> None:
         self._task = asyncio.create_task(self._async_follow(), name="projector")
 
-    async def async_stop(self) -> None:
+    async def async_stop(self, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
+        """Stop following; write a final snapshot if it takes at most ``snapshot_timeout`` seconds (a stop is
+        never held up longer: without it the next start replays the tail since the previous snapshot)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(Exception):
-            await self.async_snapshot()
+        try:
+            await asyncio.wait_for(self.async_snapshot(), snapshot_timeout)
+        except TimeoutError:
+            log.warning("snapshot_skipped_at_stop", timeout_s=snapshot_timeout, position=self.model.position)
+        except Exception:
+            log.exception("snapshot_failed", position=self.model.position)
 
     @property
     def running(self) -> bool:
@@ -79,8 +100,7 @@ class Projector:
                 self._wake()
                 self._since_snapshot += 1
                 if self._since_snapshot >= self.snapshot_every:
-                    self._since_snapshot = 0
-                    await self.async_snapshot()
+                    self._start_background_snapshot()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -110,6 +130,96 @@ class Projector:
         self._waiters.append((position, fut))
         await asyncio.wait_for(fut, timeout)
 
+    def _start_background_snapshot(self) -> None:
+        """A snapshot in its own task: the fold goes on while it is encoded and written; one at a time."""
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        if time.monotonic() < self._next_snapshot_at:
+            return
+        self._since_snapshot = 0
+        self._snapshot_task = asyncio.create_task(self._async_background_snapshot(), name="projector-snapshot")
+
+    async def _async_background_snapshot(self) -> None:
+        t0 = time.monotonic()
+        try:
+            await self._async_write_snapshot()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a failed snapshot costs only start-up time: the log is the truth
+            log.exception("snapshot_failed", position=self.model.position)
+        took = time.monotonic() - t0
+        self._next_snapshot_at = time.monotonic() + took / SNAPSHOT_CPU_SHARE
+
     async def async_snapshot(self) -> None:
-        if self.model.position > 0:
-            await self.store.async_save_snapshot(SNAPSHOT_NAME, self.model.position, self.model.to_dict())
+        """Write a snapshot of the model as it is now (after any background snapshot still running)."""
+        running = self._snapshot_task
+        if running is not None and not running.done():
+            await asyncio.shield(running)
+        if self.model.position > self.snapshot_position:
+            await self._async_write_snapshot()
+
+    async def _async_write_snapshot(self) -> None:
+        """Capture the model's views on the loop (no fold between: a consistent state), encode them to the
+        snapshot's canonical JSON on a daemon thread, one object at a time (the GIL goes back to the loop between
+        objects), then store the bytes."""
+        model = self.model
+        position = model.position
+        if position <= 0:
+            return
+        parts = model.snapshot_parts()
+        data = await _async_in_daemon_thread(lambda: encode_snapshot(parts))
+        await self.store.async_save_snapshot_data(SNAPSHOT_NAME, position, data)
+        self.snapshot_position = max(self.snapshot_position, position)
+
+
+def encode_snapshot(parts: dict[str, Any]) -> bytes:
+    """``canonical_json(parts)`` where ``parts`` maps keys to scalars or to dicts of read-only views, built one
+    view at a time: the same bytes (canonical JSON is sorted keys at every level, so it composes)."""
+    out: list[str] = ["{"]
+    for i, key in enumerate(sorted(parts)):
+        if i:
+            out.append(",")
+        out.append(canonical_text(key))
+        out.append(":")
+        value = parts[key]
+        if type(value) is dict:
+            out.append("{")
+            for j, name in enumerate(sorted(value)):
+                if j:
+                    out.append(",")
+                out.append(canonical_text(name))
+                out.append(":")
+                out.append(canonical_text(value[name]))
+            out.append("}")
+        else:
+            out.append(canonical_text(value))
+    out.append("}")
+    return "".join(out).encode("utf-8")
+
+
+async def _async_in_daemon_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a daemon thread: unlike the default executor, a thread still running when the loop ends does
+    not hold up the process's exit (a stop that gave up waiting for a snapshot exits at once)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="moldd-snapshot", daemon=True).start()
+    return await fut

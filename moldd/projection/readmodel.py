@@ -91,6 +91,18 @@ class ReadModel:
             "next_vm_id": self.next_vm_id,
         }
 
+    def snapshot_parts(self) -> dict[str, Any]:
+        """What ``to_dict()`` holds, with each object's shared read-only view instead of a copy: cheap to take on
+        the loop (views are rebuilt only for objects that changed), safe to encode on another thread."""
+        return {
+            "position": self.position,
+            "vms": {k: v.view() for k, v in self.vms.items()},
+            "hosts": {k: v.view() for k, v in self.hosts.items()},
+            "groups": {k: v.view() for k, v in self.groups.items()},
+            "jobs": {k: v.view() for k, v in self.jobs.items()},
+            "next_vm_id": self.next_vm_id,
+        }
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReadModel:
         model = cls()
