@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any, Protocol
 
 from moldd.domain.ha import down_cause
@@ -64,6 +65,7 @@ EDITABLE = frozenset(
 
 MAX_FINISHED_JOBS = 10_000
 """Finished jobs kept in the read model (queryAsyncJobResult answers them); older ones live only in the log."""
+_VM_ID = attrgetter("id")
 PRUNE_SLACK = 1024  # prune in batches: a sort of the finished jobs per 1024 finished, not per job
 
 
@@ -78,6 +80,8 @@ class ReadModel:
         self.jobs: dict[str, Job] = {}
         self.by_internal: dict[str, str] = {}
         self.next_vm_id = 1
+        self._by_id: list[VM] | None = None  # vms_listed's caches
+        self._listed: tuple[tuple[int, int], list[VM]] | None = None
         self._finished: deque[tuple[str, str]] = deque()  # (finished_at, job id) of finished jobs, oldest first
 
     # -- snapshots -------------------------------------------------------------------------------------
@@ -129,6 +133,21 @@ class ReadModel:
         }
 
     # -- queries ---------------------------------------------------------------------------------------
+    def vms_listed(self, expunged: bool = False) -> list[VM]:
+        """The VMs in id order (without the expunged ones unless ``expunged``), as lists answer them. Shared and
+        cached until the model changes (sorted again only when a VM is added): do not modify."""
+        vms = self.vms
+        by_id = self._by_id
+        if by_id is None or len(by_id) != len(vms):
+            by_id = self._by_id = sorted(vms.values(), key=_VM_ID)
+        if expunged:
+            return by_id
+        key = (self.position, len(by_id))
+        cached = self._listed
+        if cached is None or cached[0] != key:
+            cached = self._listed = (key, [v for v in by_id if v.state != S.EXPUNGED])
+        return cached[1]
+
     def vm_by_domain(self, domain: str) -> VM | None:
         name = self.by_internal.get(domain)
         return self.vms.get(name) if name else None
@@ -350,6 +369,7 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
         position=ev.position,
     )
     model.vms[vm.name] = vm
+    model._by_id = None
     model.by_internal[vm.internal_name] = vm.name
     model.next_vm_id = max(model.next_vm_id, vm.id + 1)
 
