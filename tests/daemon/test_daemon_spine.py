@@ -114,7 +114,7 @@ async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any
         await client.job("startVirtualMachine", id=job["vm"], host="host0")
         await asyncio.to_thread(clean_lab.hosts[1].thaw)
     assert watch.ticks > 50
-    assert watch.max_lag < 1.0, f"event loop blocked for {watch.max_lag:.3f} s"
+    assert watch.max_blocked < 1.0, f"event loop blocked for {watch.max_blocked:.3f} s (lag {watch.max_lag:.3f} s)"
 
 
 async def test_daemon_process_logs_json_lines_and_stops_cleanly_on_sigterm(make_config: Any) -> None:
