@@ -174,8 +174,7 @@ class ReadModel:
         handler = _HANDLERS.get(ev.event_type)
         if handler is not None:
             handler(self, ev)
-        if ev.correlation_id:
-            self._track_job(ev)
+        self._track_job(ev)
 
     def prune_jobs(self) -> None:
         """Forget the jobs that finished first, keeping the MAX_FINISHED_JOBS newest (jobs that finished in the
