@@ -4,9 +4,9 @@ the machine's load explains.
 A late wake-up has two causes: something held the loop (a blocking call, a long callback: what the tests
 attack), or the kernel had no CPU for the process (a busy machine: what they must not depend on). Linux counts,
 per thread, the time it spent runnable but waiting for a CPU (``/proc/thread-self/schedstat``, second field).
-``max_blocked`` is the largest wake-up lag after subtracting that wait, for the loop's thread and (the GIL) for
-the thread of the process that waited longest in the same tick: a blocking call still shows in full (its thread
-sleeps or computes; it does not wait on a run queue), a preempted process does not.
+``max_blocked`` is the largest wake-up lag after subtracting that wait, of the loop's thread and (the GIL: a
+preempted thread may hold it) of the process's other threads in the same tick: a blocking call still shows in
+full (its thread sleeps or computes; it does not wait on a run queue), a preempted process does not.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class LoopWatch:
         self._task: asyncio.Task[None] | None = None
         self._expected = 0.0
         self._waits: dict[str, int] = {}
+        self.worst: dict[str, object] = {}  # the tick of max_blocked: lag and run-queue waits (for messages)
         self._loop_tid = ""
 
     async def _run(self) -> None:
@@ -75,10 +76,11 @@ class LoopWatch:
             after = _runqueue_waits()
             waited = {t: (after[t] - before[t]) / 1e9 for t in after if t in before}
             own = waited.pop(self._loop_tid, 0.0)
-            others = max(waited.values(), default=0.0)
+            others = sum(waited.values())
             blocked = max(0.0, lag - own - others)
             if blocked > self.max_blocked:
                 self.max_blocked = blocked
+                self.worst = {"lag": lag, "loop_thread_waited": own, "other_threads_waited": waited}
         self.ticks += 1
 
     async def __aenter__(self) -> LoopWatch:
