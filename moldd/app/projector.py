@@ -24,6 +24,7 @@ Listener = Callable[[StoredEvent, ReadModel], None]
 T = TypeVar("T")
 
 
+RESTORE_BATCH = 5000
 SNAPSHOT_CPU_SHARE = 0.1
 """Background snapshots may use at most this share of the time: after a snapshot that took T seconds the next
 waits at least T / SNAPSHOT_CPU_SHARE (a big model is snapshotted less often than every snapshot_every events)."""
@@ -57,12 +58,23 @@ class Projector:
                 log.warning(
                     "snapshot_ignored", reason="head hash differs from the log", position=snap.position
                 )
-        while True:
-            batch = await self.store.async_read(from_position=self.model.position + 1, limit=5000)
-            if not batch:
-                break
-            for ev in batch:
-                self.model.apply(ev)
+        # the next batch is read (on the store's thread) while this one is folded
+        read = self.store.async_read
+        pending = asyncio.ensure_future(read(from_position=self.model.position + 1, limit=RESTORE_BATCH))
+        try:
+            while True:
+                batch = await pending
+                if not batch:
+                    break
+                pending = asyncio.ensure_future(read(from_position=batch[-1].position + 1, limit=RESTORE_BATCH))
+                apply = self.model.apply
+                for ev in batch:
+                    apply(ev)
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
         log.info("projection_restored", position=self.model.position, vms=len(self.model.vms))
 
     def start(self) -> None:
