@@ -15,7 +15,7 @@ Queries (``--reads``): ``one`` (a VM by id), ``page`` (a page of 100, pages cycl
 
 1. saturation: ``--clients`` closed-loop clients send the query as fast as replies come back → the highest
    rate, its latency, the server's CPU per request and the reply size;
-2. paced, at each of ``--rates`` below 90 % of that saturation: an open-loop schedule (5 % writes:
+2. paced, at each of ``--rates`` below 90 % of that saturation and at half of it: an open-loop schedule (5 % writes:
    ``updateVirtualMachine`` of a description); latency is measured from the scheduled send time, so a
    stalled server is charged for the requests it delayed (no coordinated omission) → p50/p99.
 
@@ -433,7 +433,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{res['reply_kib']:.1f} KiB",
                 flush=True,
             )
-            for rate in (float(x) for x in args.rates.split(",")):
+            half = round(statistics.median(rps) / 2)  # always one paced phase below the knee, whatever the load
+            for rate in sorted({float(x) for x in args.rates.split(",")} | {float(max(1, half))}):
                 if rate > 0.9 * statistics.median(rps):
                     print(f"[{kind}]   {rate:,.0f} req/s offered: skipped (above 90 % of saturation)")
                     continue

@@ -101,6 +101,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--db", type=Path, default=None, help="keep the generated log here")
     args = ap.parse_args()
+    from moldd.logging import configure_logging
+
+    configure_logging("warning")  # the projector's info lines are not figures
     header("bench/replay.py")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.db or Path(tmp) / "replay.db"
