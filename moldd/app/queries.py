@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 from moldd.app.args import MAX_POSITION, Args
@@ -33,18 +32,19 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
     if "id" in a:
         vms = [app.get_vm({"id": a.raw("id")}, expunged=a.boolean("listall", False))]
     else:
-        show_expunged = a.boolean("listall", False) or state == "Expunged"
-        vms = [v for v in app.model.vms.values() if show_expunged or v.state != "Expunged"]
+        # in id order already, cached by the read model: a page costs its slice, not a sort of every VM
+        vms = app.model.vms_listed(a.boolean("listall", False) or state == "Expunged")
     page, pagesize = _paging(a)
-    vms = [
-        v
-        for v in vms
-        if (state is None or v.state == state)
-        and (group is None or v.group == group)
-        and (host is None or v.host == host)
-        and (keyword is None or keyword.lower() in f"{v.name} {v.display_name} {v.hostname}".lower())
-    ]
-    vms.sort(key=_BY_ID)
+    if state is not None or group is not None or host is not None or keyword is not None:
+        kw = keyword.lower() if keyword is not None else None
+        vms = [
+            v
+            for v in vms
+            if (state is None or v.state == state)
+            and (group is None or v.group == group)
+            and (host is None or v.host == host)
+            and (kw is None or kw in f"{v.name} {v.display_name} {v.hostname}".lower())
+        ]
     if pagesize is not None:
         vms_page = vms[(page - 1) * pagesize : page * pagesize]
     else:
@@ -55,9 +55,6 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
 
 MAX_PAGE_SIZE = 10000
 MAX_PAGE = 1_000_000
-
-
-_BY_ID = operator.attrgetter("id")
 
 
 def _paging(a: Args) -> tuple[int, int | None]:
