@@ -25,6 +25,7 @@ from moldd.config import Config, ConfigError, load_config
 from moldd.domain.states import TRANSIENT
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd")
 
@@ -68,6 +69,7 @@ class Daemon:
         self.api: Any = None
         self.ha: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self.metrics = Metrics()
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
         _load_optional_verbs()
@@ -78,9 +80,12 @@ class Daemon:
         self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
         await self.projector.async_restore()
         self.projector.listeners.append(_log_event)
+        self.projector.listeners.append(self.metrics.on_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
+        self.app.on_command = self.metrics.observe_command
+        self.metrics.bind(self.app, self.store)
         self.hosts.attach(self.app)
         await self._async_register_hosts()
         await self.hosts.async_start()
@@ -100,7 +105,7 @@ class Daemon:
             from moldd.api.serve import async_serve
 
             self.api = await async_serve(
-                self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group
+                self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group, metrics=self.metrics
             )
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"

@@ -15,6 +15,8 @@ from moldd.api.keys import ACCESS_KEY, ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS
 from moldd.api.peercred import AccessPolicy, peer_creds
 from moldd.app.bus import CommandBus
 from moldd.domain.errors import MolddError, PermissionDenied
+from moldd.observe import web as observe_web
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -70,6 +72,7 @@ def make_app(
     *,
     access: AccessPolicy | None = None,
     settings: ApiSettings | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
     app = web.Application(
@@ -84,4 +87,5 @@ def make_app(
     app.router.add_post("/v1/command", handlers.async_command)
     app.router.add_get("/v1/events", handlers.async_events)
     app.router.add_get("/v1/health", handlers.async_health)
+    observe_web.add_routes(app, metrics)  # /metrics, /status, /v1/status, /v1/events/sse (read-only)
     return app

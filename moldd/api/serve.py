@@ -19,6 +19,7 @@ from moldd.api.keys import ApiSettings
 from moldd.api.peercred import AccessPolicy
 from moldd.app.bus import CommandBus
 from moldd.domain.errors import ValidationError
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -101,6 +102,7 @@ async def async_serve(
     use_socket_activation: bool = True,
     settings: ApiSettings | None = None,
     shutdown_timeout_s: float = 5.0,
+    metrics: Metrics | None = None,
 ) -> ApiServer:
     """Serve the API for ``bus`` and return once it accepts connections.
 
@@ -122,9 +124,11 @@ async def async_serve(
         sock = bind_unix_socket(socket_path, mode=mode, gid=gid)
         owns_path = True
     path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    app = make_app(bus, access=AccessPolicy(gid), settings=settings)
+    app = make_app(bus, access=AccessPolicy(gid), settings=settings, metrics=metrics)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
+    if metrics is not None and runner.server is not None:
+        metrics.track_server(runner.server)
     try:
         await web.SockSite(runner, sock).start()
     except BaseException:

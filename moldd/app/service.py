@@ -84,6 +84,8 @@ class App:
         self.background: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[str, Callable[[], bool]] = {}
         self.clock: Callable[[], float] = time.time
+        self.on_command: Callable[[str, str, float], None] | None = None  # metrics: (verb, outcome, seconds)
+        self.followers = 0  # clients following the log live (async_follow)
 
     @property
     def model(self) -> Any:
@@ -105,13 +107,18 @@ class App:
                 return self.replay_reply(previous)
         cmd = Command(id=command_id or uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(actor))
+        started, outcome = time.perf_counter(), "internal"
         try:
             reply = await self._async_run_checked(handler, cmd)
+            outcome = "ok"
         except MolddError as exc:
+            outcome = exc.code
             log.info("command_refused", verb=verb, code=exc.code, field=exc.field, reason=exc.message)
             raise
         finally:
             structlog.contextvars.unbind_contextvars("command_id", "actor")
+            if self.on_command is not None:
+                self.on_command(verb, outcome, time.perf_counter() - started)
         return reply
 
     async def _async_run_checked(self, handler: Handler, cmd: Command, attempts: int = 3) -> CommandReply:
@@ -166,8 +173,12 @@ class App:
         }
 
     async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
-        async for ev in self.store.async_subscribe(from_position=max(1, from_position)):
-            yield event_view(ev)
+        self.followers += 1
+        try:
+            async for ev in self.store.async_subscribe(from_position=max(1, from_position)):
+                yield event_view(ev)
+        finally:
+            self.followers -= 1
 
     # -- helpers for handlers --------------------------------------------------------------------------
     _CATALOG = {
