@@ -266,6 +266,11 @@ class Metrics:
             self.ha_give_ups.labels(cause)
         for outcome in ("ok", "failed"):
             self.fence_attempts.labels(outcome)
+            self.fence_seconds.labels(outcome)
+        for health in HEALTHS:
+            self.host_health_changes.labels(health)
+        for decision in HA_DECISIONS.values():
+            self.ha_decision_seconds.labels(decision)
         for watcher in ("vm-watcher", "host-watcher"):
             self.watcher_restarts.labels(watcher)
 
@@ -284,6 +289,8 @@ class Metrics:
         self._app = app
         self._store = store
         self.verbs = frozenset(app.verbs())
+        for verb in self.verbs:  # each verb's "ok" series exists from the start (rate() needs a zero)
+            self.command_seconds.labels(verb, "ok")
         for h in app.config.hosts:
             self.libvirt_reconnects.labels(h.name)
             self.libvirt_disconnects.labels(h.name)

@@ -76,16 +76,28 @@ async def test_metrics_count_commands_appends_and_vms(daemon: Any, client: Clien
     assert value(after, "moldd_jobs", status="succeeded") >= 1
     deploys = value(after, "moldd_command_duration_seconds_count", verb="deployVirtualMachine", outcome="ok")
     assert deploys == 1
-    assert value(after, "moldd_command_duration_seconds_count", verb="startVirtualMachine", outcome="not_found") == 1
+    assert (
+        value(after, "moldd_command_duration_seconds_count", verb="startVirtualMachine", outcome="not_found")
+        == 1
+    )
     # +Inf bucket holds every observation
-    assert value(
-        after, "moldd_command_duration_seconds_bucket", verb="deployVirtualMachine", outcome="ok", le="+Inf"
-    ) == 1
+    assert (
+        value(
+            after,
+            "moldd_command_duration_seconds_bucket",
+            verb="deployVirtualMachine",
+            outcome="ok",
+            le="+Inf",
+        )
+        == 1
+    )
     grew = value(after, "moldd_log_appended_events_total") - value(before, "moldd_log_appended_events_total")
     head_grew = value(after, "moldd_log_head_position") - value(before, "moldd_log_head_position")
     assert grew == head_grew > 0  # every appended event is counted once
     assert value(after, "moldd_log_commit_groups_total") >= 1
-    assert value(after, "moldd_log_commit_duration_seconds_count") == value(after, "moldd_log_commit_groups_total")
+    assert value(after, "moldd_log_commit_duration_seconds_count") == value(
+        after, "moldd_log_commit_groups_total"
+    )
     assert value(after, "moldd_projection_position") <= value(after, "moldd_log_head_position")
     assert value(after, "moldd_log_append_queue_depth") >= 0
 
