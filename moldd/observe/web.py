@@ -6,7 +6,10 @@
 * ``GET /v1/status`` — one JSON document with clusters (headroom), hosts (health, link), VMs (state, power,
   HA) and jobs (in progress, with their progress; the last finished ones).
 * ``GET /v1/events/sse?from=N`` — the log as Server-Sent Events: ``id:`` is the log position, so a browser's
-  ``EventSource`` resumes after a dropped connection (``Last-Event-ID``) without a gap or a duplicate.
+  ``EventSource`` resumes after a dropped connection (``Last-Event-ID``) without a gap or a duplicate. Live
+  entries come from the projection (:class:`StatusFeed`), each with the state it produced: the VM, host and
+  job as they were right after that entry was folded. The page shows every state a VM passes through
+  (Stopped → Starting → Running), however quickly, in log order.
 
 :func:`add_routes` mounts them on any ``aiohttp`` application whose ``BUS_KEY`` is the daemon's ``App``
 (the CloudStack TCP listener can call it too).
@@ -64,6 +67,7 @@ def add_routes(app: web.Application, metrics: Metrics | None) -> None:
     app.router.add_get("/status/{name}", async_static)
     app.router.add_get("/v1/status", async_status)
     app.router.add_get("/v1/events/sse", async_events_sse)
+    app.cleanup_ctx.append(_feed_ctx)
 
 
 async def async_metrics(request: web.Request) -> web.Response:
@@ -104,35 +108,14 @@ def status_document(bus: Any) -> dict[str, Any]:
 
     model = bus.model
     config = bus.config
-    hosts = []
-    for h in config.hosts:
-        state = model.hosts.get(h.name)
-        on = model.vms_on(h.name)
-        hosts.append(
-            {
-                "name": h.name,
-                "cluster": h.cluster,
-                "max_vms": h.max_vms,
-                "health": state.health if state else "Up",
-                "health_since": state.health_since if state else "",
-                "health_cause": state.health_cause if state else "",
-                "link": state.link if state else "unknown",
-                "link_since": state.link_since if state else "",
-                "vms": len(on),
-                "running": sum(1 for v in on if v.state == "Running"),
-            }
-        )
-    vms = [
-        {k: vm.__dict__.get(k) for k in VM_FIELDS}
-        for vm in sorted(model.vms.values(), key=lambda v: v.id)
-        if vm.state != "Expunged"
-    ]
+    hosts = [v for h in config.hosts if (v := host_status(config, model, h.name)) is not None]
+    vms = [vm_status(vm) for vm in sorted(model.vms.values(), key=lambda v: v.id) if vm.state != "Expunged"]
     active: list[Any] = []
     finished: list[Any] = []
     for job in model.jobs.values():
         (active if job.status in ("pending", "running") else finished).append(job)
     finished.sort(key=lambda j: j.position)
-    jobs = [{k: j.__dict__.get(k) for k in JOB_FIELDS} for j in [*active, *finished[-RECENT_JOBS:]]]
+    jobs = [job_status(j) for j in [*active, *finished[-RECENT_JOBS:]]]
     return {
         "position": model.position,
         "generated_at": round(time.time(), 3),
@@ -177,55 +160,182 @@ def _from_position(request: web.Request) -> int:
     return max(value, 1)
 
 
-def sse_frame(entry: dict[str, Any]) -> bytes:
-    """One log entry as an SSE message: ``id`` = position (JSON has no raw newlines, so one data line)."""
-    return b"id: %d\nevent: entry\ndata: %s\n\n" % (entry["position"], dumps(entry))
+def sse_frame(data: dict[str, Any]) -> bytes:
+    """One message: ``id`` = the entry's log position; one ``data`` line (JSON holds no raw newline)."""
+    return b"id: %d\nevent: entry\ndata: %s\n\n" % (data["entry"]["position"], dumps(data))
+
+
+def vm_status(vm: Any) -> dict[str, Any]:
+    return {k: vm.__dict__.get(k) for k in VM_FIELDS}
+
+
+def job_status(job: Any) -> dict[str, Any]:
+    return {k: job.__dict__.get(k) for k in JOB_FIELDS}
+
+
+def host_status(config: Any, model: Any, name: str) -> dict[str, Any] | None:
+    h = config.host(name)
+    if h is None:
+        return None
+    state = model.hosts.get(name)
+    on = model.vms_on(name)
+    return {
+        "name": h.name,
+        "cluster": h.cluster,
+        "max_vms": h.max_vms,
+        "health": state.health if state else "Up",
+        "health_since": state.health_since if state else "",
+        "health_cause": state.health_cause if state else "",
+        "link": state.link if state else "unknown",
+        "link_since": state.link_since if state else "",
+        "vms": len(on),
+        "running": sum(1 for v in on if v.state == "Running"),
+    }
+
+
+class _Overflow(Exception):
+    """A follower fell too far behind the live feed: end its stream (the browser resumes from the log)."""
+
+
+class StatusFeed:
+    """A projector listener that hands each folded entry, with the VM / host / job views it produced, to the
+    live SSE streams. Does nothing while nobody follows."""
+
+    QUEUE_MAX = 10_000
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._queues: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.QUEUE_MAX)
+        self._queues.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._queues.discard(q)
+
+    def on_event(self, ev: Any, model: Any) -> None:
+        if not self._queues:
+            return
+        data = self.describe(ev, model)
+        for q in list(self._queues):
+            try:
+                q.put_nowait(data)
+            except asyncio.QueueFull:
+                self._queues.discard(q)
+                q.get_nowait()  # room for the end marker
+                q.put_nowait(None)
+
+    @staticmethod
+    def describe_past(ev: Any) -> dict[str, Any]:
+        """An entry read back from the log: the state it produced then is not known any more."""
+        from moldd.app.service import event_view
+
+        return {"entry": event_view(ev)}
+
+    def describe(self, ev: Any, model: Any) -> dict[str, Any]:
+        """An entry just folded, with the views of what it changed (copies: later folds do not show through)."""
+        from moldd.app.service import event_view
+
+        sid: str = ev.stream_id
+        data: dict[str, Any] = {"entry": event_view(ev)}
+        if sid.startswith("vm-"):
+            vm = model.vms.get(sid[3:])
+            if vm is not None:
+                data["vm"] = vm_status(vm)
+                if vm.host:
+                    data["host"] = host_status(self.config, model, vm.host)
+        elif sid.startswith("host-"):
+            data["host"] = host_status(self.config, model, sid[5:])
+        job_id = ev.correlation_id or ev.command_id
+        job = model.jobs.get(job_id) if job_id else None
+        if job is not None:
+            data["job"] = job_status(job)
+        return data
+
+
+FEED_KEY = web.AppKey("moldd.status_feed", StatusFeed)
+
+
+async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
+    bus: Any = app[BUS_KEY]
+    projector = getattr(bus, "projector", None)
+    feed = StatusFeed(getattr(bus, "config", None))
+    app[FEED_KEY] = feed
+    if projector is not None:
+        projector.listeners.append(feed.on_event)
+    try:
+        yield
+    finally:
+        if projector is not None and feed.on_event in projector.listeners:
+            projector.listeners.remove(feed.on_event)
 
 
 async def async_events_sse(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/events/sse``: log entries from ``from`` (or after ``Last-Event-ID``) on, live."""
+    """``GET /v1/events/sse``: log entries from ``from`` (or after ``Last-Event-ID``) on, then live ones with
+    the state each produced."""
     start = _from_position(request)
+    bus: Any = request.app[BUS_KEY]
+    feed = request.app[FEED_KEY]
     settings = request.app[SETTINGS_KEY]
     closing = request.app[CLOSING_KEY]
-    entries = request.app[BUS_KEY].async_follow(start)
+    # Subscribe before reading the past: what the projection folds from now on is queued, the rest (up to
+    # the position folded now) is read from the log. No gap, and duplicates are skipped by position.
+    queue = feed.subscribe()
+    folded = bus.model.position
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
+    bus.followers = getattr(bus, "followers", 0) + 1
     try:
         # retry: how long a browser waits before reconnecting after the stream broke
         await response.write(b"retry: 1000\n\n")
-        await _async_pump_sse(entries, response, settings.heartbeat_s, settings.write_timeout_s, closing)
-    except (ConnectionError, TimeoutError):
+        sent = start - 1
+        while sent < folded:
+            batch = await bus.store.async_read(from_position=sent + 1, to_position=folded, limit=1000)
+            if not batch:
+                break
+            for ev in batch:
+                await asyncio.wait_for(
+                    response.write(sse_frame(feed.describe_past(ev))), settings.write_timeout_s
+                )
+                sent = ev.position
+        await _async_pump_sse(queue, response, sent, settings.heartbeat_s, settings.write_timeout_s, closing)
+    except (ConnectionError, TimeoutError, _Overflow):
         if request.transport is not None:
             request.transport.abort()
     finally:
-        await entries.aclose()  # type: ignore[attr-defined]
+        feed.unsubscribe(queue)
+        bus.followers -= 1
     return response
 
 
 async def _async_pump_sse(
-    entries: AsyncIterator[dict[str, Any]],
+    queue: asyncio.Queue[dict[str, Any] | None],
     response: web.StreamResponse,
+    sent: int,
     heartbeat_s: float,
     write_timeout_s: float,
     closing: asyncio.Event,
 ) -> None:
     closing_wait = asyncio.ensure_future(closing.wait())
-    next_entry: asyncio.Future[dict[str, Any]] | None = None
+    next_item: asyncio.Future[dict[str, Any] | None] | None = None
     try:
         while not closing.is_set():
-            if next_entry is None:
-                next_entry = asyncio.ensure_future(anext(entries))
-            waiters: set[asyncio.Future[Any]] = {next_entry, closing_wait}
+            if next_item is None:
+                next_item = asyncio.ensure_future(queue.get())
+            waiters: set[asyncio.Future[Any]] = {next_item, closing_wait}
             done, _ = await asyncio.wait(waiters, timeout=heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
-            if next_entry in done:
-                fut, next_entry = next_entry, None
-                try:
-                    entry = fut.result()
-                except StopAsyncIteration:
-                    return
-                await asyncio.wait_for(response.write(sse_frame(entry)), write_timeout_s)
+            if next_item in done:
+                data, next_item = next_item.result(), None
+                if data is None:
+                    raise _Overflow
+                if data["entry"]["position"] <= sent:
+                    continue  # already sent from the log
+                await asyncio.wait_for(response.write(sse_frame(data)), write_timeout_s)
+                sent = data["entry"]["position"]
             elif not done:
                 # an SSE comment: keeps proxies from closing an idle stream, lets the page see it is alive
                 await asyncio.wait_for(
@@ -233,11 +343,5 @@ async def _async_pump_sse(
                 )
     finally:
         closing_wait.cancel()
-        if next_entry is not None:
-            next_entry.cancel()
-            try:
-                await next_entry
-            except (asyncio.CancelledError, StopAsyncIteration):
-                pass
-            except Exception:
-                log.exception("event_follow_failed")
+        if next_item is not None:
+            next_item.cancel()

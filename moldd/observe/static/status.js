@@ -55,9 +55,12 @@ function percentOf(progress) {
   return Math.max(0, Math.min(100, progress.percent));
 }
 
-function renderJobs(jobs) {
+function renderJobs(all) {
   const list = document.getElementById("jobs");
-  const items = jobs.map((j) => {
+  const active = all.filter((j) => j.status === "pending" || j.status === "running");
+  const done = all.filter((j) => !(j.status === "pending" || j.status === "running"))
+    .sort((a, b) => b.position - a.position).slice(0, 10);
+  const items = [...active, ...done].map((j) => {
     const pct = percentOf(j.progress);
     const label = `${j.command} ${j.vm || ""}`.trim();
     const active = j.status === "pending" || j.status === "running";
@@ -75,33 +78,23 @@ function renderJobs(jobs) {
   list.replaceChildren(...items);
 }
 
-function render(doc) {
-  const upHosts = doc.hosts.filter((h) => h.health === "Up" && h.link === "connected").length;
-  const running = doc.vms.filter((v) => v.state === "Running").length;
-  const activeJobs = doc.jobs.filter((j) => j.status === "pending" || j.status === "running").length;
-  document.getElementById("summary").textContent =
-    `${upHosts}/${doc.hosts.length} hosts up · ${running}/${doc.vms.length} VMs running · ` +
-    `${activeJobs} jobs in progress · log position ${doc.position}`;
+// What the page shows: the newest known view of each VM / host / job, with the log position it is from.
+// A view from a live entry (the state right after that entry) and one from /v1/status (the state at
+// doc.position) are merged by position, so an older reply never overwrites a newer state.
+const vms = new Map();
+const hosts = new Map();
+const jobs = new Map();
+let clusters = [];
+let alerts = [];
+let statusPosition = 0;
 
-  const alerts = (doc.health && doc.health.alerts) || [];
-  document.getElementById("alerts-section").hidden = alerts.length === 0;
-  document.getElementById("alerts").replaceChildren(...alerts.map((a) => el("li", {}, a)));
+function merge(map, key, data, position) {
+  const have = map.get(key);
+  if (!have || have.position <= position) map.set(key, { data, position });
+}
 
-  fillBody("clusters", doc.clusters.map((c) => el("tr", { "data-cluster": c.cluster },
-    td("Cluster", c.cluster),
-    td("Hosts up", `${c.hosts_up ?? "?"}/${c.hosts ?? "?"}`),
-    td("Used / limit", `${c.used}/${c.limit}`),
-    td("Headroom", badge(String(c.headroom))))));
-
-  fillBody("hosts", doc.hosts.map((h) => el("tr", { id: `host-${h.name}`, "data-host": h.name },
-    td("Host", el("strong", {}, h.name)),
-    td("Cluster", h.cluster),
-    td("Health", el("span", { "data-field": "health" }, badge(h.health)),
-       h.health_cause ? el("div", { class: "muted" }, h.health_cause) : null),
-    td("Link", el("span", { "data-field": "link" }, badge(h.link))),
-    td("VMs (running)", `${h.vms} (${h.running}) of ${h.max_vms}`))));
-
-  fillBody("vms", doc.vms.map((v) => el("tr", { id: `vm-${v.name}`, "data-vm": v.name },
+function vmRow(v) {
+  return el("tr", { id: `vm-${v.name}`, "data-vm": v.name },
     td("VM", el("strong", {}, v.name),
        v.display_name && v.display_name !== v.name ? el("div", { class: "muted" }, v.display_name) : null),
     td("State", el("span", { "data-field": "state" }, badge(v.state))),
@@ -109,11 +102,91 @@ function render(doc) {
     td("Host", v.host || "–"),
     td("HA", v.ha_enabled ? el("span", { "data-field": "ha" }, badge(v.ha_status || "on"), ` ${v.ha_policy}`)
                           : el("span", { class: "muted", "data-field": "ha" }, "off")),
-    td("Last cause", el("span", { class: "muted" }, v.error || v.stop_cause || "–")))));
-  if (!doc.vms.length) fillBody("vms", [el("tr", {}, el("td", { colspan: "6", class: "muted" }, "No VMs."))]);
+    td("Last cause", el("span", { class: "muted" }, v.error || v.stop_cause || "–")));
+}
 
-  renderJobs(doc.jobs);
+function hostRow(h) {
+  return el("tr", { id: `host-${h.name}`, "data-host": h.name },
+    td("Host", el("strong", {}, h.name)),
+    td("Cluster", h.cluster),
+    td("Health", el("span", { "data-field": "health" }, badge(h.health)),
+       h.health_cause ? el("div", { class: "muted" }, h.health_cause) : null),
+    td("Link", el("span", { "data-field": "link" }, badge(h.link))),
+    td("VMs (running)", `${h.vms} (${h.running}) of ${h.max_vms}`));
+}
+
+function replaceRow(table, id, row) {
+  const old = document.getElementById(id);
+  if (old) { old.replaceWith(row); return; }
+  const body = document.querySelector(`#${table} tbody`);
+  const empty = body.querySelector("tr.empty");
+  if (empty) empty.remove();
+  body.append(row);
+}
+
+function renderSummary() {
+  const hs = [...hosts.values()].map((x) => x.data);
+  const vs = [...vms.values()].map((x) => x.data);
+  const js = [...jobs.values()].map((x) => x.data);
+  const upHosts = hs.filter((h) => h.health === "Up" && h.link === "connected").length;
+  const running = vs.filter((v) => v.state === "Running").length;
+  const active = js.filter((j) => j.status === "pending" || j.status === "running").length;
+  document.getElementById("summary").textContent =
+    `${upHosts}/${hs.length} hosts up · ${running}/${vs.length} VMs running · ` +
+    `${active} jobs in progress · log position ${Math.max(lastPosition, statusPosition)}`;
+}
+
+function renderAll() {
+  document.getElementById("alerts-section").hidden = alerts.length === 0;
+  document.getElementById("alerts").replaceChildren(...alerts.map((a) => el("li", {}, a)));
+  fillBody("clusters", clusters.map((c) => el("tr", { "data-cluster": c.cluster },
+    td("Cluster", c.cluster),
+    td("Hosts up", `${c.hosts_up ?? "?"}/${c.hosts ?? "?"}`),
+    td("Used / limit", `${c.used}/${c.limit}`),
+    td("Headroom", badge(String(c.headroom))))));
+  fillBody("hosts", [...hosts.values()].map((x) => hostRow(x.data)));
+  const vmRows = [...vms.values()].map((x) => vmRow(x.data));
+  if (!vmRows.length) vmRows.push(el("tr", { class: "empty" }, el("td", { colspan: "6", class: "muted" }, "No VMs.")));
+  fillBody("vms", vmRows);
+  renderJobs([...jobs.values()].map((x) => x.data));
+  renderSummary();
+}
+
+function render(doc) {
+  statusPosition = Math.max(statusPosition, doc.position);
+  alerts = (doc.health && doc.health.alerts) || [];
+  clusters = doc.clusters;
+  const seen = { vms: new Set(), hosts: new Set(), jobs: new Set() };
+  for (const v of doc.vms) { merge(vms, v.name, v, doc.position); seen.vms.add(v.name); }
+  for (const h of doc.hosts) { merge(hosts, h.name, h, doc.position); seen.hosts.add(h.name); }
+  for (const j of doc.jobs) { merge(jobs, j.id, j, doc.position); seen.jobs.add(j.id); }
+  for (const [map, names] of [[vms, seen.vms], [hosts, seen.hosts], [jobs, seen.jobs]]) {
+    for (const [k, x] of map) if (!names.has(k) && x.position <= doc.position) map.delete(k);
+  }
+  renderAll();
   if (!source) follow(Math.max(1, doc.position - HISTORY + 1));
+}
+
+function applyViews(data) {
+  const pos = data.entry.position;
+  if (data.vm) {
+    const v = data.vm;
+    const have = vms.get(v.name);
+    if (!have || have.position <= pos) {
+      if (v.state === "Expunged") { vms.delete(v.name); document.getElementById(`vm-${v.name}`)?.remove(); }
+      else { vms.set(v.name, { data: v, position: pos }); replaceRow("vms", `vm-${v.name}`, vmRow(v)); }
+    }
+  }
+  if (data.host) {
+    const h = data.host;
+    const have = hosts.get(h.name);
+    if (!have || have.position <= pos) { hosts.set(h.name, { data: h, position: pos }); replaceRow("hosts", `host-${h.name}`, hostRow(h)); }
+  }
+  if (data.job) {
+    const have = jobs.get(data.job.id);
+    if (!have || have.position <= pos) { jobs.set(data.job.id, { data: data.job, position: pos }); renderJobs([...jobs.values()].map((x) => x.data)); }
+  }
+  renderSummary();
 }
 
 async function refresh() {
@@ -135,8 +208,9 @@ async function refresh() {
 }
 
 function scheduleRefresh() {
+  // clusters' headroom and host counts are recomputed by the daemon; VM/host/job rows are already live
   if (refreshTimer) return;
-  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 150);
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 1000);
 }
 
 const SHOWN = ["host", "to", "from", "cause", "trigger", "state", "power_state", "event", "detail", "reason",
@@ -208,7 +282,9 @@ function follow(from) {
   source = new EventSource(`/v1/events/sse?from=${from}`);
   source.addEventListener("open", () => setConn("live", "live"));
   source.addEventListener("entry", (msg) => {
-    addEntry(JSON.parse(msg.data));
+    const data = JSON.parse(msg.data);
+    addEntry(data.entry);
+    applyViews(data);
     scheduleRefresh();
   });
   source.addEventListener("error", () => {
