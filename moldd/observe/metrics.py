@@ -19,8 +19,10 @@ are never labels.
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from operator import attrgetter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -52,7 +54,10 @@ COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DECISION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_TRIGGERS_KEPT = 4096  # recent trigger positions remembered for the decision-latency histogram
+_TRIGGERS_KEPT = 4096
+_STATE_POWER = attrgetter("state", "power_state")
+_HOST_STATE = attrgetter("host", "state")
+_STATUS = attrgetter("status")  # recent trigger positions remembered for the decision-latency histogram
 
 
 def _cause(value: object) -> str:
@@ -78,16 +83,18 @@ class ReadModelCollector(Collector):
         vms = GaugeMetricFamily(
             "moldd_vms", "VMs known to moldd, by state and power state", labels=["state", "power_state"]
         )
+        # Tally over attribute tuples: one C-speed pass per figure (10,000 VMs in a few ms)
+        all_vms = list(model.vms.values())
         counts: dict[tuple[str, str], int] = {(str(s), p): 0 for s in VMState for p in POWER_STATES}
+        for (state, power), n in Tally(map(_STATE_POWER, all_vms)).items():
+            key = (str(state), power if power in POWER_STATES else "unknown")
+            counts[key] = counts.get(key, 0) + n
+        gone = (VMState.EXPUNGED, VMState.DESTROYED)
         ha_status: dict[str, int] = {"none": 0, "pending": 0, "restarting": 0, "failed": 0}
-        ha_enabled = 0
-        for vm in model.vms.values():
-            key = (str(vm.state), vm.power_state if vm.power_state in POWER_STATES else "unknown")
-            counts[key] = counts.get(key, 0) + 1
-            if vm.ha_enabled and vm.state not in (VMState.EXPUNGED, VMState.DESTROYED):
-                ha_enabled += 1
-                st = vm.ha_status or "none"
-                ha_status[st if st in ha_status else "none"] += 1
+        ha_counts = Tally(vm.ha_status for vm in all_vms if vm.ha_enabled and vm.state not in gone)
+        for st, n in ha_counts.items():
+            ha_status[st if st in ha_status else "none"] += n
+        ha_enabled = sum(ha_counts.values())
         for (state, power), n in sorted(counts.items()):
             vms.add_metric([state, power], n)
         yield vms
@@ -148,12 +155,9 @@ class ReadModelCollector(Collector):
             yield limit
 
         jobs = GaugeMetricFamily("moldd_jobs", "Jobs in the read model, by status", labels=["status"])
-        jcounts = dict.fromkeys(JOB_STATUSES, 0)
-        for j in model.jobs.values():
-            if j.status in jcounts:
-                jcounts[j.status] += 1
-        for status, n in jcounts.items():
-            jobs.add_metric([status], n)
+        jcounts = Tally(map(_STATUS, model.jobs.values()))
+        for status in JOB_STATUSES:
+            jobs.add_metric([status], jcounts.get(status, 0))
         yield jobs
 
         yield GaugeMetricFamily(
@@ -311,9 +315,7 @@ class Metrics:
     def capacities(self) -> list[Any] | None:
         if self._app is None:
             return None
-        from moldd.app.placement import capacities
-
-        return capacities(self._app.config, self._app.model)
+        return cluster_capacities(self._app.config, self._app.model)
 
     def log_head(self) -> int | None:
         writer = getattr(self._store, "_writer", None)
@@ -408,6 +410,41 @@ class Metrics:
             elif kind == "disconnected":
                 self._linked.add(host)  # the next "connected" is a reconnect
                 self.libvirt_disconnects.labels(host).inc()
+
+
+def host_counts(model: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """VMs holding a slot on each host, and those running there, in ONE pass over the VMs (the per-host
+    ``model.vms_on`` would scan every VM once per host)."""
+    gone = (VMState.EXPUNGED, VMState.DESTROYED)
+    pairs = Tally(map(_HOST_STATE, model.vms.values()))
+    placed: dict[str, int] = {}
+    running: dict[str, int] = {}
+    for (host, state), n in pairs.items():
+        if host is None or state in gone:
+            continue
+        placed[host] = placed.get(host, 0) + n
+        if state == VMState.RUNNING:
+            running[host] = running.get(host, 0) + n
+    return placed, running
+
+
+def cluster_capacities(config: Any, model: Any, placed: dict[str, int] | None = None) -> list[Any]:
+    """What ``moldd.app.placement.capacities`` returns (same rule, from the domain), counted in one pass."""
+    from moldd.domain.capacity import HostLoad, cluster_capacity
+
+    if placed is None:
+        placed = host_counts(model)[0]
+    loads = []
+    for h in config.hosts:
+        state = model.hosts.get(h.name)
+        up = state is None or (state.health == "Up" and state.link == "connected")
+        loads.append(
+            HostLoad(name=h.name, cluster=h.cluster, max_vms=h.max_vms, vms=placed.get(h.name, 0), up=up)
+        )
+    return [
+        cluster_capacity(c, loads, config.tolerated_host_failures)
+        for c in sorted({h.cluster for h in config.hosts})
+    ]
 
 
 def metric_names(registry: CollectorRegistry) -> set[str]:
