@@ -78,3 +78,24 @@ async def test_every_metric_and_label_value_named_exists(daemon: Any, client: An
                         f"{name}{{{label}={w!r}}} is never exposed (have {sorted(map(str, have))})"
                     )
     assert not missing, "metrics named in contrib/ but not exposed: " + ", ".join(missing)
+    # labels grouped by (and shown in legends / annotations) exist on a metric of that expression
+    for expr, legends in _exprs_with_legends():
+        names = {m.group(1) for m in METRIC.finditer(expr)}
+        have = {k for n in names for s in samples.get(n, []) for k in s.labels}
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            for label in (x.strip() for x in group.split(",")):
+                assert label in have, f"{expr!r} groups by {label!r}, which its metrics do not have"
+        for label in re.findall(r"\{\{\s*\$?(?:labels\.)?(\w+)\s*\}\}", legends):
+            if label in ("value",):
+                continue
+            assert label in have, f"{expr!r} shows {{{{{label}}}}}, which its metrics do not have"
+
+
+def _exprs_with_legends() -> list[tuple[str, str]]:
+    doc = json.loads(DASHBOARD.read_text())
+    out = [(t["expr"], t.get("legendFormat", "")) for p in doc["panels"] for t in p.get("targets", [])]
+    for rule in alert_rules():
+        if "up{" in rule["expr"]:
+            continue  # Prometheus' own series
+        out.append((rule["expr"], " ".join(rule.get("annotations", {}).values())))
+    return out

@@ -61,6 +61,13 @@ async def test_status_document_has_clusters_hosts_vms_and_jobs(daemon: Any, clie
         {"cluster": "c1", "hosts": 2, "hosts_up": 2, "perhostlimit": 4, "toleratedfailures": 1, "used": 1,
          "limit": 4, "headroom": 3}
     ]  # fmt: skip
+    # the page's one-pass counts agree with the verbs' (placement's) rule
+    listed = (await client.call("listClusters"))["result"]["cluster"]
+    assert [{k: v for k, v in c.items() if k != "hosts_up"} for c in doc["clusters"]] == listed
+    hosts = {h["name"]: h for h in (await client.call("listHosts"))["result"]["host"]}
+    assert {h["name"]: (h["vms"], h["running"]) for h in doc["hosts"]} == {
+        n: (h["vms"], h["running"]) for n, h in hosts.items()
+    }
     assert {h["name"]: (h["health"], h["link"]) for h in doc["hosts"]} == {
         "host0": ("Up", "connected"),
         "host1": ("Up", "connected"),
