@@ -564,6 +564,8 @@ class ProgressBar:
         self.as_json = as_json
         self.tty = bool(getattr(out, "isatty", lambda: False)())
         self.drawn = False
+        self.has_percent = False
+        self.ticks = 0
 
     @staticmethod
     def line(prog: dict[str, Any], what: str = "", width: int = WIDTH) -> str:
@@ -583,12 +585,27 @@ class ProgressBar:
             print(json.dumps({"job": self.job_id, "position": entry.get("position"), "event_type":
                               entry.get("event_type"), "progress": prog}), file=self.out, flush=True)  # fmt: skip
             return
+        self.has_percent = True
         text = "  " + self.line(prog, what)
         if self.tty:
             print("\r\x1b[2K" + text, end="", file=self.out, flush=True)
             self.drawn = True
         else:
             print(text, file=self.out, flush=True)
+
+    SPIN = "|/-\\"
+
+    def tick(self, job: dict[str, Any], elapsed_s: float) -> None:
+        """On a terminal, while no percentage is known (libvirt reports none for internal snapshots, resizes
+        and starts): a spinner with the time so far and the VM's state, redrawn in place."""
+        if self.as_json or not self.tty or self.has_percent or job.get("status") in FINAL_STATUSES:
+            return
+        self.ticks += 1
+        state = f" (VM {job['state']})" if job.get("state") else ""
+        spin = self.SPIN[self.ticks % len(self.SPIN)]
+        print(f"\r\x1b[2K  {spin} {job.get('status') or 'pending'} {elapsed_s:.1f} s{state}", end="",
+              file=self.out, flush=True)  # fmt: skip
+        self.drawn = True
 
     def clear(self) -> None:
         """End the bar's line before other output."""
@@ -660,6 +677,7 @@ def follow_job(
             print(f"job {job_id}: {text}", file=progress, flush=True)
 
     say(status or "pending")
+    started = time.monotonic()
     try:
         while True:
             try:
@@ -669,6 +687,7 @@ def follow_job(
             if entry is not None:
                 show(entry)
             latest = job_of(client.call("queryAsyncJobResult", {"jobid": job_id})[0]) or job
+            bar.tick(latest, time.monotonic() - started)
             if latest.get("status") != status:
                 status = latest.get("status")
                 if status not in FINAL_STATUSES:

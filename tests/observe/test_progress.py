@@ -50,6 +50,22 @@ def test_progress_bar_prints_lines_when_not_a_terminal_and_json_with_json() -> N
     }  # fmt: skip
 
 
+def test_a_job_without_a_percentage_shows_a_spinner_with_time_and_state_on_a_terminal() -> None:
+    out = Terminal()
+    bar = ProgressBar(out, "j1")
+    bar.tick({"status": "running", "state": "Starting"}, 1.23)
+    bar.tick({"status": "succeeded", "state": "Running"}, 2.0)  # final: nothing more to draw
+    assert out.getvalue() == "\r\x1b[2K  / running 1.2 s (VM Starting)"
+    bar.update(ENTRY, {"percent": 5.0})
+    before = out.getvalue()
+    bar.tick({"status": "running"}, 3.0)  # a percentage is known: the bar stays
+    assert out.getvalue() == before
+    plain = io.StringIO()
+    ProgressBar(plain, "j1").tick({"status": "running"}, 1.0)
+    ProgressBar(plain, "j1", as_json=True).tick({"status": "running"}, 1.0)
+    assert plain.getvalue() == ""  # logs and pipes get no spinner noise
+
+
 @pytest.mark.parametrize(
     "entry",
     [
