@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -77,6 +78,30 @@ async def async_metrics(request: web.Request) -> web.Response:
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
+
+
+def metrics_route(metrics: Metrics, token: str | None) -> Any:
+    """A ``GET /metrics`` handler for a listener without peer credentials (a TCP one): with ``token`` it asks
+    for ``Authorization: Bearer <token>`` (Prometheus: ``authorization: {credentials_file: ...}``), compared in
+    constant time; ``None`` serves anyone who reaches the listener (only for a loopback or firewalled bind)."""
+    expected = f"Bearer {token}".encode() if token is not None else None
+
+    async def async_handler(request: web.Request) -> web.Response:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                resp = web.json_response(
+                    {"ok": False, "error": {"code": "permission_denied", "field": "Authorization",
+                                            "message": "GET /metrics needs 'Authorization: Bearer <token>'"}},
+                    status=401,
+                )  # fmt: skip
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="moldd metrics"'
+                return resp
+        resp = web.Response(body=metrics.exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    return async_handler
 
 
 def _static_bytes(name: str) -> bytes:

@@ -99,3 +99,35 @@ async def test_counters_follow_the_log_with_bounded_labels() -> None:
 def test_an_unbound_registry_still_renders() -> None:
     text = Metrics().exposition().decode()
     assert "moldd_ha_restarts_total" in text and "moldd_vms" not in text  # no read model yet: no VM gauges
+
+
+async def test_metrics_on_a_tcp_listener_need_the_bearer_token() -> None:
+    import aiohttp
+    from aiohttp import web
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moldd.observe.web import metrics_route
+
+    m = Metrics()
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_route(m, "s3cret-token"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                            {"Authorization": "Bearer s3cret-toke"}):  # fmt: skip
+                async with s.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as resp:
+                    assert resp.status == 401, headers
+                    assert (await resp.json())["error"]["field"] == "Authorization"
+            async with s.get(
+                f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer s3cret-token"}
+            ) as resp:
+                assert resp.status == 200
+                names = {f.name for f in text_string_to_metric_families(await resp.text())}
+                assert "moldd_ha_restarts" in names
+    finally:
+        await runner.cleanup()
