@@ -73,6 +73,17 @@ async def test_status_page_shows_an_ha_restart_live(
         )
         assert seen.index("Stopped") < len(seen) - 1 and seen[0] == "Running", seen
         assert await page.evaluate("window.__noReload === true")  # the same document all along
+        # at that same moment the host's counts and the cluster's headroom agree with the VM rows
+        counts = await page.evaluate(
+            f"document.querySelector('#host-{vm['host']} td[data-label=\"VMs (running)\"]').textContent"
+        )
+        assert counts.startswith("1 (1)"), counts
+        assert (
+            await page.evaluate(
+                "document.querySelector('[data-cluster=c1] [data-field=headroom]').textContent"
+            )
+            == "3"
+        )
 
         # each HA decision links to its cause: the libvirt event's own entry in the timeline
         link = "document.querySelector('#timeline li[data-type=\"ha.restart.scheduled\"] a.cause')"
