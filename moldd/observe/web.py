@@ -48,10 +48,6 @@ CSP = (
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 RECENT_JOBS = 20
-VM_FIELDS = (
-    "name", "display_name", "state", "power_state", "host", "cluster", "ha_enabled", "ha_policy", "ha_status",
-    "job", "stop_cause", "error", "updated_at", "position",
-)  # fmt: skip
 JOB_FIELDS = (
     "id", "command", "vm", "status", "state", "progress", "created_at", "updated_at", "finished_at", "error",
     "position",
@@ -189,8 +185,10 @@ def sse_frame(data: dict[str, Any]) -> bytes:
     return b"id: %d\nevent: entry\ndata: %s\n\n" % (data["entry"]["position"], dumps(data))
 
 
-def vm_status(vm: Any) -> dict[str, Any]:
-    return {k: vm.__dict__.get(k) for k in VM_FIELDS}
+def vm_status(vm: Any) -> Any:
+    """The VM's cached read-model view (what ``listVirtualMachines`` shows): built once per change, and its
+    JSON encoding is cached with it, so a status document of 10,000 VMs mostly splices cached bytes."""
+    return vm.view()
 
 
 def job_status(job: Any) -> dict[str, Any]:
