@@ -44,7 +44,7 @@ def _load_optional_verbs() -> None:
     """Verb modules that are built on top of the lifecycle; imported for their registration side effect."""
     import importlib
 
-    for name in ("moldd.app.operations", "moldd.app.snapshots"):
+    for name in ("moldd.app.operations", "moldd.app.snapshots", "moldd.app.catalog", "moldd.app.users"):
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(name)
 
@@ -77,6 +77,7 @@ class Daemon:
         self.projector: Projector | None = None
         self.app: App | None = None
         self.api: Any = None
+        self.cloudstack_tcp: Any = None
         self.ha: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.verified: Verified | None = None
@@ -137,14 +138,44 @@ class Daemon:
             from moldd.api.serve import async_serve
 
             self.api = await async_serve(
-                self.app, str(cfg.socket), mode=cfg.socket_mode, group=gid, api=cfg.api, metrics=self.metrics
+                self.app,
+                str(cfg.socket),
+                mode=cfg.socket_mode,
+                group=gid,
+                api=cfg.api,
+                cloudstack=self._cloudstack_endpoint(tcp=False),
+                group_role=cfg.roles.socket_group_role,
+                admin_group=cfg.roles.admin_group,
+                metrics=self.metrics,
             )
+            cs = cfg.cloudstack
+            if cs.port is not None:
+                from moldd.api.cloudstack import async_serve_tcp
+
+                self.cloudstack_tcp = await async_serve_tcp(
+                    self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
+                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes,
+                )  # fmt: skip
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
+
+    def _cloudstack_endpoint(self, *, tcp: bool) -> Any:
+        from moldd.api.cloudstack import CloudStackEndpoint, CloudStackSettings
+        from moldd.app.users import directory
+
+        assert self.app is not None
+        cs = self.config.cloudstack
+        settings = CloudStackSettings(
+            max_request_bytes=cs.max_request_bytes,
+            max_expires_ahead_s=cs.signature_max_age_s,
+            rate_per_s=cs.rate_per_s,
+            rate_burst=cs.rate_burst,
+        )
+        return CloudStackEndpoint(self.app, directory(self.app), settings, tcp=tcp)
 
     def _start_ha(self) -> None:
         try:
@@ -225,6 +256,8 @@ class Daemon:
 
     async def async_stop(self) -> None:
         systemd.notify_stopping()
+        if self.cloudstack_tcp is not None:
+            await self.cloudstack_tcp.async_close()
         if self.api is not None:
             await self.api.async_close()
         for task in self.tasks:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from moldd import systemd
 from moldd.api.app import make_app
+from moldd.api.cloudstack.handler import CloudStackEndpoint
 from moldd.api.keys import ApiSettings
 from moldd.api.peercred import AccessPolicy
 from moldd.api.protocol import AcceptErrorFilter, LimitedSite
@@ -109,6 +110,9 @@ async def async_serve(
     settings: ApiSettings | None = None,
     shutdown_timeout_s: float = 5.0,
     api: ApiConfig | None = None,
+    cloudstack: CloudStackEndpoint | None = None,
+    group_role: str = "admin",
+    admin_group: str | int | None = None,
     metrics: Metrics | None = None,
 ) -> ApiServer:
     """Serve the API for ``bus`` and return once it accepts connections.
@@ -134,7 +138,8 @@ async def async_serve(
         sock = bind_unix_socket(socket_path, mode=mode, gid=gid, backlog=limits.backlog)
         owns_path = True
     path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    app = make_app(bus, access=AccessPolicy(gid), settings=settings, metrics=metrics)
+    access = AccessPolicy(gid, group_role=group_role, admin_group_gid=resolve_group(admin_group))
+    app = make_app(bus, access=access, settings=settings, cloudstack=cloudstack, metrics=metrics)
     runner = web.AppRunner(
         app,
         access_log=None,

@@ -29,8 +29,10 @@ from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
 from moldd.app.secrets import SecretStore
 from moldd.config import Config
-from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.errors import Conflict, MolddError, NotFound, PermissionDenied, ValidationError
+from moldd.domain.ids import is_uuid, stable_uuid
 from moldd.domain.names import check_safe_text
+from moldd.domain.roles import Role, required_role
 from moldd.domain.states import Action, VMState, check
 from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
@@ -173,6 +175,8 @@ class App:
         handler = _REGISTRY.get(verb)
         if handler is None:
             raise ValidationError(f"unknown command {verb!r}", field="command", code="unknown_command")
+        if actor.role is not None:
+            await self._async_check_role(verb, actor)
         if command_id is None:
             cmd = Command(id=uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
             return await self._async_execute(handler, cmd)
@@ -243,6 +247,31 @@ class App:
             structlog.contextvars.unbind_contextvars("command_id", "actor")
             if self.on_command is not None:
                 self.on_command(cmd.verb, outcome, time.perf_counter() - started)
+
+    async def _async_check_role(self, verb: str, actor: Actor) -> None:
+        """Refuse a verb the actor's role does not allow, and record who tried what and why."""
+        try:
+            role = Role.parse(actor.role or "")
+        except ValidationError:
+            role = None
+        need = required_role(verb)
+        if role is not None and role >= need:
+            return
+        reason = f"role {actor.role} may not call {verb} (it needs {need})"
+        log.warning("access_denied", verb=verb, actor=str(actor), reason=reason)
+        with contextlib.suppress(Exception):  # the refusal stands even if the audit cannot be written
+            await self.store.async_append(
+                "access",
+                [
+                    NewEvent(
+                        "access.denied",
+                        {"verb": verb, "user": actor.user, "uid": actor.uid, "role": actor.role,
+                         "required": str(need), "via": actor.via or "socket", "reason": reason},
+                        actor=str(actor),
+                    )
+                ],
+            )  # fmt: skip
+        raise PermissionDenied(reason, field="command")
 
     async def _async_run_checked(self, handler: Handler, cmd: Command, attempts: int = 3) -> CommandReply:
         """Run a handler; if another event for the same stream (a libvirt event, say) was committed between its
@@ -346,6 +375,10 @@ class App:
         for item in items:
             if item.name == name:
                 return item
+        if is_uuid(name):  # its stable id (moldd.domain.ids), as CloudStack clients name it
+            for item in items:
+                if stable_uuid(kind, item.name) == name:
+                    return item
         known = ", ".join(i.name for i in items) or "none configured"
         raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
 
@@ -363,6 +396,8 @@ class App:
             check_safe_text(key, field)
         vms = self.model.vms
         vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
+        if vm is None and isinstance(key, str) and len(key) == 36:  # a CloudStack id: the VM's UUID
+            vm = next((v for v in vms.values() if v.uuid == key), None)
         if vm is None:
             by_id = [v for v in vms.values() if str(v.id) == str(key)]
             by_display = [v for v in vms.values() if v.display_name == key and v.state != "Expunged"]

@@ -291,6 +291,16 @@ COMMANDS: tuple[Cmd, ...] = (
     Cmd("capacity", "listClusters", "cluster capacity (N-1 rule)", (),
         ("cluster", "hosts", "perhostlimit", "toleratedfailures", "used", "limit", "headroom")),
     Cmd("job show", "queryAsyncJobResult", "show a job", (pos("id", "jobid"),), single=True, follow=False),
+    Cmd("user create", "createUser", "create a user with an API key pair (the secret key is shown once)", (
+        pos("username", "username"), opt("--role", "role", "admin, operator or readonly (default readonly)"),
+    ), single=True),
+    Cmd("user list", "listUsers", "list users (never their secret keys)", (),
+        ("name", "role", "state", "apikey", "created", "id")),
+    Cmd("user revoke", "revokeUser", "revoke a user's API keys at once", (
+        pos("username", "username"), opt("--reason", "reason", "why (recorded in the log)"),
+    ), single=True),
+    Cmd("user keys", "registerUserKeys", "a new API key pair for a user (the old pair stops working)",
+        (pos("username", "username"),), single=True),
 )  # fmt: skip
 
 
