@@ -27,7 +27,7 @@ from operator import attrgetter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -209,6 +209,26 @@ class ReadModelCollector(Collector):
             "Clients following the event log live (NDJSON or SSE)",
             value=m.followers(),
         )
+        cluster = m.cluster
+        if cluster is not None:  # several nodes share a PostgreSQL log (moldd.cluster.ClusterRole)
+            try:
+                leading = bool(cluster.is_leading())
+            except Exception:
+                leading = False
+            yield GaugeMetricFamily(
+                "moldd_leader", "1 while this node leads the cluster (writes the log, runs HA)", value=leading
+            )
+            yield GaugeMetricFamily(
+                "moldd_leader_acting", "1 while this node leads and has taken charge of the hosts",
+                value=bool(getattr(cluster, "acting", False)),
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "moldd_leader_epoch", "The newest leadership epoch this node knows (0: none yet)",
+                value=int(getattr(cluster, "epoch", None) or 0),
+            )  # fmt: skip
+            terms = CounterMetricFamily("moldd_leader_terms", "Times this node was elected leader")
+            terms.add_metric([], int(getattr(cluster, "terms", 0) or 0))
+            yield terms
         yield GaugeMetricFamily(
             "moldd_ha_watchers_healthy",
             "1 while every HA watcher task runs",
@@ -307,6 +327,9 @@ class Metrics:
             self.watcher_restarts.labels(watcher)
 
         self.verbs: frozenset[str] = frozenset()
+        # the daemon's cluster role when the log lives on PostgreSQL (``is_leading()``, ``epoch``, ``acting``,
+        # ``terms``); None for a single node
+        self.cluster: Any = None
         self._app: Any = None
         self._store: Any = None
         self._servers: list[Any] = []

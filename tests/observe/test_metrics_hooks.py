@@ -131,3 +131,33 @@ async def test_metrics_on_a_tcp_listener_need_the_bearer_token() -> None:
                 assert "moldd_ha_restarts" in names
     finally:
         await runner.cleanup()
+
+
+def test_leader_role_and_epoch_when_the_log_is_shared() -> None:
+    from types import SimpleNamespace
+
+    from moldd.projection.readmodel import ReadModel
+
+    m = Metrics()
+    model = ReadModel()
+    config = SimpleNamespace(hosts=[], tolerated_host_failures=1, host=lambda name: None)
+    m.bind(SimpleNamespace(model=model, config=config, verbs=lambda: [], health_checks={}), None)
+    assert "moldd_leader" not in m.exposition().decode()  # a single node has no such series
+
+    class Role:
+        epoch = 7
+        acting = True
+        terms = 2
+
+        def __init__(self) -> None:
+            self.leading = True
+
+        def is_leading(self) -> bool:
+            return self.leading
+
+    role = Role()
+    m.cluster = role
+    assert sample(m, "moldd_leader") == 1 and sample(m, "moldd_leader_epoch") == 7
+    assert sample(m, "moldd_leader_acting") == 1 and sample(m, "moldd_leader_terms_total") == 2
+    role.leading = False
+    assert sample(m, "moldd_leader") == 0
