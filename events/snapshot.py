@@ -144,7 +144,8 @@ async def _async_find_seal(
     top = versions.get(stream, 0)
     while top > 0:
         bottom = max(1, top - _SEAL_SCAN + 1)
-        for ev in reversed(await store.async_read_stream(stream, bottom, top)):
+        batch = await store.async_read_stream(stream, bottom, top)
+        for ev in batch[::-1]:
             p = ev.payload
             if ev.event_type == SEAL_TYPE and seal_matches(p, name, position, head_hash, digest):
                 return ev.position

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -26,6 +27,14 @@ from .errors import NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., _T], *args: Any) -> _T:
+    """Run `fn(*args)` on the connection's own thread (aiosqlite's private, untyped `_execute`)."""
+    execute = cast(Callable[..., Awaitable[_T]], conn._execute)
+    return await execute(fn, *args)
 
 SCHEMA_VERSION = 2
 """1: events + commands tables. 2: idempotency from events.command_id (index), REPLACE refused by triggers."""
@@ -289,9 +298,9 @@ class SQLiteEventStore(EventStore):
             for pragma in TUNING:
                 await conn.execute(pragma)
             raw = conn._conn  # the sqlite3 connection; used only through conn._execute (its own thread)
-            log_id = await conn._execute(migrate, raw)
-            await conn._execute(_ensure_filter_indexes, raw)
-            head = await conn._execute(_head, raw, log_id)
+            log_id = await _in_thread(conn, migrate, raw)
+            await _in_thread(conn, _ensure_filter_indexes, raw)
+            head = await _in_thread(conn, _head, raw, log_id)
         except BaseException:
             await conn.close()
             raise
@@ -307,12 +316,12 @@ class SQLiteEventStore(EventStore):
         )
 
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
-        await self._conn._execute(_commit, self._conn._conn, rows, commands)
+        await _in_thread(self._conn, _commit, self._conn._conn, rows, commands)
 
     async def _async_lookup(
         self, stream_ids: set[str], command_ids: set[str]
     ) -> tuple[dict[str, int], dict[str, AppendResult]]:
-        versions, found = await self._conn._execute(_lookup, self._conn._conn, stream_ids, command_ids)
+        versions, found = await _in_thread(self._conn, _lookup, self._conn._conn, stream_ids, command_ids)
         results: dict[str, AppendResult] = {}
         for cid, (cmd, rows) in found.items():
             events = tuple(self._rows_to_events(rows))
@@ -370,7 +379,7 @@ class SQLiteEventStore(EventStore):
                 "SELECT position, head_hash, state, created_at FROM snapshots WHERE name = ?", (name,)
             )
         )
-        return tuple(rows[0]) if rows else None  # type: ignore[return-value]
+        return tuple(rows[0]) if rows else None
 
     async def _async_close_backend(self) -> None:
         await self._conn.close()

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 scripts/install.sh
 .venv/bin/ruff check events moldd tests bench
 .venv/bin/mypy events moldd
+.venv/bin/mypy --strict events moldd/domain
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
