@@ -207,7 +207,7 @@ class Daemon:
         assert self.app is not None
         for vm in list(self.app.model.vms.values()):
             if vm.state in TRANSIENT and vm.host in unreachable and vm.name not in self.app.vm_jobs:
-                payload = {
+                payload: dict[str, Any] = {
                     "state": "Unknown",
                     "power_state": "unknown",
                     "host": vm.host,

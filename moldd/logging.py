@@ -13,7 +13,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import FilteringBoundLogger, Processor
 
 from moldd.observe import journald
 
@@ -104,7 +104,7 @@ def configure_logging(
     root.setLevel(number)
 
 
-def get_logger(name: str | None = None, **bound: Any) -> Any:
+def get_logger(name: str | None = None, **bound: Any) -> FilteringBoundLogger:
     """A structlog logger, optionally with fields bound (``get_logger(__name__, vm="web-1")``)."""
-    log = structlog.get_logger(name)
+    log: FilteringBoundLogger = structlog.get_logger(name)
     return log.bind(**bound) if bound else log

@@ -21,7 +21,7 @@ from moldd.app.placement import place_existing, place_new_vm, place_returning_vm
 from moldd.app.secrets import protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
-from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError, present
 from moldd.domain.ha import blame_elsewhere, parse_policy
 from moldd.domain.ids import is_uuid
 from moldd.domain.names import (
@@ -166,11 +166,10 @@ async def async_run_deploy(app: App, name: str, cmd: Command, start: bool) -> No
         disk.parent.mkdir(parents=True, exist_ok=True)
         size_gb = vm.root_disk.get("size_gb")
         if vm.template is not None:
-            template = cfg.template(vm.template)
-            assert template is not None
+            template = present(cfg.template(vm.template), f"template {vm.template}")
             await storage.async_create_overlay(template.image, disk, size_gb * GIB if size_gb else None)
         else:
-            await storage.async_create_blank(disk, int(size_gb) * GIB)
+            await storage.async_create_blank(disk, int(present(size_gb, "root disk size")) * GIB)
         info = await storage.async_info(disk)
         root = {"path": str(disk), "size_gb": round(info.virtual_size / GIB, 3)}
         spec = domain_spec(cfg, dataclasses.replace(vm, root_disk=root))
@@ -184,9 +183,9 @@ async def async_run_deploy(app: App, name: str, cmd: Command, start: bool) -> No
     await app.async_record(name, "vm.created", {"root_disk": root, "host": vm.host, **done}, cmd=cmd)
     if start:
         vm = app.model.vms[name]
-        assert vm.host is not None
-        await app.async_record(name, "vm.start.requested", {"host": vm.host, "cluster": vm.cluster}, cmd=cmd)
-        await async_start_on(app, name, vm.host, cmd=cmd)
+        host = present(vm.host, f"host of {name}")
+        await app.async_record(name, "vm.start.requested", {"host": host, "cluster": vm.cluster}, cmd=cmd)
+        await async_start_on(app, name, host, cmd=cmd)
 
 
 # -- start -----------------------------------------------------------------------------------------------
@@ -275,8 +274,7 @@ async def stop_vm(app: App, cmd: Command) -> CommandReply:
 
 async def async_power_off(app: App, vm: VM, forced: bool) -> dict[str, Any]:
     """ACPI shutdown, then forced off after the stop timeout (or at once when ``forced``). Returns how."""
-    assert vm.host is not None
-    conn = app.hosts.conn(vm.host)
+    conn = app.hosts.conn(present(vm.host, f"host of {vm.name}"))
     state = await conn.async_domain_state(vm.internal_name)
     if state in (None, "shutoff", "crashed"):
         return {"how": "already-off"}
@@ -363,8 +361,7 @@ async def _async_reboot_job(app: App, name: str, forced: bool, cmd: Command) -> 
     vm = app.model.vms[name]
     timeout = app.config.stop_timeout_s
     try:
-        assert vm.host is not None
-        conn = app.hosts.conn(vm.host)
+        conn = app.hosts.conn(present(vm.host, f"host of {name}"))
         if forced:
             await conn.async_reset(vm.internal_name)
             how: dict[str, Any] = {"how": "reset"}

@@ -32,6 +32,7 @@ from moldd.domain.errors import (
     NotFound,
     OperationFailed,
     ValidationError,
+    present,
 )
 from moldd.domain.ha import parse_policy
 from moldd.domain.names import validate_display_name, validate_group_name, validate_hostname
@@ -103,7 +104,8 @@ def live_maxima(xml: str) -> tuple[int, int]:
     """(max vCPUs, max memory MiB) a running domain was started with."""
     root = ET.fromstring(xml)
     vcpu, mem = root.find("vcpu"), root.find("memory")
-    assert vcpu is not None and mem is not None and vcpu.text and mem.text
+    if vcpu is None or mem is None or not vcpu.text or not mem.text:
+        raise OperationFailed("the running domain's XML has no <vcpu> or <memory> value")
     unit = {"KiB": 1024, "MiB": 1024**2, "GiB": GIB, "b": 1, "bytes": 1}.get(mem.get("unit", "KiB"), 1024)
     return int(vcpu.text), int(mem.text) * unit // (1024**2)
 
@@ -481,8 +483,7 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
 
 async def _async_live_migrate(app: App, name: str, dest: str, cmd: Command) -> None:
     vm = app.model.vms[name]
-    source = vm.host
-    assert source is not None
+    source = present(vm.host, f"host of {name}")
     loop = asyncio.get_running_loop()
     records: list[asyncio.Future[Any]] = []
     last = [-PROGRESS_EVERY_S]
@@ -592,8 +593,7 @@ def _next_root(app: App, vm: VM) -> Path:
 
 
 async def _async_restore_job(app: App, name: str, template_name: str, running: bool, cmd: Command) -> None:
-    template = app.config.template(template_name)
-    assert template is not None
+    template = present(app.config.template(template_name), f"template {template_name}")
     vm = app.model.vms[name]
     old = Path(vm.root_disk["path"]) if vm.root_disk.get("path") else None
     new = _next_root(app, vm)
@@ -630,9 +630,9 @@ async def _async_restore_job(app: App, name: str, template_name: str, running: b
         await storage.async_delete(old)
     vm = app.model.vms[name]
     if running:
-        assert vm.host is not None
-        await app.async_record(name, "vm.start.requested", {"host": vm.host, "cluster": vm.cluster}, cmd=cmd)
-        await async_start_on(app, name, vm.host, cmd=cmd)
+        host = present(vm.host, f"host of {name}")
+        await app.async_record(name, "vm.start.requested", {"host": host, "cluster": vm.cluster}, cmd=cmd)
+        await async_start_on(app, name, host, cmd=cmd)
     elif vm.host is not None and app.hosts.is_connected(vm.host):
         try:  # the old definition points at the deleted disk
             await async_define_stopped(app, vm)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from events import StoredEvent
+from events import EventStore, StoredEvent
 from events.canonical import canonical_text
 from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
 from moldd.projection.readmodel import ReadModel
@@ -34,7 +34,7 @@ STOP_SNAPSHOT_TIMEOUT_S = 5.0
 
 
 class Projector:
-    def __init__(self, store: Any, *, snapshot_every: int = 1000) -> None:
+    def __init__(self, store: EventStore, *, snapshot_every: int = 1000) -> None:
         self.store = store
         self.model = ReadModel()
         self.snapshot_every = snapshot_every

@@ -26,6 +26,7 @@ import structlog
 from events import ANY_VERSION, AppendResult, ConcurrencyError, NewEvent, StoredEvent
 from moldd.app.args import show
 from moldd.app.bus import SYSTEM, Actor, CommandReply
+from moldd.app.ports import EventLog, Hosts
 from moldd.app.projector import Projector
 from moldd.app.secrets import SecretStore
 from moldd.config import Config
@@ -36,6 +37,7 @@ from moldd.domain.roles import Role, required_role
 from moldd.domain.states import Action, VMState, check
 from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
+from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.app")
 
@@ -138,11 +140,11 @@ def event_view(ev: StoredEvent) -> dict[str, Any]:
 
 
 class App:
-    def __init__(self, config: Config, store: Any, projector: Projector, hosts: Any) -> None:
+    def __init__(self, config: Config, store: EventLog, projector: Projector, hosts: Hosts) -> None:
         self.config = config
         self.store = store
         self.projector = projector
-        self.hosts = hosts  # moldd.app.hosts.HostManager
+        self.hosts = hosts  # moldd.app.hosts.HostManager in the daemon
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.placement_lock = asyncio.Lock()
         self.secrets = SecretStore.for_config(config)  # secret settings: kept beside the log, never in it
@@ -159,7 +161,7 @@ class App:
         self.followers = 0  # clients following the log live (async_follow, the status page's feed)
 
     @property
-    def model(self) -> Any:
+    def model(self) -> ReadModel:
         return self.projector.model
 
     # -- CommandBus ------------------------------------------------------------------------------------

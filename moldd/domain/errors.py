@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class MolddError(Exception):
     """Base of every error moldd reports to a client."""
@@ -68,3 +72,18 @@ class OperationFailed(MolddError):
 
     code = "operation_failed"
     http_status = 502
+
+
+class InternalError(MolddError):
+    """A broken invariant of moldd itself (a bug, not the caller's fault). Raised by explicit checks where an
+    ``assert`` would vanish under ``python -O``."""
+
+    code = "internal_error"
+    http_status = 500
+
+
+def present(value: T | None, what: str) -> T:
+    """``value``, which moldd's own invariants guarantee is set; ``InternalError`` naming ``what`` if it is None."""
+    if value is None:
+        raise InternalError(f"internal error: {what} is not set")
+    return value

@@ -173,7 +173,7 @@ def is_allowed(state: VMState, action: Action) -> bool:
     return state in _ALLOWED[action][0]
 
 
-def check(state: VMState, action: Action) -> None:
+def check(state: VMState | str, action: Action) -> None:
     """Raise ``InvalidState`` (naming the state and the rule) unless ``action`` may run in ``state``."""
     allowed, rule = _ALLOWED[action]
     state = VMState(state)  # a plain string (from JSON) is accepted too
@@ -181,7 +181,7 @@ def check(state: VMState, action: Action) -> None:
         raise InvalidState(f"cannot {action}: the VM is {state.value} ({rule})", field="state")
 
 
-def check_stop(state: VMState, *, ha_restart_pending: bool) -> None:
+def check_stop(state: VMState | str, *, ha_restart_pending: bool) -> None:
     """Like ``check(state, Action.STOP)``. Stopping a Stopped VM is a no-op success (CloudStack); for one whose HA
     restart is pending (back-off) it is also how a user keeps an HA VM down (the Mold manual: stop it through Mold,
     or disable HA)."""
