@@ -492,7 +492,8 @@ def _section_type(annotation: Any) -> type[Section]:
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (tuple, types.UnionType, typing.Union) and args:
         annotation = args[0]
-    assert isinstance(annotation, type) and issubclass(annotation, Section), annotation
+    if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+        raise TypeError(f"not a config section type: {annotation!r}")
     return annotation
 
 

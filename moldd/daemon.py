@@ -23,6 +23,7 @@ from moldd.app.hosts import HostManager
 from moldd.app.projector import Projector
 from moldd.app.service import App
 from moldd.config import Config, ConfigError, check_environment, load_config
+from moldd.domain.errors import InternalError
 from moldd.domain.states import TRANSIENT
 from moldd.integrity import (
     EXIT_LOG_TAMPERED,
@@ -167,7 +168,8 @@ class Daemon:
         from moldd.api.cloudstack import CloudStackEndpoint, CloudStackSettings
         from moldd.app.users import directory
 
-        assert self.app is not None
+        if self.app is None:
+            raise InternalError("the daemon's app is not built yet")
         cs = self.config.cloudstack
         settings = CloudStackSettings(
             max_request_bytes=cs.max_request_bytes,
@@ -182,7 +184,8 @@ class Daemon:
             from moldd.ha.watcher import HAManager
         except ModuleNotFoundError:
             return
-        assert self.app is not None
+        if self.app is None:
+            raise InternalError("the daemon's app is not built yet")
         self.ha = HAManager(self.app)
         self.ha.start()
         self.app.health_checks["ha"] = lambda: self.ha.healthy()
@@ -192,7 +195,8 @@ class Daemon:
 
     async def _async_register_hosts(self) -> None:
         """Record each configured host (and changes to it) in the log, so replays know the hosts too."""
-        assert self.app is not None
+        if self.app is None:
+            raise InternalError("the daemon's app is not built yet")
         for h in self.config.hosts:
             known = self.app.model.hosts.get(h.name)
             desc = {"name": h.name, "uri": h.uri, "cluster": h.cluster, "max_vms": h.max_vms}
@@ -204,7 +208,8 @@ class Daemon:
     async def _async_recover_unreachable(self, unreachable: set[str]) -> None:
         """A VM left mid-command on a host we cannot reach is not left Starting/Stopping forever: it is Unknown
         until its host answers (HA and resync take it from there)."""
-        assert self.app is not None
+        if self.app is None:
+            raise InternalError("the daemon's app is not built yet")
         for vm in list(self.app.model.vms.values()):
             if vm.state in TRANSIENT and vm.host in unreachable and vm.name not in self.app.vm_jobs:
                 payload: dict[str, Any] = {
@@ -231,7 +236,8 @@ class Daemon:
         from events.checkpoint import load_private_key, sign_and_append
 
         cfg = self.config.checkpoints
-        assert cfg.key is not None and cfg.file is not None and self.verified is not None
+        if cfg.key is None or cfg.file is None or self.verified is None:
+            raise InternalError("checkpoints are not configured")
         if self.integrity_error is not None:
             return False
         head = await self.store.async_head()

@@ -29,7 +29,7 @@ from aiohttp.web_request import BaseRequest
 
 from moldd.api.handlers import dumps, json_response
 from moldd.config import ApiConfig
-from moldd.domain.errors import MolddError
+from moldd.domain.errors import MolddError, present
 
 log = structlog.get_logger("moldd.api")
 
@@ -189,7 +189,8 @@ class _Refused(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError(f"a stream transport is needed, not {type(transport).__name__}")
         self.transport = transport
         transport.write(
             raw_json_reply(
@@ -234,8 +235,7 @@ class LimitedSite(web.SockSite):
     async def start(self) -> None:
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
+        server = present(self._runner.server, "the aiohttp server of the runner")
         self._server = await loop.create_server(
             protocol_factory(server, self._limits), sock=self._sock, backlog=self._backlog
         )

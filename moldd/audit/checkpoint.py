@@ -45,7 +45,8 @@ def keygen(directory: str | Path, name: str = KEY_NAME) -> tuple[Path, Path]:
             gpriv, gpub = generate_keys(tmp)
         except CheckpointError as exc:
             raise AuditError(exc.message, field="dir") from exc
-        assert gpriv.name == PRIVATE_KEY_NAME and gpub.name == PUBLIC_KEY_NAME
+        if gpriv.name != PRIVATE_KEY_NAME or gpub.name != PUBLIC_KEY_NAME:
+            raise AuditError(f"internal error: generated keys are named {gpriv.name}, {gpub.name}", field="dir")
         try:
             os.link(gpriv, priv)  # link, not rename: fails instead of replacing a key created meanwhile
             os.link(gpub, pub)

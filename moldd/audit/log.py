@@ -105,7 +105,8 @@ def iter_events(
     up = upcasters()
     for row in iter_rows(conn, from_position, to_position):
         pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
-        assert isinstance(pos, int) and isinstance(et, str) and isinstance(schv, int) and isinstance(ts, int)
+        if not (isinstance(pos, int) and isinstance(et, str) and isinstance(schv, int) and isinstance(ts, int)):
+            raise AuditError(f"position {pos!r}: a column of the row has the wrong type; run verify", field="db")
         check_schema(et, schv, pos)
         try:
             data = loads(payload)  # type: ignore[arg-type]

@@ -242,7 +242,8 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
     cp, failed = checkpoint(args.db, args.key, args.out, check=not args.no_verify)
     if cp is None:
-        assert failed is not None
+        if failed is None:
+            raise AuditError("internal error: no checkpoint and no failure")
         say(failed.render(), file=sys.stderr)
         say(f"{PROG}: refusing to sign a log that does not verify", file=sys.stderr)
         return failed.exit_code

@@ -559,8 +559,9 @@ _EVENT_DETAILS = (
 
 def event_changes(entry: dict[str, Any]) -> str:
     """What an entry says changed, as ``key=value ...`` (its state, host, cause, error, ...)."""
-    payload = entry.get("payload") if isinstance(entry.get("payload"), dict) else {}
-    assert isinstance(payload, dict)
+    payload = entry.get("payload")
+    if not isinstance(payload, dict):
+        payload = {}
     return " ".join(f"{k}={_cell(payload[k])}" for k in _EVENT_DETAILS if k in payload and payload[k] is not None)
 
 
@@ -888,8 +889,7 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextI
             result, position = client.call(cmd.verb, command_args(cmd, ns), command_id)
             return _finish(client, ns, cmd, result, position, out, err)
         if ns.action == "call":
-            assert call_args is not None
-            result, position = client.call(ns.verb, call_args, command_id)
+            result, position = client.call(ns.verb, call_args or {}, command_id)
             return _finish(client, ns, None, result, position, out, err)
         if ns.action == "events":
             return _events(client, ns, out)

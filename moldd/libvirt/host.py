@@ -30,7 +30,14 @@ from typing import Any, TypeVar
 import libvirt
 import structlog
 
-from moldd.domain.errors import MolddError, NotFound, OperationFailed, Unavailable, ValidationError
+from moldd.domain.errors import (
+    InternalError,
+    MolddError,
+    NotFound,
+    OperationFailed,
+    Unavailable,
+    ValidationError,
+)
 from moldd.libvirt import storage
 from moldd.libvirt.bridge import LibvirtBridge, translate_error
 from moldd.libvirt.events import CLOSE_REASONS, DomainEvent, HostLinkEvent, state_name
@@ -303,7 +310,8 @@ def _change_cdrom(conn: libvirt.virConnect, name: str, iso: str | None, target: 
     if found is None:
         raise NotFound(f"domain {name} has no cdrom drive {target!r}", field="target")
     tgt = found.find("target")
-    assert tgt is not None
+    if tgt is None:  # found by its target's dev, so it has one
+        raise OperationFailed(f"domain {name}: the cdrom drive has no <target>")
     disk = ET.Element("disk", {"type": "file", "device": "cdrom"})
     ET.SubElement(disk, "driver", {"name": "qemu", "type": "raw"})
     if iso is not None:
@@ -463,7 +471,8 @@ class HostConnection:
     def _start_reconnect(self) -> None:
         if self._stopping or (self._reconnect_task is not None and not self._reconnect_task.done()):
             return
-        assert self._loop is not None
+        if self._loop is None:
+            raise InternalError(f"host {self.name}: reconnect before the connection was started")
         self._reconnect_task = self._loop.create_task(
             self._async_reconnect_loop(), name=f"libvirt-reconnect-{self.name}"
         )
@@ -525,7 +534,8 @@ class HostConnection:
             concurrent.futures.Future()
         )
         loop = self._loop
-        assert loop is not None
+        if loop is None:
+            raise InternalError(f"host {self.name}: connect before the connection was started")
 
         def run() -> None:
             try:
@@ -842,8 +852,10 @@ class HostConnection:
                     await self._call(_abort_job, name, timeout=10.0)
                     try:
                         await asyncio.wait_for(asyncio.shield(fut), 60.0)
-                    except BaseException:
-                        pass
+                    except asyncio.CancelledError:
+                        raise  # our caller gave up too: handled below (the job is aborted again, harmlessly)
+                    except Exception as exc:  # the aborted migration's own error, or no end within 60 s
+                        log.debug("migration_abort_wait", domain=name, error=repr(exc))
                     raise libvirt.libvirtError(f"migration did not finish within {timeout:g} s")
                 if progress is not None:
                     try:
