@@ -46,9 +46,6 @@ class Upcasters:
 
         return deco
 
-    def is_known(self, event_type: str) -> bool:
-        return event_type in self._current
-
     def current_version(self, event_type: str) -> int | None:
         return self._current.get(event_type)
 

@@ -18,7 +18,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -550,7 +549,3 @@ class App:
         for task in [*self.jobs.values(), *self.background]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-def now_iso(clock: Callable[[], float] = time.time) -> str:
-    return datetime.fromtimestamp(clock(), UTC).isoformat()

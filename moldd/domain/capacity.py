@@ -104,13 +104,6 @@ def low_headroom(cap: ClusterCapacity, threshold: int) -> bool:
     return cap.headroom <= threshold
 
 
-def loads_by_cluster(loads: Iterable[HostLoad]) -> Mapping[str, list[HostLoad]]:
-    out: dict[str, list[HostLoad]] = {}
-    for h in loads:
-        out.setdefault(h.cluster, []).append(h)
-    return out
-
-
 def committed_memory_mib(offering: Mapping[str, Any]) -> int:
     """Memory a running guest of this offering can hold on its host: the maximum for a dynamic offering."""
     memory = int(offering.get("memory_mib") or 0)

@@ -165,10 +165,6 @@ _PENDING: dict[Action, VMState] = {
 }
 
 
-def allowed_states(action: Action) -> frozenset[VMState]:
-    return _ALLOWED[action][0]
-
-
 def is_allowed(state: VMState, action: Action) -> bool:
     return state in _ALLOWED[action][0]
 

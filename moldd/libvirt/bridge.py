@@ -85,10 +85,6 @@ def _ignore_error(_ctx: object, _err: object) -> None:
     return None
 
 
-def is_event_loop_thread() -> bool:
-    return _event_thread is not None and threading.current_thread() is _event_thread
-
-
 def translate_error(exc: libvirt.libvirtError, *, what: str = "") -> MolddError:
     """Map a libvirtError to the moldd error a client can act on, keeping libvirt's message."""
     code = exc.get_error_code()

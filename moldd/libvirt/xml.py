@@ -227,10 +227,6 @@ def build_domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
-def parse_domain_xml(xml: str) -> ET.Element:
-    return ET.fromstring(xml)
-
-
 def moldd_vm_name(xml: str) -> str | None:
     """The moldd VM name stored in a domain's metadata, if any."""
     el = ET.fromstring(xml).find(f"metadata/{{{MOLDD_XMLNS}}}vm")
