@@ -32,7 +32,7 @@ from moldd.domain.names import (
     validate_hostname,
 )
 from moldd.domain.settings import validate_details
-from moldd.domain.states import Action, VMState, check, check_stop
+from moldd.domain.states import Action, PowerState, VMState, check, check_stop
 from moldd.libvirt import storage
 from moldd.libvirt.xml import build_domain_xml
 from moldd.projection.model import VM
@@ -411,7 +411,7 @@ async def _async_destroy_job(app: App, name: str, expunge: bool, cmd: Command, *
     ``forced``) and recorded Stopped, so there is no Running -> Destroyed edge; then its definition goes."""
     vm = app.model.vms[name]
     try:
-        if vm.host is not None and (vm.power_state != "off" or app.hosts.is_connected(vm.host)):
+        if vm.host is not None and (vm.power_state != PowerState.OFF or app.hosts.is_connected(vm.host)):
             conn = app.hosts.conn(vm.host)
             if await conn.async_domain_state(vm.internal_name) not in (None, "shutoff", "crashed"):
                 how = await async_power_off(app, vm, forced)

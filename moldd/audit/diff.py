@@ -28,7 +28,7 @@ from moldd.audit.log import log_info, open_log
 from moldd.audit.state import fold
 from moldd.config import Config, ConfigError, load_config
 from moldd.domain.reconcile import is_on
-from moldd.domain.states import TRANSIENT
+from moldd.domain.states import TRANSIENT, PowerState
 
 CONNECT_TIMEOUT_S = 15.0
 GONE = ("Destroyed", "Expunged")
@@ -199,7 +199,7 @@ def live_diff(db: str | Path, config: str | Path | Config, timeout: float = CONN
                     )
                 )
         d = here[0]
-        want_on = vm.power_state == "on" or vm.state == "Running"
+        want_on = vm.power_state == PowerState.ON or vm.state == "Running"
         if vm.state in ("Running", "Stopped", "Created") and want_on != is_on(d.state):
             res.findings.append(
                 Finding(

@@ -32,13 +32,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from moldd.domain.ha import DownCause
-from moldd.domain.states import VMState
+from moldd.domain.states import PowerState, VMState
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "ReadModelCollector"]
 
 HEALTHS = ("Up", "Suspect", "Down", "Fencing", "Fenced", "FenceFailed")
 LINKS = ("connected", "disconnected", "unknown")
-POWER_STATES = ("on", "off", "paused", "unknown")
+POWER_STATES = tuple(p.value for p in PowerState)  # on, off, paused, unknown
 JOB_STATUSES = ("pending", "running", "succeeded", "failed")
 CAUSES = frozenset(str(c) for c in DownCause)
 HA_DECISIONS = {

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import down_cause
-from moldd.domain.states import TRANSIENT, VMState
+from moldd.domain.states import TRANSIENT, PowerState, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
 from moldd.projection.model import VM, Group, Host, Job
 
@@ -367,7 +367,7 @@ def _host_health(model: ReadModel, ev: EventLike) -> None:
         # that follows records any difference, so what the log last saw is back in force.
         unknown = host.health != "Up"
         for vm in model.vms_on(host.name):
-            if vm.state == S.RUNNING and vm.power_state in ("on", "unknown"):
+            if vm.state == S.RUNNING and vm.power_state in (PowerState.ON, PowerState.UNKNOWN):
                 vm.power_state = "unknown" if unknown else "on"
 
 
@@ -628,7 +628,7 @@ def _domain_event(model: ReadModel, ev: EventLike) -> None:
                 vm.state = S.RUNNING  # started behind moldd's back: the hypervisor is the truth for power
                 vm.stop_cause = None
     elif event == "SUSPENDED":
-        if host == vm.host and vm.power_state != "off":
+        if host == vm.host and vm.power_state != PowerState.OFF:
             vm.power_state = "paused"  # paused behind moldd's back (virsh suspend, I/O error, ...): drift shows
     elif event == "STOPPED":
         if host != vm.host:
