@@ -112,8 +112,8 @@ class Daemon:
             self.integrity_error = exc.message
             raise
         await self.projector.async_restore()
-        self.projector.listeners.append(_log_event)
-        self.projector.listeners.append(self.metrics.on_event)
+        self.projector.add_listener(_log_event)
+        self.projector.add_listener(self.metrics.on_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running

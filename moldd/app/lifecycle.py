@@ -346,12 +346,11 @@ def domain_event_waiter(
         ):
             fut.set_result(dict(ev.payload) | {"position": ev.position})
 
-    app.projector.listeners.append(listener)
+    unsubscribe = app.projector.add_listener(listener)
     try:
         yield fut
     finally:
-        with contextlib.suppress(ValueError):
-            app.projector.listeners.remove(listener)
+        unsubscribe()
 
 
 async def _async_reboot_job(app: App, name: str, forced: bool, cmd: Command) -> None:

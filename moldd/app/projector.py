@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ class Projector:
         self.store = store
         self.model = ReadModel()
         self.snapshot_every = snapshot_every
-        self.listeners: list[Listener] = []
+        self.listeners: list[Listener] = []  # use add_listener (the list itself stays for existing callers)
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
@@ -117,11 +118,27 @@ class Projector:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event, model)`` after every live event is folded, in log order, on the loop thread.
+
+        A listener is a callback: it must not block or await (a coroutine function is refused with ``TypeError``;
+        start a task from it if needed), and its exceptions are logged, never stop the projection. Returns the
+        unsubscribe handle: call it to stop (again: no effect), also from inside the listener."""
+        if inspect.iscoroutinefunction(listener):
+            raise TypeError(f"a projector listener must be a plain callback, not a coroutine function: {listener!r}")
+        self.listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self.listeners.remove(listener)
+
+        return unsubscribe
+
     async def _async_follow(self) -> None:
         try:
             async for ev in self.store.async_subscribe(from_position=self.model.position + 1):
                 self.model.apply(ev)
-                for listener in self.listeners:
+                for listener in tuple(self.listeners):  # a listener may unsubscribe (itself) meanwhile
                     try:
                         listener(ev, self.model)
                     except Exception:  # a listener's bug must not stop the projection

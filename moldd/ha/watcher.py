@@ -58,12 +58,13 @@ class HAManager:
         self.host_workers: dict[str, asyncio.Task[None]] = {}
         self.host_phase: dict[str, str] = {}  # "grace" while a failure handler may still be called off
         self.supervised: dict[str, asyncio.Task[None]] = {}
+        self._unlisten: Callable[[], None] = lambda: None  # the projector listener's unsubscribe handle (start())
         self.crashes = 0
         self.stats: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.app.projector.listeners.append(self._on_event)
+        self._unlisten = self.app.projector.add_listener(self._on_event)
         self._supervise("vm-watcher", self._async_vm_watcher)
         self._supervise("host-watcher", self._async_host_watcher)
         self._catch_up()
@@ -72,8 +73,7 @@ class HAManager:
         return not self.enabled or all(not t.done() for t in self.supervised.values())
 
     async def async_stop(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.app.projector.listeners.remove(self._on_event)
+        self._unlisten()
         tasks = [
             *self.supervised.values(),
             *self.active.values(),

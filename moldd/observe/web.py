@@ -288,13 +288,12 @@ async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
     projector = getattr(bus, "projector", None)
     feed = StatusFeed(getattr(bus, "config", None))
     app[FEED_KEY] = feed
-    if projector is not None:
-        projector.listeners.append(feed.on_event)
+    unsubscribe = projector.add_listener(feed.on_event) if projector is not None else None
     try:
         yield
     finally:
-        if projector is not None and feed.on_event in projector.listeners:
-            projector.listeners.remove(feed.on_event)
+        if unsubscribe is not None:
+            unsubscribe()
 
 
 async def async_events_sse(request: web.Request) -> web.StreamResponse:
