@@ -90,8 +90,9 @@ class Projector:
         finally:
             if not pending.done():
                 pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
+                await asyncio.wait({pending})  # its end is not ours to raise; our own cancellation still propagates
+                if not pending.cancelled():
+                    pending.exception()  # retrieved (not reported as "never retrieved")
         log.info("projection_restored", position=self.model.position, vms=len(self.model.vms))
 
     def start(self) -> None:
