@@ -80,6 +80,10 @@ class Projector:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._async_follow(), name="projector")
+        if self.model.position - self.snapshot_position >= self.snapshot_every:
+            # the restore folded a long tail: snapshot it soon (in the background), so that the next start does
+            # not fold it again even if the final snapshot at stop does not fit in its time limit
+            self._start_background_snapshot()
 
     async def async_stop(self, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
         """Stop following; write a final snapshot if it takes at most ``snapshot_timeout`` seconds (a stop is

@@ -109,3 +109,22 @@ async def test_a_stop_does_not_wait_for_a_snapshot_beyond_its_timeout(tmp_path: 
     finally:
         held.release.set()
         await store.async_close()
+
+
+async def test_a_long_tail_folded_at_start_is_snapshotted_in_the_background(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    generate(path, vms=50, events=400)
+    store = await SQLiteEventStore.async_open(path)
+    p = Projector(store, snapshot_every=100)
+    held = HeldSnapshots(store)
+    await p.async_restore()
+    p.start()  # 400 events folded, no snapshot: one starts at once
+    try:
+        await held.started.wait()
+        held.release.set()
+        await p.async_snapshot()
+        assert held.written[0] == p.model.position
+    finally:
+        held.release.set()
+        await p.async_stop()
+        await store.async_close()
