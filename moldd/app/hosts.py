@@ -151,6 +151,12 @@ class HostManager:
                     elif vm.state in (VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN) and not app.busy(vm.name):
                         await self._async_adopt(host, vm, dom.state)
                 continue
+            lock = app.locks.get(vm.name)
+            if (lock is None or not lock.locked()) and reconcile(
+                VMState(vm.state), dom.state if dom else None, stale_job=vm.name not in app.vm_jobs
+            ) is None:
+                continue  # the lock is free and the log agrees: what the locked check below would find, with no
+                # lock object made for each of 100,000 VMs at every start
             async with app.locks[vm.name]:
                 vm = app.model.vms[vm.name]
                 stale = vm.name not in app.vm_jobs
