@@ -16,6 +16,7 @@ import structlog
 
 from events import StoredEvent
 from events.canonical import canonical_text
+from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
 from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.projector")
@@ -42,23 +43,38 @@ class Projector:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
+        self._sealed_at = 0  # log position of the seal of the newest snapshot taken or loaded
         self._snapshot_task: asyncio.Task[None] | None = None
         self._next_snapshot_at = 0.0  # time.monotonic() before which no background snapshot starts
         self.snapshot_position = 0  # position of the newest snapshot this projector wrote
         self.failed: BaseException | None = None
 
+    async def async_load_snapshot(self) -> int:
+        """Load the newest snapshot if the log vouches for it (a seal in the chain records its digest, and
+        the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
+        whole log is folded. Returns the snapshot's position (0: none used)."""
+        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME)
+        if snap is None:
+            if why is not None:
+                log.warning("snapshot_ignored", reason=why, folding="the whole log")
+            return 0
+        try:
+            model = ReadModel.from_dict(snap.state)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("snapshot_ignored", reason=f"cannot be read: {exc!r}", folding="the whole log")
+            return 0
+        if model.position != snap.position:
+            log.warning("snapshot_ignored", reason="its state is not at its position", folding="the whole log")
+            return 0
+        self.model = model
+        self._sealed_at = seal_at
+        self.snapshot_position = snap.position
+        return snap.position
+
     async def async_restore(self) -> None:
-        """Load the newest snapshot (if its head hash still matches the log) and fold the tail."""
-        snap = await self.store.async_load_snapshot(SNAPSHOT_NAME)
-        if snap is not None:
-            head = await self.store.async_read(from_position=snap.position, to_position=snap.position)
-            if head and head[0].hash == snap.head_hash:
-                self.model = ReadModel.from_dict(snap.state)
-                self.snapshot_position = snap.position
-            else:
-                log.warning(
-                    "snapshot_ignored", reason="head hash differs from the log", position=snap.position
-                )
+        """Load the newest sealed snapshot (async_load_snapshot) unless done, and fold the tail."""
+        if self.model.position == 0:
+            await self.async_load_snapshot()
         # the next batch is read (on the store's thread) while this one is folded
         read = self.store.async_read
         pending = asyncio.ensure_future(read(from_position=self.model.position + 1, limit=RESTORE_BATCH))
@@ -85,13 +101,16 @@ class Projector:
             # not fold it again even if the final snapshot at stop does not fit in its time limit
             self._start_background_snapshot()
 
-    async def async_stop(self, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
-        """Stop following; write a final snapshot if it takes at most ``snapshot_timeout`` seconds (a stop is
-        never held up longer: without it the next start replays the tail since the previous snapshot)."""
+    async def async_stop(self, *, snapshot: bool = True, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
+        """Stop following; write a final snapshot (unless ``snapshot`` is false) if it takes at most
+        ``snapshot_timeout`` seconds (a stop is never held up longer: without it the next start replays the tail
+        since the previous snapshot)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if not snapshot:
+            return
         try:
             await asyncio.wait_for(self.async_snapshot(), snapshot_timeout)
         except TimeoutError:
@@ -168,24 +187,26 @@ class Projector:
         self._next_snapshot_at = time.monotonic() + took / SNAPSHOT_CPU_SHARE
 
     async def async_snapshot(self) -> None:
-        """Write a snapshot of the model as it is now (after any background snapshot still running)."""
+        """Seal and write a snapshot of the model as it is now (nothing when nothing but the last seal happened
+        since) (after any background snapshot still running)."""
         running = self._snapshot_task
         if running is not None and not running.done():
             await asyncio.shield(running)
-        if self.model.position > self.snapshot_position:
+        if self.model.position > self._sealed_at:
             await self._async_write_snapshot()
 
     async def _async_write_snapshot(self) -> None:
         """Capture the model's views on the loop (no fold between: a consistent state), encode them to the
-        snapshot's JSON (sorted keys, orjson) on a daemon thread, one object at a time (the GIL goes back to the loop between
-        objects), then store the bytes."""
+        snapshot's JSON (sorted keys, orjson) on a daemon thread, one object at a time (the GIL goes back to the
+        loop between objects), then seal and store the bytes."""
         model = self.model
         position = model.position
         if position <= 0:
             return
         parts = model.snapshot_parts()
         data = await _async_in_daemon_thread(lambda: encode_snapshot(parts))
-        await self.store.async_save_snapshot_data(SNAPSHOT_NAME, position, data)
+        _, sealed_at = await async_save_sealed_snapshot_data(self.store, SNAPSHOT_NAME, position, data)
+        self._sealed_at = max(self._sealed_at, sealed_at)
         self.snapshot_position = max(self.snapshot_position, position)
 
 

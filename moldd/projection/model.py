@@ -8,6 +8,8 @@ from typing import Any, ClassVar, TypeVar
 
 import orjson
 
+from moldd.domain.states import VMState
+
 T = TypeVar("T")
 
 
@@ -156,7 +158,13 @@ class VM(_Viewed):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VM:
-        return _from(cls, data)
+        """From a snapshot's JSON: states come back as ``VMState`` members, as the fold keeps them (a plain
+        string here made ``states.check`` fail with AttributeError after every daemon restart)."""
+        vm = _from(cls, data)
+        object.__setattr__(vm, "state", VMState(vm.state))
+        if vm.prior_state is not None:
+            object.__setattr__(vm, "prior_state", VMState(vm.prior_state))
+        return vm
 
 
 @dataclass

@@ -143,6 +143,10 @@ async def test_daemon_process_logs_json_lines_and_stops_cleanly_on_sigterm(make_
         )
         assert entry["position"] == reply["position"] and f"uid={os.getuid()}" in entry["actor"]
         assert {"timestamp", "level"} <= set(entry)
+        # the shutdown says why and that it ended (issue 12, item 13)
+        stopping = [x for x in lines if x.get("event") == "daemon_stopping"]
+        assert stopping and stopping[0]["signal"] == "SIGTERM", lines[-5:]
+        assert lines[-1].get("event") == "daemon_stopped"
     finally:
         if proc.returncode is None:
             proc.kill()
