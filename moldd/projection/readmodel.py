@@ -258,6 +258,8 @@ STATE_NEUTRAL = frozenset(
         "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
         "ha.watcher_restarted",  # on the daemon's stream
         "vm.console.opened",  # who opened a VM's console: for the audit trail
+        "snapshot.sealed",  # the seal of a read-model snapshot (events.snapshot), on its own stream
+        "access.denied",  # a refused API call, for the audit trail
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is
