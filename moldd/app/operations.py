@@ -75,7 +75,8 @@ def state_of(vm: VM) -> VMState:
 
 
 def offering_named(app: App, name: str) -> dict[str, Any]:
-    return app.catalog("offering", name).model_dump()
+    offering: dict[str, Any] = app.catalog("offering", name).model_dump()
+    return offering
 
 
 async def async_define_stopped(app: App, vm: VM) -> Any:

@@ -12,7 +12,8 @@ import structlog
 
 from moldd.app.args import Args
 from moldd.app.bus import CommandReply
-from moldd.app.operations import async_claim, async_define_stopped, err, spawn_locked, state_of
+from moldd.app.lifecycle import err
+from moldd.app.operations import async_claim, async_define_stopped, spawn_locked, state_of
 from moldd.app.service import App, Command, verb
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.states import Action, VMState, check

@@ -10,6 +10,7 @@ showed at that position.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,12 @@ def resolve_vm(conn: Any, key: str) -> tuple[str, int, str]:
         except (ValueError, KeyError, TypeError):
             continue
     k = key.strip()
-    for match in (
+    matchers: tuple[Callable[[tuple[str, int, str]], bool], ...] = (
         lambda f: f[0] == k,
         lambda f: k.isdigit() and f[1] == int(k),
         lambda f: f[2] == k,
-    ):
+    )
+    for match in matchers:
         hits = [f for f in found if match(f)]
         if hits:
             return hits[-1]

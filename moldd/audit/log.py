@@ -118,7 +118,7 @@ def iter_events(
             schv, data = up.upcast(et, schv, data)
         yield _new_tuple(StoredEvent, (  # StoredEvent(...) without the NamedTuple's Python-level __new__
             pos, str(sid), int(sv), et, schv, us_to_datetime(ts), str(actor),  # type: ignore[call-overload]
-            cid, caus, corr, data, bytes(prev_h), bytes(h),  # type: ignore[arg-type,call-overload]
+            cid, caus, corr, data, bytes(prev_h), bytes(h),  # type: ignore[call-overload]
         ))  # fmt: skip
 
 

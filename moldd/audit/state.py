@@ -61,7 +61,7 @@ def fold(
     for ev in iter_events(conn, 1, to_position):
         if limit_us is not None and time_to_us(ev.recorded_at) > limit_us:
             break  # recorded_at never goes backwards in an intact log (verify checks it)
-        apply(ev)  # type: ignore[arg-type]  # fold_into's cast, without a call per event
+        apply(ev)  # fold_into's cast, without a call per event
         last = ev
     if last is None:
         return model, None, None

@@ -343,7 +343,7 @@ def parse_pairs(tokens: Sequence[str]) -> dict[str, Any]:
 class _Parser(argparse.ArgumentParser):
     """An argument parser that reports usage errors instead of exiting, so ``run`` owns the exit code."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise _Usage(f"{self.prog}: error: {message}", self.format_usage())
 
 

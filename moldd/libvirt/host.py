@@ -180,7 +180,7 @@ def _affect(dom: libvirt.virDomain) -> int:
     flags = (_LIVE | _CONFIG) if _is_active(dom) else _CONFIG
     if not dom.isPersistent():
         flags &= ~_CONFIG
-    return flags
+    return int(flags)
 
 
 def _set_vcpus(conn: libvirt.virConnect, name: str, n: int) -> None:
@@ -295,7 +295,7 @@ def _console_info(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
 
 
 def _get_xml(conn: libvirt.virConnect, name: str, inactive: bool) -> str:
-    return conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
+    return str(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
 
 
 def _change_cdrom(conn: libvirt.virConnect, name: str, iso: str | None, target: str) -> None:

@@ -150,7 +150,7 @@ class Client:
         timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
-            job = (await self.call("queryAsyncJobResult", jobid=job_id))["result"]["job"]
+            job: dict[str, Any] = (await self.call("queryAsyncJobResult", jobid=job_id))["result"]["job"]
             if job["status"] in ("succeeded", "failed"):
                 return job
             if time.monotonic() > deadline:

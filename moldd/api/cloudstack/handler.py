@@ -135,11 +135,11 @@ class CloudStackEndpoint:
         if apikey is None and signature is None and not self.tcp:
             from moldd.api.keys import ACTOR_KEY
 
-            peer = request.get(ACTOR_KEY)  # set by the socket's identity middleware
-            if peer is not None:
-                if not self.limiter.allow(f"uid:{peer.uid}"):
+            actor: Actor | None = request.get(ACTOR_KEY)  # set by the socket's identity middleware
+            if actor is not None:
+                if not self.limiter.allow(f"uid:{actor.uid}"):
                     raise _limited()
-                return peer
+                return actor
         peer = _peer(request)
         if apikey is None or signature is None:
             log.warning("cloudstack_unauthenticated", reason="missing apiKey or signature", peer=peer)
