@@ -8,6 +8,7 @@ from moldd.app.args import Args
 from moldd.app.bus import CommandReply
 from moldd.app.service import App, Command, verb
 from moldd.domain.errors import InvalidState, NotFound
+from moldd.domain.ha import HostHealth
 
 
 @verb("confirmHostFenced")
@@ -19,7 +20,7 @@ async def confirm_host_fenced(app: App, cmd: Command) -> CommandReply:
         host = app.model.hosts.get(name)
         if host is None:
             raise NotFound(f"no host {name!r}", field="host")
-        if host.health not in ("Down", "FenceFailed", "Fencing"):
+        if host.health not in (HostHealth.DOWN, HostHealth.FENCE_FAILED, HostHealth.FENCING):
             raise InvalidState(
                 f"host {name} is {host.health}: only a Down host, or one whose fencing failed, can be confirmed fenced",
                 field="host",

@@ -30,6 +30,7 @@ from moldd.app.projector import Projector
 from moldd.app.secrets import SecretStore
 from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, PermissionDenied, ValidationError
+from moldd.domain.ha import HostHealth
 from moldd.domain.ids import is_uuid, stable_uuid
 from moldd.domain.names import check_safe_text
 from moldd.domain.roles import Role, required_role
@@ -315,7 +316,7 @@ class App:
         alerts = [
             f"host {h.name} is {h.health}: {h.health_cause}"
             for h in self.model.hosts.values()
-            if h.health in ("FenceFailed", "Down", "Fencing")
+            if h.health in (HostHealth.FENCE_FAILED, HostHealth.DOWN, HostHealth.FENCING)
         ]
         return {
             "ok": all(checks.values()),

@@ -9,7 +9,7 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from moldd.domain.capacity import committed_memory_mib
-from moldd.domain.ha import down_cause
+from moldd.domain.ha import HostHealth, down_cause
 from moldd.domain.states import TRANSIENT, PowerState, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
 from moldd.projection.model import VM, Group, Host, Job
@@ -365,7 +365,7 @@ def _host_health(model: ReadModel, ev: EventLike) -> None:
         host.position = ev.position
         # Nobody can see the power of a VM on a host that does not answer; when it answers again the resync
         # that follows records any difference, so what the log last saw is back in force.
-        unknown = host.health != "Up"
+        unknown = host.health != HostHealth.UP
         for vm in model.vms_on(host.name):
             if vm.state == S.RUNNING and vm.power_state in (PowerState.ON, PowerState.UNKNOWN):
                 vm.power_state = "unknown" if unknown else "on"
