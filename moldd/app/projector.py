@@ -22,8 +22,9 @@ Listener = Callable[[StoredEvent, ReadModel], None]
 
 
 class Projector:
-    def __init__(self, store: Any, *, snapshot_every: int = 1000) -> None:
+    def __init__(self, store: Any, *, snapshot_every: int = 1000, seal_key: Any = None) -> None:
         self.store = store
+        self.seal_key = seal_key  # Ed25519 private key (the checkpoint key): seals are signed, only signed ones trusted
         self.model = ReadModel()
         self.snapshot_every = snapshot_every
         self.listeners: list[Listener] = []
@@ -37,7 +38,8 @@ class Projector:
         """Load the newest snapshot if the log vouches for it (a seal in the chain records its digest, and
         the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
         whole log is folded. Returns the snapshot's position (0: none used)."""
-        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME)
+        public = None if self.seal_key is None else self.seal_key.public_key()
+        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME, public)
         if snap is None:
             if why is not None:
                 log.warning("snapshot_ignored", reason=why, folding="the whole log")
@@ -131,5 +133,5 @@ class Projector:
         """Seal and store the model (nothing when nothing but the last seal happened since)."""
         if self.model.position > self._sealed_at:
             _, self._sealed_at = await async_save_sealed_snapshot(
-                self.store, SNAPSHOT_NAME, self.model.position, self.model.to_dict()
+                self.store, SNAPSHOT_NAME, self.model.position, self.model.to_dict(), key=self.seal_key
             )
