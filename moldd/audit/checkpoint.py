@@ -22,6 +22,7 @@ from events.checkpoint import (
     load_private_key,
 )
 from events.errors import CheckpointError
+from events.verify import same_file
 from moldd.audit.errors import AuditError
 from moldd.audit.verify import AuditVerify, audit_verify
 
@@ -64,6 +65,8 @@ def checkpoint(
     """Verify the log (against ``out``'s earlier checkpoints, if any), then sign its head and append to ``out``.
 
     Returns (None, the failed verification) when the log does not verify: a tampered log is not sealed."""
+    if same_file(out, db):
+        raise AuditError(f"--out {out} is the log itself: refusing to write into the evidence", field="out")
     try:
         private = load_private_key(key)
     except CheckpointError as exc:
