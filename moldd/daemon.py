@@ -22,7 +22,7 @@ from moldd.app.bus import SYSTEM
 from moldd.app.hosts import HostManager
 from moldd.app.projector import Projector
 from moldd.app.service import App
-from moldd.config import Config, ConfigError, load_config
+from moldd.config import Config, ConfigError, check_environment, load_config
 from moldd.domain.states import TRANSIENT
 from moldd.integrity import (
     EXIT_LOG_TAMPERED,
@@ -93,6 +93,8 @@ class Daemon:
     async def _async_start(self, sync_timeout: float) -> None:
         _load_optional_verbs()
         cfg = self.config
+        # Everything the config refers to is checked before anything (database, directories, socket) is made.
+        gid = await asyncio.to_thread(check_environment, cfg)
         if cfg.checkpoints.key is not None:
             check_key_file(cfg.checkpoints.key)
         prepare_database_dir(cfg.database)
@@ -134,9 +136,7 @@ class Daemon:
         if self.serve_api:
             from moldd.api.serve import async_serve
 
-            self.api = await async_serve(
-                self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group
-            )
+            self.api = await async_serve(self.app, str(cfg.socket), mode=cfg.socket_mode, group=gid, api=cfg.api)
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
         )
@@ -247,13 +247,21 @@ async def async_main(config: Config) -> int:
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await daemon.async_start()
         await stop.wait()
+        log.info("daemon_stopping", signal=received[0] if received else None)
     finally:
         await daemon.async_stop()
+    log.info("daemon_stopped", signal=received[0] if received else None)
     return 0
 
 
@@ -264,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        check_environment(config)
     except ConfigError as exc:
         print(f"moldd: bad configuration: {exc.file}: key {exc.key}: {exc.reason}", file=sys.stderr)
         return 2

@@ -18,7 +18,12 @@ from moldd.domain.errors import MolddError, PermissionDenied
 
 log = structlog.get_logger("moldd.api")
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "invalid_argument"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "invalid_argument",
+    415: "unsupported_media_type",
+}
 
 
 @web.middleware
@@ -35,6 +40,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return handlers.plain_error_response(exc.status, code, exc.reason)
     except asyncio.CancelledError:
         raise
+    except ConnectionError as exc:
+        # the client went away (mid-body, say): nothing to answer and nothing wrong with the daemon
+        log.debug("client_gone", path=request.path, method=request.method, error=repr(exc))
+        return handlers.plain_error_response(400, "client_gone", "the connection was lost", "body")
     except Exception:
         log.exception("internal_error", path=request.path, method=request.method)
         return handlers.plain_error_response(
@@ -52,7 +61,7 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
         creds = peer_creds(sock)
     except OSError:
         raise PermissionDenied("moldd answers only local clients on its Unix socket") from None
-    request[ACTOR_KEY] = request.app[ACCESS_KEY].actor_for(creds)
+    request[ACTOR_KEY] = await request.app[ACCESS_KEY].async_actor_for(creds, sock)
     return await handler(request)
 
 

@@ -53,6 +53,12 @@ def parse_command(body: Any, verbs: Collection[str]) -> CommandEnvelope:
         raise ValidationError(f'"id" must be a string of 1 to {MAX_COMMAND_ID_LEN} characters', field="id")
     if command_id is not None:
         check_safe_text(command_id, "id")
+    if command_id is not None and (
+        not command_id.strip() or command_id != command_id.strip()
+    ):
+        raise ValidationError(
+            '"id" must be printable text without control characters or surrounding spaces', field="id"
+        )
     if verb not in verbs:
         raise unknown_command(verb, verbs)
     return CommandEnvelope(verb=verb, args=args, command_id=command_id)

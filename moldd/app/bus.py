@@ -49,6 +49,9 @@ class CommandBus(Protocol):
         """``{"ok": bool, ...details}``; ``ok`` turns false when a watcher or the log writer is down."""
         ...
 
-    def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
-        """Log entries (as JSON-ready dicts) from ``from_position`` on, then live."""
+    def async_follow(
+        self, from_position: int, *, stream: str | None = None, correlation: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Log entries (as JSON-ready dicts) from ``from_position`` on, then live; only those of ``stream`` /
+        ``correlation`` when given (the adapter filters again, so a bus may ignore them)."""
         ...

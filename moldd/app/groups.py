@@ -14,7 +14,7 @@ from moldd.domain.names import validate_group_name
 async def create_group(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"name", "description"})
     name = validate_group_name(a.raw("name"), field="name")
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     async with app.locks[f"group-{name}"]:
         if name in app.model.groups:
             raise Conflict(f"VM group {name!r} already exists", field="name")

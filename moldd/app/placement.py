@@ -50,8 +50,28 @@ def place_new_vm(
             raise NotFound(f"no host {requested_host!r}", field="hostid")
         check_host_room(host)
     else:
-        host = choose_host(loads)
-    check_cluster_room(cluster_capacity(host.cluster, loads, config.tolerated_host_failures))
+        host = choose_host(loads, field=None)  # no host was given: no field is to blame
+    check_cluster_room(
+        cluster_capacity(host.cluster, loads, config.tolerated_host_failures),
+        field="hostid" if requested_host is not None else None,
+    )
+    return host
+
+
+def place_returning_vm(
+    config: Config, model: Any, vm_name: str, *, current: str | None, cluster: str | None,
+    reserved: Mapping[str, str] | None = None,
+) -> HostLoad:  # fmt: skip
+    """A VM that does not count now (Destroyed) comes back into the count (recover): like a deploy, its host
+    needs a free slot (its own host if it has one, else the emptiest up host of its cluster) and the cluster
+    must stay within its N-k rule. Refusals name field ``id`` (the VM that would not fit)."""
+    loads = host_loads(config, model, ignore_vm=vm_name, reserved=reserved)
+    mine = next((h for h in loads if h.name == current), None)
+    if mine is not None and mine.up and mine.vms < mine.max_vms:
+        host = mine
+    else:
+        host = choose_host(loads, cluster=cluster, field="id")
+    check_cluster_room(cluster_capacity(host.cluster, loads, config.tolerated_host_failures), field="id")
     return host
 
 

@@ -226,7 +226,7 @@ VM_COLUMNS = (
     "ha_enabled", "ha_status", "internal_name",
 )  # fmt: skip
 HOST_COLUMNS = ("name", "cluster", "health", "link", "vms", "running", "max_vms", "uri")
-EVENT_COLUMNS = ("position", "recorded_at", "stream_id", "event_type", "actor", "correlation_id")
+EVENT_COLUMNS = ("position", "recorded_at", "stream_id", "event_type", "changed", "actor", "correlation_id")
 EVENTS_CMD = Cmd("events", "listEvents", "list log entries", columns=EVENT_COLUMNS)
 
 COMMANDS: tuple[Cmd, ...] = (
@@ -244,6 +244,8 @@ COMMANDS: tuple[Cmd, ...] = (
         opt("--host", "host", "place it on this host"),
         opt("--root-disk-gb", "rootdisksize", "root disk size in GB", type=int),
         Opt(("--no-start",), "startvm", {"action": "store_false", "default": None, "help": "create only"}),
+        Opt(("--details",), "details", {"action": "append", "metavar": "KEY=VALUE", "default": None,
+                                       "help": "an advanced setting, e.g. kernel_args='quiet' (repeatable)"}),
     ), VM_COLUMNS),
     Cmd("vm start", "startVirtualMachine", "start a VM", (NAME, opt("--host", "host"))),
     Cmd("vm stop", "stopVirtualMachine", "stop a VM (ACPI shutdown)",
@@ -395,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="from_position", type=int, help="start at this log position (with --follow: replay)"
     )
     p.add_argument("--correlation", help="only entries of this job / correlation id")
+    p.add_argument(
+        "--limit", type=int, default=100, help="at most this many entries (default 100): the newest, unless --from"
+    )
     p.set_defaults(action="events")
     p = top.add_parser("health", help="daemon health", parents=[common])
     p.set_defaults(action="health")
@@ -423,8 +428,21 @@ def command_args(cmd: Cmd, ns: argparse.Namespace) -> dict[str, Any]:
         dest = o.kwargs.get("dest") or (_dest(o) if o.flags[0].startswith("-") else o.flags[0])
         value = getattr(ns, dest, None)
         if value is not None:
+            if o.kwargs.get("action") == "append" and o.arg == "details":
+                value = _pairs(value, "--details")
             args[o.arg] = value
     return args
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``["k=v", ...]`` → ``{"k": "v"}``; a malformed item is a usage error naming the flag."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandFailed("bad_argument", f"{flag} takes key=value, got {item!r}", flag.lstrip("-"))
+        out[key] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -524,14 +542,21 @@ def render(result: Any, cmd: Cmd | None, out: TextIO) -> None:
         print(_cell(result), file=out)
 
 
-_EVENT_DETAILS = ("event", "detail", "state", "host", "status", "reason", "error")
+_EVENT_DETAILS = (
+    "event", "detail", "state", "host", "changes", "how", "cause", "status", "job_status", "reason", "error",
+)  # fmt: skip
+
+
+def event_changes(entry: dict[str, Any]) -> str:
+    """What an entry says changed, as ``key=value ...`` (its state, host, cause, error, ...)."""
+    payload = entry.get("payload") if isinstance(entry.get("payload"), dict) else {}
+    assert isinstance(payload, dict)
+    return " ".join(f"{k}={_cell(payload[k])}" for k in _EVENT_DETAILS if k in payload and payload[k] is not None)
 
 
 def describe_event(entry: dict[str, Any], *, stream: bool = False) -> str:
     """``[position] type key=value ...`` (with the stream after the position when ``stream``)."""
-    payload = entry.get("payload") if isinstance(entry.get("payload"), dict) else {}
-    assert isinstance(payload, dict)
-    details = " ".join(f"{k}={_cell(payload[k])}" for k in _EVENT_DETAILS if k in payload)
+    details = event_changes(entry)
     where = f" {entry.get('stream_id', '?')}" if stream else ""
     head = f"[{entry.get('position', '?')}]{where} {entry.get('event_type', '?')}"
     return f"{head} {details}" if details else head
@@ -683,11 +708,23 @@ def _events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
             args["from"] = ns.from_position
         if ns.correlation:
             args["correlation"] = ns.correlation
+        args["limit"] = ns.limit
+        if ns.from_position is None:
+            args["newest"] = True  # the last entries, not the oldest 100 of a long log
         result, _ = client.call("listEvents", args)
         if as_json:
             print(json.dumps(result, indent=2), file=out)
-        else:
-            render(result, EVENTS_CMD, out)
+            return EXIT_OK
+        if isinstance(result, dict) and isinstance(result.get("event"), list):
+            for row in result["event"]:
+                row["changed"] = event_changes(row)
+        render(result, EVENTS_CMD, out)
+        more = result.get("more") if isinstance(result, dict) else None
+        if isinstance(more, dict) and more.get("older"):
+            print(f"... {more['older']} older entries not shown (--from {more['from']} to start there, or --limit)",
+                  file=out)  # fmt: skip
+        if isinstance(more, dict) and more.get("newer"):
+            print(f"... {more['newer']} newer entries not shown (--from {more['next']} to go on)", file=out)
         return EXIT_OK
     start = ns.from_position
     if start is None:  # like tail -f: what happens from now on, not a replay of the whole log
