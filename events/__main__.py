@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report.exit_code
         if args.command == "keygen":
             priv, pub = generate_keys(args.dir)
-            print(f"private key: {priv} (mode 0600, keep it off the database host's backups)")
+            print(f"private key: {priv} (mode 0600; ship the public key and the checkpoints off the host)")
             print(f"public key:  {pub}")
             return 0
         if args.command == "checkpoint":

@@ -2,8 +2,9 @@
 
 Both reuse ``events.checkpoint``. The key pair is named for moldd's configuration (``[checkpoints] key =
 ".../checkpoint.key"``); the public key (``checkpoint.pub``) is what an auditor passes to ``verify
---public-key``. Keep the private key and a copy of the checkpoints file off the database host: whoever holds
-the key can re-sign a rewritten log.
+--public-key``. The daemon signs, so its private key is on the database host (mode 0600); keep the public key
+and a copy of the checkpoints file off it: whoever holds the key can sign a rewritten log from then on, but not
+change what an off-host copy of earlier checkpoints sealed (docs/audit.md, threat model).
 """
 
 from __future__ import annotations
