@@ -270,3 +270,32 @@ async def test_a_forged_seal_appended_to_the_chain_is_refused_with_a_key_and_cau
     async with running_daemon(config) as d, Client(d.config.socket) as client:
         assert d.app.model.vms[job["vm"]].ha_enabled  # an unsigned seal is not trusted: the log was folded
         assert (await client.call("listVirtualMachines"))["result"] == before
+
+
+async def test_forged_commands_rows_neither_replay_another_job_nor_fail(make_config: Any) -> None:
+    """Issue 10, item 2: a row in the (legacy, unchained) commands table pointing at another VM's events, or
+    past the end of the log, changes nothing: command ids are answered from the chained rows only."""
+    config = make_config()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        first = await client.call(
+            "deployVirtualMachine", command_id="cmd-real", template="tiny", offering="small", startvm=False
+        )
+        await client.wait_job(first["result"]["job"]["id"])
+        head, _ = await d.store.async_head()
+    conn = sqlite3.connect(config.database, isolation_level=None)
+    name = first["result"]["vm"]["name"]
+    conn.execute("INSERT INTO commands VALUES ('cmd-stolen', ?, 1, ?, 1)", (f"vm-{name}", head))
+    conn.execute("INSERT INTO commands VALUES ('cmd-beyond', 'vm-x', ?, ?, 9)", (head + 100, head + 200))
+    conn.close()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        for cid in ("cmd-stolen", "cmd-beyond"):
+            reply = await client.call(
+                "deployVirtualMachine", command_id=cid, template="tiny", offering="small", startvm=False
+            )
+            job = await client.wait_job(reply["result"]["job"]["id"])
+            assert job["status"] == "succeeded" and reply["result"]["vm"]["name"] != name, cid
+        again = await client.call(
+            "deployVirtualMachine", command_id="cmd-real", template="tiny", offering="small", startvm=False
+        )
+        assert again["result"]["job"]["id"] == first["result"]["job"]["id"]  # the real id answers its own job
+        assert len(d.app.model.vms) == 3
