@@ -156,7 +156,7 @@ async def async_save_sealed_snapshot_data(
     if key is not None:
         payload["signature"] = key.sign(_seal_message(store.log_id, payload)).hex()
     sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
-    await store._async_put_snapshot(name, (position, head_hash, data, system_clock_us()))
+    await store.async_save_snapshot_data(name, position, data)
     return position, sealed.last_position
 
 

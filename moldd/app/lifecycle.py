@@ -23,6 +23,7 @@ from moldd.app.service import App, Command, verb
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.ha import blame_elsewhere, parse_policy
+from moldd.domain.ids import is_uuid
 from moldd.domain.names import (
     generate_vm_name,
     internal_name,
@@ -54,7 +55,7 @@ def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> 
 # -- deploy ----------------------------------------------------------------------------------------------
 DEPLOY_ARGS = {
     "offering", "template", "iso", "displayname", "hostname", "group", "ha", "hapolicy", "hapriority",
-    "host", "rootdisksize", "startvm", "details", "description", "ostype",
+    "host", "rootdisksize", "startvm", "details", "description", "ostype", "cluster",
 }  # fmt: skip
 DEPLOY_ALIASES = {
     "serviceofferingid": "offering",
@@ -81,6 +82,8 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         )
     template = app.catalog("template", template_name) if template_name else None
     iso = app.catalog("iso", iso_name) if iso_name else None
+    # the catalog also knows an item by its stable id: the log records the name
+    template_name, iso_name = (template.name if template else None), (iso.name if iso else None)
     size_gb = a.integer("rootdisksize", None, min=1, max=4096)
     if iso is not None and size_gb is None:
         raise ValidationError(
@@ -101,9 +104,12 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
     requested_host = a.text("host", None)
+    if requested_host is not None and is_uuid(requested_host):
+        requested_host = app.catalog("host", requested_host, "host").name
+    cluster = a.text("cluster", None)  # CloudStack's zone
 
     async with app.placement_lock:
-        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations)
+        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations, cluster=cluster)
         name = generate_vm_name(set(app.model.vms))
         hostname = hostname or name
         if hostname_taken(app, hostname):
@@ -231,7 +237,7 @@ async def start_vm(app: App, cmd: Command) -> CommandReply:
         vm = app.model.vms[vm.name]
         check(vm.state, Action.START)
         if target is not None:
-            app.catalog("host", target)
+            target = app.catalog("host", target).name  # a name or its stable id
         host = place_existing(
             app.config,
             app.model,

@@ -422,8 +422,7 @@ PROGRESS_EVERY_S = 1.0
 async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
-    dest_name = a.text("host")
-    dest = app.catalog("host", dest_name)
+    dest = app.catalog("host", a.text("host"))  # a name or its stable id
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -570,7 +569,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
                 "the VM was created from an ISO and has no template: give the template to install",
                 field="template",
             )
-        app.catalog("template", template_name)
+        template_name = app.catalog("template", template_name).name  # a name or its stable id
         running = vm.state == VMState.RUNNING
         res = await app.async_record(
             vm,
@@ -678,8 +677,8 @@ async def console(app: App, cmd: Command) -> CommandReply:
 async def attach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "iso"}, VM_ALIASES | {"isoid": "iso"})
     vm = app.get_vm({"id": a.raw("id")})
-    iso_name = a.text("iso")
-    iso = app.catalog("iso", iso_name)
+    iso = app.catalog("iso", a.text("iso"))  # a name or its stable id
+    iso_name = iso.name
     lock = await async_claim(app, vm.name)
     try:
         vm = app.model.vms[vm.name]

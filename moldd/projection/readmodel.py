@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any, Protocol
 
+from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import down_cause
 from moldd.domain.states import TRANSIENT, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
@@ -83,6 +84,9 @@ class ReadModel:
         self._by_id: list[VM] | None = None  # vms_listed's caches
         self._listed: tuple[tuple[int, int], list[VM]] | None = None
         self._finished: deque[tuple[str, str]] = deque()  # (finished_at, job id) of finished jobs, oldest first
+        # moldd users (API keys and roles), by name; ``by_apikey`` maps a live API key to its user.
+        self.users: dict[str, dict[str, Any]] = {}
+        self.by_apikey: dict[str, str] = {}
 
     # -- snapshots -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +97,7 @@ class ReadModel:
             "groups": {k: v.to_dict() for k, v in self.groups.items()},
             "jobs": {k: v.to_dict() for k, v in self.jobs.items()},
             "next_vm_id": self.next_vm_id,
+            "users": {k: dict(v) for k, v in self.users.items()},
         }
 
     def snapshot_parts(self) -> dict[str, Any]:
@@ -105,6 +110,8 @@ class ReadModel:
             "groups": {k: v.view() for k, v in self.groups.items()},
             "jobs": {k: v.view() for k, v in self.jobs.items()},
             "next_vm_id": self.next_vm_id,
+            # copies: the fold updates a user's dict in place, and the parts are encoded on another thread
+            "users": {k: dict(v) for k, v in self.users.items()},
         }
 
     @classmethod
@@ -119,6 +126,8 @@ class ReadModel:
         model._finished = deque(sorted((j.finished_at, j.id) for j in model.jobs.values() if j.finished_at))
         if len(model._finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
             model.prune_jobs()  # a snapshot written before jobs were pruned
+        model.users = {k: dict(v) for k, v in data.get("users", {}).items()}
+        model.by_apikey = {u["apikey"]: k for k, u in model.users.items() if u.get("state") == "enabled"}
         # as the fold keeps it: an expunged VM's domain name is forgotten (``_expunged``)
         model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values() if vm.state != S.EXPUNGED}
         return model
@@ -160,6 +169,19 @@ class ReadModel:
     def counted_on(self, host: str) -> int:
         """VMs that hold a slot on a host: every VM placed there that is not destroyed or expunged."""
         return len(self.vms_on(host))
+
+    def host_counts(self, host: str) -> dict[str, int]:
+        """What ``listHosts`` (and ``moldd-audit state``) shows of a host beside its record: VMs holding a slot,
+        running VMs, and the memory those offer and really commit (a dynamic offering's guest boots with its
+        *maximum* memory; the balloon target only takes effect once a balloon driver in the guest honours it)."""
+        placed = self.vms_on(host)
+        running = [v for v in placed if v.state == S.RUNNING]
+        return {
+            "vms": len(placed),
+            "running": len(running),
+            "memory_offered_mib": sum(int(v.offering.get("memory_mib") or 0) for v in running),
+            "memory_committed_mib": sum(committed_memory_mib(v.offering) for v in running),
+        }
 
     # -- folding ---------------------------------------------------------------------------------------
     def apply_all(self, events: Iterable[EventLike]) -> ReadModel:
@@ -250,7 +272,8 @@ STATE_NEUTRAL = frozenset(
         "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
         "ha.watcher_restarted",  # on the daemon's stream
         "vm.console.opened",  # who opened a VM's console: for the audit trail
-        "snapshot.sealed",  # the digest of a read-model snapshot, on the snapshot's own stream (events.snapshot)
+        "access.denied",  # a refused call (who, what, why): for the audit trail
+        "snapshot.sealed",  # the log's own bookkeeping (events.snapshot): binds a snapshot to the chain
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is
@@ -748,3 +771,35 @@ def _snap_delete_requested(model: ReadModel, ev: EventLike) -> None:
 @on_vm("vmsnapshot.deleted")
 def _snap_deleted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.snapshots, vm.current_snapshot = remove_from_tree(vm.snapshots, vm.current_snapshot, ev.payload["id"])
+
+
+# -- users and API keys (moldd/app/users.py) ---------------------------------------------------------------
+# The log holds each user's role, API key and the SHA-256 of its secret key, never the secret itself.
+@on("user.created")
+def _user_created(model: ReadModel, ev: EventLike) -> None:
+    p = ev.payload
+    model.users[p["name"]] = {
+        "name": p["name"], "id": p["id"], "role": p["role"], "apikey": p["apikey"],
+        "key_fingerprint": p["key_fingerprint"], "state": "enabled", "created": _iso(ev), "updated": _iso(ev),
+    }  # fmt: skip
+    model.by_apikey[p["apikey"]] = p["name"]
+
+
+@on("user.keys.registered")
+def _user_keys(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(apikey=ev.payload["apikey"], key_fingerprint=ev.payload["key_fingerprint"], updated=_iso(ev))
+    user["state"] = "enabled"
+    model.by_apikey[user["apikey"]] = user["name"]
+
+
+@on("user.revoked")
+def _user_revoked(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(state="revoked", updated=_iso(ev))

@@ -33,6 +33,7 @@ def write_config(
     ha: dict[str, Any] | None = None,
     max_vms: int = 4,
     checkpoints: bool = False,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> Config:
     """A TOML config for lab hosts (``hosts``: LabHost objects) and the lab guest image."""
     root.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,8 @@ def write_config(
         *(f"{k} = {_toml(v)}" for k, v in h.items()),
         "",
     ]
+    for section, values in (sections or {}).items():  # e.g. {"cloudstack": {"port": 0}}
+        lines += [f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
     if checkpoints:
         lines += [
             "[checkpoints]",
