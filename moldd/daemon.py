@@ -103,7 +103,12 @@ class Daemon:
         prepare_database_dir(cfg.database)
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
         self.store = await SQLiteEventStore.async_open(cfg.database)
-        self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+        seal_key = None
+        if cfg.checkpoints.key is not None:
+            from events.checkpoint import load_private_key
+
+            seal_key = await asyncio.to_thread(load_private_key, cfg.checkpoints.key)
+        self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
         snapshot_position = await self.projector.async_load_snapshot()
         try:
             self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
