@@ -276,3 +276,12 @@ async def test_refused_signatures_are_logged_without_secrets(cs_lab: CsLab) -> N
     bad = next(e for e in logs if e["event"] == "cloudstack_bad_signature")
     assert bad["user"] == "operator-user" and bad["peer"] == "127.0.0.1"
     assert secret not in repr(logs) and "wrong-" not in repr(logs)
+
+
+async def test_list_events_in_cloudstack_names(cs_lab: CsLab) -> None:
+    await cs_lab.call("operator", "createInstanceGroup", name="evt")
+    events = (await cs_lab.call("readonly", "listEvents", type="VM.GROUP.CREATE"))["event"]
+    assert events and events[0]["state"] == "Completed" and "group-evt" in events[0]["description"]
+    assert events[0]["username"] == "user=operator-user via=apikey role=operator"
+    newest = (await cs_lab.call("readonly", "listEvents", page=1, pagesize=1))["event"]
+    assert len(newest) == 1

@@ -643,15 +643,18 @@ async def list_apis(call: Call) -> dict[str, Any]:
     return {"count": len(apis), "api": apis}
 
 
-@command("listEvents", description="Log entries as CloudStack events (newest log positions last).")
+@command("listEvents", description="The newest log entries as CloudStack events, newest first (type, keyword).")
 async def list_events(call: Call) -> dict[str, Any]:
-    rows = (await call.dispatch("listEvents", {"limit": 10000}))["event"]
+    rows = (await call.dispatch("listEvents", {"limit": 10000, "newest": True}))["event"]
     out = [
-        {"id": stable_uuid("event", str(e["position"])), "type": e["event_type"].upper(), "level": "INFO",
+        {"id": stable_uuid("event", str(e["position"])),
+         "type": e.get("cloudstack_type") or e["event_type"].upper(),
+         "state": e.get("cloudstack_state") or "Completed",
+         "level": "ERROR" if e.get("cloudstack_state") == "Error" else "INFO",
          "description": f"{e['stream_id']}: {e['event_type']}", "username": e["actor"], "account": shapes.ACCOUNT,
          "domain": "ROOT", "domainid": shapes.DOMAIN_ID, "created": shapes.cs_time(e["recorded_at"]),
-         "state": "Completed", "parentid": e.get("correlation_id") or ""}
-        for e in rows
+         "parentid": e.get("correlation_id") or "", "moldposition": e["position"]}
+        for e in reversed(rows)
     ]  # fmt: skip
     out = [e for e in out if _keyword(call, e, "description", "type") and _match(call, e, "type", "type")]
     return paged(call, "event", out)
