@@ -50,6 +50,7 @@ async def test_cs_lifecycle_deploy_list_stop_start_reboot_destroy_recover_expung
     assert stopped["virtualmachine"]["state"] == "Stopped"
     started = await cs_lab.call("operator", "startVirtualMachine", id=vm_id, fetch_result=True)
     assert started["virtualmachine"]["state"] == "Running" and started["virtualmachine"]["hostid"]
+    await cs_lab.wait_guest_ready(vm_id)  # a graceful (ACPI) reboot needs a guest that has booted
     rebooted = await cs_lab.call("operator", "rebootVirtualMachine", id=vm_id, fetch_result=True)
     assert rebooted["virtualmachine"]["state"] == "Running"
 
