@@ -35,6 +35,7 @@ from moldd.integrity import (
 )
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd")
 
@@ -81,6 +82,7 @@ class Daemon:
         self.tasks: list[asyncio.Task[Any]] = []
         self.verified: Verified | None = None
         self.integrity_error: str | None = None
+        self.metrics = Metrics()
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
         """Start everything; if any step fails, stop what was started (the store included) and re-raise."""
@@ -110,10 +112,13 @@ class Daemon:
             raise
         await self.projector.async_restore()
         self.projector.listeners.append(_log_event)
+        self.projector.listeners.append(self.metrics.on_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
         self.app.health_checks["log_integrity"] = lambda: self.integrity_error is None
+        self.app.on_command = self.metrics.observe_command
+        self.metrics.bind(self.app, self.store)
         self.hosts.attach(self.app)
         await self._async_register_hosts()
         await self.hosts.async_start()
@@ -141,6 +146,7 @@ class Daemon:
                 cloudstack=self._cloudstack_endpoint(tcp=False),
                 group_role=cfg.roles.socket_group_role,
                 admin_group=cfg.roles.admin_group,
+                metrics=self.metrics,
             )
             cs = cfg.cloudstack
             if cs.port is not None:

@@ -17,6 +17,8 @@ from moldd.api.keys import ACCESS_KEY, ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS
 from moldd.api.peercred import AccessPolicy, peer_creds
 from moldd.app.bus import CommandBus
 from moldd.domain.errors import MolddError, PermissionDenied
+from moldd.observe import web as observe_web
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -82,6 +84,7 @@ def make_app(
     access: AccessPolicy | None = None,
     settings: ApiSettings | None = None,
     cloudstack: CloudStackEndpoint | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
     app = web.Application(
@@ -98,4 +101,5 @@ def make_app(
     app.router.add_get("/v1/health", handlers.async_health)
     if cloudstack is not None:
         add_cloudstack_route(app, cloudstack)  # /client/api, CloudStack's query API
+    observe_web.add_routes(app, metrics)  # /metrics, /status, /v1/status, /v1/events/sse (read-only)
     return app

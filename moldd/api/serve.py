@@ -23,6 +23,7 @@ from moldd.api.protocol import AcceptErrorFilter, LimitedSite
 from moldd.app.bus import CommandBus
 from moldd.config import ApiConfig
 from moldd.domain.errors import ValidationError
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -112,6 +113,7 @@ async def async_serve(
     cloudstack: CloudStackEndpoint | None = None,
     group_role: str = "admin",
     admin_group: str | int | None = None,
+    metrics: Metrics | None = None,
 ) -> ApiServer:
     """Serve the API for ``bus`` and return once it accepts connections.
 
@@ -137,7 +139,7 @@ async def async_serve(
         owns_path = True
     path = sock.getsockname() if sock.family == socket.AF_UNIX else None
     access = AccessPolicy(gid, group_role=group_role, admin_group_gid=resolve_group(admin_group))
-    app = make_app(bus, access=access, settings=settings, cloudstack=cloudstack)
+    app = make_app(bus, access=access, settings=settings, cloudstack=cloudstack, metrics=metrics)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -146,6 +148,8 @@ async def async_serve(
         keepalive_timeout=limits.idle_timeout_s,
     )
     await runner.setup()
+    if metrics is not None and runner.server is not None:
+        metrics.track_server(runner.server)
     accept_errors = AcceptErrorFilter(asyncio.get_running_loop())
     try:
         await LimitedSite(runner, sock, limits).start()

@@ -155,6 +155,8 @@ class App:
         # client command id -> (binding, the one execution); finished ids keep their first reply (bounded)
         self.inflight: dict[str, tuple[CommandBinding, asyncio.Future[tuple[CommandReply, bool]]]] = {}
         self.replies: dict[str, tuple[CommandBinding, CommandReply]] = {}
+        self.on_command: Callable[[str, str, float], None] | None = None  # metrics: (verb, outcome, seconds)
+        self.followers = 0  # clients following the log live (async_follow, the status page's feed)
 
     @property
     def model(self) -> Any:
@@ -232,13 +234,19 @@ class App:
 
     async def _async_execute(self, handler: Handler, cmd: Command) -> CommandReply:
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(cmd.actor))
+        started, outcome = time.perf_counter(), "internal"
         try:
-            return await self._async_run_checked(handler, cmd)
+            reply = await self._async_run_checked(handler, cmd)
+            outcome = "ok"
+            return reply
         except MolddError as exc:
+            outcome = exc.code
             log.info("command_refused", verb=cmd.verb, code=exc.code, field=exc.field, reason=exc.message)
             raise
         finally:
             structlog.contextvars.unbind_contextvars("command_id", "actor")
+            if self.on_command is not None:
+                self.on_command(cmd.verb, outcome, time.perf_counter() - started)
 
     async def _async_check_role(self, verb: str, actor: Actor) -> None:
         """Refuse a verb the actor's role does not allow, and record who tried what and why."""
@@ -323,30 +331,34 @@ class App:
         its ``*.requested`` event and its outcomes), then live. The past is read in pages of ``FOLLOW_PAGE``
         (the correlation filter through the store's index) and at most ``follower_buffer`` live events wait for
         a slow follower, so a follower holds a bounded amount of memory however far back it starts."""
-        position = max(1, from_position)
-        page_size = FOLLOW_PAGE
-        while True:  # catch up
-            head = (await self.store.async_head())[0] if correlation is not None else None
-            if correlation is not None:
-                page = await self.store.async_read_correlated(correlation, position, page_size)
-            else:
-                page = await self.store.async_read(position, limit=page_size)
-            for ev in page:
-                if stream is None or ev.stream_id == stream:
+        self.followers += 1
+        try:
+            position = max(1, from_position)
+            page_size = FOLLOW_PAGE
+            while True:  # catch up
+                head = (await self.store.async_head())[0] if correlation is not None else None
+                if correlation is not None:
+                    page = await self.store.async_read_correlated(correlation, position, page_size)
+                else:
+                    page = await self.store.async_read(position, limit=page_size)
+                for ev in page:
+                    if stream is None or ev.stream_id == stream:
+                        yield event_view(ev)
+                if page:
+                    position = page[-1].position + 1
+                if len(page) < page_size:
+                    if correlation is not None and head is not None:
+                        position = max(position, head + 1)  # everything up to head was matched above
+                    break
+                page = []  # drop the page before the next read
+            limit = self.config.api.follower_buffer
+            async for ev in self.store.async_subscribe(from_position=position, batch_size=page_size, queue_limit=limit):
+                if (stream is None or ev.stream_id == stream) and (
+                    correlation is None or correlation in (ev.correlation_id, ev.command_id)
+                ):
                     yield event_view(ev)
-            if page:
-                position = page[-1].position + 1
-            if len(page) < page_size:
-                if correlation is not None and head is not None:
-                    position = max(position, head + 1)  # everything up to head was matched above
-                break
-            page = []  # drop the page before the next read
-        limit = self.config.api.follower_buffer
-        async for ev in self.store.async_subscribe(from_position=position, batch_size=page_size, queue_limit=limit):
-            if (stream is None or ev.stream_id == stream) and (
-                correlation is None or correlation in (ev.correlation_id, ev.command_id)
-            ):
-                yield event_view(ev)
+        finally:
+            self.followers -= 1
 
     # -- helpers for handlers --------------------------------------------------------------------------
     _CATALOG = {

@@ -258,6 +258,8 @@ STATE_NEUTRAL = frozenset(
         "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
         "ha.watcher_restarted",  # on the daemon's stream
         "vm.console.opened",  # who opened a VM's console: for the audit trail
+        "access.denied",  # a refused call (who, what, why): for the audit trail
+        "snapshot.sealed",  # the log's own bookkeeping (events.snapshot): binds a snapshot to the chain
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is
