@@ -154,7 +154,7 @@ class Daemon:
 
                 self.cloudstack_tcp = await async_serve_tcp(
                     self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
-                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes,
+                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes, limits=cfg.api,
                 )  # fmt: skip
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"

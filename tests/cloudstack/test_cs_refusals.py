@@ -285,3 +285,26 @@ async def test_list_events_in_cloudstack_names(cs_lab: CsLab) -> None:
     assert events[0]["username"] == "user=operator-user via=apikey role=operator"
     newest = (await cs_lab.call("readonly", "listEvents", page=1, pagesize=1))["event"]
     assert len(newest) == 1
+
+
+async def test_tcp_listener_has_the_socket_apis_time_and_connection_limits(make_config: Callable[..., Any]) -> None:
+    config = make_config(sections={"cloudstack": {"port": 0}, "api": {"header_timeout_s": 1.0, "max_connections": 3}})
+    async with running_daemon(config) as daemon:
+        port = daemon.cloudstack_tcp.port
+        # A client that never finishes its headers is cut (408), not held for ever.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /client/api?command=listZones HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        # Beyond max_connections, a connection is refused at once (503) instead of waiting for a slot.
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /client/api HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        for _, w in held:
+            w.close()
+        assert answer.startswith(b"HTTP/1.1 503")
