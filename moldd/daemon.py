@@ -136,7 +136,10 @@ class Daemon:
             self.tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
         if self.serve_api:
             from moldd.api.serve import async_serve
+            from moldd.app.users import directory
 
+            # the API secrets are read once, off the loop, before the first signed request needs them
+            await asyncio.to_thread(directory(self.app).store.get, "")
             self.api = await async_serve(
                 self.app,
                 str(cfg.socket),
