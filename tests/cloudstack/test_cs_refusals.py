@@ -308,3 +308,17 @@ async def test_tcp_listener_has_the_socket_apis_time_and_connection_limits(make_
         for _, w in held:
             w.close()
         assert answer.startswith(b"HTTP/1.1 503")
+
+
+async def test_a_peer_guessing_signatures_is_slowed_down(make_config: Callable[..., Any]) -> None:
+    config = make_config(sections={"cloudstack": {"port": 0}})
+    async with running_daemon(config) as daemon, Client(config.socket) as client:
+        user = (await client.call("createUser", username="victim", role="admin"))["result"]["user"]
+        lab = CsLab(daemon, client, f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/client/api", {})
+        statuses = []
+        for i in range(40):
+            status, body = await raw(lab, query=f"command=listZones&response=json&apiKey={user['apikey']}&signature=guess{i}")
+            statuses.append(status)
+            (only,) = body.values()
+            assert only["errorcode"] == status
+        assert statuses[0] == 401 and 429 in statuses and set(statuses) == {401, 429}
