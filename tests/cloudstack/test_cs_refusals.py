@@ -93,8 +93,12 @@ async def test_readonly_stop_is_refused_and_audited(cs_lab: CsLab) -> None:
     # listApis shows a readonly user only what it may call.
     apis = {a["name"] for a in (await cs_lab.call("readonly", "listApis"))["api"]}
     assert "listVirtualMachines" in apis and "stopVirtualMachine" not in apis and "createUser" not in apis
-    admin_apis = {a["name"] for a in (await cs_lab.call("admin", "listApis"))["api"]}
-    assert {"stopVirtualMachine", "migrateVirtualMachine", "createUser"} <= admin_apis
+    admin_apis = {a["name"]: a for a in (await cs_lab.call("admin", "listApis"))["api"]}
+    assert {"stopVirtualMachine", "migrateVirtualMachine", "createUser"} <= set(admin_apis)
+    # parameters (what CloudMonkey's sync reads), with the required ones marked
+    deploy = {p["name"]: p["required"] for p in admin_apis["deployVirtualMachine"]["params"]}
+    assert deploy["serviceofferingid"] and deploy["templateid"] and not deploy["zoneid"] and not deploy["name"]
+    assert admin_apis["deployVirtualMachine"]["isasync"] and not admin_apis["listZones"]["isasync"]
 
 
 async def test_socket_actor_roles_are_enforced_by_the_app(cs_lab: CsLab) -> None:
