@@ -36,8 +36,9 @@ STOP_SNAPSHOT_TIMEOUT_S = 5.0
 
 
 class Projector:
-    def __init__(self, store: EventStore, *, snapshot_every: int = 1000) -> None:
+    def __init__(self, store: EventStore, *, snapshot_every: int = 1000, seal_key: Any = None) -> None:
         self.store = store
+        self.seal_key = seal_key  # Ed25519 private key (the checkpoint key): seals are signed, only signed ones trusted
         self.model = ReadModel()
         self.snapshot_every = snapshot_every
         self.listeners: list[Listener] = []  # use add_listener (the list itself stays for existing callers)
@@ -54,7 +55,8 @@ class Projector:
         """Load the newest snapshot if the log vouches for it (a seal in the chain records its digest, and
         the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
         whole log is folded. Returns the snapshot's position (0: none used)."""
-        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME)
+        public = None if self.seal_key is None else self.seal_key.public_key()
+        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME, public)
         if snap is None:
             if why is not None:
                 log.warning("snapshot_ignored", reason=why, folding="the whole log")
@@ -223,7 +225,9 @@ class Projector:
             return
         parts = model.snapshot_parts()
         data = await _async_in_daemon_thread(lambda: encode_snapshot(parts))
-        _, sealed_at = await async_save_sealed_snapshot_data(self.store, SNAPSHOT_NAME, position, data)
+        _, sealed_at = await async_save_sealed_snapshot_data(
+            self.store, SNAPSHOT_NAME, position, data, key=self.seal_key
+        )
         self._sealed_at = max(self._sealed_at, sealed_at)
         self.snapshot_position = max(self.snapshot_position, position)
 

@@ -55,20 +55,21 @@ async def test_a_model_restored_from_the_snapshot_equals_a_full_replay(tmp_path:
 
 
 class HeldSnapshots:
-    """Stands between the projector and the store's snapshot write: holds every write until released."""
+    """Stands between the projector and the store's snapshot write (after its seal was appended): holds every
+    write until released."""
 
     def __init__(self, store: Any) -> None:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.written: list[int] = []
-        self._save = store.async_save_snapshot_data
-        store.async_save_snapshot_data = self.save
+        self._save = store._async_put_snapshot
+        store._async_put_snapshot = self.save
 
-    async def save(self, name: str, position: int, data: bytes) -> None:
+    async def save(self, name: str, row: Any) -> None:
         self.started.set()
         await self.release.wait()
-        await self._save(name, position, data)
-        self.written.append(position)
+        await self._save(name, row)
+        self.written.append(row[0])
 
 
 async def test_the_fold_goes_on_while_a_snapshot_is_being_written(tmp_path: Path) -> None:
