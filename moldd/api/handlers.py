@@ -15,7 +15,17 @@ from aiohttp import web
 
 from moldd.api.envelope import parse_command, parse_events_query
 from moldd.api.keys import ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS_KEY
-from moldd.domain.errors import MolddError, ValidationError
+from moldd.domain.errors import (
+    CapacityError,
+    Conflict,
+    InvalidState,
+    MolddError,
+    NotFound,
+    OperationFailed,
+    PermissionDenied,
+    Unavailable,
+    ValidationError,
+)
 
 log = structlog.get_logger("moldd.api")
 
@@ -76,8 +86,36 @@ def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(payload), status=status, content_type=JSON)
 
 
+# The HTTP status of each domain error class (the domain knows no HTTP). An error class of the API layer sets
+# ``http_status`` itself (UnsupportedMediaType, RequestTimeout); subclasses inherit their nearest base's status.
+HTTP_STATUS: dict[type[MolddError], int] = {
+    ValidationError: 400,
+    PermissionDenied: 403,
+    NotFound: 404,
+    InvalidState: 409,
+    Conflict: 409,
+    CapacityError: 409,
+    OperationFailed: 502,
+    Unavailable: 503,
+    MolddError: 500,
+}
+
+
+def http_status(err: MolddError) -> int:
+    """The HTTP status for ``err``: the nearest class in its MRO with an ``http_status`` of its own or in
+    ``HTTP_STATUS``; 500 for anything else."""
+    for cls in type(err).__mro__:
+        own = cls.__dict__.get("http_status")
+        if isinstance(own, int):
+            return own
+        status = HTTP_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
 def error_response(err: MolddError) -> web.Response:
-    return json_response({"ok": False, "error": err.to_dict()}, status=err.http_status)
+    return json_response({"ok": False, "error": err.to_dict()}, status=http_status(err))
 
 
 def plain_error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:

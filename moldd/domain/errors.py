@@ -1,4 +1,5 @@
-"""Errors a person can act on: a stable code, a message, the field at fault, an HTTP status."""
+"""Errors a person can act on: a stable code, a message, the field at fault. No HTTP here: the API maps each
+class to its status (``moldd.api.handlers.http_status``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ class MolddError(Exception):
     """Base of every error moldd reports to a client."""
 
     code = "error"
-    http_status = 500
 
     def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -28,50 +28,42 @@ class ValidationError(MolddError):
     """The request itself is wrong: a missing, malformed or out-of-range argument."""
 
     code = "invalid_argument"
-    http_status = 400
 
 
 class NotFound(MolddError):
     code = "not_found"
-    http_status = 404
 
 
 class InvalidState(MolddError):
     """The command is not allowed in the object's current state; the message names the state and rule."""
 
     code = "invalid_state"
-    http_status = 409
 
 
 class Conflict(MolddError):
     """Another change won a race, or a unique name is taken."""
 
     code = "conflict"
-    http_status = 409
 
 
 class CapacityError(MolddError):
     code = "insufficient_capacity"
-    http_status = 409
 
 
 class PermissionDenied(MolddError):
     code = "permission_denied"
-    http_status = 403
 
 
 class Unavailable(MolddError):
     """A host or the hypervisor cannot be reached right now; retrying later may work."""
 
     code = "unavailable"
-    http_status = 503
 
 
 class OperationFailed(MolddError):
     """libvirt or a tool refused or failed the operation."""
 
     code = "operation_failed"
-    http_status = 502
 
 
 class InternalError(MolddError):
@@ -79,7 +71,6 @@ class InternalError(MolddError):
     ``assert`` would vanish under ``python -O``."""
 
     code = "internal_error"
-    http_status = 500
 
 
 def present(value: T | None, what: str) -> T:

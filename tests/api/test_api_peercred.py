@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from moldd.api import ApiServer, PeerCreds, authorize, bind_unix_socket, peer_creds, peercred
+from moldd.api.handlers import http_status
 from moldd.api.peercred import AccessPolicy
 from moldd.domain.errors import PermissionDenied
 from tests.api.conftest import FakeBus
@@ -44,7 +45,7 @@ def test_authorize_refuses_other_users_with_permission_denied() -> None:
             supplementary_gids=(1000, 27),
         )
     assert info.value.code == "permission_denied"
-    assert info.value.http_status == 403
+    assert http_status(info.value) == 403
     assert "uid 1000" in info.value.message
 
 

@@ -1,5 +1,5 @@
 """present(): an explicit invariant check that survives ``python -O`` (unlike assert) and reports a bug as
-InternalError (code internal_error, HTTP 500), naming what was missing."""
+InternalError (code internal_error), naming what was missing."""
 
 from __future__ import annotations
 
@@ -18,4 +18,3 @@ def test_present_raises_an_internal_error_naming_what_is_missing() -> None:
         present(None, "host of web-1")
     assert isinstance(info.value, MolddError)
     assert info.value.to_dict()["code"] == "internal_error"
-    assert info.value.http_status == 500
