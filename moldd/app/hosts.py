@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from events import ANY_VERSION, NewEvent
 from moldd.config import Config
-from moldd.domain.errors import MolddError, Unavailable
+from moldd.domain.errors import MolddError, Unavailable, present
 from moldd.domain.reconcile import is_on, reconcile
 from moldd.domain.states import TRANSIENT, VMState
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.events import DomainEvent, HostLinkEvent
 from moldd.libvirt.host import HostConnection
+from moldd.projection.model import VM
+
+if TYPE_CHECKING:
+    from moldd.app.service import App
 
 log = structlog.get_logger("moldd.hosts")
 
@@ -25,17 +29,19 @@ class HostManager:
     def __init__(self, config: Config, bridge: LibvirtBridge) -> None:
         self.config = config
         self.bridge = bridge
-        self.app: Any = (
-            None  # set by attach(); the manager appends through the app so it waits for the projection
-        )
+        self._app: App | None = None  # set by attach(); it appends through the app so it waits for the projection
         self.conns: dict[str, HostConnection] = {}
         self._queue: asyncio.Queue[DomainEvent | HostLinkEvent] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.synced: dict[str, asyncio.Event] = {}
         self.ingested = 0
 
-    def attach(self, app: Any) -> None:
-        self.app = app
+    def attach(self, app: App) -> None:
+        self._app = app
+
+    @property
+    def app(self) -> App:
+        return present(self._app, "the host manager's app (attach() first)")
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def async_start(self) -> None:
@@ -177,7 +183,7 @@ class HostManager:
         self.synced[host].set()
 
     async def _async_record_finding(
-        self, vm: Any, host: str, domain_state: str | None, *, stale: bool, crashed: bool = False
+        self, vm: VM, host: str, domain_state: str | None, *, stale: bool, crashed: bool = False
     ) -> bool:
         """Record what libvirt shows of ``vm`` on ``host`` if the log disagrees (the caller holds the VM's lock).
         ``stale``: no command of this daemon is working on it; its job (if any) is recorded as failed."""
@@ -243,7 +249,7 @@ class HostManager:
                 )],
             )  # fmt: skip
 
-    async def _async_adopt(self, host: str, vm: Any, domain_state: str) -> None:
+    async def _async_adopt(self, host: str, vm: VM, domain_state: str) -> None:
         """The only running copy of a VM is on a host the log did not place it on (a host came back whose guests
         survived while moldd had given them up): the hypervisor is the truth for power, so record where it runs."""
         async with self.app.locks[vm.name]:
@@ -288,7 +294,7 @@ class HostManager:
             )  # fmt: skip
         log.warning("stale_definition_removed", vm=name, host=host, current_host=vm.host)
 
-    async def _async_stale_copy(self, host: str, vm: Any, domain_state: str) -> None:
+    async def _async_stale_copy(self, host: str, vm: VM, domain_state: str) -> None:
         """A copy of a VM runs on a host that is not its current one (a host came back after its VMs were
         restarted elsewhere without fencing having killed them). Two copies corrupt the disk: stop the stale one."""
         conn = self.conn(host)

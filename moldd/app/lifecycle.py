@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from events import NO_STREAM, NewEvent
+from events import NO_STREAM, NewEvent, StoredEvent
 from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
@@ -36,6 +36,7 @@ from moldd.domain.states import Action, PowerState, VMState, check, check_stop
 from moldd.libvirt import storage
 from moldd.libvirt.xml import build_domain_xml
 from moldd.projection.model import VM
+from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.lifecycle")
 GIB = 1024**3
@@ -337,7 +338,7 @@ def domain_event_waiter(
     fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     stream = f"vm-{name}"
 
-    def listener(ev: Any, model: Any) -> None:
+    def listener(ev: StoredEvent, model: ReadModel) -> None:
         if (
             not fut.done()
             and ev.stream_id == stream

@@ -40,6 +40,7 @@ from moldd.domain.scaling import check_resize, check_scale
 from moldd.domain.settings import validate_details
 from moldd.domain.states import Action, VMState, check
 from moldd.libvirt import storage
+from moldd.libvirt.host import HostConnection
 from moldd.libvirt.xml import build_domain_xml
 from moldd.projection.model import VM
 
@@ -334,7 +335,7 @@ async def _async_scale_job(
     )  # fmt: skip
 
 
-async def _async_settled_memory(conn: Any, domain: str, target_mib: int, wait_s: float = 5.0) -> int:
+async def _async_settled_memory(conn: HostConnection, domain: str, target_mib: int, wait_s: float = 5.0) -> int:
     """What QEMU reports for the guest once its balloon driver has moved to the target (it takes a moment), or
     after ``wait_s`` (a guest without the driver never moves: the caller reports that)."""
     seen = 0
@@ -720,7 +721,7 @@ def cdrom_source(xml: str) -> str | None:
     return None
 
 
-async def _async_verify_cdrom(conn: Any, domain: str, want: str | None, live: bool) -> None:
+async def _async_verify_cdrom(conn: HostConnection, domain: str, want: str | None, live: bool) -> None:
     """A guest that holds the tray (just booted, or locked it) can make QEMU accept the change and apply it a
     moment later, or not at all: report what libvirt shows, not what we asked for."""
     seen = 0

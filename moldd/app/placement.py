@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from moldd.config import Config
 from moldd.domain.capacity import (
@@ -15,10 +14,11 @@ from moldd.domain.capacity import (
     cluster_capacity,
 )
 from moldd.domain.errors import NotFound, ValidationError
+from moldd.projection.readmodel import ReadModel
 
 
 def host_loads(
-    config: Config, model: Any, *, ignore_vm: str | None = None, reserved: Mapping[str, str] | None = None
+    config: Config, model: ReadModel, *, ignore_vm: str | None = None, reserved: Mapping[str, str] | None = None
 ) -> list[HostLoad]:
     """``reserved``: VM name → host a migration in flight is taking it to (the slot is spoken for)."""
     loads = []
@@ -32,7 +32,7 @@ def host_loads(
     return loads
 
 
-def capacities(config: Config, model: Any) -> list[ClusterCapacity]:
+def capacities(config: Config, model: ReadModel) -> list[ClusterCapacity]:
     loads = host_loads(config, model)
     clusters = sorted({h.cluster for h in config.hosts})
     return [cluster_capacity(c, loads, config.tolerated_host_failures) for c in clusters]
@@ -40,7 +40,7 @@ def capacities(config: Config, model: Any) -> list[ClusterCapacity]:
 
 def place_new_vm(
     config: Config,
-    model: Any,
+    model: ReadModel,
     requested_host: str | None,
     *,
     reserved: Mapping[str, str] | None = None,
@@ -71,7 +71,7 @@ def place_new_vm(
 
 
 def place_returning_vm(
-    config: Config, model: Any, vm_name: str, *, current: str | None, cluster: str | None,
+    config: Config, model: ReadModel, vm_name: str, *, current: str | None, cluster: str | None,
     reserved: Mapping[str, str] | None = None,
 ) -> HostLoad:  # fmt: skip
     """A VM that does not count now (Destroyed) comes back into the count (recover): like a deploy, its host
@@ -89,7 +89,7 @@ def place_returning_vm(
 
 def place_existing(
     config: Config,
-    model: Any,
+    model: ReadModel,
     vm_name: str,
     *,
     current: str | None,
