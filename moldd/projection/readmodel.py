@@ -37,6 +37,14 @@ class EventLike(Protocol):
     def recorded_at(self) -> Any: ...
 
 
+def committed_memory_mib(offering: dict[str, Any]) -> int:
+    """Memory a running guest of this offering can hold on its host: the maximum for a dynamic offering."""
+    memory = int(offering.get("memory_mib") or 0)
+    if offering.get("dynamic"):
+        return max(memory, int(offering.get("max_memory_mib") or memory))
+    return memory
+
+
 def _iso(ev: EventLike) -> str:
     at = ev.recorded_at
     return at.isoformat() if hasattr(at, "isoformat") else str(at)
@@ -111,6 +119,19 @@ class ReadModel:
     def counted_on(self, host: str) -> int:
         """VMs that hold a slot on a host: every VM placed there that is not destroyed or expunged."""
         return len(self.vms_on(host))
+
+    def host_usage(self, host: str) -> dict[str, int]:
+        """What a host's view adds to its record (listHosts and ``moldd-audit state`` alike): slots used, running
+        VMs, and memory as the offerings say and as the host really commits (a dynamic offering's guest boots
+        with its maximum memory; only a balloon driver in the guest gives the difference back)."""
+        placed = self.vms_on(host)
+        running = [vm for vm in placed if vm.state == S.RUNNING]
+        return {
+            "vms": len(placed),
+            "running": len(running),
+            "memory_offered_mib": sum(int(vm.offering.get("memory_mib") or 0) for vm in running),
+            "memory_committed_mib": sum(committed_memory_mib(vm.offering) for vm in running),
+        }
 
     # -- folding ---------------------------------------------------------------------------------------
     def apply_all(self, events: Iterable[EventLike]) -> ReadModel:
