@@ -93,6 +93,13 @@ _TYPES: dict[str, int] = {
     "group.created": 1,
     "group.deleted": 1,
     "libvirt.domain_event": 1,
+    # the log's own bookkeeping (events.snapshot): the digest of a read-model snapshot, bound to the chain
+    "snapshot.sealed": 1,
+    # users, API keys and refused calls (moldd/app/users.py, moldd/app/service.py)
+    "user.created": 1,
+    "user.keys.registered": 1,
+    "user.revoked": 1,
+    "access.denied": 1,
 }
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(_TYPES)

@@ -18,10 +18,12 @@ from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm, place_returning_vm
+from moldd.app.secrets import protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.ha import blame_elsewhere, parse_policy
+from moldd.domain.ids import is_uuid
 from moldd.domain.names import (
     generate_vm_name,
     internal_name,
@@ -53,7 +55,7 @@ def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> 
 # -- deploy ----------------------------------------------------------------------------------------------
 DEPLOY_ARGS = {
     "offering", "template", "iso", "displayname", "hostname", "group", "ha", "hapolicy", "hapriority",
-    "host", "rootdisksize", "startvm", "details", "description", "ostype",
+    "host", "rootdisksize", "startvm", "details", "description", "ostype", "cluster",
 }  # fmt: skip
 DEPLOY_ALIASES = {
     "serviceofferingid": "offering",
@@ -80,6 +82,8 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         )
     template = app.catalog("template", template_name) if template_name else None
     iso = app.catalog("iso", iso_name) if iso_name else None
+    # the catalog also knows an item by its stable id: the log records the name
+    template_name, iso_name = (template.name if template else None), (iso.name if iso else None)
     size_gb = a.integer("rootdisksize", None, min=1, max=4096)
     if iso is not None and size_gb is None:
         raise ValidationError(
@@ -95,14 +99,17 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     priority = a.integer("hapriority", 0, min=0, max=100)
     details = {k: v for k, v in validate_details(a.mapping("details", {})).items() if v is not None}
     start = a.boolean("startvm", True)
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     os_type = a.text(
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
     requested_host = a.text("host", None)
+    if requested_host is not None and is_uuid(requested_host):
+        requested_host = app.catalog("host", requested_host, "host").name
+    cluster = a.text("cluster", None)  # CloudStack's zone
 
     async with app.placement_lock:
-        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations)
+        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations, cluster=cluster)
         name = generate_vm_name(set(app.model.vms))
         hostname = hostname or name
         if hostname_taken(app, hostname):
@@ -131,11 +138,11 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
             "ha_enabled": ha,
             "ha_policy": str(policy),
             "ha_priority": priority,
-            "offering": dataclasses.asdict(offering),
+            "offering": offering.model_dump(),
             "template": template_name,
             "iso": iso_name,
             "root_disk": {"size_gb": size_gb},
-            "details": details,
+            "details": protect_details(app.secrets, details),
             "start": start,
         }
         ev = NewEvent(
@@ -225,12 +232,12 @@ async def async_start_on(
 async def start_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
+    target = a.text("host", None)
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(vm.state, Action.START)
-        target = a.text("host", None)
         if target is not None:
-            app.catalog("host", target)
+            target = app.catalog("host", target).name  # a name or its stable id
         host = place_existing(
             app.config,
             app.model,

@@ -9,7 +9,6 @@ end, so a start or stop sent meanwhile waits and then re-checks, instead of raci
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Coroutine
 from pathlib import Path
@@ -22,6 +21,7 @@ from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import CommandReply
 from moldd.app.lifecycle import async_power_off, async_start_on, err, hostname_taken
 from moldd.app.placement import host_loads
+from moldd.app.secrets import SecretStore, protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
 from moldd.domain.errors import (
@@ -74,7 +74,7 @@ def state_of(vm: VM) -> VMState:
 
 
 def offering_named(app: App, name: str) -> dict[str, Any]:
-    return dataclasses.asdict(app.catalog("offering", name))
+    return app.catalog("offering", name).model_dump()
 
 
 async def async_define_stopped(app: App, vm: VM) -> Any:
@@ -118,8 +118,12 @@ EDIT_ALIASES = {
 }  # fmt: skip
 
 
-def settings_event(vm: VM, details: dict[str, Any], cmd: Command) -> NewEvent | None:
+def settings_event(
+    vm: VM, details: dict[str, Any], cmd: Command, secrets: SecretStore | None = None
+) -> NewEvent | None:
     changes = validate_details(details)
+    if secrets is not None:
+        changes = protect_details(secrets, changes)
     merged = dict(vm.details)
     for key, value in changes.items():
         if value is None:
@@ -154,7 +158,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
     if "vmname" in a:
         raise ValidationError(
-            "the VM name (ID) is immutable; change displayname or hostname instead", field="name"
+            "the VM name (ID) is immutable; change displayname or hostname instead", field="vmname"
         )
     key = a.raw("id") if "id" in a else a.raw("name")
     vm = app.get_vm({"id": key})
@@ -185,10 +189,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
     if "ostype" in a:
         changes["os_type"] = a.text("ostype", max_len=64)
     if "description" in a:
-        description = a.raw("description")
-        if not isinstance(description, str) or len(description) > 1024:
-            raise ValidationError("description must be text of at most 1024 characters", field="description")
-        changes["description"] = description
+        changes["description"] = a.text("description", max_len=1024, multiline=True)
     details = a.mapping("details") if "details" in a else None
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -213,7 +214,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                         correlation_id=cmd.id,
                     )
                 )
-            settings = settings_event(vm, details, cmd) if details is not None else None
+            settings = settings_event(vm, details, cmd, app.secrets) if details is not None else None
             if settings is not None:
                 events.append(settings)
             if not events:
@@ -238,7 +239,7 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(state_of(vm), Action.SETTINGS)
-        ev = settings_event(vm, details, cmd)
+        ev = settings_event(vm, details, cmd, app.secrets)
         if ev is None:
             return CommandReply(
                 result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position
@@ -421,8 +422,7 @@ PROGRESS_EVERY_S = 1.0
 async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
-    dest_name = a.text("host")
-    dest = app.catalog("host", dest_name)
+    dest = app.catalog("host", a.text("host"))  # a name or its stable id
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -569,7 +569,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
                 "the VM was created from an ISO and has no template: give the template to install",
                 field="template",
             )
-        app.catalog("template", template_name)
+        template_name = app.catalog("template", template_name).name  # a name or its stable id
         running = vm.state == VMState.RUNNING
         res = await app.async_record(
             vm,
@@ -677,8 +677,8 @@ async def console(app: App, cmd: Command) -> CommandReply:
 async def attach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "iso"}, VM_ALIASES | {"isoid": "iso"})
     vm = app.get_vm({"id": a.raw("id")})
-    iso_name = a.text("iso")
-    iso = app.catalog("iso", iso_name)
+    iso = app.catalog("iso", a.text("iso"))  # a name or its stable id
+    iso_name = iso.name
     lock = await async_claim(app, vm.name)
     try:
         vm = app.model.vms[vm.name]

@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -290,6 +291,16 @@ COMMANDS: tuple[Cmd, ...] = (
     Cmd("capacity", "listClusters", "cluster capacity (N-1 rule)", (),
         ("cluster", "hosts", "perhostlimit", "toleratedfailures", "used", "limit", "headroom")),
     Cmd("job show", "queryAsyncJobResult", "show a job", (pos("id", "jobid"),), single=True, follow=False),
+    Cmd("user create", "createUser", "create a user with an API key pair (the secret key is shown once)", (
+        pos("username", "username"), opt("--role", "role", "admin, operator or readonly (default readonly)"),
+    ), single=True),
+    Cmd("user list", "listUsers", "list users (never their secret keys)", (),
+        ("name", "role", "state", "apikey", "created", "id")),
+    Cmd("user revoke", "revokeUser", "revoke a user's API keys at once", (
+        pos("username", "username"), opt("--reason", "reason", "why (recorded in the log)"),
+    ), single=True),
+    Cmd("user keys", "registerUserKeys", "a new API key pair for a user (the old pair stops working)",
+        (pos("username", "username"),), single=True),
 )  # fmt: skip
 
 
@@ -464,8 +475,15 @@ def _cell(value: Any) -> str:
     if isinstance(value, list) and not _nested(value):
         return ", ".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return _escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return _escape(str(value))  # a name holding U+202E or an escape sequence cannot spoof the table
+
+
+def _escape(text: str) -> str:
+    """Control and format characters (bidi overrides, escape sequences, zero-width) shown as \\uXXXX."""
+    return "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") else c for c in text
+    )
 
 
 def rows_of(result: Any) -> list[dict[str, Any]] | None:
@@ -557,6 +575,88 @@ def describe_event(entry: dict[str, Any], *, stream: bool = False) -> str:
 # -------------------------------------------------------------------------------------------- jobs
 
 
+def progress_of(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress a log entry reports (``*.progress`` events: ``{"progress": {"percent": ...}}``), if any."""
+    if not str(entry.get("event_type", "")).endswith(".progress"):
+        return None
+    payload = entry.get("payload")
+    prog = payload.get("progress") if isinstance(payload, dict) else None
+    if not isinstance(prog, dict) or not isinstance(prog.get("percent"), (int, float)):
+        return None
+    return prog
+
+
+def _size(n: Any) -> str:
+    value = float(n) if isinstance(n, (int, float)) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+class ProgressBar:
+    """Draws a job's progress: redrawn in place on a terminal, one line per update otherwise (logs, pipes),
+    a JSON line per update with ``--json`` (``{"job": id, "progress": {...}}``)."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO, job_id: str, *, as_json: bool = False) -> None:
+        self.out = out
+        self.job_id = job_id
+        self.as_json = as_json
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.drawn = False
+        self.has_percent = False
+        self.ticks = 0
+
+    @staticmethod
+    def line(prog: dict[str, Any], what: str = "", width: int = WIDTH) -> str:
+        pct = max(0.0, min(100.0, float(prog["percent"])))
+        filled = round(width * pct / 100)
+        bar = "#" * filled + "." * (width - filled)
+        detail = ""
+        if prog.get("data_total"):
+            done = int(prog.get("data_total", 0)) - int(prog.get("data_remaining", 0))
+            detail = f"  {_size(done)} / {_size(prog['data_total'])}"
+        label = f" {what}" if what else ""
+        return f"[{bar}] {pct:5.1f} %{label}{detail}"
+
+    def update(self, entry: dict[str, Any], prog: dict[str, Any]) -> None:
+        what = str(entry.get("event_type", "")).removesuffix(".progress").split(".")[-1]
+        if self.as_json:
+            print(json.dumps({"job": self.job_id, "position": entry.get("position"), "event_type":
+                              entry.get("event_type"), "progress": prog}), file=self.out, flush=True)  # fmt: skip
+            return
+        self.has_percent = True
+        text = "  " + self.line(prog, what)
+        if self.tty:
+            print("\r\x1b[2K" + text, end="", file=self.out, flush=True)
+            self.drawn = True
+        else:
+            print(text, file=self.out, flush=True)
+
+    SPIN = "|/-\\"
+
+    def tick(self, job: dict[str, Any], elapsed_s: float) -> None:
+        """On a terminal, while no percentage is known (libvirt reports none for internal snapshots, resizes
+        and starts): a spinner with the time so far and the VM's state, redrawn in place."""
+        if self.as_json or not self.tty or self.has_percent or job.get("status") in FINAL_STATUSES:
+            return
+        self.ticks += 1
+        state = f" (VM {job['state']})" if job.get("state") else ""
+        spin = self.SPIN[self.ticks % len(self.SPIN)]
+        print(f"\r\x1b[2K  {spin} {job.get('status') or 'pending'} {elapsed_s:.1f} s{state}", end="",
+              file=self.out, flush=True)  # fmt: skip
+        self.drawn = True
+
+    def clear(self) -> None:
+        """End the bar's line before other output."""
+        if self.drawn:
+            print(file=self.out, flush=True)
+            self.drawn = False
+
+
 def job_of(result: Any) -> dict[str, Any] | None:
     job = result.get("job") if isinstance(result, dict) else None
     return job if isinstance(job, dict) and "id" in job else None
@@ -568,8 +668,14 @@ def follow_job(
     position: int | None,
     progress: TextIO,
     poll_interval_s: float = POLL_INTERVAL_S,
+    *,
+    as_json: bool = False,
 ) -> dict[str, Any]:
     """Print a job's events as they happen; return the job once its status is final.
+
+    ``*.progress`` events (migration, resize, snapshot, deploy) draw a progress bar (:class:`ProgressBar`);
+    with ``as_json`` every event is a JSON line (``{"job": id, "event": entry}`` or ``{"job": id,
+    "progress": {...}}``).
 
     Events come from a reader thread over the NDJSON stream; the main thread polls
     ``queryAsyncJobResult`` after each event and every ``poll_interval_s``, so the job's end is seen
@@ -593,7 +699,28 @@ def follow_job(
     reader = threading.Thread(target=read_stream, name="moldctl-events", daemon=True)
     reader.start()
     status = job.get("status")
-    print(f"job {job_id}: {status or 'pending'}", file=progress, flush=True)
+    bar = ProgressBar(progress, job_id, as_json=as_json)
+
+    def show(entry: dict[str, Any]) -> None:
+        prog = progress_of(entry)
+        if prog is not None:
+            bar.update(entry, prog)
+            return
+        bar.clear()
+        if as_json:
+            print(json.dumps({"job": job_id, "event": entry}), file=progress, flush=True)
+        else:
+            print("  " + describe_event(entry), file=progress, flush=True)
+
+    def say(text: str) -> None:
+        bar.clear()
+        if as_json:
+            print(json.dumps({"job": job_id, "status": text}), file=progress, flush=True)
+        else:
+            print(f"job {job_id}: {text}", file=progress, flush=True)
+
+    say(status or "pending")
+    started = time.monotonic()
     try:
         while True:
             try:
@@ -601,12 +728,13 @@ def follow_job(
             except queue.Empty:
                 entry = None
             if entry is not None:
-                print("  " + describe_event(entry), file=progress, flush=True)
+                show(entry)
             latest = job_of(client.call("queryAsyncJobResult", {"jobid": job_id})[0]) or job
+            bar.tick(latest, time.monotonic() - started)
             if latest.get("status") != status:
                 status = latest.get("status")
                 if status not in FINAL_STATUSES:
-                    print(f"job {job_id}: {status}", file=progress, flush=True)
+                    say(str(status))
             if status in FINAL_STATUSES:
                 while True:  # events already received are still worth showing
                     try:
@@ -614,7 +742,8 @@ def follow_job(
                     except queue.Empty:
                         break
                     if pending is not None:
-                        print("  " + describe_event(pending), file=progress, flush=True)
+                        show(pending)
+                bar.clear()
                 return latest
     finally:
         for conn in conns:
@@ -637,7 +766,7 @@ def _finish(client: Client, ns: argparse.Namespace, cmd: Cmd | None, result: Any
     as_json = getattr(ns, "json", False)
     job = job_of(result)
     if job is not None and (cmd is None or cmd.follow) and not getattr(ns, "no_wait", False):
-        job = follow_job(client, job, position, err if as_json else out)
+        job = follow_job(client, job, position, err if as_json else out, as_json=as_json)
         result = {"job": job}
         if job.get("status") == "failed":
             if as_json:

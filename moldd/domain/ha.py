@@ -39,7 +39,7 @@ def parse_policy(value: object, field: str = "hapolicy") -> RestartPolicy:
         return RestartPolicy(str(value))
     except ValueError:
         raise ValidationError(
-            f"{field} must be one of {', '.join(p.value for p in RestartPolicy)}, got {value!r}", field=field
+            f"{field} must be one of {', '.join(p.value for p in RestartPolicy)}, got {value!r:.60}", field=field
         ) from None
 
 

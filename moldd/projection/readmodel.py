@@ -3,7 +3,9 @@ by the daemon or replayed by ``moldd-audit state``; times come from the events, 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any, Protocol
 
 from moldd.domain.ha import down_cause
@@ -45,9 +47,17 @@ def committed_memory_mib(offering: dict[str, Any]) -> int:
     return memory
 
 
+_last_at: Any = None  # the newest recorded_at turned into text, and that text: handlers ask several times per
+_last_text = ""  # event, and a group commit's events share one recorded_at object
+
+
 def _iso(ev: EventLike) -> str:
+    global _last_at, _last_text
     at = ev.recorded_at
-    return at.isoformat() if hasattr(at, "isoformat") else str(at)
+    if at is not _last_at:
+        _last_text = at.isoformat() if hasattr(at, "isoformat") else str(at)
+        _last_at = at
+    return _last_text
 
 
 def _epoch(ev: EventLike) -> float:
@@ -61,6 +71,12 @@ EDITABLE = frozenset(
 )
 
 
+MAX_FINISHED_JOBS = 10_000
+"""Finished jobs kept in the read model (queryAsyncJobResult answers them); older ones live only in the log."""
+_VM_ID = attrgetter("id")
+PRUNE_SLACK = 1024  # prune in batches: a sort of the finished jobs per 1024 finished, not per job
+
+
 class ReadModel:
     """Current VMs, hosts, groups and jobs, plus the log position folded so far."""
 
@@ -72,6 +88,12 @@ class ReadModel:
         self.jobs: dict[str, Job] = {}
         self.by_internal: dict[str, str] = {}
         self.next_vm_id = 1
+        self._by_id: list[VM] | None = None  # vms_listed's caches
+        self._listed: tuple[tuple[int, int], list[VM]] | None = None
+        self._finished: deque[tuple[str, str]] = deque()  # (finished_at, job id) of finished jobs, oldest first
+        # moldd users (API keys and roles), by name; ``by_apikey`` maps a live API key to its user.
+        self.users: dict[str, dict[str, Any]] = {}
+        self.by_apikey: dict[str, str] = {}
 
     # -- snapshots -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +104,21 @@ class ReadModel:
             "groups": {k: v.to_dict() for k, v in self.groups.items()},
             "jobs": {k: v.to_dict() for k, v in self.jobs.items()},
             "next_vm_id": self.next_vm_id,
+            "users": {k: dict(v) for k, v in self.users.items()},
+        }
+
+    def snapshot_parts(self) -> dict[str, Any]:
+        """What ``to_dict()`` holds, with each object's shared read-only view instead of a copy: cheap to take on
+        the loop (views are rebuilt only for objects that changed), safe to encode on another thread."""
+        return {
+            "position": self.position,
+            "vms": {k: v.view() for k, v in self.vms.items()},
+            "hosts": {k: v.view() for k, v in self.hosts.items()},
+            "groups": {k: v.view() for k, v in self.groups.items()},
+            "jobs": {k: v.view() for k, v in self.jobs.items()},
+            "next_vm_id": self.next_vm_id,
+            # copies: the fold updates a user's dict in place, and the parts are encoded on another thread
+            "users": {k: dict(v) for k, v in self.users.items()},
         }
 
     @classmethod
@@ -93,6 +130,11 @@ class ReadModel:
         model.groups = {k: Group.from_dict(v) for k, v in data["groups"].items()}
         model.jobs = {k: Job.from_dict(v) for k, v in data["jobs"].items()}
         model.next_vm_id = data["next_vm_id"]
+        model._finished = deque(sorted((j.finished_at, j.id) for j in model.jobs.values() if j.finished_at))
+        if len(model._finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
+            model.prune_jobs()  # a snapshot written before jobs were pruned
+        model.users = {k: dict(v) for k, v in data.get("users", {}).items()}
+        model.by_apikey = {u["apikey"]: k for k, u in model.users.items() if u.get("state") == "enabled"}
         # as the fold keeps it: an expunged VM's domain name is forgotten (``_expunged``)
         model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values() if vm.state != S.EXPUNGED}
         return model
@@ -107,6 +149,21 @@ class ReadModel:
         }
 
     # -- queries ---------------------------------------------------------------------------------------
+    def vms_listed(self, expunged: bool = False) -> list[VM]:
+        """The VMs in id order (without the expunged ones unless ``expunged``), as lists answer them. Shared and
+        cached until the model changes (sorted again only when a VM is added): do not modify."""
+        vms = self.vms
+        by_id = self._by_id
+        if by_id is None or len(by_id) != len(vms):
+            by_id = self._by_id = sorted(vms.values(), key=_VM_ID)
+        if expunged:
+            return by_id
+        key = (self.position, len(by_id))
+        cached = self._listed
+        if cached is None or cached[0] != key:
+            cached = self._listed = (key, [v for v in by_id if v.state != S.EXPUNGED])
+        return cached[1]
+
     def vm_by_domain(self, domain: str) -> VM | None:
         name = self.by_internal.get(domain)
         return self.vms.get(name) if name else None
@@ -155,6 +212,21 @@ class ReadModel:
                 _vm(self, ev)
         self._track_job(ev)
 
+    def prune_jobs(self) -> None:
+        """Forget the jobs that finished first, keeping the MAX_FINISHED_JOBS newest (jobs that finished in the
+        same instant as the oldest kept one stay too); the log keeps their events. Runs when the count passes
+        MAX_FINISHED_JOBS + PRUNE_SLACK, so the read model and its snapshots stay bounded however long the log
+        grows. What is kept depends only on the finish times the model holds, so a replay and a daemon restored
+        from a snapshot keep the same jobs."""
+        order = self._finished
+        if len(order) <= MAX_FINISHED_JOBS:
+            return
+        cutoff = order[len(order) - MAX_FINISHED_JOBS][0]
+        jobs = self.jobs
+        while order and order[0][0] < cutoff:
+            _, job_id = order.popleft()
+            jobs.pop(job_id, None)
+
     def _track_job(self, ev: EventLike) -> None:
         job_id = ev.correlation_id
         if not job_id:
@@ -183,12 +255,17 @@ class ReadModel:
             job.progress = p["progress"]
         status = p.get("job_status")
         if status in ("succeeded", "failed"):
+            newly = job.finished_at is None
             job.status = status
             job.finished_at = _iso(ev)
             job.error = p.get("error") if status == "failed" else None
             job.result = p.get("result") if status == "succeeded" else None
             if vm is not None and vm.job == job_id:
                 vm.job = None
+            if newly:
+                self._finished.append((job.finished_at, job_id))  # finish times never go backwards in the log
+                if len(self._finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
+                    self.prune_jobs()  # this job finished last: it stays
 
 
 Handler = Callable[[ReadModel, EventLike], None]
@@ -202,6 +279,8 @@ STATE_NEUTRAL = frozenset(
         "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
         "ha.watcher_restarted",  # on the daemon's stream
         "vm.console.opened",  # who opened a VM's console: for the audit trail
+        "access.denied",  # a refused command, on the "access" stream: audit only
+        "snapshot.sealed",  # a read-model snapshot bound to the chain, on its snapshot-<name> stream
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is
@@ -341,6 +420,7 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
         position=ev.position,
     )
     model.vms[vm.name] = vm
+    model._by_id = None
     model.by_internal[vm.internal_name] = vm.name
     model.next_vm_id = max(model.next_vm_id, vm.id + 1)
 
@@ -698,3 +778,35 @@ def _snap_delete_requested(model: ReadModel, ev: EventLike) -> None:
 @on_vm("vmsnapshot.deleted")
 def _snap_deleted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.snapshots, vm.current_snapshot = remove_from_tree(vm.snapshots, vm.current_snapshot, ev.payload["id"])
+
+
+# -- users and API keys (moldd/app/users.py) ---------------------------------------------------------------
+# The log holds each user's role, API key and the SHA-256 of its secret key, never the secret itself.
+@on("user.created")
+def _user_created(model: ReadModel, ev: EventLike) -> None:
+    p = ev.payload
+    model.users[p["name"]] = {
+        "name": p["name"], "id": p["id"], "role": p["role"], "apikey": p["apikey"],
+        "key_fingerprint": p["key_fingerprint"], "state": "enabled", "created": _iso(ev), "updated": _iso(ev),
+    }  # fmt: skip
+    model.by_apikey[p["apikey"]] = p["name"]
+
+
+@on("user.keys.registered")
+def _user_keys(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(apikey=ev.payload["apikey"], key_fingerprint=ev.payload["key_fingerprint"], updated=_iso(ev))
+    user["state"] = "enabled"
+    model.by_apikey[user["apikey"]] = user["name"]
+
+
+@on("user.revoked")
+def _user_revoked(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(state="revoked", updated=_iso(ev))

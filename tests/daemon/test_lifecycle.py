@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from moldd.testing.harness import Client, CommandFailed
+from moldd.testing.load import scaled
 from tests.daemon.conftest import domain_state
 
 pytestmark = pytest.mark.libvirt
@@ -72,13 +73,13 @@ async def test_graceful_stop_uses_acpi_on_a_real_kernel(client: Client) -> None:
     assert stopped[-1]["payload"]["how"] == "graceful"
 
 
-async def _wait_console(client: Client, name: str, marker: str, timeout: float = 30.0) -> None:
+async def _wait_console(client: Client, name: str, marker: str, timeout: float = 60.0) -> None:
     import asyncio
     import time
 
     vm = await client.vm(name)
     log = Path(vm["root_disk"]["path"]).parent / "console.log"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)  # a TCG guest boots slowly on a busy machine
     while time.monotonic() < deadline:
         if log.exists() and marker in log.read_text(errors="replace"):
             return

@@ -43,6 +43,9 @@ _PAYLOADS: dict[str, dict[str, object]] = {
     "host.health": {"to": "Up"},
     "group.created": {"name": "g"},
     "group.deleted": {"name": "g"},
+    "user.created": {"name": "u", "id": "1", "role": "user", "apikey": "k", "key_fingerprint": "f"},
+    "user.keys.registered": {"name": "u", "apikey": "k", "key_fingerprint": "f"},
+    "user.revoked": {"name": "u"},
 }
 
 
