@@ -78,7 +78,7 @@ async def list_hosts(app: App, cmd: Command) -> CommandReply:
             if state
             else {"name": h.name, "uri": h.uri, "cluster": h.cluster, "max_vms": h.max_vms}
         )
-        view |= app.model.host_usage(h.name)
+        view |= app.model.host_counts(h.name)
         hosts.append(view)
     return _reply(app, {"count": len(hosts), "host": hosts})
 

@@ -30,7 +30,7 @@ class StateAt:
         """``ReadModel.view()`` plus, per host, the counts ``listHosts`` shows, and where in the log this is."""
         v = self.model.view()
         for h in v["hosts"]:
-            h |= self.model.host_usage(h["name"])
+            h |= self.model.host_counts(h["name"])
         v["log_id"] = self.log_id
         v["log_last_position"] = self.last_position
         v["recorded_at"] = self.recorded_at

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any, Protocol
 
+from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import down_cause
 from moldd.domain.states import TRANSIENT, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
@@ -37,14 +38,6 @@ class EventLike(Protocol):
     def payload(self) -> dict[str, Any]: ...
     @property
     def recorded_at(self) -> Any: ...
-
-
-def committed_memory_mib(offering: dict[str, Any]) -> int:
-    """Memory a running guest of this offering can hold on its host: the maximum for a dynamic offering."""
-    memory = int(offering.get("memory_mib") or 0)
-    if offering.get("dynamic"):
-        return max(memory, int(offering.get("max_memory_mib") or memory))
-    return memory
 
 
 _last_at: Any = None  # the newest recorded_at turned into text, and that text: handlers ask several times per
@@ -177,17 +170,17 @@ class ReadModel:
         """VMs that hold a slot on a host: every VM placed there that is not destroyed or expunged."""
         return len(self.vms_on(host))
 
-    def host_usage(self, host: str) -> dict[str, int]:
-        """What a host's view adds to its record (listHosts and ``moldd-audit state`` alike): slots used, running
-        VMs, and memory as the offerings say and as the host really commits (a dynamic offering's guest boots
-        with its maximum memory; only a balloon driver in the guest gives the difference back)."""
+    def host_counts(self, host: str) -> dict[str, int]:
+        """What ``listHosts`` (and ``moldd-audit state``) shows of a host beside its record: VMs holding a slot,
+        running VMs, and the memory those offer and really commit (a dynamic offering's guest boots with its
+        *maximum* memory; the balloon target only takes effect once a balloon driver in the guest honours it)."""
         placed = self.vms_on(host)
-        running = [vm for vm in placed if vm.state == S.RUNNING]
+        running = [v for v in placed if v.state == S.RUNNING]
         return {
             "vms": len(placed),
             "running": len(running),
-            "memory_offered_mib": sum(int(vm.offering.get("memory_mib") or 0) for vm in running),
-            "memory_committed_mib": sum(committed_memory_mib(vm.offering) for vm in running),
+            "memory_offered_mib": sum(int(v.offering.get("memory_mib") or 0) for v in running),
+            "memory_committed_mib": sum(committed_memory_mib(v.offering) for v in running),
         }
 
     # -- folding ---------------------------------------------------------------------------------------
@@ -279,8 +272,8 @@ STATE_NEUTRAL = frozenset(
         "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
         "ha.watcher_restarted",  # on the daemon's stream
         "vm.console.opened",  # who opened a VM's console: for the audit trail
-        "access.denied",  # a refused command, on the "access" stream: audit only
-        "snapshot.sealed",  # a read-model snapshot bound to the chain, on its snapshot-<name> stream
+        "access.denied",  # a refused call (who, what, why): for the audit trail
+        "snapshot.sealed",  # the log's own bookkeeping (events.snapshot): binds a snapshot to the chain
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is

@@ -24,18 +24,6 @@ def driver(lab: CsLab, who: str) -> Any:
     return drv
 
 
-async def _wait_guest_ready(lab: CsLab, vm_id: str, timeout: float = 240.0) -> None:
-    from pathlib import Path
-
-    vm = (await lab.client.call("listVirtualMachines", id=vm_id))["result"]["virtualmachine"][0]
-    log = Path(vm["root_disk"]["path"]).parent / "console.log"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (log.exists() and "MOLDD-GUEST-READY" in log.read_text(errors="replace")):
-        assert loop.time() < deadline, "the guest did not boot"
-        await asyncio.sleep(0.2)
-
-
 async def test_libcloud_lists_creates_reboots_and_destroys(cs_lab: CsLab) -> None:
     drv = driver(cs_lab, "operator")
 
@@ -53,11 +41,10 @@ async def test_libcloud_lists_creates_reboots_and_destroys(cs_lab: CsLab) -> Non
         running = drv.list_nodes()[0].state
         stopped = drv.ex_stop(node)
         destroyed = drv.destroy_node(node)
-        return {"rebooted": rebooted, "stopped": stopped, "destroyed": destroyed, "running": running}
+        return {"rebooted": rebooted, "running": running, "stopped": stopped, "destroyed": destroyed}
 
     out = await asyncio.to_thread(create_and_start)
-    # a graceful reboot needs a booted guest that listens to ACPI (one that ignores it fails, as it should)
-    await _wait_guest_ready(cs_lab, out["node"].id)
+    await cs_lab.wait_guest_ready(out["node"].id)  # a graceful (ACPI) reboot needs a booted guest
     out |= await asyncio.to_thread(reboot_stop_destroy, out["node"])
     assert out["location"].name == "c1"
     node = out["node"]

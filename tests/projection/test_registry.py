@@ -38,14 +38,14 @@ _PAYLOADS: dict[str, dict[str, object]] = {
     "vmsnapshot.reverted": {"id": "s1", "state": "Running"},
     "vmsnapshot.delete.requested": {"id": "s1"},
     "vmsnapshot.deleted": {"id": "s1"},
+    "user.created": {"name": "u1", "id": "0", "role": "readonly", "apikey": "k", "key_fingerprint": "f"},
+    "user.keys.registered": {"name": "u1", "apikey": "k2", "key_fingerprint": "f2"},
+    "user.revoked": {"name": "u1"},
     "host.registered": {"name": "h1", "uri": "x", "cluster": "c1", "max_vms": 4},
     "host.link": {"kind": "connected"},
     "host.health": {"to": "Up"},
     "group.created": {"name": "g"},
     "group.deleted": {"name": "g"},
-    "user.created": {"name": "u", "id": "1", "role": "user", "apikey": "k", "key_fingerprint": "f"},
-    "user.keys.registered": {"name": "u", "apikey": "k", "key_fingerprint": "f"},
-    "user.revoked": {"name": "u"},
 }
 
 
