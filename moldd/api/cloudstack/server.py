@@ -14,6 +14,7 @@ from aiohttp import web
 from moldd.api.cloudstack.handler import CloudStackEndpoint, add_route
 from moldd.api.protocol import LimitedSite, protocol_factory
 from moldd.config import ApiConfig
+from moldd.domain.errors import present
 
 log = structlog.get_logger("moldd.cloudstack")
 
@@ -41,8 +42,7 @@ class _TlsLimitedSite(LimitedSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
+        server = present(self._runner.server, "the aiohttp server of the runner")
         self._server = await asyncio.get_running_loop().create_server(
             protocol_factory(server, self._limits), sock=self._sock, backlog=self._backlog, ssl=self._tls
         )
