@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import orjson
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from events import EventStore, StoredEvent
 from events.canonical import canonical_text
@@ -36,7 +37,9 @@ STOP_SNAPSHOT_TIMEOUT_S = 5.0
 
 
 class Projector:
-    def __init__(self, store: EventStore, *, snapshot_every: int = 1000, seal_key: Any = None) -> None:
+    def __init__(
+        self, store: EventStore, *, snapshot_every: int = 1000, seal_key: Ed25519PrivateKey | None = None
+    ) -> None:
         self.store = store
         self.seal_key = seal_key  # Ed25519 private key (the checkpoint key): seals are signed, only signed ones trusted
         self.model = ReadModel()
