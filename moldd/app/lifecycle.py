@@ -17,6 +17,7 @@ from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm
 from moldd.app.service import App, Command, verb
+from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.ha import parse_policy
@@ -98,6 +99,9 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
     requested_host = a.text("host", None)
+    if details:
+        cluster = app.catalog("host", requested_host).cluster if requested_host else None
+        await async_check_settings(app, details, template=template_name, cluster=cluster)
 
     async with app.placement_lock:
         host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations)
