@@ -75,6 +75,7 @@ async def follow(socket_path: str, query: str, until: int, *, collect: bool = Fa
             return seen if collect else [{"count": count}]
 
 
+@pytest.mark.timeout(900)
 async def test_followers_hold_bounded_memory_and_give_it_back(make_config: Any, tmp_path: Path) -> None:
     config = make_config()
     await prefill(config.database)
@@ -101,6 +102,7 @@ async def test_followers_hold_bounded_memory_and_give_it_back(make_config: Any, 
             # warm up: one follower, so lazily built things exist before the baseline is taken
             await follow(str(config.socket), "from=1", N_EVENTS)
             baseline = rss_kib(proc.pid)
+            print(f"baseline {baseline // 1024} MiB", flush=True)
             peak = baseline
             followers = [
                 asyncio.ensure_future(follow(str(config.socket), "from=1", N_EVENTS)) for _ in range(FOLLOWERS)
