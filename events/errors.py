@@ -68,3 +68,14 @@ class CheckpointError(EventLogError):
     """A key or checkpoint file cannot be read or written."""
 
     code = "checkpoint_error"
+
+
+class LogIntegrityError(EventLogError):
+    """The log does not verify: a row's hash, link or position is wrong, or it differs from a checkpoint."""
+
+    code = "log_tampered"
+
+    def __init__(self, message: str, *, position: int | None, kind: str) -> None:
+        super().__init__(message, field="log")
+        self.position = position
+        self.kind = kind

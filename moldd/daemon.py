@@ -1,5 +1,6 @@
-"""``moldd --config FILE``: the daemon. Start-up order: log → projection (snapshot + tail) → hosts (connect and
-resync) → recover VMs left mid-command → HA, sweeper, checkpoints → API socket → READY=1 to systemd."""
+"""``moldd --config FILE``: the daemon. Start-up order: log → sealed snapshot → verify the chain from the newest
+checkpoint or snapshot (refuse to start on a mismatch, exit 3) → projection (snapshot + tail) → hosts (connect
+and resync) → recover VMs left mid-command → HA, sweeper, checkpoints → API socket → READY=1 to systemd."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from events import NewEvent, SQLiteEventStore
+from events import LogIntegrityError, NewEvent, SQLiteEventStore
 from moldd import systemd
 from moldd.app import groups, hostops, lifecycle, queries  # noqa: F401  (register verbs)
 from moldd.app.bus import SYSTEM
@@ -23,6 +24,15 @@ from moldd.app.projector import Projector
 from moldd.app.service import App
 from moldd.config import Config, ConfigError, check_environment, load_config
 from moldd.domain.states import TRANSIENT
+from moldd.integrity import (
+    EXIT_LOG_TAMPERED,
+    KeyFileError,
+    Verified,
+    async_verify_at_start,
+    check_key_file,
+    prepare_database_dir,
+    verify_before_signing,
+)
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
 
@@ -68,21 +78,41 @@ class Daemon:
         self.api: Any = None
         self.ha: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self.verified: Verified | None = None
+        self.integrity_error: str | None = None
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
+        """Start everything; if any step fails, stop what was started (the store included) and re-raise."""
+        try:
+            await self._async_start(sync_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.async_stop()
+            raise
+
+    async def _async_start(self, sync_timeout: float) -> None:
         _load_optional_verbs()
         cfg = self.config
         # Everything the config refers to is checked before anything (database, directories, socket) is made.
         gid = await asyncio.to_thread(check_environment, cfg)
-        cfg.database.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.checkpoints.key is not None:
+            check_key_file(cfg.checkpoints.key)
+        prepare_database_dir(cfg.database)
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
         self.store = await SQLiteEventStore.async_open(cfg.database)
         self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+        snapshot_position = await self.projector.async_load_snapshot()
+        try:
+            self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
+        except LogIntegrityError as exc:
+            self.integrity_error = exc.message
+            raise
         await self.projector.async_restore()
         self.projector.listeners.append(_log_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
+        self.app.health_checks["log_integrity"] = lambda: self.integrity_error is None
         self.hosts.attach(self.app)
         await self._async_register_hosts()
         await self.hosts.async_start()
@@ -157,14 +187,31 @@ class Daemon:
                     [NewEvent("vm.reconciled", payload, actor=str(SYSTEM), correlation_id=vm.job)],
                 )
 
-    async def _async_checkpoints(self) -> None:
-        from events.checkpoint import async_checkpoint_store
+    async def async_checkpoint_now(self) -> bool:
+        """Verify the rows written since the last verified position, then sign the head. Returns False (and
+        never signs again: health turns bad) when the log on disk is not what the writer wrote."""
+        from events.checkpoint import load_private_key, sign_and_append
 
         cfg = self.config.checkpoints
-        assert cfg.key is not None and cfg.file is not None
+        assert cfg.key is not None and cfg.file is not None and self.verified is not None
+        if self.integrity_error is not None:
+            return False
+        head = await self.store.async_head()
+        try:
+            self.verified = await asyncio.to_thread(verify_before_signing, self.config.database, self.verified, head)
+        except LogIntegrityError as exc:
+            self.integrity_error = exc.message
+            log.error("checkpoint_refused", reason=exc.message, position=exc.position, kind=exc.kind)
+            return False
+        key = await asyncio.to_thread(load_private_key, cfg.key)
+        await asyncio.to_thread(sign_and_append, cfg.file, key, self.store.log_id, head[0], head[1])
+        return True
+
+    async def _async_checkpoints(self) -> None:
+        cfg = self.config.checkpoints
         while True:
             try:
-                await async_checkpoint_store(self.store, cfg.key, cfg.file)
+                await self.async_checkpoint_now()
             except Exception:
                 log.exception("checkpoint_failed")
             await asyncio.sleep(cfg.interval_s)
@@ -184,7 +231,8 @@ class Daemon:
             await self.app.async_close()
         await self.hosts.async_stop()
         if self.projector is not None:
-            await self.projector.async_stop()
+            # never seal a snapshot of a log that did not verify
+            await self.projector.async_stop(snapshot=self.integrity_error is None)
         if self.store is not None:
             await self.store.async_close()
         self.bridge.shutdown()
@@ -219,7 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.path}: ok ({len(config.hosts)} hosts)")
         return 0
     configure_logging(config.log_level)
-    return asyncio.run(async_main(config))
+    try:
+        return asyncio.run(async_main(config))
+    except LogIntegrityError as exc:
+        print(
+            f"moldd: refusing to start: the log {config.database} does not verify at position {exc.position} "
+            f"({exc.kind}): {exc.message}. Nothing was served or signed; examine a copy with "
+            f"`moldd-audit verify` and your off-host checkpoints.",
+            file=sys.stderr,
+        )
+        return EXIT_LOG_TAMPERED
+    except KeyFileError as exc:
+        print(f"moldd: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

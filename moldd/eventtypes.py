@@ -90,6 +90,8 @@ _TYPES: dict[str, int] = {
     "group.created": 1,
     "group.deleted": 1,
     "libvirt.domain_event": 1,
+    # the log's own bookkeeping (events.snapshot): the digest of a read-model snapshot, bound to the chain
+    "snapshot.sealed": 1,
 }
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(_TYPES)

@@ -16,6 +16,7 @@ from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm
+from moldd.app.secrets import protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
@@ -137,7 +138,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
             "template": template_name,
             "iso": iso_name,
             "root_disk": {"size_gb": size_gb},
-            "details": details,
+            "details": protect_details(app.secrets, details),
             "start": start,
         }
         ev = NewEvent(

@@ -21,6 +21,7 @@ from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import CommandReply
 from moldd.app.lifecycle import async_power_off, async_start_on, err, hostname_taken
 from moldd.app.placement import host_loads
+from moldd.app.secrets import SecretStore, protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
@@ -118,8 +119,12 @@ EDIT_ALIASES = {
 }  # fmt: skip
 
 
-def settings_event(vm: VM, details: dict[str, Any], cmd: Command) -> NewEvent | None:
+def settings_event(
+    vm: VM, details: dict[str, Any], cmd: Command, secrets: SecretStore | None = None
+) -> NewEvent | None:
     changes = validate_details(details)
+    if secrets is not None:
+        changes = protect_details(secrets, changes)
     merged = dict(vm.details)
     for key, value in changes.items():
         if value is None:
@@ -198,7 +203,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                         correlation_id=cmd.id,
                     )
                 )
-            settings = settings_event(vm, details, cmd) if details is not None else None
+            settings = settings_event(vm, details, cmd, app.secrets) if details is not None else None
             if settings is not None:
                 await async_check_settings(
                     app, settings.payload["details"], template=vm.template, cluster=vm.cluster
@@ -224,7 +229,7 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(state_of(vm), Action.SETTINGS)
-        ev = settings_event(vm, details, cmd)
+        ev = settings_event(vm, details, cmd, app.secrets)
         if ev is None:
             return CommandReply(
                 result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position

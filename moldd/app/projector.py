@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from events import StoredEvent
+from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot
 from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.projector")
@@ -29,19 +30,34 @@ class Projector:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
+        self._sealed_at = 0  # log position of the seal of the newest snapshot taken or loaded
         self.failed: BaseException | None = None
 
+    async def async_load_snapshot(self) -> int:
+        """Load the newest snapshot if the log vouches for it (a seal in the chain records its digest, and
+        the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
+        whole log is folded. Returns the snapshot's position (0: none used)."""
+        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME)
+        if snap is None:
+            if why is not None:
+                log.warning("snapshot_ignored", reason=why, folding="the whole log")
+            return 0
+        try:
+            model = ReadModel.from_dict(snap.state)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("snapshot_ignored", reason=f"cannot be read: {exc!r}", folding="the whole log")
+            return 0
+        if model.position != snap.position:
+            log.warning("snapshot_ignored", reason="its state is not at its position", folding="the whole log")
+            return 0
+        self.model = model
+        self._sealed_at = seal_at
+        return snap.position
+
     async def async_restore(self) -> None:
-        """Load the newest snapshot (if its head hash still matches the log) and fold the tail."""
-        snap = await self.store.async_load_snapshot(SNAPSHOT_NAME)
-        if snap is not None:
-            head = await self.store.async_read(from_position=snap.position, to_position=snap.position)
-            if head and head[0].hash == snap.head_hash:
-                self.model = ReadModel.from_dict(snap.state)
-            else:
-                log.warning(
-                    "snapshot_ignored", reason="head hash differs from the log", position=snap.position
-                )
+        """Load the newest sealed snapshot (async_load_snapshot) unless done, and fold the tail."""
+        if self.model.position == 0:
+            await self.async_load_snapshot()
         while True:
             batch = await self.store.async_read(from_position=self.model.position + 1, limit=5000)
             if not batch:
@@ -53,13 +69,14 @@ class Projector:
     def start(self) -> None:
         self._task = asyncio.create_task(self._async_follow(), name="projector")
 
-    async def async_stop(self) -> None:
+    async def async_stop(self, *, snapshot: bool = True) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(Exception):
-            await self.async_snapshot()
+        if snapshot:
+            with contextlib.suppress(Exception):
+                await self.async_snapshot()
 
     @property
     def running(self) -> bool:
@@ -111,5 +128,8 @@ class Projector:
         await asyncio.wait_for(fut, timeout)
 
     async def async_snapshot(self) -> None:
-        if self.model.position > 0:
-            await self.store.async_save_snapshot(SNAPSHOT_NAME, self.model.position, self.model.to_dict())
+        """Seal and store the model (nothing when nothing but the last seal happened since)."""
+        if self.model.position > self._sealed_at:
+            _, self._sealed_at = await async_save_sealed_snapshot(
+                self.store, SNAPSHOT_NAME, self.model.position, self.model.to_dict()
+            )

@@ -24,11 +24,13 @@ from typing import Any
 import structlog
 
 from events import ANY_VERSION, AppendResult, ConcurrencyError, NewEvent, StoredEvent
-from moldd.app.args import check_no_controls, show
+from moldd.app.args import show
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
+from moldd.app.secrets import SecretStore
 from moldd.config import Config
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.names import check_safe_text
 from moldd.domain.states import Action, VMState, check
 from moldd.projection.model import VM
 
@@ -137,6 +139,7 @@ class App:
         self.hosts = hosts  # moldd.app.hosts.HostManager
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.placement_lock = asyncio.Lock()
+        self.secrets = SecretStore.for_config(config)  # secret settings: kept beside the log, never in it
         self.jobs: dict[str, asyncio.Task[None]] = {}  # job id -> task
         self.vm_jobs: dict[str, str] = {}  # vm name -> job id running in this process
         self.migrations: dict[str, str] = {}  # vm name -> destination of a migration this process is running
@@ -341,7 +344,7 @@ class App:
         if isinstance(key, str):
             if not key.strip() or len(key) > 255:
                 raise ValidationError(f"{field} must be a VM name of 1 to 255 characters, got {show(key)}", field=field)
-            check_no_controls(field, key)
+            check_safe_text(key, field)
         vms = self.model.vms
         vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
         if vm is None:

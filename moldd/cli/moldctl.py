@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -446,8 +447,15 @@ def _cell(value: Any) -> str:
     if isinstance(value, list) and not _nested(value):
         return ", ".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return _escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return _escape(str(value))  # a name holding U+202E or an escape sequence cannot spoof the table
+
+
+def _escape(text: str) -> str:
+    """Control and format characters (bidi overrides, escape sequences, zero-width) shown as \\uXXXX."""
+    return "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") else c for c in text
+    )
 
 
 def rows_of(result: Any) -> list[dict[str, Any]] | None:
