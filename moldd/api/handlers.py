@@ -146,8 +146,12 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     query = parse_events_query(request.query)
     settings = request.app[SETTINGS_KEY]
     closing = request.app[CLOSING_KEY]
-    entries = request.app[BUS_KEY].async_follow(
-        query.from_position, stream=query.stream, correlation=query.correlation
+    bus = request.app[BUS_KEY]
+    pages = getattr(bus, "async_follow_pages", None)
+    entries: AsyncIterator[Any] = (
+        pages(query.from_position, stream=query.stream, correlation=query.correlation)
+        if pages is not None
+        else bus.async_follow(query.from_position, stream=query.stream, correlation=query.correlation)
     )
 
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
@@ -211,7 +215,7 @@ async def _async_write(response: web.StreamResponse, data: bytes, timeout: float
 
 
 async def _async_pump(
-    entries: AsyncIterator[dict[str, Any]],
+    entries: AsyncIterator[Any],
     response: web.StreamResponse,
     matches: Callable[[Mapping[str, Any]], bool],
     heartbeat_s: float,
@@ -231,11 +235,13 @@ async def _async_pump(
             if next_entry in done:
                 fut, next_entry = next_entry, None
                 try:
-                    entry = fut.result()
+                    item = fut.result()
                 except StopAsyncIteration:
                     return
-                if matches(entry):
-                    await _async_write(response, dumps(entry) + b"\n", write_timeout_s)
+                # an entry, or a page of entries (one write for the page)
+                lines = [dumps(e) for e in (item if isinstance(item, list) else [item]) if matches(e)]
+                if lines:
+                    await _async_write(response, b"\n".join(lines) + b"\n", write_timeout_s)
                     last_write = time.monotonic()
             # Filtered-out traffic does not count as life: the client saw nothing.
             if time.monotonic() - last_write >= heartbeat_s:

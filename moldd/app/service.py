@@ -286,10 +286,19 @@ class App:
     async def async_follow(
         self, from_position: int, *, stream: str | None = None, correlation: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
+        """Log entries from ``from_position`` on, one at a time (see :meth:`async_follow_pages`)."""
+        async for page in self.async_follow_pages(from_position, stream=stream, correlation=correlation):
+            for entry in page:
+                yield entry
+
+    async def async_follow_pages(
+        self, from_position: int, *, stream: str | None = None, correlation: str | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         """Log entries from ``from_position`` on (only a ``stream``'s, or only those of a ``correlation`` id:
-        its ``*.requested`` event and its outcomes), then live. The past is read in pages of ``FOLLOW_PAGE``
-        (the correlation filter through the store's index) and at most ``follower_buffer`` live events wait for
-        a slow follower, so a follower holds a bounded amount of memory however far back it starts."""
+        its ``*.requested`` event and its outcomes), then live, in pages. The past is read ``FOLLOW_PAGE``
+        entries at a time (the correlation filter through the store's index) and at most ``follower_buffer`` live
+        events wait for a slow follower, so a follower holds a bounded amount of memory however far back it
+        starts; a page is handed over whole (one write to the client, not one per entry)."""
         position = max(1, from_position)
         page_size = FOLLOW_PAGE
         while True:  # catch up
@@ -298,9 +307,9 @@ class App:
                 page = await self.store.async_read_correlated(correlation, position, page_size)
             else:
                 page = await self.store.async_read(position, limit=page_size)
-            for ev in page:
-                if stream is None or ev.stream_id == stream:
-                    yield event_view(ev)
+            views = [event_view(ev) for ev in page if stream is None or ev.stream_id == stream]
+            if views:
+                yield views
             if page:
                 position = page[-1].position + 1
             if len(page) < page_size:
@@ -313,7 +322,7 @@ class App:
             if (stream is None or ev.stream_id == stream) and (
                 correlation is None or correlation in (ev.correlation_id, ev.command_id)
             ):
-                yield event_view(ev)
+                yield [event_view(ev)]
 
     # -- helpers for handlers --------------------------------------------------------------------------
     _CATALOG = {

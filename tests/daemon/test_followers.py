@@ -18,9 +18,9 @@ from moldd.testing.harness import Client
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
-N_EVENTS = 10_000
+N_EVENTS = 3_000
 FOLLOWERS = 200
-NEEDLE_EVERY = 1000
+NEEDLE_EVERY = 300
 
 
 async def prefill(db: Path) -> None:
