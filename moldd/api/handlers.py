@@ -159,8 +159,9 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     _FOLLOWERS[0] += 1
     try:
+        lost = getattr(request.protocol, "lost", None)
         await _async_pump(
-            entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s
+            entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s, lost
         )
     except (ConnectionResetError, ConnectionError):
         pass  # the client left; nothing to tell it
@@ -221,8 +222,10 @@ async def _async_pump(
     heartbeat_s: float,
     closing: asyncio.Event,
     write_timeout_s: float = 30.0,
+    lost: asyncio.Event | None = None,
 ) -> None:
     closing_wait = asyncio.ensure_future(closing.wait())
+    lost_wait = asyncio.ensure_future(lost.wait()) if lost is not None else None
     next_entry: asyncio.Future[dict[str, Any]] | None = None
     last_write = time.monotonic()
     try:
@@ -231,7 +234,11 @@ async def _async_pump(
                 next_entry = asyncio.ensure_future(anext(entries))
             timeout = max(0.0, last_write + heartbeat_s - time.monotonic())
             waiters: set[asyncio.Future[Any]] = {next_entry, closing_wait}
+            if lost_wait is not None:
+                waiters.add(lost_wait)
             done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if lost_wait is not None and lost_wait in done:
+                return  # the client went away: stop now, not at the next heartbeat
             if next_entry in done:
                 fut, next_entry = next_entry, None
                 try:
@@ -251,6 +258,8 @@ async def _async_pump(
                 last_write = time.monotonic()
     finally:
         closing_wait.cancel()
+        if lost_wait is not None:
+            lost_wait.cancel()
         if next_entry is not None:
             next_entry.cancel()
             try:

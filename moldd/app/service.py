@@ -37,7 +37,7 @@ from moldd.projection.model import VM
 log = structlog.get_logger("moldd.app")
 
 
-FOLLOW_PAGE = 200  # log entries a follower reads from the store at a time
+FOLLOW_PAGE = 50  # log entries a follower reads from the store (and writes to its client) at a time
 REPLY_CACHE = 4096  # finished client command ids whose first reply is kept in memory (older: rebuilt from the log)
 BINDING_KEY = "_command"  # in the payload of a command's first event: what its id is bound to
 
