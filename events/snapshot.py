@@ -32,6 +32,7 @@ __all__ = [
     "async_load_sealed_snapshot",
     "async_load_valid_snapshot",
     "async_save_sealed_snapshot",
+    "async_save_sealed_snapshot_data",
     "async_take_snapshot",
     "seal_stream",
     "state_digest",
@@ -97,6 +98,20 @@ async def async_save_sealed_snapshot(
     now = system_clock_us()
     await store._async_put_snapshot(name, (position, head_hash, data, now))
     return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now)), sealed.last_position
+
+
+async def async_save_sealed_snapshot_data(
+    store: EventStore, name: str, position: int, data: bytes, *, actor: str = "system"
+) -> tuple[int, int]:
+    """async_save_sealed_snapshot for a state the caller already encoded as canonical JSON (e.g. off the event
+    loop): the seal records the digest of `data`, which is stored as is. Returns (position, seal position)."""
+    head_hash = await store.async_hash_at(position)
+    if head_hash is None:
+        raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
+    payload = {"name": name, "position": position, "head_hash": head_hash.hex(), "digest": state_digest(data)}
+    sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
+    await store._async_put_snapshot(name, (position, head_hash, data, system_clock_us()))
+    return position, sealed.last_position
 
 
 async def async_load_sealed_snapshot(store: EventStore, name: str) -> tuple[Snapshot | None, str | None, int]:

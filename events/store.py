@@ -382,6 +382,14 @@ class EventStore(abc.ABC):
         await self._async_put_snapshot(name, (position, head_hash, data, now))
         return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now))
 
+    async def async_save_snapshot_data(self, name: str, position: int, data: bytes) -> None:
+        """``async_save_snapshot`` for a state the caller already encoded as canonical JSON (e.g. off the event
+        loop, in pieces): stored as is, not decoded again. Raises ValueError if the log ends before `position`."""
+        head_hash = await self.async_hash_at(position)
+        if head_hash is None:
+            raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
+        await self._async_put_snapshot(name, (position, head_hash, data, system_clock_us()))
+
     async def async_load_snapshot(self, name: str) -> Snapshot | None:
         """The snapshot `name` as stored (events.snapshot.async_load_valid_snapshot also checks its hash)."""
         self._check_open()

@@ -286,6 +286,57 @@ class ApiConfig(Section):
     )
 
 
+class CloudStackConfig(Section):
+    """``[cloudstack]``: CloudStack's API (``/client/api``). Always on the Unix socket; the TCP listener is off
+    unless ``port`` is set, and only answers requests signed with a user's API key."""
+
+    bind: str = Field("127.0.0.1", min_length=1, max_length=255, description="the TCP listener's address")
+    port: int | None = Field(None, ge=0, le=65535, description="the TCP listener's port (0: any free port)")
+    tls_cert: Path | None = _path(None, "TLS certificate (PEM); TLS 1.2 or newer only")
+    tls_key: Path | None = _path(None, "TLS private key (PEM)")
+    secrets_file: Path | None = _path(
+        None, "API secret keys, mode 0600 (default: api-secrets.json beside the database)"
+    )
+    signature_max_age_s: float = Field(
+        900.0, gt=0, le=86400, description="a signed request's expires may lie at most this far ahead"
+    )
+    rate_per_s: float = Field(20.0, gt=0, le=1_000_000, description="requests per second per API key")
+    rate_burst: int = Field(40, ge=1, le=1_000_000, description="requests at once per API key")
+    max_request_bytes: int = Field(65536, ge=1024, le=16_777_216, description="largest query string or form")
+
+    resolve_paths = field_validator("tls_cert", "tls_key", "secrets_file")(_resolve)
+    check_controls = field_validator("bind")(_controls_validator)
+
+    @_model_validator(mode="after")
+    def _tls(self) -> CloudStackConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise _KeyedError("tls_key", "set both tls_cert and tls_key, or neither")
+        loopback = self.bind in ("127.0.0.1", "::1", "localhost")
+        if self.port is not None and self.tls_cert is None and not loopback:
+            raise _KeyedError(
+                "bind",
+                f"a listener on {self.bind} needs TLS (tls_cert and tls_key); plain HTTP only on the loopback",
+            )
+        return self
+
+
+class RolesConfig(Section):
+    """``[roles]``: roles on the Unix socket. Root, the daemon's uid and members of ``admin_group`` are admins;
+    the other members of ``[daemon].socket_group`` get ``socket_group_role``."""
+
+    socket_group_role: Literal["admin", "operator", "readonly"] = Field(
+        "operator", description="the role of socket-group members"
+    )
+    admin_group: str | None = Field(None, description="group (name or gid) whose members are admins")
+
+    @field_validator("admin_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", value):
+            raise ValueError(f"{value!r} is not a group name or gid")
+        return value
+
+
 class HostConfig(Section):
     """``[[hosts]]``: one libvirt host (at least one)."""
 
@@ -395,6 +446,8 @@ class Config(DaemonConfig):
     ha: HAConfig = Field(HAConfig(), strict=False)
     checkpoints: CheckpointConfig = Field(CheckpointConfig(), strict=False)
     api: ApiConfig = Field(ApiConfig(), strict=False)
+    cloudstack: CloudStackConfig = Field(CloudStackConfig(), strict=False)
+    roles: RolesConfig = Field(RolesConfig(), strict=False)
     hosts: tuple[HostConfig, ...] = Field(strict=False, min_length=1)
     offerings: tuple[OfferingConfig, ...] = Field((), strict=False)
     templates: tuple[TemplateConfig, ...] = Field((), strict=False)

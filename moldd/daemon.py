@@ -35,6 +35,7 @@ from moldd.integrity import (
 )
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd")
 
@@ -43,7 +44,7 @@ def _load_optional_verbs() -> None:
     """Verb modules that are built on top of the lifecycle; imported for their registration side effect."""
     import importlib
 
-    for name in ("moldd.app.operations", "moldd.app.snapshots"):
+    for name in ("moldd.app.operations", "moldd.app.snapshots", "moldd.app.catalog", "moldd.app.users"):
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(name)
 
@@ -76,10 +77,12 @@ class Daemon:
         self.projector: Projector | None = None
         self.app: App | None = None
         self.api: Any = None
+        self.cloudstack_tcp: Any = None
         self.ha: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.verified: Verified | None = None
         self.integrity_error: str | None = None
+        self.metrics = Metrics()
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
         """Start everything; if any step fails, stop what was started (the store included) and re-raise."""
@@ -109,10 +112,13 @@ class Daemon:
             raise
         await self.projector.async_restore()
         self.projector.listeners.append(_log_event)
+        self.projector.listeners.append(self.metrics.on_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
         self.app.health_checks["log_integrity"] = lambda: self.integrity_error is None
+        self.app.on_command = self.metrics.observe_command
+        self.metrics.bind(self.app, self.store)
         self.hosts.attach(self.app)
         await self._async_register_hosts()
         await self.hosts.async_start()
@@ -131,13 +137,45 @@ class Daemon:
         if self.serve_api:
             from moldd.api.serve import async_serve
 
-            self.api = await async_serve(self.app, str(cfg.socket), mode=cfg.socket_mode, group=gid, api=cfg.api)
+            self.api = await async_serve(
+                self.app,
+                str(cfg.socket),
+                mode=cfg.socket_mode,
+                group=gid,
+                api=cfg.api,
+                cloudstack=self._cloudstack_endpoint(tcp=False),
+                group_role=cfg.roles.socket_group_role,
+                admin_group=cfg.roles.admin_group,
+                metrics=self.metrics,
+            )
+            cs = cfg.cloudstack
+            if cs.port is not None:
+                from moldd.api.cloudstack import async_serve_tcp
+
+                self.cloudstack_tcp = await async_serve_tcp(
+                    self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
+                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes,
+                )  # fmt: skip
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
+
+    def _cloudstack_endpoint(self, *, tcp: bool) -> Any:
+        from moldd.api.cloudstack import CloudStackEndpoint, CloudStackSettings
+        from moldd.app.users import directory
+
+        assert self.app is not None
+        cs = self.config.cloudstack
+        settings = CloudStackSettings(
+            max_request_bytes=cs.max_request_bytes,
+            max_expires_ahead_s=cs.signature_max_age_s,
+            rate_per_s=cs.rate_per_s,
+            rate_burst=cs.rate_burst,
+        )
+        return CloudStackEndpoint(self.app, directory(self.app), settings, tcp=tcp)
 
     def _start_ha(self) -> None:
         try:
@@ -218,6 +256,8 @@ class Daemon:
 
     async def async_stop(self) -> None:
         systemd.notify_stopping()
+        if self.cloudstack_tcp is not None:
+            await self.cloudstack_tcp.async_close()
         if self.api is not None:
             await self.api.async_close()
         for task in self.tasks:
@@ -242,13 +282,21 @@ async def async_main(config: Config) -> int:
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await daemon.async_start()
         await stop.wait()
+        log.info("daemon_stopping", signal=received[0] if received else None)
     finally:
         await daemon.async_stop()
+    log.info("daemon_stopped", signal=received[0] if received else None)
     return 0
 
 

@@ -11,10 +11,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from moldd.api import handlers
+from moldd.api.cloudstack.handler import CloudStackEndpoint
+from moldd.api.cloudstack.handler import add_route as add_cloudstack_route
 from moldd.api.keys import ACCESS_KEY, ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS_KEY, ApiSettings
 from moldd.api.peercred import AccessPolicy, peer_creds
 from moldd.app.bus import CommandBus
 from moldd.domain.errors import MolddError, PermissionDenied
+from moldd.observe import web as observe_web
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -79,6 +83,8 @@ def make_app(
     *,
     access: AccessPolicy | None = None,
     settings: ApiSettings | None = None,
+    cloudstack: CloudStackEndpoint | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
     app = web.Application(
@@ -93,4 +99,7 @@ def make_app(
     app.router.add_post("/v1/command", handlers.async_command)
     app.router.add_get("/v1/events", handlers.async_events)
     app.router.add_get("/v1/health", handlers.async_health)
+    if cloudstack is not None:
+        add_cloudstack_route(app, cloudstack)  # /client/api, CloudStack's query API
+    observe_web.add_routes(app, metrics)  # /metrics, /status, /v1/status, /v1/events/sse (read-only)
     return app

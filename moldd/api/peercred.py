@@ -124,8 +124,14 @@ class AccessPolicy:
         daemon_uid: int | None = None,
         cache_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        group_role: str = "admin",
+        admin_group_gid: int | None = None,
     ) -> None:
         self.allowed_group_gid = allowed_group_gid
+        # Roles on the socket ([roles] in the config): root and the daemon's uid are admins, members of
+        # ``admin_group_gid`` too; the other members of the socket group get ``group_role``.
+        self.group_role = group_role
+        self.admin_group_gid = admin_group_gid
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self._ttl = cache_ttl_s
         self._clock = clock
@@ -148,8 +154,7 @@ class AccessPolicy:
         """The :class:`Actor` for an allowed peer; raises ``PermissionDenied`` for any other. Blocking (NSS):
         the daemon uses :meth:`async_actor_for`."""
         name, groups = self._lookup(creds.uid, creds.gid)
-        authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
-        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name)
+        return self._actor(creds, name, groups)
 
     async def async_actor_for(self, creds: PeerCreds, sock: socket.socket | None = None) -> Actor:
         """:meth:`actor_for` without blocking the loop: the peer's groups come from the kernel
@@ -158,8 +163,19 @@ class AccessPolicy:
         kernel_groups = peer_groups(sock) if sock is not None else None
         name, nss_groups = await self._async_lookup(creds.uid, creds.gid)
         groups = kernel_groups if kernel_groups is not None else nss_groups
-        authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
-        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name)
+        return self._actor(creds, name, groups)
+
+    def _actor(self, creds: PeerCreds, name: str | None, groups: Collection[int]) -> Actor:
+        """Allowed or not (:func:`authorize`), and the role: root, the daemon's uid and members of the admin
+        group are admins; the other members of the socket group get ``group_role``."""
+        admin = creds.uid in (0, self.daemon_uid) or (
+            self.admin_group_gid is not None
+            and (creds.gid == self.admin_group_gid or self.admin_group_gid in groups)
+        )
+        if not admin:
+            authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
+        role = "admin" if admin else self.group_role
+        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name, role=role)
 
     async def _async_lookup(self, uid: int, gid: int) -> tuple[str | None, tuple[int, ...]]:
         hit = self._cache.get((uid, gid))

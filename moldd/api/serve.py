@@ -16,12 +16,14 @@ from aiohttp import web
 
 from moldd import systemd
 from moldd.api.app import make_app
+from moldd.api.cloudstack.handler import CloudStackEndpoint
 from moldd.api.keys import ApiSettings
 from moldd.api.peercred import AccessPolicy
 from moldd.api.protocol import AcceptErrorFilter, LimitedSite
 from moldd.app.bus import CommandBus
 from moldd.config import ApiConfig
 from moldd.domain.errors import ValidationError
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -108,6 +110,10 @@ async def async_serve(
     settings: ApiSettings | None = None,
     shutdown_timeout_s: float = 5.0,
     api: ApiConfig | None = None,
+    cloudstack: CloudStackEndpoint | None = None,
+    group_role: str = "admin",
+    admin_group: str | int | None = None,
+    metrics: Metrics | None = None,
 ) -> ApiServer:
     """Serve the API for ``bus`` and return once it accepts connections.
 
@@ -132,7 +138,8 @@ async def async_serve(
         sock = bind_unix_socket(socket_path, mode=mode, gid=gid, backlog=limits.backlog)
         owns_path = True
     path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    app = make_app(bus, access=AccessPolicy(gid), settings=settings)
+    access = AccessPolicy(gid, group_role=group_role, admin_group_gid=resolve_group(admin_group))
+    app = make_app(bus, access=access, settings=settings, cloudstack=cloudstack, metrics=metrics)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -141,6 +148,8 @@ async def async_serve(
         keepalive_timeout=limits.idle_timeout_s,
     )
     await runner.setup()
+    if metrics is not None and runner.server is not None:
+        metrics.track_server(runner.server)
     accept_errors = AcceptErrorFilter(asyncio.get_running_loop())
     try:
         await LimitedSite(runner, sock, limits).start()

@@ -142,6 +142,18 @@ def settings_event(
     )
 
 
+async def _async_live_description(app: App, name: str, text: str) -> None:
+    """The domain's description is the display name: change it on the defined (and running) domain now, not only
+    at the next start. Best effort: the log already holds the change, and the next definition carries it."""
+    vm = app.model.vms[name]
+    if vm.host is None or not app.hosts.is_connected(vm.host):
+        return
+    try:
+        await app.hosts.conn(vm.host).async_set_description(vm.internal_name, text)
+    except MolddError as exc:
+        log.warning("description_not_applied", vm=name, reason=exc.message)
+
+
 @verb("updateVirtualMachine")
 async def update_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
@@ -215,6 +227,8 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                 f"vm-{vm.name}", events, expected_version=vm.version, command_id=cmd.id
             )
     log.info("vm_updated", vm=vm.name, changed=sorted(changed), settings=settings is not None)
+    if "display_name" in changed:
+        await _async_live_description(app, vm.name, changed["display_name"])
     result = {"vm": app.model.vms[vm.name].to_dict(), "changed": changed}
     if settings is not None:
         result["details_changed"] = settings.payload["changes"]
@@ -413,8 +427,7 @@ PROGRESS_EVERY_S = 1.0
 async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
-    dest_name = a.text("host")
-    dest = app.catalog("host", dest_name)
+    dest = app.catalog("host", a.text("host"))  # a name or its stable id
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -561,7 +574,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
                 "the VM was created from an ISO and has no template: give the template to install",
                 field="template",
             )
-        app.catalog("template", template_name)
+        template_name = app.catalog("template", template_name).name  # a name or its stable id
         running = vm.state == VMState.RUNNING
         res = await app.async_record(
             vm,
@@ -591,10 +604,11 @@ async def _async_restore_job(app: App, name: str, template_name: str, running: b
     new = _next_root(app, vm)
     try:
         if running:
+            # as a stop: ACPI first, forced off only after the stop timeout (the guest may have unsaved state)
             await app.async_record(
-                name, "vm.stop.requested", {"forced": True, "host": vm.host, "for": "restore"}, cmd=cmd
+                name, "vm.stop.requested", {"forced": False, "host": vm.host, "for": "restore"}, cmd=cmd
             )
-            how = await async_power_off(app, vm, forced=True)
+            how = await async_power_off(app, vm, forced=False)
             await app.async_record(name, "vm.stopped", {**how, "for": "restore"}, cmd=cmd)
         size = (await storage.async_info(template.image)).virtual_size
         if old is not None and old.exists():
@@ -655,7 +669,12 @@ async def console(app: App, cmd: Command) -> CommandReply:
             "log": serial.get("log") or str(console_log_path(app.config, vm.name)),
         },
     }
-    return CommandReply(result=result, position=app.model.position)
+    # who opened a VM's console is what an auditor asks: a fact in the log (it changes no state)
+    res = await app.async_record(
+        vm, "vm.console.opened", {"host": vm.host, "vnc": vnc is not None, "serial": bool(serial.get("pty"))},
+        cmd=cmd,
+    )  # fmt: skip
+    return CommandReply(result=result, position=res.last_position)
 
 
 # -- ISO attach / detach ---------------------------------------------------------------------------------
@@ -663,8 +682,8 @@ async def console(app: App, cmd: Command) -> CommandReply:
 async def attach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "iso"}, VM_ALIASES | {"isoid": "iso"})
     vm = app.get_vm({"id": a.raw("id")})
-    iso_name = a.text("iso")
-    iso = app.catalog("iso", iso_name)
+    iso = app.catalog("iso", a.text("iso"))  # a name or its stable id
+    iso_name = iso.name
     lock = await async_claim(app, vm.name)
     try:
         vm = app.model.vms[vm.name]

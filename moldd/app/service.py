@@ -29,9 +29,12 @@ from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
 from moldd.app.secrets import SecretStore
 from moldd.config import Config
-from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.errors import Conflict, MolddError, NotFound, PermissionDenied, ValidationError
+from moldd.domain.ids import is_uuid, stable_uuid
 from moldd.domain.names import check_safe_text
+from moldd.domain.roles import Role, required_role
 from moldd.domain.states import Action, VMState, check
+from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
 
 log = structlog.get_logger("moldd.app")
@@ -116,7 +119,10 @@ def verb(name: str) -> Callable[[Handler], Handler]:
 
 
 def event_view(ev: StoredEvent) -> dict[str, Any]:
+    cloudstack = cloudstack_event(ev.event_type)
     return {
+        "cloudstack_type": cloudstack[0] if cloudstack else None,  # VM.START, VM.CREATE, ... (CloudStack's names)
+        "cloudstack_state": cloudstack[1] if cloudstack else None,  # Scheduled / Started / Completed / Error
         "position": ev.position,
         "stream_id": ev.stream_id,
         "stream_version": ev.stream_version,
@@ -149,6 +155,8 @@ class App:
         # client command id -> (binding, the one execution); finished ids keep their first reply (bounded)
         self.inflight: dict[str, tuple[CommandBinding, asyncio.Future[tuple[CommandReply, bool]]]] = {}
         self.replies: dict[str, tuple[CommandBinding, CommandReply]] = {}
+        self.on_command: Callable[[str, str, float], None] | None = None  # metrics: (verb, outcome, seconds)
+        self.followers = 0  # clients following the log live (async_follow, the status page's feed)
 
     @property
     def model(self) -> Any:
@@ -167,6 +175,8 @@ class App:
         handler = _REGISTRY.get(verb)
         if handler is None:
             raise ValidationError(f"unknown command {verb!r}", field="command", code="unknown_command")
+        if actor.role is not None:
+            await self._async_check_role(verb, actor)
         if command_id is None:
             cmd = Command(id=uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
             return await self._async_execute(handler, cmd)
@@ -224,13 +234,44 @@ class App:
 
     async def _async_execute(self, handler: Handler, cmd: Command) -> CommandReply:
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(cmd.actor))
+        started, outcome = time.perf_counter(), "internal"
         try:
-            return await self._async_run_checked(handler, cmd)
+            reply = await self._async_run_checked(handler, cmd)
+            outcome = "ok"
+            return reply
         except MolddError as exc:
+            outcome = exc.code
             log.info("command_refused", verb=cmd.verb, code=exc.code, field=exc.field, reason=exc.message)
             raise
         finally:
             structlog.contextvars.unbind_contextvars("command_id", "actor")
+            if self.on_command is not None:
+                self.on_command(cmd.verb, outcome, time.perf_counter() - started)
+
+    async def _async_check_role(self, verb: str, actor: Actor) -> None:
+        """Refuse a verb the actor's role does not allow, and record who tried what and why."""
+        try:
+            role = Role.parse(actor.role or "")
+        except ValidationError:
+            role = None
+        need = required_role(verb)
+        if role is not None and role >= need:
+            return
+        reason = f"role {actor.role} may not call {verb} (it needs {need})"
+        log.warning("access_denied", verb=verb, actor=str(actor), reason=reason)
+        with contextlib.suppress(Exception):  # the refusal stands even if the audit cannot be written
+            await self.store.async_append(
+                "access",
+                [
+                    NewEvent(
+                        "access.denied",
+                        {"verb": verb, "user": actor.user, "uid": actor.uid, "role": actor.role,
+                         "required": str(need), "via": actor.via or "socket", "reason": reason},
+                        actor=str(actor),
+                    )
+                ],
+            )  # fmt: skip
+        raise PermissionDenied(reason, field="command")
 
     async def _async_run_checked(self, handler: Handler, cmd: Command, attempts: int = 3) -> CommandReply:
         """Run a handler; if another event for the same stream (a libvirt event, say) was committed between its
@@ -299,30 +340,36 @@ class App:
         entries at a time (the correlation filter through the store's index) and at most ``follower_buffer`` live
         events wait for a slow follower, so a follower holds a bounded amount of memory however far back it
         starts; a page is handed over whole (one write to the client, not one per entry)."""
-        position = max(1, from_position)
-        page_size = FOLLOW_PAGE
-        while True:  # catch up
-            head = (await self.store.async_head())[0] if correlation is not None else None
-            if correlation is not None:
-                page = await self.store.async_read_correlated(correlation, position, page_size)
-            else:
-                page = await self.store.async_read(position, limit=page_size)
-            views = [event_view(ev) for ev in page if stream is None or ev.stream_id == stream]
-            if views:
-                yield views
-            if page:
-                position = page[-1].position + 1
-            if len(page) < page_size:
-                if correlation is not None and head is not None:
-                    position = max(position, head + 1)  # everything up to head was matched above
-                break
-            page = []  # drop the page before the next read
-        limit = self.config.api.follower_buffer
-        async for ev in self.store.async_subscribe(from_position=position, batch_size=page_size, queue_limit=limit):
-            if (stream is None or ev.stream_id == stream) and (
-                correlation is None or correlation in (ev.correlation_id, ev.command_id)
+        self.followers += 1
+        try:
+            position = max(1, from_position)
+            page_size = FOLLOW_PAGE
+            while True:  # catch up
+                head = (await self.store.async_head())[0] if correlation is not None else None
+                if correlation is not None:
+                    page = await self.store.async_read_correlated(correlation, position, page_size)
+                else:
+                    page = await self.store.async_read(position, limit=page_size)
+                views = [event_view(ev) for ev in page if stream is None or ev.stream_id == stream]
+                if views:
+                    yield views
+                if page:
+                    position = page[-1].position + 1
+                if len(page) < page_size:
+                    if correlation is not None and head is not None:
+                        position = max(position, head + 1)  # everything up to head was matched above
+                    break
+                page = []  # drop the page before the next read
+            limit = self.config.api.follower_buffer
+            async for ev in self.store.async_subscribe(
+                from_position=position, batch_size=page_size, queue_limit=limit
             ):
-                yield [event_view(ev)]
+                if (stream is None or ev.stream_id == stream) and (
+                    correlation is None or correlation in (ev.correlation_id, ev.command_id)
+                ):
+                    yield [event_view(ev)]
+        finally:
+            self.followers -= 1
 
     # -- helpers for handlers --------------------------------------------------------------------------
     _CATALOG = {
@@ -339,6 +386,10 @@ class App:
         for item in items:
             if item.name == name:
                 return item
+        if is_uuid(name):  # its stable id (moldd.domain.ids), as CloudStack clients name it
+            for item in items:
+                if stable_uuid(kind, item.name) == name:
+                    return item
         known = ", ".join(i.name for i in items) or "none configured"
         raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
 
@@ -356,6 +407,8 @@ class App:
             check_safe_text(key, field)
         vms = self.model.vms
         vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
+        if vm is None and isinstance(key, str) and len(key) == 36:  # a CloudStack id: the VM's UUID
+            vm = next((v for v in vms.values() if v.uuid == key), None)
         if vm is None:
             by_id = [v for v in vms.values() if str(v.id) == str(key)]
             by_display = [v for v in vms.values() if v.display_name == key and v.state != "Expunged"]

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from moldd.config import Config, load_config
+from moldd.testing.load import scaled
 
 
 def write_template(path: Path, size: str = "64M") -> Path:
@@ -32,6 +33,7 @@ def write_config(
     ha: dict[str, Any] | None = None,
     max_vms: int = 4,
     checkpoints: bool = False,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> Config:
     """A TOML config for lab hosts (``hosts``: LabHost objects) and the lab guest image."""
     root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,8 @@ def write_config(
         *(f"{k} = {_toml(v)}" for k, v in h.items()),
         "",
     ]
+    for section, values in (sections or {}).items():  # e.g. {"cloudstack": {"port": 0}}
+        lines += [f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
     if checkpoints:
         lines += [
             "[checkpoints]",
@@ -143,6 +147,7 @@ class Client:
         return await self.wait_job(reply["result"]["job"]["id"], timeout)
 
     async def wait_job(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
             job = (await self.call("queryAsyncJobResult", jobid=job_id))["result"]["job"]
@@ -159,6 +164,7 @@ class Client:
 
     async def wait_vm(self, name: str, timeout: float = 30.0, **expect: Any) -> dict[str, Any]:
         """Wait until the VM's fields equal ``expect`` (e.g. state="Running", host="host1")."""
+        timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
             vm = await self.vm(name)
@@ -173,6 +179,7 @@ class Client:
         return list((await self.call("listEvents", stream=stream, limit=10000))["result"]["event"])
 
     async def wait_host(self, name: str, timeout: float = 30.0, **expect: Any) -> dict[str, Any]:
+        timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
             hosts = (await self.call("listHosts"))["result"]["host"]

@@ -43,6 +43,7 @@ class FakeBus:
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Condition()
+        self.following = asyncio.Event()  # set once a follower is waiting for entries (tests sync on it)
         self._ids = itertools.count(1)
         for name, state, group in [
             ("web-1", "Running", "web"),
@@ -71,6 +72,7 @@ class FakeBus:
 
     async def async_follow(self, from_position: int, **_filters: Any) -> AsyncIterator[dict[str, Any]]:
         position = from_position
+        self.following.set()
         while True:
             async with self._changed:
                 await self._changed.wait_for(lambda p=position: len(self.log) >= p)  # type: ignore[misc]

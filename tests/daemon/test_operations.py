@@ -17,6 +17,7 @@ import pytest
 
 from moldd.config import load_config
 from moldd.testing.harness import Client, CommandFailed, running_daemon
+from moldd.testing.load import scaled
 from tests.daemon.conftest import domain_state
 
 pytestmark = pytest.mark.libvirt
@@ -103,9 +104,9 @@ async def deploy(client: Client, **args: Any) -> dict[str, Any]:
     return await client.vm(job["vm"])
 
 
-async def wait_console(vm: dict[str, Any], marker: str, timeout: float = 30.0) -> None:
+async def wait_console(vm: dict[str, Any], marker: str, timeout: float = 60.0) -> None:
     log = Path(vm["root_disk"]["path"]).parent / "console.log"
-    for _ in range(int(timeout / 0.2)):
+    for _ in range(int(scaled(timeout) / 0.2)):  # a TCG guest boots slowly on a busy machine
         if log.exists() and marker in log.read_text(errors="replace"):
             return
         await asyncio.sleep(0.2)
