@@ -90,7 +90,13 @@ class CommandBinding:
 
 
 def _actor_key(actor: Actor) -> str:
-    return actor.internal if actor.internal is not None else f"uid={actor.uid}"
+    """Who an id belongs to: the Unix uid (not the pid: a retry may come from another process), the moldd user
+    of a signed request, or the internal actor."""
+    if actor.internal is not None:
+        return actor.internal
+    if actor.via is not None:
+        return f"user={actor.user} via={actor.via}"
+    return f"uid={actor.uid}"
 
 
 @dataclass(frozen=True)
