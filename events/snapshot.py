@@ -110,7 +110,7 @@ async def async_save_sealed_snapshot_data(
         raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
     payload = {"name": name, "position": position, "head_hash": head_hash.hex(), "digest": state_digest(data)}
     sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
-    await store._async_put_snapshot(name, (position, head_hash, data, system_clock_us()))
+    await store.async_save_snapshot_data(name, position, data)
     return position, sealed.last_position
 
 

@@ -67,14 +67,6 @@ def _paging(a: Args) -> tuple[int, int | None]:
     return (page or 1), pagesize
 
 
-def committed_memory_mib(offering: dict[str, Any]) -> int:
-    """Memory a running guest of this offering can hold on its host: the maximum for a dynamic offering."""
-    memory = int(offering.get("memory_mib") or 0)
-    if offering.get("dynamic"):
-        return max(memory, int(offering.get("max_memory_mib") or memory))
-    return memory
-
-
 @verb("listHosts")
 async def list_hosts(app: App, cmd: Command) -> CommandReply:
     Args(cmd.args, set())
@@ -86,13 +78,7 @@ async def list_hosts(app: App, cmd: Command) -> CommandReply:
             if state
             else {"name": h.name, "uri": h.uri, "cluster": h.cluster, "max_vms": h.max_vms}
         )
-        view["vms"] = app.model.counted_on(h.name)
-        running = [v for v in app.model.vms_on(h.name) if v.state == "Running"]
-        view["running"] = len(running)
-        # what the host really commits: a dynamic offering's guest boots with its *maximum* memory (the balloon
-        # target only takes effect once a balloon driver in the guest honours it)
-        view["memory_offered_mib"] = sum(int(v.offering.get("memory_mib") or 0) for v in running)
-        view["memory_committed_mib"] = sum(committed_memory_mib(v.offering) for v in running)
+        view |= app.model.host_counts(h.name)
         hosts.append(view)
     return _reply(app, {"count": len(hosts), "host": hosts})
 

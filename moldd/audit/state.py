@@ -30,8 +30,7 @@ class StateAt:
         """``ReadModel.view()`` plus, per host, the counts ``listHosts`` shows, and where in the log this is."""
         v = self.model.view()
         for h in v["hosts"]:
-            h["vms"] = self.model.counted_on(h["name"])
-            h["running"] = sum(1 for vm in self.model.vms_on(h["name"]) if vm.state == "Running")
+            h |= self.model.host_counts(h["name"])
         v["log_id"] = self.log_id
         v["log_last_position"] = self.last_position
         v["recorded_at"] = self.recorded_at

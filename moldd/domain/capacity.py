@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from moldd.domain.errors import CapacityError
 
@@ -108,3 +109,11 @@ def loads_by_cluster(loads: Iterable[HostLoad]) -> Mapping[str, list[HostLoad]]:
     for h in loads:
         out.setdefault(h.cluster, []).append(h)
     return out
+
+
+def committed_memory_mib(offering: Mapping[str, Any]) -> int:
+    """Memory a running guest of this offering can hold on its host: the maximum for a dynamic offering."""
+    memory = int(offering.get("memory_mib") or 0)
+    if offering.get("dynamic"):
+        return max(memory, int(offering.get("max_memory_mib") or memory))
+    return memory

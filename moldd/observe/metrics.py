@@ -22,11 +22,12 @@ import time
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -69,32 +70,60 @@ def _epoch(at: Any) -> float | None:
     return float(at.timestamp()) if hasattr(at, "timestamp") else None
 
 
+@dataclass(frozen=True)
+class _Tallies:
+    vms: dict[tuple[str, str], int]
+    ha_status: dict[str, int]
+    ha_enabled: int
+    jobs: dict[str, int]
+    placed: dict[str, int]
+
+
 class ReadModelCollector(Collector):
     """Gauges computed from the daemon's read model and live objects at each scrape."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
+        self._cached: tuple[tuple[int, int], _Tallies] | None = None
+
+    def tallies(self, model: Any) -> _Tallies:
+        """Counts over every VM and job, recomputed only when the fold has moved (every change to the read
+        model advances its position), so frequent scrapes of a quiet daemon cost nothing per VM."""
+        key = (id(model), model.position)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        # Tally over attribute tuples: one C-speed pass per figure
+        all_vms = list(model.vms.values())
+        counts: dict[tuple[str, str], int] = {(str(s), p): 0 for s in VMState for p in POWER_STATES}
+        for (state, power), n in Tally(map(_STATE_POWER, all_vms)).items():
+            k = (str(state), power if power in POWER_STATES else "unknown")
+            counts[k] = counts.get(k, 0) + n
+        gone = (VMState.EXPUNGED, VMState.DESTROYED)
+        ha_status: dict[str, int] = {"none": 0, "pending": 0, "restarting": 0, "failed": 0}
+        ha_counts = Tally(vm.ha_status for vm in all_vms if vm.ha_enabled and vm.state not in gone)
+        for st, n in ha_counts.items():
+            ha_status[st if st in ha_status else "none"] += n
+        jobs = Tally(map(_STATUS, model.jobs.values()))
+        result = _Tallies(
+            vms=counts,
+            ha_status=ha_status,
+            ha_enabled=sum(ha_counts.values()),
+            jobs={status: jobs.get(status, 0) for status in JOB_STATUSES},
+            placed=host_counts(model)[0],
+        )
+        self._cached = (key, result)
+        return result
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
         model = m.model()
         if model is None:
             return
+        t = self.tallies(model)
         vms = GaugeMetricFamily(
             "moldd_vms", "VMs known to moldd, by state and power state", labels=["state", "power_state"]
         )
-        # Tally over attribute tuples: one C-speed pass per figure (10,000 VMs in a few ms)
-        all_vms = list(model.vms.values())
-        counts: dict[tuple[str, str], int] = {(str(s), p): 0 for s in VMState for p in POWER_STATES}
-        for (state, power), n in Tally(map(_STATE_POWER, all_vms)).items():
-            key = (str(state), power if power in POWER_STATES else "unknown")
-            counts[key] = counts.get(key, 0) + n
-        gone = (VMState.EXPUNGED, VMState.DESTROYED)
-        ha_status: dict[str, int] = {"none": 0, "pending": 0, "restarting": 0, "failed": 0}
-        ha_counts = Tally(vm.ha_status for vm in all_vms if vm.ha_enabled and vm.state not in gone)
-        for st, n in ha_counts.items():
-            ha_status[st if st in ha_status else "none"] += n
-        ha_enabled = sum(ha_counts.values())
+        counts, ha_status, ha_enabled = t.vms, t.ha_status, t.ha_enabled
         for (state, power), n in sorted(counts.items()):
             vms.add_metric([state, power], n)
         yield vms
@@ -131,7 +160,7 @@ class ReadModelCollector(Collector):
         yield per_host
         yield per_link
 
-        caps = m.capacities()
+        caps = m.capacities(t.placed)
         if caps is not None:
             headroom = GaugeMetricFamily(
                 "moldd_cluster_headroom_vms",
@@ -155,9 +184,8 @@ class ReadModelCollector(Collector):
             yield limit
 
         jobs = GaugeMetricFamily("moldd_jobs", "Jobs in the read model, by status", labels=["status"])
-        jcounts = Tally(map(_STATUS, model.jobs.values()))
-        for status in JOB_STATUSES:
-            jobs.add_metric([status], jcounts.get(status, 0))
+        for status, n in t.jobs.items():
+            jobs.add_metric([status], n)
         yield jobs
 
         yield GaugeMetricFamily(
@@ -181,6 +209,26 @@ class ReadModelCollector(Collector):
             "Clients following the event log live (NDJSON or SSE)",
             value=m.followers(),
         )
+        cluster = m.cluster
+        if cluster is not None:  # several nodes share a PostgreSQL log (moldd.cluster.ClusterRole)
+            try:
+                leading = bool(cluster.is_leading())
+            except Exception:
+                leading = False
+            yield GaugeMetricFamily(
+                "moldd_leader", "1 while this node leads the cluster (writes the log, runs HA)", value=leading
+            )
+            yield GaugeMetricFamily(
+                "moldd_leader_acting", "1 while this node leads and has taken charge of the hosts",
+                value=bool(getattr(cluster, "acting", False)),
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "moldd_leader_epoch", "The newest leadership epoch this node knows (0: none yet)",
+                value=int(getattr(cluster, "epoch", None) or 0),
+            )  # fmt: skip
+            terms = CounterMetricFamily("moldd_leader_terms", "Times this node was elected leader")
+            terms.add_metric([], int(getattr(cluster, "terms", 0) or 0))
+            yield terms
         yield GaugeMetricFamily(
             "moldd_ha_watchers_healthy",
             "1 while every HA watcher task runs",
@@ -279,6 +327,9 @@ class Metrics:
             self.watcher_restarts.labels(watcher)
 
         self.verbs: frozenset[str] = frozenset()
+        # the daemon's cluster role when the log lives on PostgreSQL (``is_leading()``, ``epoch``, ``acting``,
+        # ``terms``); None for a single node
+        self.cluster: Any = None
         self._app: Any = None
         self._store: Any = None
         self._servers: list[Any] = []
@@ -312,10 +363,10 @@ class Metrics:
     def model(self) -> Any:
         return self._app.model if self._app is not None else None
 
-    def capacities(self) -> list[Any] | None:
+    def capacities(self, placed: dict[str, int] | None = None) -> list[Any] | None:
         if self._app is None:
             return None
-        return cluster_capacities(self._app.config, self._app.model)
+        return cluster_capacities(self._app.config, self._app.model, placed)
 
     def log_head(self) -> int | None:
         writer = getattr(self._store, "_writer", None)

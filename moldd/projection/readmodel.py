@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any, Protocol
 
+from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import down_cause
 from moldd.domain.states import TRANSIENT, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
@@ -169,6 +170,19 @@ class ReadModel:
         """VMs that hold a slot on a host: every VM placed there that is not destroyed or expunged."""
         return len(self.vms_on(host))
 
+    def host_counts(self, host: str) -> dict[str, int]:
+        """What ``listHosts`` (and ``moldd-audit state``) shows of a host beside its record: VMs holding a slot,
+        running VMs, and the memory those offer and really commit (a dynamic offering's guest boots with its
+        *maximum* memory; the balloon target only takes effect once a balloon driver in the guest honours it)."""
+        placed = self.vms_on(host)
+        running = [v for v in placed if v.state == S.RUNNING]
+        return {
+            "vms": len(placed),
+            "running": len(running),
+            "memory_offered_mib": sum(int(v.offering.get("memory_mib") or 0) for v in running),
+            "memory_committed_mib": sum(committed_memory_mib(v.offering) for v in running),
+        }
+
     # -- folding ---------------------------------------------------------------------------------------
     def apply_all(self, events: Iterable[EventLike]) -> ReadModel:
         for ev in events:
@@ -258,6 +272,8 @@ STATE_NEUTRAL = frozenset(
         "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
         "ha.watcher_restarted",  # on the daemon's stream
         "vm.console.opened",  # who opened a VM's console: for the audit trail
+        "access.denied",  # a refused call (who, what, why): for the audit trail
+        "snapshot.sealed",  # the log's own bookkeeping (events.snapshot): binds a snapshot to the chain
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is

@@ -99,3 +99,65 @@ async def test_counters_follow_the_log_with_bounded_labels() -> None:
 def test_an_unbound_registry_still_renders() -> None:
     text = Metrics().exposition().decode()
     assert "moldd_ha_restarts_total" in text and "moldd_vms" not in text  # no read model yet: no VM gauges
+
+
+async def test_metrics_on_a_tcp_listener_need_the_bearer_token() -> None:
+    import aiohttp
+    from aiohttp import web
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moldd.observe.web import metrics_route
+
+    m = Metrics()
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_route(m, "s3cret-token"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                            {"Authorization": "Bearer s3cret-toke"}):  # fmt: skip
+                async with s.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as resp:
+                    assert resp.status == 401, headers
+                    assert (await resp.json())["error"]["field"] == "Authorization"
+            async with s.get(
+                f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer s3cret-token"}
+            ) as resp:
+                assert resp.status == 200
+                names = {f.name for f in text_string_to_metric_families(await resp.text())}
+                assert "moldd_ha_restarts" in names
+    finally:
+        await runner.cleanup()
+
+
+def test_leader_role_and_epoch_when_the_log_is_shared() -> None:
+    from types import SimpleNamespace
+
+    from moldd.projection.readmodel import ReadModel
+
+    m = Metrics()
+    model = ReadModel()
+    config = SimpleNamespace(hosts=[], tolerated_host_failures=1, host=lambda name: None)
+    m.bind(SimpleNamespace(model=model, config=config, verbs=lambda: [], health_checks={}), None)
+    assert "moldd_leader" not in m.exposition().decode()  # a single node has no such series
+
+    class Role:
+        epoch = 7
+        acting = True
+        terms = 2
+
+        def __init__(self) -> None:
+            self.leading = True
+
+        def is_leading(self) -> bool:
+            return self.leading
+
+    role = Role()
+    m.cluster = role
+    assert sample(m, "moldd_leader") == 1 and sample(m, "moldd_leader_epoch") == 7
+    assert sample(m, "moldd_leader_acting") == 1 and sample(m, "moldd_leader_terms_total") == 2
+    role.leading = False
+    assert sample(m, "moldd_leader") == 0

@@ -73,6 +73,17 @@ async def test_status_page_shows_an_ha_restart_live(
         )
         assert seen.index("Stopped") < len(seen) - 1 and seen[0] == "Running", seen
         assert await page.evaluate("window.__noReload === true")  # the same document all along
+        # at that same moment the host's counts and the cluster's headroom agree with the VM rows
+        counts = await page.evaluate(
+            f"document.querySelector('#host-{vm['host']} td[data-label=\"VMs (running)\"]').textContent"
+        )
+        assert counts.startswith("1 (1)"), counts
+        assert (
+            await page.evaluate(
+                "document.querySelector('[data-cluster=c1] [data-field=headroom]').textContent"
+            )
+            == "3"
+        )
 
         # each HA decision links to its cause: the libvirt event's own entry in the timeline
         link = "document.querySelector('#timeline li[data-type=\"ha.restart.scheduled\"] a.cause')"
@@ -85,6 +96,24 @@ async def test_status_page_shows_an_ha_restart_live(
         )
         assert hosts_up == 2
         assert not page.exceptions, page.exceptions
+
+        # accessible: what a screen reader gets from Chromium's accessibility tree
+        await page.send("Accessibility.enable")
+        nodes = (await page.send("Accessibility.getFullAXTree"))["nodes"]
+        named: dict[str, list[str]] = {}
+        for node in nodes:
+            if node.get("ignored"):
+                continue
+            role = node.get("role", {}).get("value", "")
+            named.setdefault(role, []).append(str(node.get("name", {}).get("value", "")).strip())
+        assert named.get("link") and all(named["link"]), named.get("link")  # every link says where it goes
+        tables = named.get("table", [])
+        assert len(tables) == 3 and all(tables), tables  # each table is named by its caption
+        assert sorted(named.get("heading", []))[:2] == ["Clusters", "Event timeline (newest first, live)"]
+        assert await page.evaluate("document.documentElement.lang") == "en"
+        assert (
+            await page.evaluate("document.getElementById('timeline').getAttribute('aria-live')") == "polite"
+        )
         shot = await page.screenshot(tmp_path / "status-desktop.png")
         await page.evaluate(f"{link}.click()")  # following it lands on the cause
         assert await page.evaluate("location.hash") == f"#ev-{crash['position']}"

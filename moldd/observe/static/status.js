@@ -136,15 +136,35 @@ function renderSummary() {
     `${active} jobs in progress · log position ${Math.max(lastPosition, statusPosition)}`;
 }
 
+// Host VM counts and cluster headroom follow the VM rows at once (the same rule as the daemon's: a VM holds
+// a slot on its host unless Destroyed or Expunged); the cluster's limit comes from the daemon (configuration).
+function renderHostsAndClusters() {
+  const placed = new Map();
+  const running = new Map();
+  for (const { data: v } of vms.values()) {
+    if (!v.host || v.state === "Destroyed" || v.state === "Expunged") continue;
+    placed.set(v.host, (placed.get(v.host) || 0) + 1);
+    if (v.state === "Running") running.set(v.host, (running.get(v.host) || 0) + 1);
+  }
+  const hs = [...hosts.values()].map((x) => ({ ...x.data, vms: placed.get(x.data.name) || 0,
+                                                running: running.get(x.data.name) || 0 }));
+  fillBody("hosts", hs.map(hostRow));
+  fillBody("clusters", clusters.map((c) => {
+    const members = hs.filter((h) => h.cluster === c.cluster);
+    const used = members.length ? members.reduce((n, h) => n + h.vms, 0) : c.used;
+    const up = members.filter((h) => h.health === "Up" && h.link === "connected").length;
+    return el("tr", { "data-cluster": c.cluster },
+      td("Cluster", c.cluster),
+      td("Hosts up", `${members.length ? up : c.hosts_up ?? "?"}/${c.hosts ?? "?"}`),
+      td("Used / limit", `${used}/${c.limit}`),
+      td("Headroom", el("span", { "data-field": "headroom" }, badge(String(c.limit - used)))));
+  }));
+}
+
 function renderAll() {
   document.getElementById("alerts-section").hidden = alerts.length === 0;
   document.getElementById("alerts").replaceChildren(...alerts.map((a) => el("li", {}, a)));
-  fillBody("clusters", clusters.map((c) => el("tr", { "data-cluster": c.cluster },
-    td("Cluster", c.cluster),
-    td("Hosts up", `${c.hosts_up ?? "?"}/${c.hosts ?? "?"}`),
-    td("Used / limit", `${c.used}/${c.limit}`),
-    td("Headroom", badge(String(c.headroom))))));
-  fillBody("hosts", [...hosts.values()].map((x) => hostRow(x.data)));
+  renderHostsAndClusters();
   const vmRows = [...vms.values()].map((x) => vmRow(x.data));
   if (!vmRows.length) vmRows.push(el("tr", { class: "empty" }, el("td", { colspan: "6", class: "muted" }, "No VMs.")));
   fillBody("vms", vmRows);
@@ -180,8 +200,9 @@ function applyViews(data) {
   if (data.host) {
     const h = data.host;
     const have = hosts.get(h.name);
-    if (!have || have.position <= pos) { hosts.set(h.name, { data: h, position: pos }); replaceRow("hosts", `host-${h.name}`, hostRow(h)); }
+    if (!have || have.position <= pos) hosts.set(h.name, { data: h, position: pos });
   }
+  if (data.vm || data.host) renderHostsAndClusters();
   if (data.job) {
     const have = jobs.get(data.job.id);
     if (!have || have.position <= pos) { jobs.set(data.job.id, { data: data.job, position: pos }); renderJobs([...jobs.values()].map((x) => x.data)); }
