@@ -350,19 +350,28 @@ class App:
         try:
             position = max(1, from_position)
             page_size = FOLLOW_PAGE
+            version = 1  # a stream is read through its (stream_id, stream_version) index
             while True:  # catch up
-                head = (await self.store.async_head())[0] if correlation is not None else None
+                indexed = correlation is not None or stream is not None
+                head = (await self.store.async_head())[0] if indexed else None
                 if correlation is not None:
                     page = await self.store.async_read_correlated(correlation, position, page_size)
+                elif stream is not None:
+                    page = await self.store.async_read_stream(stream, version, version + page_size - 1)
+                    version += page_size
                 else:
                     page = await self.store.async_read(position, limit=page_size)
-                views = [event_view(ev) for ev in page if stream is None or ev.stream_id == stream]
+                views = [
+                    event_view(ev)
+                    for ev in page
+                    if ev.position >= position and (stream is None or ev.stream_id == stream)
+                ]
                 if views:
                     yield views
                 if page:
-                    position = page[-1].position + 1
+                    position = max(position, page[-1].position + 1)
                 if len(page) < page_size:
-                    if correlation is not None and head is not None:
+                    if head is not None:
                         position = max(position, head + 1)  # everything up to head was matched above
                     break
                 page = []  # drop the page before the next read

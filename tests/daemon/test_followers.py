@@ -63,7 +63,7 @@ async def follow(socket_path: str, query: str, until: int, *, collect: bool = Fa
         assert chunk, "the stream ended early"
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
-        entries = [line for line in lines if line.startswith(b'{"position"')]
+        entries = [line for line in lines if line.startswith(b"{") and b'"position":' in line]
         count += len(entries)
         if not entries:
             continue
@@ -128,6 +128,10 @@ async def test_followers_hold_bounded_memory_and_give_it_back(make_config: Any, 
                 str(config.socket), "from=1&correlation=needle", N_EVENTS - NEEDLE_EVERY + 1, collect=True
             )
             assert [e["payload"]["i"] for e in needles] == list(range(0, N_EVENTS, NEEDLE_EVERY))
+            # the stream filter: one stream's entries from a position on, through the stream's index
+            one = await follow(str(config.socket), "from=600&stream=filler-500", 1000, collect=True)
+            assert [e["position"] for e in one] == list(range(600, 1001))
+            assert {e["stream_id"] for e in one} == {"filler-500"}
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
