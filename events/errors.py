@@ -68,3 +68,10 @@ class CheckpointError(EventLogError):
     """A key or checkpoint file cannot be read or written."""
 
     code = "checkpoint_error"
+
+
+class FencedError(EventLogError):
+    """The database refused a write: this writer's fencing epoch is no longer the log's current one (another
+    process took the lead), or it holds none on a log that has one."""
+
+    code = "fenced"

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-          qemu-system-x86 qemu-utils busybox-static python3 python3-venv python3-dev gcc)
+          qemu-system-x86 qemu-utils busybox-static python3 python3-venv python3-dev gcc
+          postgresql)  # PostgreSQL: tests/benchmarks start their own throw-away server (initdb + pg_ctl)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
