@@ -244,7 +244,15 @@ def connection_lost(exc: BaseException) -> bool:
     """True when `exc` means the connection (not the statement) failed: the outcome of a COMMIT is unknown."""
     if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, asyncpg.PostgresConnectionError):
         return str(getattr(exc, "sqlstate", "") or "").startswith(("08", "57P"))
-    return isinstance(exc, OSError | ConnectionError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError | TimeoutError)
+    return isinstance(
+        exc,
+        OSError
+        | ConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError  # a connection whose server went away while it was idle
+        | asyncpg.PostgresConnectionError
+        | TimeoutError,
+    )
 
 
 def _fenced(exc: BaseException) -> FencedError | None:
@@ -382,6 +390,16 @@ class PostgresEventStore(EventStore):
             conn.terminate()
 
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
+        try:
+            await self._async_commit_once(rows, commands)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            # the connection died and the rows are not stored: one more try on a new connection (a COMMIT
+            # of the lost one arriving late could not write twice: the positions are the primary key)
+            await self._async_commit_once(rows, commands)
+
+    async def _async_commit_once(self, rows: list[Row], commands: list[CommandRow]) -> None:
         try:
             conn = await self._async_write_conn()
             async with conn.transaction():
