@@ -87,6 +87,7 @@ class Leadership:
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        self._elected_task: asyncio.Task[None] | None = None
         self._key = lock_key("leader", store.log_id)
         self.changed = asyncio.Event()  # set (and replaced) at every change of role
 
@@ -177,8 +178,10 @@ class Leadership:
         self.elected_at = time.time()
         self.store.adopt_epoch(epoch)
         self._signal()
-        if self.on_elected is not None:
-            await self.on_elected(epoch, cause)
+        if self.on_elected is not None:  # runs beside the heartbeat (a take-over may outlast the lease)
+            self._elected_task = asyncio.get_running_loop().create_task(
+                self._async_elected(epoch, cause), name=f"leader-elected-{self.node}"
+            )
         conn = self._conn
         assert conn is not None
         s = quote_ident(self.store.schema)
@@ -203,9 +206,22 @@ class Leadership:
                 return
             self._last_ok = sent
 
+    async def _async_elected(self, epoch: int, cause: str) -> None:
+        assert self.on_elected is not None
+        try:
+            await self.on_elected(epoch, cause)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a leader that cannot take over steps down (another may)
+            if self.epoch == epoch:
+                self._depose(f"take-over failed: {type(exc).__name__}: {exc}")
+
     def _depose(self, cause: str) -> None:
         if self.role != LEADER:
             return
+        task, self._elected_task = self._elected_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         self.role = STANDBY
         self.last_cause = cause
         self.store.adopt_epoch(None)

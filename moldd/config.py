@@ -78,6 +78,17 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: two or more moldd on one PostgreSQL log (only with daemon.database = "postgresql://...")."""
+
+    node: str = ""  # this node's name in the log and in `moldctl cluster status` (default: the host name)
+    schema: str = "events"  # the PostgreSQL schema that holds the log
+    lease_s: float = 5.0  # PostgreSQL ends a silent leader's session after this: a standby takes over
+    heartbeat_s: float = 1.0  # the leader pings PostgreSQL this often
+    fence_after_s: float = 3.0  # a leader without an answer for this long stops acting (< lease_s)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     socket: Path
@@ -104,6 +115,8 @@ class Config:
     max_vm_snapshots: int = 10
     tolerated_host_failures: int = 1
     capacity_warning_headroom: int = 1
+    database_dsn: str | None = None  # daemon.database = "postgresql://...": the log on PostgreSQL
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def host(self, name: str) -> HostConfig | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -210,7 +223,7 @@ def load_config(path: Path | str) -> Config:
 
 
 def parse_config(doc: dict[str, Any], file: Path) -> Config:
-    known_top = {"daemon", "ha", "checkpoints", "hosts", "offerings", "templates", "isos"}
+    known_top = {"daemon", "ha", "checkpoints", "hosts", "offerings", "templates", "isos", "cluster"}
     for key in doc:
         if key not in known_top:
             raise ConfigError(file, key, f"unknown section (known: {', '.join(sorted(known_top))})")
@@ -341,10 +354,13 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
         )
     _unique(file, "isos", [i.name for i in isos])
 
+    database_dsn, cluster = _cluster(file, doc, d)
     return Config(
         path=file,
         socket=d.path("socket", "/run/moldd/moldd.sock") or Path(),
-        database=d.path("database", "/var/lib/moldd/log.db") or Path(),
+        database=Path() if database_dsn else d.path("database", "/var/lib/moldd/log.db") or Path(),
+        database_dsn=database_dsn,
+        cluster=cluster,
         storage_dir=d.path("storage_dir", "/var/lib/moldd/disks") or Path(),
         socket_mode=mode,
         socket_group=d.get("socket_group", str, None),
@@ -368,3 +384,30 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
         tolerated_host_failures=d.get("tolerated_host_failures", int, 1),
         capacity_warning_headroom=d.get("capacity_warning_headroom", int, 1),
     )
+
+
+def _cluster(file: Path, doc: dict[str, Any], d: _Reader) -> tuple[str | None, ClusterConfig]:
+    """daemon.database as a PostgreSQL DSN, and the [cluster] section (leader election timings)."""
+    import socket
+
+    from events.leader import Timings
+
+    raw = d.get("database", str, "")
+    dsn = raw if raw.startswith(("postgresql://", "postgres://")) else None
+    c = _Reader(file, _table(file, doc, "cluster"), "cluster", {"node", "schema", "lease_s", "heartbeat_s", "fence_after_s"})
+    if doc.get("cluster") and dsn is None:
+        raise ConfigError(file, "cluster", 'needs daemon.database = "postgresql://..." (the shared log)')
+    cluster = ClusterConfig(
+        node=c.get("node", str, "") or socket.gethostname(),
+        schema=c.get("schema", str, "events"),
+        lease_s=c.positive("lease_s", float, 5.0),
+        heartbeat_s=c.positive("heartbeat_s", float, 1.0),
+        fence_after_s=c.positive("fence_after_s", float, 3.0),
+    )
+    try:
+        Timings(cluster.lease_s, cluster.heartbeat_s, cluster.fence_after_s)
+    except ValueError as exc:
+        raise ConfigError(file, "cluster", str(exc)) from None
+    if not cluster.node.isprintable() or len(cluster.node) > 63:
+        raise ConfigError(file, "cluster.node", "must be printable and at most 63 characters")
+    return dsn, cluster

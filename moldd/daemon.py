@@ -33,7 +33,7 @@ def _load_optional_verbs() -> None:
     """Verb modules that are built on top of the lifecycle; imported for their registration side effect."""
     import importlib
 
-    for name in ("moldd.app.operations", "moldd.app.snapshots"):
+    for name in ("moldd.app.operations", "moldd.app.snapshots", "moldd.app.cluster_queries"):
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(name)
 
@@ -68,46 +68,96 @@ class Daemon:
         self.api: Any = None
         self.ha: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self.acting_tasks: list[asyncio.Task[Any]] = []  # the sweepers of a node that acts on the hosts
+        self.cluster: Any = None  # moldd.cluster.ClusterRole with daemon.database = "postgresql://..."
+        self.sync_timeout = 15.0
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
         _load_optional_verbs()
         cfg = self.config
-        cfg.database.parent.mkdir(parents=True, exist_ok=True)
+        self.sync_timeout = sync_timeout
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.store = await SQLiteEventStore.async_open(cfg.database)
+        if cfg.database_dsn is not None:
+            from events.postgres import PostgresEventStore
+
+            self.store = await PostgresEventStore.async_open(
+                cfg.database_dsn, schema=cfg.cluster.schema, application_name=f"moldd:{cfg.cluster.node}"
+            )
+        else:
+            cfg.database.parent.mkdir(parents=True, exist_ok=True)
+            self.store = await SQLiteEventStore.async_open(cfg.database)
         self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
         await self.projector.async_restore()
         self.projector.listeners.append(_log_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
-        self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
-        self.hosts.attach(self.app)
-        await self._async_register_hosts()
-        await self.hosts.async_start()
-        unsynced = await self.hosts.async_wait_synced(sync_timeout)
-        if unsynced:
-            log.warning("hosts_not_synced", hosts=unsynced)
-        await self._async_recover_unreachable(set(unsynced))
-        self._start_ha()
-        self.tasks.append(
-            asyncio.create_task(
-                lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
-            )
+        self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running or (
+            self.cluster is not None and not self.cluster.acting
         )
-        if cfg.checkpoints.key is not None:
-            self.tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
+        self.hosts.attach(self.app)
+        if cfg.database_dsn is None:
+            await self.async_act()
+        else:  # one of several nodes: act only once elected (moldd.cluster)
+            from moldd.cluster import ClusterRole
+
+            self.cluster = ClusterRole(self)
+            await self.cluster.async_start()
         if self.serve_api:
             from moldd.api.serve import async_serve
 
             self.api = await async_serve(
                 self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group
             )
+        role = "" if self.cluster is None else f" as cluster node {cfg.cluster.node}"
         systemd.notify_ready(
-            f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
+            f"serving {len(cfg.hosts)} hosts{role}, log at position {self.projector.model.position}"
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
+
+    async def async_act(self) -> None:
+        """Take charge of the hosts (at start, or when elected): record and connect every host, resync it
+        (reconciling jobs this process does not run), recover VMs of unreachable hosts, start HA and the
+        sweepers."""
+        assert self.app is not None
+        cfg = self.config
+        await self._async_register_hosts()
+        await self.hosts.async_start()
+        unsynced = await self.hosts.async_wait_synced(self.sync_timeout)
+        if unsynced:
+            log.warning("hosts_not_synced", hosts=unsynced)
+        await self._async_recover_unreachable(set(unsynced))
+        self._start_ha()
+        self.acting_tasks.append(
+            asyncio.create_task(
+                lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
+            )
+        )
+        if cfg.checkpoints.key is not None:
+            self.acting_tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
+
+    async def async_stand_down(self) -> None:
+        """A deposed leader stops acting: sweepers and HA stop, running jobs are abandoned (the next leader
+        reconciles them), host connections close. The libvirt bridge already refuses calls (its gate)."""
+        tasks, self.acting_tasks = self.acting_tasks, []
+        for task in tasks:
+            task.cancel()
+        ha, self.ha = self.ha, None
+        if self.app is not None:
+            self.app.health_checks.pop("ha", None)
+            for task in list(self.app.jobs.values()):
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if ha is not None:
+            await ha.async_stop()
+        if self.app is not None:
+            for task in list(self.app.jobs.values()):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.hosts.async_stop()
 
     def _start_ha(self) -> None:
         try:
@@ -173,15 +223,17 @@ class Daemon:
         systemd.notify_stopping()
         if self.api is not None:
             await self.api.async_close()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.acting_tasks]:
             task.cancel()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.acting_tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.ha is not None:
             await self.ha.async_stop()
         if self.app is not None:
-            await self.app.async_close()
+            await self.app.async_close()  # running jobs finish while this node still leads
+        if self.cluster is not None:
+            await self.cluster.async_stop()  # steps down: a standby takes over at once
         await self.hosts.async_stop()
         if self.projector is not None:
             await self.projector.async_stop()

@@ -90,6 +90,8 @@ _TYPES: dict[str, int] = {
     "group.created": 1,
     "group.deleted": 1,
     "libvirt.domain_event": 1,
+    # the management cluster (moldd/cluster.py): a node won the lead of the log with a new fencing epoch
+    "daemon.leader_elected": 1,
 }
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(_TYPES)

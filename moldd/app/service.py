@@ -41,6 +41,8 @@ class Command:
 
 
 Handler = Callable[["App", Command], Awaitable[CommandReply]]
+READ_VERB_PREFIXES = ("list", "query")
+"""Verbs a standby answers (from its read model); every other verb needs the cluster's leader."""
 _REGISTRY: dict[str, Handler] = {}
 
 
@@ -84,6 +86,7 @@ class App:
         self.background: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[str, Callable[[], bool]] = {}
         self.clock: Callable[[], float] = time.time
+        self.cluster: Any = None  # moldd.cluster.ClusterRole when several moldd share a PostgreSQL log
 
     @property
     def model(self) -> Any:
@@ -103,6 +106,8 @@ class App:
             previous = await self.store.async_find_command(command_id)
             if previous is not None:
                 return self.replay_reply(previous)
+        if self.cluster is not None and not verb.startswith(READ_VERB_PREFIXES):
+            self.cluster.check_leading()  # a standby refuses writes (NotLeader names the leader)
         cmd = Command(id=command_id or uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(actor))
         try:
@@ -157,13 +162,16 @@ class App:
             for h in self.model.hosts.values()
             if h.health in ("FenceFailed", "Down", "Fencing")
         ]
-        return {
+        out = {
             "ok": all(checks.values()),
             "checks": checks,
             "position": self.model.position,
             "hosts": hosts,
             "alerts": alerts,
         }
+        if self.cluster is not None:
+            out |= self.cluster.info()  # role, node, leader, epoch
+        return out
 
     async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
         async for ev in self.store.async_subscribe(from_position=max(1, from_position)):

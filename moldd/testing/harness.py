@@ -32,6 +32,7 @@ def write_config(
     ha: dict[str, Any] | None = None,
     max_vms: int = 4,
     checkpoints: bool = False,
+    cluster: dict[str, Any] | None = None,
 ) -> Config:
     """A TOML config for lab hosts (``hosts``: LabHost objects) and the lab guest image."""
     root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,8 @@ def write_config(
         *(f"{k} = {_toml(v)}" for k, v in h.items()),
         "",
     ]
+    if cluster:
+        lines += ["[cluster]", *(f"{k} = {_toml(v)}" for k, v in cluster.items()), ""]
     if checkpoints:
         lines += [
             "[checkpoints]",
