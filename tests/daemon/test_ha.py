@@ -356,7 +356,8 @@ async def test_user_acting_during_ha_backoff_wins(make_config: Any, clean_lab: A
         assert not [e for e in late if e["event_type"] == "ha.restart.started"], late
         assert running_copies(clean_lab, kept["internal_name"]) == []
         cancelled = await wait_event(client, started["name"], "ha.cancelled", after=sched_started["position"])
-        assert "Running" in cancelled["payload"]["reason"]
+        # the back-off may end while the user's start is still under way (a busy machine) or after it
+        assert any(s in cancelled["payload"]["reason"] for s in ("Running", "Starting")), cancelled
         assert (await client.vm(started["name"]))["ha_status"] is None
         assert running_copies(clean_lab, started["internal_name"]) == [started["host"]]
 
