@@ -152,6 +152,24 @@ def schema_ddl(schema: str, log_id: str) -> list[str]:
             END IF;
             RETURN NULL;
         END $$""",
+        # One group in one statement (one round trip, its own transaction when called outside one): the epoch
+        # it presents, the rows, the command ids, and the NOTIFY that wakes the followers at COMMIT.
+        f"""CREATE FUNCTION {s}.append_group(
+            epoch text, chan text, last_pos bigint,
+            p bigint[], sid text[], sv bigint[], et text[], scv integer[], rat bigint[], act text[],
+            cid text[], caus text[], corr text[], pay bytea[], prev bytea[], h bytea[],
+            c_id text[], c_sid text[], c_first bigint[], c_last bigint[], c_ver bigint[]
+        ) RETURNS void LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM set_config('events.epoch', epoch, true);
+            INSERT INTO {s}.events ({COLUMNS})
+                SELECT * FROM unnest(p, sid, sv, et, scv, rat, act, cid, caus, corr, pay, prev, h);
+            IF cardinality(c_id) > 0 THEN
+                INSERT INTO {s}.commands ({", ".join(COMMAND_NAMES)})
+                    SELECT * FROM unnest(c_id, c_sid, c_first, c_last, c_ver);
+            END IF;
+            PERFORM pg_notify(chan, last_pos::text);
+        END $$""",
     ]
     for table in APPEND_ONLY_TABLES:
         ddl.append(
@@ -302,6 +320,7 @@ class PostgresEventStore(EventStore):
             f"SELECT {COLUMNS} FROM {s}.events WHERE position >= $1 AND position <= $2 ORDER BY position LIMIT $3"
         )
         self._sql_since = f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
+        self._sql_append = f"SELECT {s}.append_group({', '.join(f'${i}' for i in range(1, 22))})"
 
     @classmethod
     async def async_open(
@@ -402,20 +421,16 @@ class PostgresEventStore(EventStore):
     async def _async_commit_once(self, rows: list[Row], commands: list[CommandRow]) -> None:
         try:
             conn = await self._async_write_conn()
-            async with conn.transaction():
-                await conn.execute(
-                    "SELECT set_config('events.epoch', $1, true), pg_notify($2, $3)",
-                    "" if self._epoch is None else str(self._epoch),
-                    self.channel,
-                    str(rows[-1][0]),
-                )
-                await conn.copy_records_to_table(
-                    "events", records=rows, columns=COLUMN_NAMES, schema_name=self.schema
-                )
-                if commands:
-                    await conn.copy_records_to_table(
-                        "commands", records=commands, columns=COMMAND_NAMES, schema_name=self.schema
-                    )
+            columns = list(zip(*rows, strict=True))
+            cmd_columns = list(zip(*commands, strict=True)) if commands else [[]] * len(COMMAND_NAMES)
+            await conn.execute(
+                self._sql_append,
+                "" if self._epoch is None else str(self._epoch),
+                self.channel,
+                rows[-1][0],
+                *columns,
+                *cmd_columns,
+            )
         except BaseException as exc:
             fenced = _fenced(exc)
             if fenced is not None:
