@@ -16,8 +16,11 @@ async def list_management_servers(app: App, cmd: Command) -> CommandReply:
             "role": "leader",
             "database": str(app.config.database),
             "position": app.model.position,
-            "nodes": [],
+            "nodes": {},
         }
     else:
-        result = {"mode": "cluster", **await app.cluster.async_status()}
+        status = await app.cluster.async_status()
+        # nodes by name (an object, so moldctl shows the whole status as key/value lines)
+        status["nodes"] = {n["node"]: {k: v for k, v in n.items() if k != "node"} for n in status["nodes"]}
+        result = {"mode": "cluster", **status}
     return CommandReply(result=result, position=app.model.position)

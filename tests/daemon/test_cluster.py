@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -69,7 +71,15 @@ async def test_a_standby_answers_reads_refuses_writes_and_takes_over_after_kill_
         assert "the leader is n1 (epoch 1)" in str(info.value)
         status = (await c2.call("listManagementServers"))["result"]
         assert status["leader"] == "n1" and status["epoch"] == 1 and status["role"] == "standby"
-        assert sorted((n["node"], n["role"]) for n in status["nodes"]) == [("n1", "leader"), ("n2", "standby")]
+        assert {k: n["role"] for k, n in status["nodes"].items()} == {"n1": "leader", "n2": "standby"}
+        assert status["lag"] == 0 or status["position"] <= status["log_head"]
+    moldctl = [sys.executable, "-m", "moldd.cli.moldctl", "--socket", str(n2.socket)]
+    shown = subprocess.run([*moldctl, "cluster", "status"], capture_output=True, text=True, timeout=60)
+    lines = [line.split() for line in shown.stdout.splitlines()]
+    assert shown.returncode == 0 and ["leader", "n1"] in lines and ["role", "standby"] in lines, shown.stdout
+    assert ["n1:"] in lines and ["n2:"] in lines, shown.stdout
+    refused = subprocess.run([*moldctl, "group", "create", "g3"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "the leader is n1 (epoch 1)" in refused.stderr, refused
     async with n1.client() as c1:
         host = (await c1.vm(vm))["host"]
     killed = time.monotonic()
