@@ -422,7 +422,7 @@ class PostgresEventStore(EventStore):
         try:
             conn = await self._async_write_conn()
             columns = list(zip(*rows, strict=True))
-            cmd_columns = list(zip(*commands, strict=True)) if commands else [[]] * len(COMMAND_NAMES)
+            cmd_columns: list[Any] = list(zip(*commands, strict=True)) if commands else [()] * len(COMMAND_NAMES)
             await conn.execute(
                 self._sql_append,
                 "" if self._epoch is None else str(self._epoch),
