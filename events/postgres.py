@@ -383,7 +383,7 @@ class PostgresEventStore(EventStore):
     async def async_current_epoch(self) -> tuple[int, str, int] | None:
         """(epoch, holder, claimed_at_us) of the log's current epoch, or None."""
         self._check_open()
-        row = await self._pool.fetchrow(
+        row = await self._async_q("fetchrow",
             f"SELECT epoch, holder, claimed_at FROM {self._s}.epochs ORDER BY epoch DESC LIMIT 1"
         )
         return None if row is None else (int(row[0]), str(row[1]), int(row[2]))
@@ -391,11 +391,20 @@ class PostgresEventStore(EventStore):
     async def async_stored_head(self) -> tuple[int, bytes]:
         """The head as stored (the writer's head is only this process's view)."""
         self._check_open()
-        async with self._pool.acquire() as conn:
-            pos, h, _ = await _async_head(conn, self._s, self.log_id)
+        pos, h, _ = await self._async_load_head()
         return pos, h
 
     # ---- backend hooks -------------------------------------------------------------------------------------
+    async def _async_q(self, method: str, sql: str, *args: Any) -> Any:
+        """One query on a pooled connection; a connection lost (terminated, server restarted) is replaced and
+        the query, which writes nothing or replaces a snapshot, is tried once more."""
+        try:
+            return await getattr(self._pool, method)(sql, *args)
+        except Exception as exc:
+            if self._closed or not connection_lost(exc):
+                raise
+        return await getattr(self._pool, method)(sql, *args)
+
     async def _async_write_conn(self) -> asyncpg.Connection:
         conn = self._wconn
         if conn is None or conn.is_closed():
@@ -452,7 +461,7 @@ class PostgresEventStore(EventStore):
         self._writer.stale = True
         try:
             stored = await asyncio.wait_for(
-                self._pool.fetchval(f"SELECT hash FROM {self._s}.events WHERE position = $1", rows[0][0]), 30
+                self._async_q("fetchval", f"SELECT hash FROM {self._s}.events WHERE position = $1", rows[0][0]), 30
             )
         except Exception as exc:
             raise EventLogError(
@@ -463,10 +472,26 @@ class PostgresEventStore(EventStore):
         return stored is not None and bytes(stored) == rows[0][12]
 
     async def _async_load_head(self) -> tuple[int, bytes, int]:
+        try:
+            async with self._pool.acquire() as conn:
+                return await _async_head(conn, self._s, self.log_id)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
         async with self._pool.acquire() as conn:
             return await _async_head(conn, self._s, self.log_id)
 
     async def _async_lookup(
+        self, stream_ids: set[str], command_ids: set[str]
+    ) -> tuple[dict[str, int], dict[str, AppendResult]]:
+        try:
+            return await self._async_lookup_once(stream_ids, command_ids)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+        return await self._async_lookup_once(stream_ids, command_ids)
+
+    async def _async_lookup_once(
         self, stream_ids: set[str], command_ids: set[str]
     ) -> tuple[dict[str, int], dict[str, AppendResult]]:
         versions: dict[str, int] = {}
@@ -494,19 +519,19 @@ class PostgresEventStore(EventStore):
     ) -> list[Row]:
         big = 2**62
         if kind == "stream":
-            rows = await self._pool.fetch(self._sql_stream, key, start, big if end is None else end, limit)
+            rows = await self._async_q("fetch", self._sql_stream, key, start, big if end is None else end, limit)
         elif kind == "position":
-            rows = await self._pool.fetch(self._sql_position, start, big if end is None else end, limit)
+            rows = await self._async_q("fetch", self._sql_position, start, big if end is None else end, limit)
         else:
-            rows = await self._pool.fetch(self._sql_since, start, limit)
+            rows = await self._async_q("fetch", self._sql_since, start, limit)
         return [tuple(r) for r in rows]
 
     async def _async_hash_at(self, position: int) -> bytes | None:
-        h = await self._pool.fetchval(f"SELECT hash FROM {self._s}.events WHERE position = $1", position)
+        h = await self._async_q("fetchval", f"SELECT hash FROM {self._s}.events WHERE position = $1", position)
         return None if h is None else bytes(h)
 
     async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
-        await self._pool.execute(
+        await self._async_q("execute",
             f"INSERT INTO {self._s}.snapshots (name, position, head_hash, state, created_at) "
             "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, "
             "head_hash = EXCLUDED.head_hash, state = EXCLUDED.state, created_at = EXCLUDED.created_at",
@@ -515,7 +540,7 @@ class PostgresEventStore(EventStore):
         )
 
     async def _async_get_snapshot(self, name: str) -> SnapshotRow | None:
-        row = await self._pool.fetchrow(
+        row = await self._async_q("fetchrow",
             f"SELECT position, head_hash, state, created_at FROM {self._s}.snapshots WHERE name = $1", name
         )
         return None if row is None else (int(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))

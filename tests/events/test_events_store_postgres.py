@@ -306,7 +306,7 @@ async def test_a_connection_killed_inside_the_transaction_fails_the_group_and_wr
 async def test_a_second_process_subscription_sees_every_event_once_in_order(pg_server: PgServer) -> None:
     schema = new_schema()
     writer = await open_pg(pg_server, schema)
-    reader = await open_pg(pg_server, schema, poll_interval=30.0)  # NOTIFY must do the waking
+    reader = await open_pg(pg_server, schema, poll_interval=30.0, application_name="reader")  # NOTIFY wakes
     admin = await asyncpg.connect(pg_server.dsn())
     seen: list[StoredEvent] = []
     total = 600
@@ -329,7 +329,12 @@ async def test_a_second_process_subscription_sees_every_event_once_in_order(pg_s
                 if k == 10 and i == 0:  # cut the reader's LISTEN connection mid-stream
                     await admin.execute(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = 'events-listen'"
+                        "WHERE application_name = 'reader-listen'"
+                    )
+                if k == 20 and i == 0:  # and later every connection of the reader (its pool too)
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name IN ('reader', 'reader-listen')"
                     )
 
         await asyncio.gather(*(appender(i) for i in range(20)))
