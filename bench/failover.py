@@ -69,7 +69,9 @@ async def vm_restarted(node: Node, vm: str) -> float:
             await asyncio.sleep(0.02)
 
 
-async def one_run(lab: Lab, guest: Any, pg: PgServer, root: Path, i: int, timings: dict[str, float]) -> dict[str, float]:
+async def one_run(
+    lab: Lab, guest: Any, pg: PgServer, root: Path, i: int, timings: dict[str, float]
+) -> dict[str, float]:
     n1, n2 = make_nodes(root / f"run{i}", ["n1", "n2"], lab.hosts, guest, pg.dsn(), f"failover{i}", timings)
     try:
         n1.start()

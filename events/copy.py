@@ -64,7 +64,9 @@ class _SQLiteSource(_Source):
             after = rows[-1][0]
 
     async def async_commands(self) -> list[CommandRow]:
-        rows = self.conn.execute(f"SELECT {', '.join(COMMAND_NAMES)} FROM commands ORDER BY first_position").fetchall()
+        rows = self.conn.execute(
+            f"SELECT {', '.join(COMMAND_NAMES)} FROM commands ORDER BY first_position"
+        ).fetchall()
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
     async def async_close(self) -> None:
@@ -93,7 +95,9 @@ class _PostgresSource(_Source):
         after = 0
         while True:
             rows = await self.conn.fetch(
-                f"SELECT {COLUMNS} FROM {self.s}.events WHERE position > $1 ORDER BY position LIMIT $2", after, batch
+                f"SELECT {COLUMNS} FROM {self.s}.events WHERE position > $1 ORDER BY position LIMIT $2",
+                after,
+                batch,
             )
             if not rows:
                 return
@@ -101,7 +105,9 @@ class _PostgresSource(_Source):
             after = rows[-1][0]
 
     async def async_commands(self) -> list[CommandRow]:
-        rows = await self.conn.fetch(f"SELECT {', '.join(COMMAND_NAMES)} FROM {self.s}.commands ORDER BY first_position")
+        rows = await self.conn.fetch(
+            f"SELECT {', '.join(COMMAND_NAMES)} FROM {self.s}.commands ORDER BY first_position"
+        )
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
     async def async_close(self) -> None:
@@ -124,9 +130,13 @@ class _Chain:
     def check(self, row: Row) -> None:
         pos = row[0]
         if pos != self.position + 1:
-            raise EventLogError(f"the log has a gap: position {pos} follows {self.position}", code="not_verified")
+            raise EventLogError(
+                f"the log has a gap: position {pos} follows {self.position}", code="not_verified"
+            )
         fields = encode_fields(row[1], row[3], row[6], row[7], row[8], row[9])
-        if bytes(row[11]) != self.prev or link_hash(self.prev, pos, row[2], row[5], row[4], fields, bytes(row[10])) != bytes(row[12]):
+        if bytes(row[11]) != self.prev or link_hash(
+            self.prev, pos, row[2], row[5], row[4], fields, bytes(row[10])
+        ) != bytes(row[12]):
             raise EventLogError(f"the log does not verify at position {pos}: not copied", code="not_verified")
         self.prev = bytes(row[12])
         self.position = pos
@@ -175,7 +185,9 @@ async def async_copy(
                 if await conn.fetchval(f"SELECT count(*) FROM {s}.events") or await conn.fetchval(
                     f"SELECT count(*) FROM {s}.epochs"
                 ):
-                    raise EventLogError(f"{dst} schema {dst_schema} already holds events", code="destination_exists")
+                    raise EventLogError(
+                        f"{dst} schema {dst_schema} already holds events", code="destination_exists"
+                    )
                 async for rows in source.rows(batch):
                     if check:
                         for r in rows:
@@ -193,7 +205,9 @@ async def async_copy(
                         for r in rows:
                             chain.check(r)
                     out.execute("BEGIN IMMEDIATE")
-                    out.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                    out.executemany(
+                        f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+                    )
                     out.execute("COMMIT")
                 out.execute("BEGIN IMMEDIATE")
                 out.executemany(
@@ -225,7 +239,9 @@ async def async_copy(
     return again.log_id, check_dst.position, check_dst.prev
 
 
-def materialise(target: str | Path, schema: str = DEFAULT_SCHEMA) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+def materialise(
+    target: str | Path, schema: str = DEFAULT_SCHEMA
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
     """A file holding the log at `target`: the file itself, or for a DSN an unchecked row-for-row copy in a
     temporary directory (returned too: clean it up when done). Raises NotALogError, EventLogError."""
     if not is_dsn(target):

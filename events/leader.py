@@ -100,7 +100,9 @@ class Leadership:
     # ---- life cycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._async_run(), name=f"leadership-{self.node}")
+            self._task = asyncio.get_running_loop().create_task(
+                self._async_run(), name=f"leadership-{self.node}"
+            )
 
     async def async_stop(self) -> None:
         """Stop campaigning; a leader steps down (its session closes, so a standby takes over at once)."""

@@ -70,7 +70,9 @@ def is_dsn(target: object) -> bool:
 
 def lock_key(purpose: str, name: str) -> int:
     """A signed 64-bit advisory lock key for `purpose` on the log (or schema) `name`."""
-    return int.from_bytes(hashlib.sha256(f"events.{purpose}:{name}".encode()).digest()[:8], "big", signed=True)
+    return int.from_bytes(
+        hashlib.sha256(f"events.{purpose}:{name}".encode()).digest()[:8], "big", signed=True
+    )
 
 
 def quote_ident(name: str) -> str:
@@ -243,7 +245,9 @@ async def async_migrate(
     return str(meta["log_id"])
 
 
-async def async_claim_epoch(conn: asyncpg.Connection, log_id: str, holder: str, schema: str = DEFAULT_SCHEMA) -> int:
+async def async_claim_epoch(
+    conn: asyncpg.Connection, log_id: str, holder: str, schema: str = DEFAULT_SCHEMA
+) -> int:
     """Record a new epoch (one more than the highest) for `holder`; from its COMMIT on, only writers that
     present it may append. Waits for in-flight appends of older epochs to finish first."""
     s = quote_ident(schema)
@@ -298,7 +302,9 @@ class PostgresEventStore(EventStore):
         application_name: str,
         **kw: Any,
     ) -> None:
-        super().__init__(log_id=log_id, head_position=head[0], head_hash=head[1], last_recorded_us=head[2], **kw)
+        super().__init__(
+            log_id=log_id, head_position=head[0], head_hash=head[1], last_recorded_us=head[2], **kw
+        )
         self.dsn = dsn
         self.schema = schema
         self.channel = channel_name(log_id)
@@ -316,10 +322,10 @@ class PostgresEventStore(EventStore):
             f"SELECT {COLUMNS} FROM {s}.events WHERE stream_id = $1 AND stream_version >= $2 "
             "AND stream_version <= $3 ORDER BY stream_version LIMIT $4"
         )
-        self._sql_position = (
-            f"SELECT {COLUMNS} FROM {s}.events WHERE position >= $1 AND position <= $2 ORDER BY position LIMIT $3"
+        self._sql_position = f"SELECT {COLUMNS} FROM {s}.events WHERE position >= $1 AND position <= $2 ORDER BY position LIMIT $3"
+        self._sql_since = (
+            f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
         )
-        self._sql_since = f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
         self._sql_append = f"SELECT {s}.append_group({', '.join(f'${i}' for i in range(1, 22))})"
 
     @classmethod
@@ -383,8 +389,8 @@ class PostgresEventStore(EventStore):
     async def async_current_epoch(self) -> tuple[int, str, int] | None:
         """(epoch, holder, claimed_at_us) of the log's current epoch, or None."""
         self._check_open()
-        row = await self._async_q("fetchrow",
-            f"SELECT epoch, holder, claimed_at FROM {self._s}.epochs ORDER BY epoch DESC LIMIT 1"
+        row = await self._async_q(
+            "fetchrow", f"SELECT epoch, holder, claimed_at FROM {self._s}.epochs ORDER BY epoch DESC LIMIT 1"
         )
         return None if row is None else (int(row[0]), str(row[1]), int(row[2]))
 
@@ -408,7 +414,9 @@ class PostgresEventStore(EventStore):
     async def _async_write_conn(self) -> asyncpg.Connection:
         conn = self._wconn
         if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(self.dsn, server_settings={"application_name": self.application_name})
+            conn = await asyncpg.connect(
+                self.dsn, server_settings={"application_name": self.application_name}
+            )
             self._wconn = conn
         return conn
 
@@ -431,7 +439,9 @@ class PostgresEventStore(EventStore):
         try:
             conn = await self._async_write_conn()
             columns = list(zip(*rows, strict=True))
-            cmd_columns: list[Any] = list(zip(*commands, strict=True)) if commands else [()] * len(COMMAND_NAMES)
+            cmd_columns: list[Any] = (
+                list(zip(*commands, strict=True)) if commands else [()] * len(COMMAND_NAMES)
+            )
             await conn.execute(
                 self._sql_append,
                 "" if self._epoch is None else str(self._epoch),
@@ -461,7 +471,10 @@ class PostgresEventStore(EventStore):
         self._writer.stale = True
         try:
             stored = await asyncio.wait_for(
-                self._async_q("fetchval", f"SELECT hash FROM {self._s}.events WHERE position = $1", rows[0][0]), 30
+                self._async_q(
+                    "fetchval", f"SELECT hash FROM {self._s}.events WHERE position = $1", rows[0][0]
+                ),
+                30,
             )
         except Exception as exc:
             raise EventLogError(
@@ -519,7 +532,9 @@ class PostgresEventStore(EventStore):
     ) -> list[Row]:
         big = 2**62
         if kind == "stream":
-            rows = await self._async_q("fetch", self._sql_stream, key, start, big if end is None else end, limit)
+            rows = await self._async_q(
+                "fetch", self._sql_stream, key, start, big if end is None else end, limit
+            )
         elif kind == "position":
             rows = await self._async_q("fetch", self._sql_position, start, big if end is None else end, limit)
         else:
@@ -527,11 +542,14 @@ class PostgresEventStore(EventStore):
         return [tuple(r) for r in rows]
 
     async def _async_hash_at(self, position: int) -> bytes | None:
-        h = await self._async_q("fetchval", f"SELECT hash FROM {self._s}.events WHERE position = $1", position)
+        h = await self._async_q(
+            "fetchval", f"SELECT hash FROM {self._s}.events WHERE position = $1", position
+        )
         return None if h is None else bytes(h)
 
     async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
-        await self._async_q("execute",
+        await self._async_q(
+            "execute",
             f"INSERT INTO {self._s}.snapshots (name, position, head_hash, state, created_at) "
             "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, "
             "head_hash = EXCLUDED.head_hash, state = EXCLUDED.state, created_at = EXCLUDED.created_at",
@@ -540,8 +558,10 @@ class PostgresEventStore(EventStore):
         )
 
     async def _async_get_snapshot(self, name: str) -> SnapshotRow | None:
-        row = await self._async_q("fetchrow",
-            f"SELECT position, head_hash, state, created_at FROM {self._s}.snapshots WHERE name = $1", name
+        row = await self._async_q(
+            "fetchrow",
+            f"SELECT position, head_hash, state, created_at FROM {self._s}.snapshots WHERE name = $1",
+            name,
         )
         return None if row is None else (int(row[0]), bytes(row[1]), bytes(row[2]), int(row[3]))
 
@@ -564,7 +584,9 @@ class PostgresEventStore(EventStore):
     def _register(self, sub: Any) -> None:
         super()._register(sub)
         if self._follower is None and not self._closed:
-            self._follower = asyncio.get_running_loop().create_task(self._async_follow(), name="events-follower")
+            self._follower = asyncio.get_running_loop().create_task(
+                self._async_follow(), name="events-follower"
+            )
 
     def _publish(self, events: list[StoredEvent]) -> None:
         """Hand committed events (of this process's writer, or read by the follower) to subscribers once each.
@@ -627,7 +649,9 @@ class PostgresEventStore(EventStore):
 
 
 async def _async_head(conn: asyncpg.Connection, s: str, log_id: str) -> tuple[int, bytes, int]:
-    row = await conn.fetchrow(f"SELECT position, hash, recorded_at FROM {s}.events ORDER BY position DESC LIMIT 1")
+    row = await conn.fetchrow(
+        f"SELECT position, hash, recorded_at FROM {s}.events ORDER BY position DESC LIMIT 1"
+    )
     if row is None:
         return 0, genesis_hash(log_id), 0
     return int(row[0]), bytes(row[1]), int(row[2])
@@ -638,13 +662,19 @@ async def async_insert_rows(
 ) -> None:
     """Copy rows exactly as given (events.copy), in one transaction (no epoch: for a log that has none)."""
     async with conn.transaction():
-        await conn.copy_records_to_table("events", records=list(rows), columns=COLUMN_NAMES, schema_name=schema)
+        await conn.copy_records_to_table(
+            "events", records=list(rows), columns=COLUMN_NAMES, schema_name=schema
+        )
         cmds = list(commands)
         if cmds:
-            await conn.copy_records_to_table("commands", records=cmds, columns=COMMAND_NAMES, schema_name=schema)
+            await conn.copy_records_to_table(
+                "commands", records=cmds, columns=COMMAND_NAMES, schema_name=schema
+            )
 
 
-async def async_pg_init(dsn: str, schema: str = DEFAULT_SCHEMA, grant: str | None = None) -> tuple[str, list[str]]:
+async def async_pg_init(
+    dsn: str, schema: str = DEFAULT_SCHEMA, grant: str | None = None
+) -> tuple[str, list[str]]:
     """Create (or check) the log in `schema` as the connecting role (its owner) and, with `grant`, give that
     role SELECT and INSERT only. Returns (log id, the GRANT statements run)."""
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "events-init"})

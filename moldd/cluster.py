@@ -129,7 +129,13 @@ class ClusterRole:
         await d.projector.async_wait(head, timeout=120)
         await d.app.async_append(
             "daemon",
-            [NewEvent("daemon.leader_elected", {"node": self.node, "epoch": epoch, "cause": cause}, actor="system")],
+            [
+                NewEvent(
+                    "daemon.leader_elected",
+                    {"node": self.node, "epoch": epoch, "cause": cause},
+                    actor="system",
+                )
+            ],
         )
         self.terms += 1
         log.warning("leader_elected", node=self.node, epoch=epoch, cause=cause, position=head)

@@ -36,7 +36,10 @@ class Node:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moldd.daemon", "--config", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
             )
 
     @property
@@ -99,7 +102,13 @@ class Node:
 
 
 def make_nodes(
-    root: Path, names: list[str], hosts: list[Any], guest: Any, dsn: str, schema: str, timings: dict[str, float] | None = None,
+    root: Path,
+    names: list[str],
+    hosts: list[Any],
+    guest: Any,
+    dsn: str,
+    schema: str,
+    timings: dict[str, float] | None = None,
     ha: dict[str, Any] | None = None,
 ) -> list[Node]:
     """Configs for `names`, all on the log `schema` of `dsn`, the same hosts and the same disk directory."""
@@ -110,7 +119,11 @@ def make_nodes(
             nroot,
             hosts,
             guest,
-            daemon={"database": dsn, "socket": str(root / f"{name}.sock"), "storage_dir": str(root / "disks")},
+            daemon={
+                "database": dsn,
+                "socket": str(root / f"{name}.sock"),
+                "storage_dir": str(root / "disks"),
+            },
             cluster={"node": name, "schema": schema, **(timings or FAST)},
             ha=ha,
         )

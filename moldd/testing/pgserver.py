@@ -26,8 +26,14 @@ class PgServerError(RuntimeError):
 def find_bindir() -> Path:
     """The newest /usr/lib/postgresql/<version>/bin with initdb and pg_ctl (MOLDD_PG_BINDIR overrides)."""
     env = os.environ.get("MOLDD_PG_BINDIR")
-    candidates = [env] if env else sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name.split(".")[0]), reverse=True
+    candidates = (
+        [env]
+        if env
+        else sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"),
+            key=lambda p: int(Path(p).parent.name.split(".")[0]),
+            reverse=True,
+        )
     )
     for c in candidates:
         if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
@@ -65,8 +71,15 @@ class PgServer:
         os.chmod(self.dir, 0o700)
         r = self._run(
             [
-                str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.superuser, "--auth=trust",
-                "--encoding=UTF8", "--locale=C", "--no-sync",
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                self.superuser,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
             ],
             timeout=120,
         )
@@ -86,7 +99,17 @@ class PgServer:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
         r = self._run(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start"],
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
             timeout=90,
         )
         if r.returncode != 0:
@@ -96,7 +119,10 @@ class PgServer:
 
     def stop(self) -> None:
         if self.data.exists():
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"], timeout=60)
+            self._run(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+                timeout=60,
+            )
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PgServer:
@@ -112,9 +138,26 @@ class PgServer:
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         r = subprocess.run(
-            [str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.dir),
-             "-U", self.superuser, "-d", dbname, "-c", sql],
-            capture_output=True, text=True, timeout=60,
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.dir),
+                "-U",
+                self.superuser,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if r.returncode != 0:
             raise PgServerError(f"psql failed: {r.stderr.strip()}")

@@ -47,7 +47,9 @@ async def leader_elections(pg: PgServer, node: Node) -> list[dict[str, Any]]:
     return [e for e in events if e["event_type"] == "daemon.leader_elected"]
 
 
-async def test_a_standby_answers_reads_refuses_writes_and_takes_over_after_kill_9(cluster: Any, pg_server: PgServer) -> None:
+async def test_a_standby_answers_reads_refuses_writes_and_takes_over_after_kill_9(
+    cluster: Any, pg_server: PgServer
+) -> None:
     n1, n2 = cluster(["n1", "n2"])
     n1.start()
     await n1.async_wait(role="leader", acting=True)

@@ -19,12 +19,18 @@ def parse(doc: dict, file: Path) -> object:
 
 def test_a_postgresql_database_and_cluster_timings_are_read(tmp_path: Path) -> None:
     cfg: Any = parse(
-        {"daemon": {"database": DSN}, "cluster": {"node": "mgmt1", "lease_s": 6, "heartbeat_s": 1, "fence_after_s": 4}},
+        {
+            "daemon": {"database": DSN},
+            "cluster": {"node": "mgmt1", "lease_s": 6, "heartbeat_s": 1, "fence_after_s": 4},
+        },
         tmp_path / "moldd.toml",
     )
     assert cfg.database_dsn == DSN and cfg.database == Path()
     assert (cfg.cluster.node, cfg.cluster.schema, cfg.cluster.lease_s, cfg.cluster.fence_after_s) == (
-        "mgmt1", "events", 6.0, 4.0,
+        "mgmt1",
+        "events",
+        6.0,
+        4.0,
     )
 
 
@@ -38,8 +44,16 @@ def test_a_file_database_stays_a_file(tmp_path: Path) -> None:
     ("doc", "key", "reason"),
     [
         ({"daemon": {"database": "log.db"}, "cluster": {"node": "a"}}, "cluster", "postgresql://"),
-        ({"daemon": {"database": DSN}, "cluster": {"lease_s": 3, "fence_after_s": 3}}, "cluster", "fence_after_s < lease_s"),
-        ({"daemon": {"database": DSN}, "cluster": {"heartbeat_s": 4}}, "cluster", "heartbeat_s < fence_after_s"),
+        (
+            {"daemon": {"database": DSN}, "cluster": {"lease_s": 3, "fence_after_s": 3}},
+            "cluster",
+            "fence_after_s < lease_s",
+        ),
+        (
+            {"daemon": {"database": DSN}, "cluster": {"heartbeat_s": 4}},
+            "cluster",
+            "heartbeat_s < fence_after_s",
+        ),
         ({"daemon": {"database": DSN}, "cluster": {"lease_s": 0}}, "cluster.lease_s", "greater than 0"),
         ({"daemon": {"database": DSN}, "cluster": {"lease_s": "5"}}, "cluster.lease_s", "a number"),
         ({"daemon": {"database": DSN}, "cluster": {"nodes": "x"}}, "cluster.nodes", "unknown key"),
@@ -47,7 +61,9 @@ def test_a_file_database_stays_a_file(tmp_path: Path) -> None:
         ({"daemon": {"database": DSN}, "cluster": "x"}, "cluster", "table"),
     ],
 )
-def test_bad_cluster_settings_are_refused_with_the_key(tmp_path: Path, doc: dict, key: str, reason: str) -> None:
+def test_bad_cluster_settings_are_refused_with_the_key(
+    tmp_path: Path, doc: dict, key: str, reason: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         parse(doc, tmp_path / "moldd.toml")
     assert info.value.key == key and reason in info.value.reason

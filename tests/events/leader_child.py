@@ -36,7 +36,9 @@ async def main(dsn: str, schema: str, node: str) -> None:
         await asyncio.sleep(0.05)
         if lead.is_leading():
             try:
-                await store.async_append(f"tick-{node}", [NewEvent("tick", {"node": node, "epoch": lead.epoch, "i": i})])
+                await store.async_append(
+                    f"tick-{node}", [NewEvent("tick", {"node": node, "epoch": lead.epoch, "i": i})]
+                )
                 i += 1
             except FencedError as exc:
                 say(fenced=str(exc))

@@ -139,8 +139,15 @@ async def spawn(pg_server: PgServer) -> AsyncIterator[Any]:
 
     async def start(schema: str, node: str) -> Child:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.events.leader_child", pg_server.dsn(), schema, node,
-            stdout=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            sys.executable,
+            "-m",
+            "tests.events.leader_child",
+            pg_server.dsn(),
+            schema,
+            node,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         child = Child(proc, node)
         children.append(child)
@@ -169,7 +176,9 @@ async def _ticks(pg: PgServer, schema: str) -> list[tuple[int, str, int]]:
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-async def test_kill_9_of_the_leader_process_a_standby_leads_and_appends(pg_server: PgServer, spawn: Any) -> None:
+async def test_kill_9_of_the_leader_process_a_standby_leads_and_appends(
+    pg_server: PgServer, spawn: Any
+) -> None:
     schema = new_schema()
     a = await spawn(schema, "a")
     await a.expect(role="leader", epoch=1)

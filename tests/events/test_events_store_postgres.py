@@ -143,7 +143,9 @@ async def test_memory_and_postgres_build_the_same_chain(pg_server: PgServer) -> 
     pgs = await open_pg(pg_server, new_schema(), clock=lambda: 1_700_000_000_000_000)
     mem = MemoryEventStore(log_id=pgs.log_id, clock=lambda: 1_700_000_000_000_000)
     for s in (pgs, mem):
-        await s.async_append("a", [NewEvent("x", {"k": [1, "é", "\u2028"]}, causation_id="c")], command_id="id")
+        await s.async_append(
+            "a", [NewEvent("x", {"k": [1, "é", "\u2028"]}, causation_id="c")], command_id="id"
+        )
         await s.async_append("b", [ev(n=2), ev(n=3)])
     assert await pgs.async_head() == await mem.async_head()
     assert await pgs.async_read() == await mem.async_read()
@@ -194,9 +196,7 @@ async def test_once_an_epoch_is_claimed_only_its_holder_appends(pg_server: PgSer
             with pytest.raises(asyncpg.PostgresError, match="fenced"):
                 async with forged.transaction():
                     await forged.execute("SELECT set_config('events.epoch', '1', true)")
-                    await forged.execute(
-                        f"INSERT INTO {schema}.commands VALUES ('x', 's', 1, 1, 1)"
-                    )
+                    await forged.execute(f"INSERT INTO {schema}.commands VALUES ('x', 's', 1, 1, 1)")
         finally:
             await forged.close()
     finally:
@@ -353,7 +353,9 @@ async def test_a_second_process_subscription_sees_every_event_once_in_order(pg_s
 
 
 async def _fill(store: EventStore) -> None:
-    await store.async_append("a", [NewEvent("x", {"k": [1, "é", "\u2028"]}, causation_id="c")], command_id="id")
+    await store.async_append(
+        "a", [NewEvent("x", {"k": [1, "é", "\u2028"]}, causation_id="c")], command_id="id"
+    )
     for i in range(30):
         await store.async_append(f"s-{i % 4}", [ev(i=i), ev(j=i)], command_id=f"cmd-{i}")
 
@@ -390,7 +392,9 @@ async def test_a_log_copied_sqlite_to_postgres_and_back_verifies_with_the_same_h
         await async_copy(dsn, back, src_schema=schema)
 
 
-async def test_a_tampered_log_is_not_copied_and_verify_of_a_dsn_reports_it(pg_server: PgServer, tmp_path: Path) -> None:
+async def test_a_tampered_log_is_not_copied_and_verify_of_a_dsn_reports_it(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
     from events.copy import async_copy, verify_target
 
     schema = new_schema()
@@ -398,7 +402,9 @@ async def test_a_tampered_log_is_not_copied_and_verify_of_a_dsn_reports_it(pg_se
     await _fill(pgs)
     await pgs.async_close()
     pg_server.psql(f"ALTER TABLE {schema}.events DISABLE TRIGGER USER")  # what the owner could do
-    pg_server.psql(f"UPDATE {schema}.events SET payload = convert_to('{{\"i\":99}}', 'UTF8') WHERE position = 7")
+    pg_server.psql(
+        f"UPDATE {schema}.events SET payload = convert_to('{{\"i\":99}}', 'UTF8') WHERE position = 7"
+    )
     report = await asyncio.to_thread(verify_target, pg_server.dsn(), schema=schema)
     assert report.exit_code == 1 and report.first_bad_position == 7
     with pytest.raises(Exception, match="does not verify at position 7"):
@@ -420,13 +426,28 @@ def test_python_m_events_copy_and_verify_on_a_dsn(pg_server: PgServer, tmp_path:
     schema = new_schema()
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
     r = subprocess.run(
-        [sys.executable, "-m", "events", "copy", str(tmp_path / "log.db"), pg_server.dsn(), "--dst-schema", schema],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "events",
+            "copy",
+            str(tmp_path / "log.db"),
+            pg_server.dsn(),
+            "--dst-schema",
+            schema,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert "61 events" in r.stdout
     r = subprocess.run(
         [sys.executable, "-m", "events", "verify", pg_server.dsn(), "--schema", schema],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 0 and "INTACT" in r.stdout, r.stdout + r.stderr
