@@ -117,6 +117,54 @@ class PgServer:
             raise PgServerError(f"pg_ctl start failed: {r.stderr.strip()} {log[-2000:]}")
         return self
 
+    def start_replica_of(self, primary: PgServer, name: str = "replica1") -> PgServer:
+        """Start this (not yet started) server as a streaming replica of `primary` (pg_basebackup -R)."""
+        if self._user is not None:
+            os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
+        os.chmod(self.dir, 0o700)
+        r = self._run(
+            [str(self.bindir / "pg_basebackup"), "-h", str(primary.dir), "-U", primary.superuser, "-D",
+             str(self.data), "-R", "-X", "stream", "--no-sync"],
+            timeout=300,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise PgServerError(f"pg_basebackup failed: {r.stderr.strip()}")
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write(f"unix_socket_directories = '{self.dir}'\ncluster_name = '{name}'\n")
+            for k, v in self.settings.items():
+                f.write(f"{k} = {v}\n")
+        self.superuser = primary.superuser
+        r = self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            timeout=90,
+        )
+        if r.returncode != 0:
+            raise PgServerError(f"pg_ctl start (replica) failed: {r.stderr.strip()}")
+        return self
+
+    def crash(self) -> None:
+        """Stop at once without a checkpoint (`pg_ctl stop -m immediate`): what a power loss leaves."""
+        self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"], timeout=60
+        )
+
+    def promote(self) -> None:
+        r = self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "promote"], timeout=90
+        )
+        if r.returncode != 0:
+            raise PgServerError(f"pg_ctl promote failed: {r.stderr.strip()}")
+
     def stop(self) -> None:
         if self.data.exists():
             self._run(
