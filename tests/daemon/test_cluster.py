@@ -232,3 +232,39 @@ async def test_a_command_acknowledged_by_a_leader_killed_at_once_is_done_once_or
         assert again["result"]["job"]["id"] == job_id
         await asyncio.sleep(1.0)
         assert len(running_copies(clean_lab, internal)) == len(copies)
+
+
+async def test_a_leader_paused_in_the_middle_of_a_job_abandons_it_and_the_new_leader_reconciles_it(
+    cluster: Any, pg_server: PgServer, clean_lab: Any
+) -> None:
+    """SIGSTOP right after a start was acknowledged: n2 takes over and settles the job (done once or failed);
+    n1, resumed, is a standby whose job makes no further libvirt call and writes nothing; one copy at most."""
+    n1, n2 = cluster(["n1", "n2"])
+    n1.start()
+    await n1.async_wait(role="leader", acting=True)
+    n2.start()
+    await n2.async_wait(role="standby", leader="n1")
+    async with n1.client() as c1:
+        job = await c1.job("deployVirtualMachine", template="tiny", offering="small", timeout=120)
+        name = job["vm"]
+        assert (await c1.job("stopVirtualMachine", id=name, forced=True))["status"] == "succeeded"
+        ack = await c1.call("startVirtualMachine", command_id="start-paused", id=name)
+    n1.freeze()
+    try:
+        await n2.async_wait(role="leader", acting=True, epoch=2, timeout=60)
+    finally:
+        n1.thaw()
+    await n1.async_wait(role="standby", leader="n2", acting=False, timeout=60)
+    async with n2.client() as c2:
+        final = await c2.wait_job(ack["result"]["job"]["id"], timeout=90)
+        assert final["status"] in ("succeeded", "failed")
+        await asyncio.sleep(1.0)  # let a late outcome of the abandoned call show
+        vm = await c2.vm(name)
+        copies = running_copies(clean_lab, vm["internal_name"])
+        assert len(copies) <= 1
+        if copies:  # whoever started it, the log says so now (libvirt's event, or n2's resync)
+            await c2.wait_vm(name, timeout=30, state="Running", host=copies[0])
+        else:
+            assert vm["state"] in ("Stopped", "Error") and final["status"] == "failed", (vm, final)
+        requested = [e for e in await c2.events(name) if e["command_id"] == "start-paused"]
+        assert [e["event_type"] for e in requested] == ["vm.start.requested"]
