@@ -300,6 +300,7 @@ class PostgresEventStore(EventStore):
         *,
         poll_interval: float,
         application_name: str,
+        command_timeout: float = 30.0,
         **kw: Any,
     ) -> None:
         super().__init__(
@@ -310,6 +311,7 @@ class PostgresEventStore(EventStore):
         self.channel = channel_name(log_id)
         self.poll_interval = poll_interval
         self.application_name = application_name
+        self.command_timeout = command_timeout
         self._pool = pool
         self._wconn: asyncpg.Connection | None = None
         self._epoch: int | None = None
@@ -342,6 +344,7 @@ class PostgresEventStore(EventStore):
         poll_interval: float = 1.0,
         pool_size: int = 4,
         application_name: str = "events",
+        command_timeout: float = 30.0,
     ) -> PostgresEventStore:
         """Open (creating and migrating if `create`) the log in `schema` of the database at `dsn`.
 
@@ -351,7 +354,11 @@ class PostgresEventStore(EventStore):
             raise NotALogError(f"not a PostgreSQL connection string: {dsn!r} (postgresql://...)")
         settings = {"application_name": application_name}
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=max(1, pool_size), server_settings=settings
+            dsn,
+            min_size=1,
+            max_size=max(1, pool_size),
+            server_settings=settings,
+            command_timeout=command_timeout,
         )
         try:
             async with pool.acquire() as conn:
@@ -368,6 +375,7 @@ class PostgresEventStore(EventStore):
             head,
             poll_interval=poll_interval,
             application_name=application_name,
+            command_timeout=command_timeout,
             upcasters=upcasters,
             max_payload_bytes=max_payload_bytes,
             clock=clock,
@@ -415,7 +423,9 @@ class PostgresEventStore(EventStore):
         conn = self._wconn
         if conn is None or conn.is_closed():
             conn = await asyncpg.connect(
-                self.dsn, server_settings={"application_name": self.application_name}
+                self.dsn,
+                server_settings={"application_name": self.application_name},
+                command_timeout=self.command_timeout,  # a partitioned database: outcome looked up, not awaited forever
             )
             self._wconn = conn
         return conn
@@ -629,6 +639,11 @@ class PostgresEventStore(EventStore):
                     conn.terminate()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            if int(payload) <= self._published:  # our own commit, already handed out: nothing to read
+                return
+        except ValueError:
+            pass
         self._poke.set()
 
     async def _async_pump(self, batch: int = 1000) -> None:
