@@ -77,8 +77,17 @@ class ClusterRole:
         return self.leadership.is_leading()
 
     def check_leading(self) -> None:
-        if self.is_leading():
+        """Writes are taken once this node leads AND has taken charge of the hosts (resynced, jobs of the old
+        epoch reconciled): a command must not race the take-over's reconciliation."""
+        leading = self.is_leading()
+        if leading and self.acting:
             return
+        if leading:
+            raise NotLeader(
+                f"this moldd ({self.node}) was just elected (epoch {self.leadership.epoch}) and is resyncing "
+                "its hosts: retry in a moment",
+                field="command",
+            )
         if self.leader is None or self.leader == self.node:
             where = "no leader is elected yet (or the election is under way): retry in a few seconds"
         else:
