@@ -1,9 +1,26 @@
-"""Durable appends: 64 concurrent appenders through the group-commit writer vs 1 transaction per event.
+"""Durable appends, side by side in one run: the physical floors, a fair naive baseline, moldd's group-commit
+writer and the ``eventsourcing`` library, sequential (one appender) and concurrent (``--appenders``, 64).
 
-    python bench/append.py --events N [--db PATH]
+    python bench/append.py [--events N] [--runs 3] [--store sqlite] [--dir PATH] [--skip-peer]
 
-Both sides use WAL + synchronous=FULL; the baseline inserts the same kind of rows (with a hash chain) with
-aiosqlite, one BEGIN IMMEDIATE/INSERT/COMMIT per event. The last line is a JSON object.
+Every contender writes the same kind of event (a ~50-byte JSON payload on one of 64 streams) durably: SQLite in
+WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append returns).
+
+- floor ``fsync/s``: ``os.fsync`` of a 4 KiB write in a loop, in the log's directory: the most durable commits
+  per second this disk can take, whatever the software.
+- floor ``CPU/event``: the CPU of encoding one event (canonical JSON + the chain's field encoding) and its SHA-256
+  link, without any I/O: the least CPU a chained log must spend per event.
+- ``naive``: stdlib ``sqlite3``, the store's own pragmas, schema (``events.sqlite.migrate``: the same tables,
+  indexes and append-only triggers) and hash chain, one ``BEGIN IMMEDIATE``/INSERT/``COMMIT`` per event.
+  Concurrent: ``--appenders`` threads, each with its own connection, reading the head inside its transaction.
+- ``moldd``: ``SQLiteEventStore.async_append`` (the store chosen with ``--store``), one await per event;
+  sequential = one appender awaiting each append; concurrent = ``--appenders`` coroutines (group commit).
+- ``eventsourcing`` (optional ``bench`` extra): its SQLite recorder (WAL; ``synchronous=FULL`` set here), one
+  ``Application.save`` per event; concurrent = ``--appenders`` threads. Skipped if the package is missing.
+
+For every contender: events/s and the bytes handed to ``write()`` per event (``wchar`` of /proc/self/io: WAL
+frames, checkpoints, everything), min/median/max of ``--runs`` runs. The load average is printed first and last.
+The last line is a JSON object of the medians.
 """
 
 from __future__ import annotations
@@ -12,95 +29,301 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-
-import aiosqlite
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from events import NewEvent, SQLiteEventStore
+from bench.common import fmt, footer, header, medians, proc_io
+from events import EventStore, NewEvent, SQLiteEventStore
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
-from events.sqlite import INSERT_EVENT, SCHEMA
+from events.sqlite import INSERT_EVENT, TUNING, migrate
 
-APPENDERS = 64
+STREAMS = 64
+
+# ---------------------------------------------------------------------------------------------- stores
+# A store is chosen by name (--store). Another backend (e.g. PostgreSQL) registers an opener here: an async
+# function (directory for any files, run number) -> an open EventStore on an empty log.
+StoreOpener = Callable[[Path, int], Awaitable[EventStore]]
 
 
-async def bench_group(path: Path, n: int) -> float:
-    store = await SQLiteEventStore.async_open(path)
-    per = n // APPENDERS
+async def _open_sqlite(directory: Path, run: int) -> EventStore:
+    return await SQLiteEventStore.async_open(directory / f"moldd-{run}.db")
+
+
+STORES: dict[str, StoreOpener] = {"sqlite": _open_sqlite}
+try:  # optional backends register themselves if present
+    from events import postgres as _pg  # type: ignore[attr-defined]
+
+    if hasattr(_pg, "bench_opener"):
+        STORES["postgres"] = _pg.bench_opener
+except ImportError:
+    pass
+
+
+def payload(i: int, k: int) -> dict[str, Any]:
+    return {"vm": f"vm-{i}", "k": k, "host": "kvm1", "state": "Running"}
+
+
+# ---------------------------------------------------------------------------------------------- floors
+def fsync_per_s(directory: Path, seconds: float = 1.0) -> float:
+    path = directory / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    block = b"x" * 4096
+    n = 0
+    try:
+        t0 = time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            os.pwrite(fd, block, (n % 16) * 4096)
+            os.fsync(fd)
+            n += 1
+    finally:
+        os.close(fd)
+        path.unlink()
+    return n / elapsed
+
+
+def cpu_us_per_event(n: int = 20_000) -> float:
+    prev = genesis_hash("floor")
+    t0 = time.process_time()
+    for k in range(n):
+        data = canonical_json(payload(k % STREAMS, k))
+        fields = encode_fields(f"vm-{k % STREAMS}", "vm.bench", "bench", None, None, None)
+        prev = link_hash(prev, k + 1, k // STREAMS + 1, 1_700_000_000_000_000 + k, 1, fields, data)
+    return (time.process_time() - t0) / n * 1e6
+
+
+def run_threads(fn: Callable[[int], None], k: int) -> None:
+    """fn(0) here if k == 1, else fn(0..k-1) on k threads; the first exception of any thread is raised."""
+    if k == 1:
+        fn(0)
+        return
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------------------------- naive
+def _naive_conn(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    for pragma in TUNING:
+        conn.execute(pragma)
+    return conn
+
+
+def naive(path: Path, n: int, appenders: int) -> float:
+    setup = _naive_conn(path)
+    log_id = migrate(setup)
+    setup.close()
+    genesis = genesis_hash(log_id)
+    per = max(1, n // appenders)
+
+    def appender(i: int) -> None:
+        conn = _naive_conn(path)
+        stream = f"vm-{i}"
+        try:
+            for k in range(per):
+                data = canonical_json(payload(i, k))
+                fields = encode_fields(stream, "vm.bench", "bench", None, None, None)
+                conn.execute("BEGIN IMMEDIATE")
+                head = conn.execute("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1").fetchone()
+                position, prev = (head[0], head[1]) if head else (0, genesis)
+                v = conn.execute(
+                    "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = ?", (stream,)
+                ).fetchone()[0]
+                ts = time.time_ns() // 1000
+                h = link_hash(prev, position + 1, v + 1, ts, 1, fields, data)
+                conn.execute(
+                    INSERT_EVENT,
+                    (position + 1, stream, v + 1, "vm.bench", 1, ts, "bench", None, None, None, data, prev, h),
+                )
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    t0 = time.perf_counter()
+    run_threads(appender, appenders)
+    return per * appenders / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- moldd
+async def moldd(opener: StoreOpener, directory: Path, run: int, n: int, appenders: int) -> float:
+    store = await opener(directory, run)
+    per = max(1, n // appenders)
 
     async def appender(i: int) -> None:
         stream = f"vm-{i}"
+        append = store.async_append
         for k in range(per):
-            await store.async_append(stream, [NewEvent("vm.bench", {"i": i, "k": k}, actor="bench")])
+            await append(stream, [NewEvent("vm.bench", payload(i, k), actor="bench")])
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(appender(i) for i in range(APPENDERS)))
+    await asyncio.gather(*(appender(i) for i in range(appenders)))
     elapsed = time.perf_counter() - t0
     await store.async_close()
-    return per * APPENDERS / elapsed
+    return per * appenders / elapsed
 
 
-async def bench_naive(path: Path, n: int) -> float:
-    conn = await aiosqlite.connect(str(path), isolation_level=None)
-    await conn.execute("PRAGMA journal_mode = WAL")
-    await conn.execute("PRAGMA synchronous = FULL")
-    for stmt in SCHEMA:
-        await conn.execute(stmt)
-    prev = genesis_hash("naive")
-    versions: dict[str, int] = {}
-    position = 0
-    lock = asyncio.Lock()
-    per = n // APPENDERS
+def _run_moldd(opener: StoreOpener, directory: Path, run: int, n: int, appenders: int) -> float:
+    return asyncio.run(moldd(opener, directory, run, n, appenders))
 
-    async def appender(i: int) -> None:
-        nonlocal prev, position
-        stream = f"vm-{i}"
+
+# ---------------------------------------------------------------------------------------------- peer
+def peer_available() -> bool:
+    try:
+        import eventsourcing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_Thing: Any = None
+
+
+def peer(path: Path, n: int, appenders: int) -> float:
+    from eventsourcing.application import Application
+    from eventsourcing.domain import Aggregate, event
+    from eventsourcing.sqlite import SQLiteConnectionPool
+
+    original = SQLiteConnectionPool._create_connection
+    if not getattr(original, "_bench_full", False):
+
+        def create_full(self: Any) -> Any:
+            conn = original(self)
+            conn._sqlite_conn.execute("PRAGMA synchronous = FULL")  # the same durability as the others
+            return conn
+
+        create_full._bench_full = True  # type: ignore[attr-defined]
+        SQLiteConnectionPool._create_connection = create_full  # type: ignore[method-assign]
+
+    global _Thing
+    if _Thing is None:
+
+        class Thing(Aggregate):
+            @event("Benched")
+            def bench(self, vm: str, k: int, host: str, state: str) -> None:
+                pass
+
+        _Thing = Thing
+    Thing = _Thing  # type: ignore[misc]
+    app: Application[Any] = Application(
+        env={"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(path), "SQLITE_LOCK_TIMEOUT": "60"},
+    )
+    per = max(1, n // appenders)
+
+    def appender(i: int) -> None:
+        thing = Thing()
+        app.save(thing)
         for k in range(per):
-            async with lock:  # one connection: one transaction at a time
-                payload = canonical_json({"i": i, "k": k})
-                fields = encode_fields(stream, "vm.bench", "bench", None, None, None)
-                position += 1
-                v = versions[stream] = versions.get(stream, 0) + 1
-                ts = time.time_ns() // 1000
-                h = link_hash(prev, position, v, ts, 1, fields, payload)
-                row = (position, stream, v, "vm.bench", 1, ts, "bench", None, None, None, payload, prev, h)
-                await conn.execute("BEGIN IMMEDIATE")
-                await conn.execute(INSERT_EVENT, row)
-                await conn.execute("COMMIT")
-                prev = h
+            thing.bench(**payload(i, k))
+            app.save(thing)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(appender(i) for i in range(APPENDERS)))
+    run_threads(appender, appenders)
     elapsed = time.perf_counter() - t0
-    await conn.close()
-    return per * APPENDERS / elapsed
+    app.close()
+    return per * appenders / elapsed  # the creation events are not counted (one per appender)
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=200_000, help="events for the group-commit run")
-    ap.add_argument("--naive-events", type=int, default=None, help="events for the baseline (default N/20)")
-    ap.add_argument("--db", type=Path, default=None, help="keep the group-commit log at this path")
+# ---------------------------------------------------------------------------------------------- driver
+def measured(fn: Callable[[], float], n: int) -> tuple[float, float]:
+    """(events/s, bytes handed to write() per event) of one run."""
+    io0 = proc_io()["wchar"]
+    eps = fn()
+    return eps, (proc_io()["wchar"] - io0) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=50_000, help="events per concurrent moldd run")
+    ap.add_argument("--seq-events", type=int, default=None, help="events per sequential run (default N/10)")
+    ap.add_argument("--naive-events", type=int, default=None, help="events per naive/peer run (default N/10)")
+    ap.add_argument("--appenders", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--store", choices=sorted(STORES), default="sqlite")
+    ap.add_argument("--dir", type=Path, default=None, help="directory for the logs (default: a temporary one)")
+    ap.add_argument("--skip-peer", action="store_true", help="do not run the eventsourcing library")
     args = ap.parse_args()
+    header("bench/append.py")
     n = args.events
-    n_naive = args.naive_events or max(APPENDERS, min(n // 20, 20_000))
-    with tempfile.TemporaryDirectory() as tmp:
-        naive_eps = await bench_naive(Path(tmp) / "naive.db", n_naive)
-        print(f"naive (aiosqlite, 1 transaction per event, {n_naive} events): {naive_eps:,.0f} events/s")
-        db = args.db or Path(tmp) / "group.db"
-        if args.db is not None and db.exists():
-            os.unlink(db)
-        group_eps = await bench_group(db, n)
-        print(f"group commit ({APPENDERS} appenders, {n} events): {group_eps:,.0f} events/s")
-    ratio = group_eps / naive_eps
-    print(f"ratio: {ratio:.1f}x")
-    print(json.dumps({"naive_eps": round(naive_eps), "group_eps": round(group_eps), "ratio": round(ratio, 2)}))
+    n_seq = args.seq_events or max(500, n // 10)
+    n_naive = args.naive_events or max(500, n // 10)
+    c = args.appenders
+    opener = STORES[args.store]
+    results: dict[str, list[float]] = {}
+
+    def record(key: str, eps: float, bpe: float) -> None:
+        results.setdefault(f"{key}_eps", []).append(eps)
+        results.setdefault(f"{key}_bytes_per_event", []).append(bpe)
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp_s:
+        tmp = Path(tmp_s)
+        print(f"logs in {tmp} (store {args.store}); {n} events per concurrent run, {n_seq} sequential, "
+              f"{n_naive} naive/peer", flush=True)  # fmt: skip
+        results["floor_fsync_per_s"] = [fsync_per_s(tmp) for _ in range(args.runs)]
+        results["floor_cpu_us_per_event"] = [cpu_us_per_event() for _ in range(args.runs)]
+        print(f"floor: fsync/s of the disk:              {fmt(results['floor_fsync_per_s'])}")
+        print(f"floor: CPU per event, encode + SHA-256:  {fmt(results['floor_cpu_us_per_event'], ' µs', 1)}")
+        with_peer = not args.skip_peer and peer_available()
+        for run in range(args.runs):
+            for mode, k in (("seq", 1), ("conc", c)):
+                m = n if mode == "conc" else n_seq
+                tag = f"{mode}-{run}"
+                record(f"naive_{mode}", *measured(partial(naive, tmp / f"naive-{tag}.db", n_naive, k), n_naive))
+                slot = run * 2 + (mode == "conc")
+                record(f"moldd_{mode}", *measured(partial(_run_moldd, opener, tmp, slot, m, k), m))
+                if with_peer:
+                    record(f"peer_{mode}", *measured(partial(peer, tmp / f"peer-{tag}.db", n_naive, k), n_naive))
+            for f in tmp.iterdir():
+                f.unlink()
+            print(f"  run {run + 1}/{args.runs} done", flush=True)
+        rows = [("naive", "naive: sqlite3, 1 txn+fsync/event"), ("moldd", f"moldd {args.store} group commit")]
+        if with_peer:
+            rows.append(("peer", "eventsourcing 1 save/event"))
+        elif not args.skip_peer:
+            print("(eventsourcing not installed: pip install .[bench] to run the peer)")
+        for key, label in rows:
+            for mode, k in (("seq", 1), ("conc", c)):
+                r = results[f"{key}_{mode}_eps"]
+                b = results[f"{key}_{mode}_bytes_per_event"]
+                print(f"{label:38s} {k:3d} appender(s): {fmt(r, ' ev/s')}; {fmt(b, ' B/event')}")
+        best = [max(a, b) for a, b in zip(results["naive_seq_eps"], results["naive_conc_eps"], strict=True)]
+        results["ratio_conc_vs_best_naive"] = [m / b for m, b in zip(results["moldd_conc_eps"], best, strict=True)]
+        print(f"ratio moldd {c} appenders / naive's best mode: {fmt(results['ratio_conc_vs_best_naive'], 'x', 2)}")
+        for mode in ("seq", "conc"):
+            ratio = [m / b for m, b in zip(results[f"moldd_{mode}_eps"], results[f"naive_{mode}_eps"], strict=True)]
+            results[f"ratio_naive_{mode}"] = ratio
+            print(f"ratio moldd / naive, {mode}: {fmt(ratio, 'x', 2)}")
+            if with_peer:
+                pr = [m / b for m, b in zip(results[f"moldd_{mode}_eps"], results[f"peer_{mode}_eps"], strict=True)]
+                results[f"ratio_peer_{mode}"] = pr
+                print(f"ratio moldd / eventsourcing, {mode}: {fmt(pr, 'x', 2)}")
+    footer()
+    print(json.dumps(medians(results)))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -70,6 +70,17 @@ class CheckpointError(EventLogError):
     code = "checkpoint_error"
 
 
+class LogIntegrityError(EventLogError):
+    """The log does not verify: a row's hash, link or position is wrong, or it differs from a checkpoint."""
+
+    code = "log_tampered"
+
+    def __init__(self, message: str, *, position: int | None, kind: str) -> None:
+        super().__init__(message, field="log")
+        self.position = position
+        self.kind = kind
+
+
 class FencedError(EventLogError):
     """The database refused a write: this writer's fencing epoch is no longer the log's current one (another
     process took the lead), or it holds none on a log that has one."""

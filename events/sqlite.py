@@ -1,13 +1,18 @@
 """SQLiteEventStore: the log in one SQLite file (WAL, synchronous=FULL), written through aiosqlite.
 
 The library creates and migrates its schema (PRAGMA user_version + a meta table holding the log id).
-Rows of `events`, `commands` and `meta` cannot be updated or deleted: triggers abort such statements for
-every client of the file, not just this code. (Whoever can write the file can drop the triggers: that is
-what the hash chain and the signed checkpoints of `events.verify` are for.)
+Rows of `events`, `commands` and `meta` cannot be updated, deleted or replaced: triggers abort UPDATE, DELETE
+and an INSERT onto an existing key (`INSERT OR REPLACE`/`REPLACE INTO`, which fire no delete trigger) for every
+client of the file, not just this code. The triggers stop mistakes and careless tools; whoever can write the
+file can drop them: that is what the hash chain and the signed, off-host checkpoints of `events.verify` are for.
+
+Idempotency (command ids) is derived from the chained `command_id` column of `events` (indexed), never from
+a table outside the chain: schema version 2 no longer writes the legacy `commands` table.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -16,13 +21,15 @@ from typing import Any
 import aiosqlite
 
 from .chain import genesis_hash
-from .envelope import AppendResult
+from .envelope import AppendResult, StoredEvent
 from .errors import NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: events + commands tables. 2: idempotency from events.command_id (index), REPLACE refused by triggers."""
+FILE_MODE = 0o600
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 FORMAT = "events.log"
 
@@ -64,6 +71,7 @@ SCHEMA = [
         UNIQUE (stream_id, stream_version)
     )""",
     "CREATE INDEX events_recorded_at ON events (recorded_at)",
+    "CREATE INDEX events_command_id ON events (command_id) WHERE command_id IS NOT NULL",
     """CREATE TABLE commands (
         command_id TEXT PRIMARY KEY,
         stream_id TEXT NOT NULL,
@@ -79,12 +87,32 @@ SCHEMA = [
         created_at INTEGER NOT NULL
     )""",
 ]
+TRIGGERS: list[str] = []
 for _table in ("events", "commands", "meta"):
     for _op in ("UPDATE", "DELETE"):
-        SCHEMA.append(
-            f"CREATE TRIGGER {_table}_no_{_op.lower()} BEFORE {_op} ON {_table} "
+        TRIGGERS.append(
+            f"CREATE TRIGGER IF NOT EXISTS {_table}_no_{_op.lower()} BEFORE {_op} ON {_table} "
             f"BEGIN SELECT RAISE(ABORT, '{_table} is append-only: {_op} refused'); END"
         )
+# SQLite's REPLACE conflict resolution deletes the old row without firing a DELETE trigger: refuse any INSERT
+# onto an existing key before the conflict is resolved.
+_EXISTING = {
+    "events": "EXISTS (SELECT 1 FROM events WHERE position = NEW.position) OR EXISTS (SELECT 1 FROM events "
+    "WHERE stream_id = NEW.stream_id AND stream_version = NEW.stream_version)",
+    "commands": "EXISTS (SELECT 1 FROM commands WHERE command_id = NEW.command_id)",
+    "meta": "EXISTS (SELECT 1 FROM meta WHERE key = NEW.key)",
+}
+for _table, _cond in _EXISTING.items():
+    TRIGGERS.append(
+        f"CREATE TRIGGER IF NOT EXISTS {_table}_no_replace BEFORE INSERT ON {_table} WHEN {_cond} "
+        f"BEGIN SELECT RAISE(ABORT, '{_table} is append-only: INSERT onto an existing row (REPLACE) refused'); END"
+    )
+TRIGGER_NAMES = frozenset(t.split()[5] for t in TRIGGERS)
+SCHEMA.extend(TRIGGERS)
+MIGRATE_1_TO_2 = [
+    "CREATE INDEX IF NOT EXISTS events_command_id ON events (command_id) WHERE command_id IS NOT NULL",
+    *TRIGGERS,
+]
 
 
 def migrate(conn: sqlite3.Connection) -> str:
@@ -110,12 +138,33 @@ def migrate(conn: sqlite3.Connection) -> str:
             raise NotALogError(
                 f"the log has schema version {version}; this library knows up to {SCHEMA_VERSION}"
             )
+        read_log_id(conn)
+        # version 1 -> 2, and put back any trigger that was dropped (IF NOT EXISTS: no write when all are there)
+        for stmt in MIGRATE_1_TO_2:
+            conn.execute(stmt)
+        if version < SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return read_log_id(conn)
+
+
+FILTER_INDEXES = (
+    # what GET /v1/events?correlation= filters on (a job's events); partial: most rows carry neither
+    "CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id) WHERE correlation_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_command ON events (command_id) WHERE command_id IS NOT NULL",
+)
+
+
+def _ensure_filter_indexes(conn: sqlite3.Connection) -> None:
+    """Secondary indexes (not part of the log's content or its hash chain), created when missing."""
+    if conn.execute("PRAGMA query_only").fetchone()[0]:
+        return
+    for stmt in FILTER_INDEXES:
+        conn.execute(stmt)
 
 
 def read_log_id(conn: sqlite3.Connection) -> str:
@@ -133,9 +182,7 @@ def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow
     """One durable transaction for a whole group (runs on the aiosqlite thread: one hop per group)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(INSERT_EVENT, rows)
-        if commands:
-            conn.executemany(INSERT_COMMAND, commands)
+        conn.executemany(INSERT_EVENT, rows)  # command ids live in the chained rows (no `commands` row)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -152,18 +199,39 @@ def _lookup(
         versions[sid] = row[0] or 0
     found: dict[str, tuple[CommandRow, list[Row]]] = {}
     for cid in command_ids:
-        cmd = conn.execute(
-            "SELECT command_id, stream_id, first_position, last_position, stream_version FROM commands "
-            "WHERE command_id = ?",
-            (cid,),
-        ).fetchone()
-        if cmd is not None:
-            rows = conn.execute(
-                f"SELECT {COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position",
-                (cmd[2], cmd[3]),
-            ).fetchall()
+        rows = conn.execute(
+            f"SELECT {COLUMNS} FROM events WHERE command_id = ? ORDER BY position", (cid,)
+        ).fetchall()
+        if rows:
+            cmd, rows = command_from_rows(cid, rows)
             found[cid] = (cmd, rows)
     return versions, found
+
+
+def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]:
+    """The append made with `cid`, from the chained rows carrying it (position order): one append is one
+    run of consecutive positions on one stream; anything after the first run is not that append (a forged
+    row, caught by verify) and is left out."""
+    run = [rows[0]]
+    for row in rows[1:]:
+        prev = run[-1]
+        if row[0] != prev[0] + 1 or row[1] != prev[1] or row[2] != prev[2] + 1:
+            break
+        run.append(row)
+    last = run[-1]
+    return (cid, run[0][1], run[0][0], last[0], last[2]), run
+
+
+def create_private(path: Path, mode: int) -> None:
+    """Create `path` empty with exactly `mode` (umask ignored) if it does not exist yet."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _head(conn: sqlite3.Connection, log_id: str) -> tuple[int, bytes, int]:
@@ -199,9 +267,15 @@ class SQLiteEventStore(EventStore):
         *,
         clock: Clock | None = None,
         subscriber_queue_limit: int = 10_000,
+        file_mode: int = FILE_MODE,
     ) -> SQLiteEventStore:
-        """Open (creating and migrating if needed) the log at `path`. Raises NotALogError."""
+        """Open (creating and migrating if needed) the log at `path`. Raises NotALogError.
+
+        A new file is created with `file_mode` (default 0600) whatever the umask; SQLite gives its -wal and
+        -shm files the mode of the database file.
+        """
         path = Path(path)
+        create_private(path, file_mode)
         conn = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             await conn.execute("PRAGMA busy_timeout = 10000")
@@ -216,6 +290,7 @@ class SQLiteEventStore(EventStore):
                 await conn.execute(pragma)
             raw = conn._conn  # the sqlite3 connection; used only through conn._execute (its own thread)
             log_id = await conn._execute(migrate, raw)
+            await conn._execute(_ensure_filter_indexes, raw)
             head = await conn._execute(_head, raw, log_id)
         except BaseException:
             await conn.close()
@@ -262,6 +337,20 @@ class SQLiteEventStore(EventStore):
             params = (start, lim)
         rows: list[Row] = list(await self._conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
         return rows
+
+    async def async_read_correlated(
+        self, correlation_id: str, from_position: int = 1, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """Indexed (``events_correlation``, ``events_command``: made at open when missing)."""
+        self._check_range(limit)
+        rows = list(
+            await self._conn.execute_fetchall(
+                f"SELECT {COLUMNS} FROM events WHERE (correlation_id = ? OR command_id = ?) AND position >= ? "
+                "ORDER BY position LIMIT ?",
+                (correlation_id, correlation_id, max(1, from_position), -1 if limit is None else limit),
+            )
+        )
+        return self._rows_to_events(rows)  # type: ignore[arg-type]
 
     async def _async_hash_at(self, position: int) -> bytes | None:
         rows = list(

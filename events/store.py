@@ -309,15 +309,36 @@ class EventStore(abc.ABC):
         _, found = await self._async_lookup(set(), {command_id})
         return found.get(command_id)
 
+    async def async_read_correlated(
+        self, correlation_id: str, from_position: int = 1, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """Events whose `correlation_id` or `command_id` is `correlation_id`, from `from_position` on, in
+        position order, at most `limit`. This generic version scans the log in pages; a backend with an index
+        overrides it."""
+        self._check_range(limit)
+        out: list[StoredEvent] = []
+        position = max(1, from_position)
+        while limit is None or len(out) < limit:
+            page = await self.async_read(position, limit=1000)
+            out += [e for e in page if correlation_id in (e.correlation_id, e.command_id)]
+            if len(page) < 1000:
+                break
+            position = page[-1].position + 1
+        return out if limit is None else out[:limit]
+
     def async_subscribe(
-        self, from_position: int = 1, *, batch_size: int = 1000
+        self, from_position: int = 1, *, batch_size: int = 1000, queue_limit: int | None = None
     ) -> AsyncIterator[StoredEvent]:
         """Catch up from `from_position`, then yield new events as they commit (no gap, no duplicate).
 
+        At most `queue_limit` (default: the store's `subscriber_queue_limit`) committed events wait for a slow
+        subscriber; past that it catches up from the store again, `batch_size` events at a time.
         The iterator ends when the store is closed.
         """
         self._check_open()
         _check_count(batch_size, "batch_size", minimum=1)
+        if queue_limit is not None:
+            _check_count(queue_limit, "queue_limit", minimum=1)
 
         async def read(start: int, n: int) -> list[StoredEvent]:
             if self._closed:
@@ -330,7 +351,7 @@ class EventStore(abc.ABC):
             self._subscribers.discard,
             from_position,
             batch_size=batch_size,
-            queue_limit=self.subscriber_queue_limit,
+            queue_limit=self.subscriber_queue_limit if queue_limit is None else queue_limit,
         )
 
     def _register(self, sub: Subscriber) -> None:
@@ -360,6 +381,14 @@ class EventStore(abc.ABC):
         now = system_clock_us()
         await self._async_put_snapshot(name, (position, head_hash, data, now))
         return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now))
+
+    async def async_save_snapshot_data(self, name: str, position: int, data: bytes) -> None:
+        """``async_save_snapshot`` for a state the caller already encoded as canonical JSON (e.g. off the event
+        loop, in pieces): stored as is, not decoded again. Raises ValueError if the log ends before `position`."""
+        head_hash = await self.async_hash_at(position)
+        if head_hash is None:
+            raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
+        await self._async_put_snapshot(name, (position, head_hash, data, system_clock_us()))
 
     async def async_load_snapshot(self, name: str) -> Snapshot | None:
         """The snapshot `name` as stored (events.snapshot.async_load_valid_snapshot also checks its hash)."""

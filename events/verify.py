@@ -8,8 +8,11 @@ future and the unsealed tail are `warnings`. Anything that prevents checking giv
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sqlite3
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +20,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .chain import HEADER, TAG, genesis_hash
+from .canonical import loads
+from .chain import HEADER, LENGTHS, TAG, encode_fields, genesis_hash
 from .checkpoint import Checkpoint, load_public_key, parse_checkpoints
-from .errors import CheckpointError, NotALogError
+from .errors import CheckpointError, LogIntegrityError, NotALogError
 from .upcast import KnownTypes, known_versions
 
 MAX_ISSUES = 1000
@@ -53,9 +57,15 @@ class VerifyReport:
     warnings: list[Issue] = field(default_factory=list)
     checkpoints_checked: int = 0
     checkpoints_valid: int = 0
+    newest_checkpoint_seq: int | None = None
     newest_checkpoint_position: int | None = None
     newest_checkpoint_time: str | None = None
     unsealed_tail: int | None = None
+    types_checked: bool = False
+    schema_version: int | None = None
+    wal_frames: int = 0
+    wal_invalid_frames: int = 0
+    snapshots_checked: int = 0
     error: str | None = None
 
     @property
@@ -87,9 +97,30 @@ class VerifyReport:
             lines.append("checked: the log is empty")
         if self.checkpoints_checked:
             lines.append(
-                f"checkpoints: {self.checkpoints_valid}/{self.checkpoints_checked} valid; newest seals position "
-                f"{self.newest_checkpoint_position} at {self.newest_checkpoint_time}"
+                f"checkpoints: {self.checkpoints_checked} checked, {self.checkpoints_valid} valid for this log; "
+                + (
+                    f"newest (#{self.newest_checkpoint_seq or '-'}) seals position "
+                    f"{self.newest_checkpoint_position} at {self.newest_checkpoint_time}"
+                    if self.newest_checkpoint_position is not None
+                    else "none seals this log"
+                )
             )
+        else:
+            lines.append(
+                "checkpoints: none checked (a log cut short or rewritten end to end is only detected against "
+                "signed checkpoints kept off the host)"
+            )
+        if not self.types_checked:
+            lines.append(
+                "event types and schema versions: NOT checked (no registry given; the application's verify "
+                "checks them, e.g. moldd-audit verify)"
+            )
+        if self.wal_frames:
+            lines.append(
+                f"write-ahead log: {self.wal_frames} frames, {self.wal_frames - self.wal_invalid_frames} valid"
+            )
+        if self.snapshots_checked:
+            lines.append(f"snapshots: {self.snapshots_checked} checked against their seals in the log")
         if self.unsealed_tail is not None:
             if self.unsealed_tail > 0:
                 lines.append(
@@ -112,24 +143,136 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def open_readonly(path: str | Path) -> sqlite3.Connection:
-    """Open a log read-only (never creates a file). Raises NotALogError."""
+class ReadOnlyLog(sqlite3.Connection):
+    """A read-only connection to a log (or to a private copy of it), with what was learnt while opening:
+    `wal_frames` (frames in the -wal file of the current generation), `wal_valid_frames` (those SQLite uses),
+    `wal_lost_commits` (commit frames SQLite discarded as invalid: committed data it will not show)."""
+
+    copy_dir: str | None = None
+    wal_frames: int = 0
+    wal_valid_frames: int = 0
+    wal_lost_commits: int = 0
+    schema_version: int = 0
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.copy_dir is not None:
+                shutil.rmtree(self.copy_dir, ignore_errors=True)
+                self.copy_dir = None
+
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+_WAL_HEADER = struct.Struct(">IIIIIIII")
+_FRAME_HEADER = struct.Struct(">IIIIII")
+
+
+def wal_frames(wal: Path) -> tuple[int, list[int]]:
+    """(page size, [commit size of each frame of the current generation]) read from the -wal file's headers
+    (0 = not a commit frame). Frames are counted up to the first one whose salts are not the header's (an
+    older generation, left behind when the WAL was restarted); their checksums are not checked here."""
+    commits: list[int] = []
+    with open(wal, "rb") as f:
+        head = f.read(_WAL_HEADER.size)
+        if len(head) < _WAL_HEADER.size:
+            return 0, commits
+        magic, _version, page_size, _seq, salt1, salt2, _c1, _c2 = _WAL_HEADER.unpack(head)
+        if magic not in WAL_MAGIC or page_size < 512 or page_size & (page_size - 1):
+            return 0, commits
+        while True:
+            fh = f.read(_FRAME_HEADER.size)
+            if len(fh) < _FRAME_HEADER.size:
+                break
+            _pgno, commit, s1, s2, _f1, _f2 = _FRAME_HEADER.unpack(fh)
+            if (s1, s2) != (salt1, salt2):
+                break
+            if len(f.read(page_size)) < page_size:
+                break  # a torn last frame
+            commits.append(commit)
+    return page_size, commits
+
+
+def _sqlite_uri(p: Path, query: str) -> str:
+    return p.resolve().as_uri() + "?" + query
+
+
+def open_readonly(path: str | Path) -> ReadOnlyLog:
+    """Open a log read-only without creating or changing any file next to it. Raises NotALogError.
+
+    A log without a -wal file (or an empty one) is opened `immutable`; otherwise the database and its -wal
+    are copied into a private directory (mode 0700, removed on close) and the copy is opened, so no -shm or
+    -wal is created beside the evidence. The -wal is checked for frames SQLite would discard (see ReadOnlyLog).
+    A log whose schema version is newer than this library's is refused (NotALogError).
+    """
     p = Path(path)
     if not p.is_file():
         raise NotALogError(f"{p} does not exist or is not a file")
-    uri = p.resolve().as_uri()
+    wal = Path(str(p) + "-wal")
     try:
-        conn = sqlite3.connect(uri + "?mode=ro", uri=True)
+        has_wal = wal.is_file() and wal.stat().st_size > 0
+    except OSError:
+        has_wal = False
+    copy_dir: str | None = None
+    frames: list[int] = []
+    try:
+        if has_wal:
+            copy_dir = tempfile.mkdtemp(prefix="events-verify-")
+            target = Path(copy_dir) / "log.db"
+            shutil.copyfile(
+                wal, str(target) + "-wal"
+            )  # the WAL first: frames appended meanwhile are harmless
+            shutil.copyfile(p, target)
+            _page, frames = wal_frames(Path(str(target) + "-wal"))
+            valid = len(frames)
+            if frames:
+                probe = sqlite3.connect(str(target), isolation_level=None)
+                try:  # on the private copy: how many frames SQLite accepts (mxFrame), then fold them in
+                    row = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    valid = int(row[1]) if row and int(row[1]) >= 0 else len(frames)
+                finally:
+                    probe.close()
+            conn = sqlite3.connect(str(target), isolation_level=None, factory=ReadOnlyLog)
+            conn.copy_dir, copy_dir = copy_dir, None
+            conn.execute("PRAGMA query_only = ON")
+            conn.wal_frames = len(frames)
+            conn.wal_valid_frames = valid
+            conn.wal_lost_commits = sum(1 for c in frames[valid:] if c)
+        else:
+            conn = sqlite3.connect(_sqlite_uri(p, "immutable=1"), uri=True, factory=ReadOnlyLog)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        conn.schema_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.DatabaseError as exc:
-        if Path(str(p) + "-wal").exists():
-            raise NotALogError(f"cannot open {p} read-only: {exc}") from exc
-        try:  # a WAL database without its -shm may refuse a plain read-only open; no WAL => immutable is safe
-            conn = sqlite3.connect(uri + "?immutable=1", uri=True)
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.DatabaseError as exc2:
-            raise NotALogError(f"{p} is not an SQLite database: {exc2}") from exc2
+        raise NotALogError(f"{p} is not an SQLite database: {exc}") from exc
+    except OSError as exc:
+        raise NotALogError(f"cannot read {p}: {exc}") from exc
+    finally:
+        if copy_dir is not None:
+            shutil.rmtree(copy_dir, ignore_errors=True)
+    from .sqlite import SCHEMA_VERSION
+
+    if conn.schema_version > SCHEMA_VERSION:
+        conn.close()
+        raise NotALogError(
+            f"{p} has schema version {conn.schema_version}, newer than this version knows ({SCHEMA_VERSION}): "
+            "it was written by a newer release; check it with that release's tools"
+        )
     return conn
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True if `a` and `b` name the same file (also through links), or `a` is `b`'s -wal/-shm/-journal."""
+    pa, pb = Path(a), Path(b)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        other = Path(str(pb) + suffix)
+        try:
+            if pa.exists() and other.exists() and os.path.samefile(pa, other):
+                return True
+        except OSError:
+            pass
+        if pa.resolve() == other.resolve():
+            return True
+    return False
 
 
 def read_log_id(conn: sqlite3.Connection) -> str:
@@ -186,7 +329,9 @@ def _scan_out_of_range(conn: sqlite3.Connection, st: _Scan) -> None:
     for (pos,) in conn.execute(
         "SELECT position FROM events WHERE position < 1 ORDER BY position LIMIT ?", (MAX_ISSUES,)
     ):
-        st.issue(pos, "position_out_of_range", f"a row at position {pos}: positions start at 1 (inserted row)")
+        st.issue(
+            pos, "position_out_of_range", f"a row at position {pos}: positions start at 1 (inserted row)"
+        )
 
 
 def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any, ...]], None] | None) -> None:
@@ -225,7 +370,9 @@ def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any,
                         c = b"" if cid is None else cid.encode()
                         ca = b"" if caus is None else caus.encode()
                         co = b"" if corr is None else corr.encode()
-                    except UnicodeEncodeError:  # text read back byte-exact (not UTF-8 on disk): hash those bytes
+                    except (
+                        UnicodeEncodeError
+                    ):  # text read back byte-exact (not UTF-8 on disk): hash those bytes
                         s = sid.encode("utf-8", "surrogateescape")
                         e = et.encode("utf-8", "surrogateescape")
                         a = actor.encode("utf-8", "surrogateescape")
@@ -248,7 +395,9 @@ def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any,
                         st.issue(pos, "hash_mismatch", "the row's content does not match its hash")
                     last_v = versions_get(sid, 0)
                     if sv != last_v + 1:
-                        st.issue(pos, "stream_version_gap", f"stream {sid!r} goes from version {last_v} to {sv}")
+                        st.issue(
+                            pos, "stream_version_gap", f"stream {sid!r} goes from version {last_v} to {sv}"
+                        )
                     versions[sid] = sv
                     if ts < last_ts:
                         st.issue(pos, "time_backwards", "recorded_at is earlier than the previous event's")
@@ -291,6 +440,178 @@ def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any,
                 st.last = expected - 1
 
 
+def _check_wal(conn: ReadOnlyLog, st: _Scan, report: VerifyReport) -> None:
+    report.wal_frames = conn.wal_frames
+    report.wal_invalid_frames = conn.wal_frames - conn.wal_valid_frames
+    if conn.wal_lost_commits:
+        st.issue(
+            st.last + 1,
+            "wal_damaged",
+            f"the write-ahead log has {report.wal_invalid_frames} frames after frame {conn.wal_valid_frames} that "
+            f"SQLite discards as invalid, {conn.wal_lost_commits} of them ending committed transactions: events "
+            "committed there are missing from what the log shows (damaged or edited -wal file)",
+        )
+    elif report.wal_invalid_frames:
+        st.warn(
+            st.last + 1,
+            "wal_incomplete_frames",
+            f"the write-ahead log ends with {report.wal_invalid_frames} frames SQLite discards (no committed "
+            "transaction among them: an interrupted write)",
+        )
+
+
+def _check_schema_objects(conn: sqlite3.Connection, st: _Scan) -> None:
+    from .sqlite import SCHEMA_VERSION, TRIGGER_NAMES
+
+    have = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    missing = sorted(TRIGGER_NAMES - have)
+    if missing:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        old = version < SCHEMA_VERSION and missing == sorted(n for n in missing if n.endswith("_no_replace"))
+        st.warn(
+            None,
+            "triggers_missing" if not old else "old_schema",
+            f"append-only triggers missing: {', '.join(missing)}"
+            + (
+                " (a log of schema version 1: the store adds them when it next opens the log)"
+                if old
+                else " (dropped: the file was edited by something other than the store)"
+            ),
+        )
+
+
+def _check_snapshots(conn: sqlite3.Connection, st: _Scan) -> int:
+    """Each stored snapshot must match a seal of the log (see events.snapshot) and the log's hash there."""
+    from .snapshot import SEAL_TYPE, seal_matches, seal_stream, state_digest
+
+    try:
+        rows = conn.execute("SELECT name, position, head_hash, state FROM snapshots").fetchall()
+    except sqlite3.DatabaseError:
+        return 0
+    for name, position, head_hash, data in rows:
+        if not isinstance(position, int) or not isinstance(head_hash, bytes) or not isinstance(data, bytes):
+            st.issue(None, "snapshot_forged", f"snapshot {name!r} has malformed columns")
+            continue
+        seals = []
+        for (payload,) in conn.execute(
+            "SELECT payload FROM events WHERE stream_id = ? AND event_type = ?",
+            (seal_stream(str(name)), SEAL_TYPE),
+        ):
+            try:
+                seals.append(loads(payload))
+            except (ValueError, TypeError):
+                continue
+        hrow = conn.execute("SELECT hash FROM events WHERE position = ?", (position,)).fetchone()
+        if hrow is None:
+            st.issue(
+                position,
+                "snapshot_forged",
+                f"snapshot {name!r} was taken at position {position}, which the log does not have (cut short?)",
+            )
+            continue
+        if bytes(hrow[0]) != head_hash:
+            st.issue(
+                position,
+                "snapshot_forged",
+                f"snapshot {name!r} claims head hash {head_hash.hex()[:16]}... at position {position}, the log "
+                "differs there: a daemon would ignore it",
+            )
+            continue
+        digest = state_digest(data)
+        if any(seal_matches(p, str(name), position, head_hash, digest) for p in seals):
+            continue
+        if not seals:
+            st.warn(
+                position,
+                "snapshot_unsealed",
+                f"snapshot {name!r} at position {position} has no seal in the log (written before seals, or "
+                "by another tool): it is not trusted",
+            )
+        else:
+            st.issue(
+                position,
+                "snapshot_forged",
+                f"snapshot {name!r} at position {position} matches no snapshot.sealed event of the log (its "
+                "state was edited): a daemon ignores it and folds the log",
+            )
+    return len(rows)
+
+
+def _check_checkpoint_sequence(cps: list[Checkpoint], st: _Scan) -> None:
+    """Numbered checkpoints (in file order) go 1, 2, 3... and each links to the one before it."""
+    before: Checkpoint | None = None
+    for c in cps:
+        if c.seq == 0:
+            continue
+        expected = 1 if before is None else before.seq + 1
+        if c.seq > expected:
+            st.warn(
+                None,
+                "checkpoint_gap",
+                f"checkpoints #{expected}..#{c.seq - 1} are missing from the file (lines deleted)",
+            )
+        elif c.seq < expected:
+            st.warn(None, "checkpoint_out_of_order", f"checkpoint #{c.seq} follows #{expected - 1}")
+        elif before is not None and c.prev != before.digest():
+            st.issue(
+                None,
+                "checkpoint_chain_broken",
+                f"checkpoint #{c.seq} does not link to checkpoint #{before.seq} before it (a line was replaced)",
+            )
+        before = c
+
+
+def verify_chain_range(
+    conn: sqlite3.Connection, after_position: int, after_hash: bytes, to_position: int | None = None
+) -> tuple[int, bytes]:
+    """Recompute the rows after `after_position` (whose hash `after_hash` the caller vouches for: the genesis
+    hash, a signed checkpoint, a sealed snapshot, or an earlier call) up to `to_position` (default: the end).
+    Returns (last position, its hash); raises LogIntegrityError at the first row that does not link, hash or
+    follow. The incremental check a daemon runs at start and before it signs."""
+    sha256 = hashlib.sha256
+    join = b"".join
+    pack = HEADER.pack
+    expected = after_position + 1
+    prev = after_hash
+    end = 2**62 if to_position is None else to_position
+    cur = conn.execute(
+        f"SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ? ORDER BY position", (after_position, end)
+    )
+    cur.arraysize = FETCH
+    try:
+        for row in cur:
+            pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
+            if pos != expected:
+                raise LogIntegrityError(
+                    f"position {expected}: missing (the next row is at {pos})", position=expected, kind="position_gap"
+                )
+            if prev_h != prev:
+                raise LogIntegrityError(
+                    f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
+                    position=pos,
+                    kind="broken_link",
+                )
+            fields = encode_fields(sid, et, actor, cid, caus, corr, "surrogateescape")
+            header = pack(pos, sv, ts, schv, *LENGTHS.unpack_from(fields))
+            if sha256(join((TAG, prev_h, header, fields[LENGTHS.size :], payload))).digest() != h:
+                raise LogIntegrityError(
+                    f"position {pos}: the row's content does not match its hash", position=pos, kind="hash_mismatch"
+                )
+            prev = h
+            expected = pos + 1
+    except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
+        raise LogIntegrityError(
+            f"position {expected}: a column has an impossible value: {exc}", position=expected, kind="malformed_row"
+        ) from exc
+    if to_position is not None and expected - 1 < to_position:
+        raise LogIntegrityError(
+            f"the log ends at position {expected - 1}, before position {to_position}",
+            position=expected,
+            kind="truncated",
+        )
+    return expected - 1, prev
+
+
 def verify(
     path: str | Path,
     known: KnownTypes | None = None,
@@ -323,6 +644,8 @@ def verify(
                 dict(known_versions(known) or {}) if known is not None else None,
                 {c.position for c in own},
             )
+            report.types_checked = known is not None
+            report.schema_version = conn.schema_version
             try:
                 _scan_out_of_range(conn, st)
                 _scan_rows(conn, st, on_row)
@@ -330,6 +653,9 @@ def verify(
                 if st.count == 0 and "no such table" in str(exc):
                     raise NotALogError(f"not an event log: {exc}") from exc
                 st.issue(st.expected, "unreadable", f"the database cannot be read past here: {exc}")
+            _check_wal(conn, st, report)
+            _check_schema_objects(conn, st)
+            report.snapshots_checked = _check_snapshots(conn, st)
         finally:
             conn.close()
     except (NotALogError, CheckpointError, OSError, sqlite3.Error) as exc:
@@ -342,7 +668,6 @@ def verify(
     report.events_checked = st.count
     report.streams = len(st.versions)
     report.head_hash = st.prev.hex() if isinstance(st.prev, bytes) else None
-    report.warnings = st.warnings
     for lineno, why in bad_cps:
         st.issue(None, "checkpoint_invalid", f"checkpoint line {lineno}: {why}")
     for c in cps:
@@ -350,9 +675,13 @@ def verify(
             st.issue(
                 None, "checkpoint_other_log", f"a checkpoint is for log {c.log_id}, this log is {log_id}"
             )
+    _check_checkpoint_sequence(cps, st)
+    if checkpoints is not None and not own:
+        st.warn(None, "no_checkpoints", "the checkpoints file holds no checkpoint of this log")
     if own:
         report.checkpoints_valid = len(own)
-        newest = max(own, key=lambda c: (c.position, c.time))
+        newest = max(own, key=lambda c: (c.position, c.seq, c.time))
+        report.newest_checkpoint_seq = max(c.seq for c in own) or None
         report.newest_checkpoint_position = newest.position
         report.newest_checkpoint_time = newest.time
         for c in sorted(own, key=lambda c: c.position):
@@ -379,6 +708,7 @@ def verify(
                 "unsealed_tail",
                 f"{report.unsealed_tail} events after the newest checkpoint",
             )
+    report.warnings = st.warnings
     report.issues = st.issues
     if st.issues:
         report.status = "tampered"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,6 +101,8 @@ class GroupWriter:
         self._stopped_reason = "the event store is closed"
         # test hook: awaited before each commit (lets tests hold a group open)
         self.before_commit: Callable[[], Awaitable[None]] | None = None
+        # metrics hook: (events in the group, seconds the COMMIT took, committed?) after each group
+        self.on_commit: Callable[[int, float, bool], None] | None = None
         # set by a backend that other processes may have written (PostgreSQL after a failover or an unknown
         # COMMIT outcome): the next group first reloads the head and forgets the caches
         self.stale = False
@@ -313,6 +316,7 @@ class GroupWriter:
         waits for the outcome, so that no caller is told "failed" about a group that was written; a second
         cancellation gives up waiting and tells the callers the outcome is unknown.
         """
+        started = time.perf_counter()
         commit = asyncio.ensure_future(self._backend._async_commit(plan.rows, plan.command_rows))
         try:
             await asyncio.wait([commit])
@@ -323,6 +327,12 @@ class GroupWriter:
                 self._settle(plan, commit)
             raise
         self._settle(plan, commit)
+        if self.on_commit is not None:
+            ok = not commit.cancelled() and commit.exception() is None
+            try:
+                self.on_commit(len(plan.rows), time.perf_counter() - started, ok)
+            except Exception:  # a metrics bug must not stop the writer
+                pass
 
     def _settle(self, plan: _Plan, commit: asyncio.Future[None]) -> None:
         if not commit.done() or commit.cancelled():

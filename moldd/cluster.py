@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -34,14 +35,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger("moldd.cluster")
 
 
+def node_name(config: Any) -> str:
+    """[cluster] node, or this machine's host name."""
+    return str(config.cluster.node) or socket.gethostname()
+
+
 class ClusterRole:
     def __init__(self, daemon: Daemon) -> None:
         cfg = daemon.config.cluster
         self.daemon = daemon
-        self.node = cfg.node
+        self.node = node_name(daemon.config)
         self.leadership = Leadership(
             daemon.store,
-            cfg.node,
+            self.node,
             Timings(lease_s=cfg.lease_s, heartbeat_s=cfg.heartbeat_s, fence_after_s=cfg.fence_after_s),
             on_elected=self._async_elected,
             on_deposed=self._deposed,

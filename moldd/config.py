@@ -1,11 +1,33 @@
-"""The daemon's TOML configuration. A bad file is refused at start with the file, the key and the reason."""
+"""The daemon's TOML configuration, declared once: one pydantic schema per section.
+
+Each key's type, default, range and documentation are stated here and nowhere else; the README's
+configuration reference is generated from these schemas (``python -m moldd.config --markdown``, kept in
+sync by ``tests/daemon/test_config.py``). A bad file is refused with the file, the dotted key and the reason
+(``ConfigError``), and :func:`check_environment` checks what the configuration refers to on this machine
+(directories, files, the socket group) before the daemon creates anything.
+
+Adding a section: declare a ``Section`` subclass and add one field to :class:`Config` (its name is the
+TOML table, ``[name]`` or ``[[name]]`` for a tuple of sections).
+"""
 
 from __future__ import annotations
 
+import grp
+import math
+import os
+import re
+import stat
+import string
+import sys
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import model_validator as _model_validator
 
 from moldd.domain.names import is_rfc1123_label
 
@@ -18,105 +40,484 @@ class ConfigError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class HostConfig:
-    name: str
-    uri: str
-    cluster: str = "default"
-    max_vms: int = 10
-    migration_uri: str | None = None  # where a live migration's memory stream goes (tcp://addr:port)
-    fence_command: tuple[str, ...] | None = None  # overrides [ha].fence_command for this host
+class Section(BaseModel):
+    """A TOML table: unknown keys, wrong types (no silent coercion), NaN and infinities are refused."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False, validate_default=True
+    )
 
 
-@dataclass(frozen=True)
-class OfferingConfig:
-    name: str
-    vcpus: int
-    memory_mib: int
-    dynamic: bool = False  # dynamically scalable: hot scale-up up to the maxima below
-    max_vcpus: int | None = None
-    max_memory_mib: int | None = None
+# Field helpers: a path is resolved against the configuration file's directory; an argv is a non-empty list.
+def _path(default: Any, doc: str) -> Any:
+    return Field(default, strict=False, description=doc)
 
 
-@dataclass(frozen=True)
-class TemplateConfig:
-    name: str
-    image: Path
-    os_type: str = "Linux"
-    kernel: Path | None = None
-    initrd: Path | None = None
-    cmdline: str | None = None
+def _argv_field(doc: str) -> Any:
+    return Field(None, strict=False, min_length=1, description=doc)
 
 
-@dataclass(frozen=True)
-class IsoConfig:
-    name: str
-    path: Path
-    os_type: str = "Other"
+def _resolve(cls: Any, value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    if not str(value).strip() or "\0" in str(value):
+        raise ValueError("must be a non-empty path")
+    base = (info.context or {}).get("base")
+    if value.is_absolute() or base is None:
+        return value
+    return (Path(base) / value).resolve()
 
 
-@dataclass(frozen=True)
-class HAConfig:
-    enabled: bool = True
-    default_policy: str = "always"
-    backoff_base_s: float = 1.0
-    backoff_cap_s: float = 60.0
-    max_restarts: int = 5
-    window_s: float = 600.0
-    host_down_after_s: float = 3.0  # a host that stays unreachable this long after the link broke is Down
-    fence_command: tuple[str, ...] | None = None  # argv; {host} {uri} {cluster} are substituted
-    fence_timeout_s: float = 30.0
-    keepalive_interval_s: int = 1
-    keepalive_count: int = 3
+def _no_controls(value: str | None) -> str | None:
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
-    key: Path | None = None
-    file: Path | None = None
-    interval_s: float = 300.0
+_FENCE_FIELDS = ("host", "uri", "cluster")
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    """[cluster]: two or more moldd on one PostgreSQL log (only with daemon.database = "postgresql://...")."""
+def _check_argv(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """An argv whose ``{placeholders}`` are the ones fencing substitutes (checked now, not at fencing time)."""
+    if value is None:
+        return None
+    for i, part in enumerate(value):
+        _no_controls(part)
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(part) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"argument {i} ({part!r}): {exc}") from None
+        for name in names:
+            if name not in _FENCE_FIELDS:
+                raise ValueError(
+                    f"argument {i} ({part!r}) uses {{{name}}}; the placeholders are "
+                    + " ".join(f"{{{f}}}" for f in _FENCE_FIELDS)
+                )
+        part.format(**dict.fromkeys(_FENCE_FIELDS, "x"))
+    return value
 
-    node: str = ""  # this node's name in the log and in `moldctl cluster status` (default: the host name)
-    schema: str = "events"  # the PostgreSQL schema that holds the log
-    lease_s: float = 5.0  # PostgreSQL ends a silent leader's session after this: a standby takes over
-    heartbeat_s: float = 1.0  # the leader pings PostgreSQL this often
-    fence_after_s: float = 3.0  # a leader without an answer for this long stops acting (< lease_s)
+
+def _argv_validator(cls: Any, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return _check_argv(value)
 
 
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    socket: Path
-    database: Path
-    storage_dir: Path
-    socket_mode: int = 0o660
-    socket_group: str | None = None
-    hosts: tuple[HostConfig, ...] = ()
-    offerings: tuple[OfferingConfig, ...] = ()
-    templates: tuple[TemplateConfig, ...] = ()
-    isos: tuple[IsoConfig, ...] = ()
-    ha: HAConfig = field(default_factory=HAConfig)
-    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log_level: str = "info"
-    stop_timeout_s: float = 60.0
-    expunge_delay_s: float = 86400.0
-    expunge_sweep_s: float = 60.0
-    snapshot_every: int = 1000
-    internal_name_pattern: str = "i-{account}-{id}-{instance}"
-    append_display_name: bool = False
-    account: str = "2"
-    instance_suffix: str = "VM"
-    domain_type: str = "qemu"
-    max_vm_snapshots: int = 10
-    tolerated_host_failures: int = 1
-    capacity_warning_headroom: int = 1
-    database_dsn: str | None = None  # daemon.database = "postgresql://...": the log on PostgreSQL
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+def _controls_validator(cls: Any, value: str | None) -> str | None:
+    return _no_controls(value)
+
+
+_LIBVIRT_DRIVERS = {
+    "qemu", "test", "xen", "lxc", "libxl", "vbox", "vmwareplayer", "vmwarews", "vmwarefusion", "esx", "gsx",
+    "vpx", "hyperv", "bhyve", "ch", "openvz", "vz", "parallels", "remote", "xenapi",
+}  # fmt: skip
+_LIBVIRT_TRANSPORTS = {"ssh", "tcp", "tls", "unix", "ext", "libssh", "libssh2"}
+
+
+def _check_libvirt_uri(uri: str) -> str:
+    if not uri or any(c.isspace() or ord(c) < 32 for c in uri) or "://" not in uri:
+        raise ValueError(f"{uri!r} is not a libvirt URI like 'qemu+ssh://root@kvm1/system'")
+    scheme = uri.split("://", 1)[0]
+    driver, _, transport = scheme.partition("+")
+    if driver not in _LIBVIRT_DRIVERS:
+        raise ValueError(f"{uri!r}: unknown libvirt driver {driver!r} (e.g. qemu, test)")
+    if transport and transport not in _LIBVIRT_TRANSPORTS:
+        raise ValueError(
+            f"{uri!r}: unknown transport {transport!r} (one of {', '.join(sorted(_LIBVIRT_TRANSPORTS))})"
+        )
+    try:
+        urlsplit(uri).port  # noqa: B018  (a bad port raises)
+    except ValueError as exc:
+        raise ValueError(f"{uri!r}: {exc}") from None
+    return uri
+
+
+class DaemonConfig(Section):
+    """``[daemon]``: the socket, the database and the daemon-wide rules."""
+
+    socket: Path = _path(Path("/run/moldd/moldd.sock"), "the API's Unix socket; its directory must exist")
+    socket_mode: int = Field(
+        0o660,
+        validate_default=False,
+        description="octal permission bits of the socket: owner and group only (the API authorises by group)",
+        json_schema_extra={"toml_type": "octal string", "toml_default": '"0660"'},
+    )
+    socket_group: str | None = Field(
+        None, description="group (name or gid) whose members may use the socket; root always may"
+    )
+    database: Path = _path(
+        Path("/var/lib/moldd/log.db"),
+        'the event log (SQLite; its directory is created), or "postgresql://..." (see [cluster])',
+    )
+    storage_dir: Path = _path(
+        Path("/var/lib/moldd/disks"), "VM disks; must be shared storage for migration / HA across hosts"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="journal verbosity")
+    stop_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="graceful (ACPI) stop, then forced after this many seconds"
+    )
+    expunge_delay_s: float = Field(
+        86400.0, ge=0, le=315_360_000, description="a Destroyed VM is expunged by the sweeper after this"
+    )
+    expunge_sweep_s: float = Field(60.0, gt=0, le=86400, description="how often the expunge sweeper runs")
+    snapshot_every: int = Field(
+        1000, ge=1, le=10_000_000, description="events between two read-model snapshots"
+    )
+    internal_name_pattern: str = Field(
+        "i-{account}-{id}-{instance}",
+        min_length=1,
+        max_length=64,
+        description="libvirt domain names; placeholders {account} {id} {instance}",
+    )
+    append_display_name: bool = Field(False, description="the manual's 'add display name to internal name'")
+    account: str = Field("2", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="{account} in internal names")
+    instance_suffix: str = Field(
+        "VM", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="{instance} in internal names"
+    )
+    domain_type: Literal["qemu", "kvm"] = Field("qemu", description="'qemu' (TCG) or 'kvm'")
+    max_vm_snapshots: int = Field(10, ge=1, le=1000, description="VM snapshots kept per VM at most")
+    tolerated_host_failures: int = Field(
+        1, ge=0, le=1000, description="capacity rule: the VMs must fit on N minus this many hosts"
+    )
+    capacity_warning_headroom: int = Field(
+        1, ge=0, le=100_000, description="warn (cluster.capacity_low) when fewer free VM slots remain"
+    )
+
+    resolve_paths = field_validator("socket", "database", "storage_dir")(_resolve)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> int:
+        if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError(f"must be an octal string like '0660', got {value!r}")
+        mode = int(value, 8)
+        if mode & 0o007:
+            raise ValueError(
+                f"{value!r} lets every local user connect; use socket_group with a mode like '0660'"
+            )
+        if mode & 0o600 != 0o600:
+            raise ValueError(f"{value!r}: the owner needs read and write (e.g. '0660')")
+        if mode & 0o111:
+            raise ValueError(f"{value!r}: execute bits mean nothing on a socket (e.g. '0660')")
+        return mode
+
+    @field_validator("socket_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", value):
+            raise ValueError(f"{value!r} is not a group name or gid")
+        return value
+
+    @field_validator("internal_name_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        _no_controls(value)
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+            unknown = names - {"account", "id", "instance"}
+            if unknown:
+                raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}")
+            value.format(account="a", id=1, instance="b")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"may use {{account}} {{id}} {{instance}}: {exc}") from None
+        return value
+
+
+class HAConfig(Section):
+    """``[ha]``: restart policy, host failure detection and fencing."""
+
+    enabled: bool = Field(True, description="restart VMs that stop unexpectedly and evacuate Down hosts")
+    default_policy: Literal["always", "on-failure"] = Field(
+        "always", description="'always' or 'on-failure' (see HA)"
+    )
+    backoff_base_s: float = Field(1.0, gt=0, le=3600, description="delay before restart n: base·n² s, capped")
+    backoff_cap_s: float = Field(60.0, gt=0, le=86400, description="the restart delay's cap")
+    max_restarts: int = Field(5, ge=1, le=1000, description="restarts within window_s; then the VM is Error")
+    window_s: float = Field(600.0, gt=0, le=604800, description="the window max_restarts counts in")
+    host_down_after_s: float = Field(
+        3.0, gt=0, le=3600, description="unreachable this long after the link broke → Down → fence"
+    )
+    fence_command: tuple[str, ...] | None = _argv_field(
+        "argv run to power a Down host off (exit 0 = off beyond doubt); {host} {uri} {cluster} substituted"
+    )
+    fence_timeout_s: float = Field(30.0, gt=0, le=3600, description="a fence command running longer failed")
+    keepalive_interval_s: int = Field(1, ge=1, le=3600, description="libvirt keepalive interval (s)")
+    keepalive_count: int = Field(3, ge=1, le=100, description="unanswered keepalives before the link is broken")
+
+    check_argv = field_validator("fence_command")(_argv_validator)
+
+    @_model_validator(mode="after")
+    def _cap(self) -> HAConfig:
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise _KeyedError("backoff_cap_s", "must be at least backoff_base_s")
+        return self
+
+
+class CheckpointConfig(Section):
+    """``[checkpoints]``: optional signed checkpoints of the log's head hash (set both key and file, or neither)."""
+
+    key: Path | None = _path(None, "signing key, outside the database (created if missing)")
+    file: Path | None = _path(None, "where signed checkpoints are appended; ship it off the host")
+    interval_s: float = Field(300.0, gt=0, le=86400, description="how often a checkpoint is signed")
+
+    resolve_paths = field_validator("key", "file")(_resolve)
+
+    @_model_validator(mode="after")
+    def _both(self) -> CheckpointConfig:
+        if (self.key is None) != (self.file is None):
+            raise ValueError("set both key and file, or neither")
+        return self
+
+
+class ApiConfig(Section):
+    """``[api]``: limits of the socket API, so a slow or hostile client cannot hold the daemon's resources."""
+
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a request's line and headers must arrive within this"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a request body must arrive within this (after the headers)"
+    )
+    idle_timeout_s: float = Field(
+        75.0, gt=0, le=86400, description="an idle keep-alive connection is closed after this"
+    )
+    max_connections: int = Field(
+        256, ge=1, le=65536, description="concurrent connections; more wait in the backlog (logged)"
+    )
+    backlog: int = Field(512, ge=1, le=65535, description="listen() backlog (capped by net.core.somaxconn)")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=67_108_864, description="largest request body")
+    follower_buffer: int = Field(
+        1000, ge=10, le=1_000_000, description="events buffered per /v1/events follower before it is cut"
+    )
+
+
+class CloudStackConfig(Section):
+    """``[cloudstack]``: CloudStack's API (``/client/api``). Always on the Unix socket; the TCP listener is off
+    unless ``port`` is set, and only answers requests signed with a user's API key."""
+
+    bind: str = Field("127.0.0.1", min_length=1, max_length=255, description="the TCP listener's address")
+    port: int | None = Field(None, ge=0, le=65535, description="the TCP listener's port (0: any free port)")
+    tls_cert: Path | None = _path(None, "TLS certificate (PEM); TLS 1.2 or newer only")
+    tls_key: Path | None = _path(None, "TLS private key (PEM)")
+    secrets_file: Path | None = _path(
+        None, "API secret keys, mode 0600 (default: api-secrets.json beside the database)"
+    )
+    signature_max_age_s: float = Field(
+        900.0, gt=0, le=86400, description="a signed request's expires may lie at most this far ahead"
+    )
+    rate_per_s: float = Field(20.0, gt=0, le=1_000_000, description="requests per second per API key")
+    rate_burst: int = Field(40, ge=1, le=1_000_000, description="requests at once per API key")
+    max_request_bytes: int = Field(65536, ge=1024, le=16_777_216, description="largest query string or form")
+
+    resolve_paths = field_validator("tls_cert", "tls_key", "secrets_file")(_resolve)
+    check_controls = field_validator("bind")(_controls_validator)
+
+    @_model_validator(mode="after")
+    def _tls(self) -> CloudStackConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise _KeyedError("tls_key", "set both tls_cert and tls_key, or neither")
+        loopback = self.bind in ("127.0.0.1", "::1", "localhost")
+        if self.port is not None and self.tls_cert is None and not loopback:
+            raise _KeyedError(
+                "bind",
+                f"a listener on {self.bind} needs TLS (tls_cert and tls_key); plain HTTP only on the loopback",
+            )
+        return self
+
+
+class RolesConfig(Section):
+    """``[roles]``: roles on the Unix socket. Root, the daemon's uid and members of ``admin_group`` are admins;
+    the other members of ``[daemon].socket_group`` get ``socket_group_role``."""
+
+    socket_group_role: Literal["admin", "operator", "readonly"] = Field(
+        "operator", description="the role of socket-group members"
+    )
+    admin_group: str | None = Field(None, description="group (name or gid) whose members are admins")
+
+    @field_validator("admin_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", value):
+            raise ValueError(f"{value!r} is not a group name or gid")
+        return value
+
+
+class HostConfig(Section):
+    """``[[hosts]]``: one libvirt host (at least one)."""
+
+    name: str = Field(description="a lower-case DNS label (RFC 1123)")
+    uri: str = Field(description="libvirt URI, e.g. 'qemu+ssh://root@kvm1/system'")
+    cluster: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,63}$", description="capacity/HA group")
+    max_vms: int = Field(10, ge=1, le=100_000, description="VMs this host may run")
+    migration_uri: str | None = Field(
+        None, description="where a live migration's memory stream goes, e.g. 'tcp://10.0.0.11'"
+    )
+    fence_command: tuple[str, ...] | None = _argv_field("overrides [ha].fence_command for this host")
+
+    check_argv = field_validator("fence_command")(_argv_validator)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not is_rfc1123_label(value):
+            raise ValueError(f"{value!r} must be a lower-case DNS label (RFC 1123)")
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_libvirt_uri(value)
+
+    @field_validator("migration_uri")
+    @classmethod
+    def _migration_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        if parts.scheme not in ("tcp", "rdma") or not parts.hostname or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not like 'tcp://10.0.0.11' or 'tcp://10.0.0.11:49152'")
+        return value
+
+
+class OfferingConfig(Section):
+    """``[[offerings]]``: a service offering (CPU and memory of a VM)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="the offering's name")
+    vcpus: int = Field(1, ge=1, le=256, description="virtual CPUs")
+    memory_mib: int = Field(128, ge=16, le=16_777_216, description="memory (MiB)")
+    dynamic: bool = Field(False, description="dynamically scalable: hot scale-up up to the maxima below")
+    max_vcpus: int | None = Field(None, ge=1, le=256, description="hot scale-up limit (default: vcpus)")
+    max_memory_mib: int | None = Field(
+        None, ge=16, le=16_777_216, description="hot scale-up limit (default: memory_mib)"
+    )
+
+    @_model_validator(mode="after")
+    def _maxima(self) -> OfferingConfig:
+        if self.max_vcpus is not None and self.max_vcpus < self.vcpus:
+            raise _KeyedError("max_vcpus", "must be at least vcpus")
+        if self.max_memory_mib is not None and self.max_memory_mib < self.memory_mib:
+            raise _KeyedError("max_memory_mib", "must be at least memory_mib")
+        return self
+
+
+class TemplateConfig(Section):
+    """``[[templates]]``: a disk image VMs are deployed from (files must exist)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="the template's name")
+    image: Path = Field(strict=False, description="the qcow2/raw image (a readable file)")
+    os_type: str = Field("Linux", min_length=1, max_length=255, description="shown to users")
+    kernel: Path | None = _path(None, "direct kernel boot: the kernel (a readable file)")
+    initrd: Path | None = _path(None, "direct kernel boot: the initrd (a readable file)")
+    cmdline: str | None = Field(None, max_length=4096, description="direct kernel boot: the command line")
+
+    resolve_paths = field_validator("image", "kernel", "initrd")(_resolve)
+    check_controls = field_validator("os_type", "cmdline")(_controls_validator)
+
+    @_model_validator(mode="after")
+    def _kernel(self) -> TemplateConfig:
+        if (self.initrd is not None or self.cmdline is not None) and self.kernel is None:
+            raise _KeyedError("kernel", "initrd and cmdline need a kernel")
+        return self
+
+
+class IsoConfig(Section):
+    """``[[isos]]``: an ISO image VMs may boot from or attach (the file must exist)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="the ISO's name")
+    path: Path = Field(strict=False, description="the ISO file (readable)")
+    os_type: str = Field("Other", min_length=1, max_length=255, description="shown to users")
+
+    resolve_paths = field_validator("path")(_resolve)
+    check_controls = field_validator("os_type")(_controls_validator)
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that names the key it is about (inside a section)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+class ClusterConfig(Section):
+    """``[cluster]``: several moldd on one PostgreSQL log (only with ``daemon.database = "postgresql://..."``)."""
+
+    node: str = Field(
+        "", max_length=63, description="this node's name in the log and in `moldctl cluster status` (empty: the host name)"
+    )
+    schema_name: str = Field(
+        "events", alias="schema", min_length=1, max_length=63, description="the PostgreSQL schema holding the log"
+    )
+    lease_s: float = Field(
+        5.0, gt=0, le=3600, description="PostgreSQL ends a silent leader's session after this; a standby takes over"
+    )
+    heartbeat_s: float = Field(1.0, gt=0, le=3600, description="the leader pings PostgreSQL this often")
+    fence_after_s: float = Field(
+        3.0, gt=0, le=3600, description="a leader without an answer for this long stops acting (< lease_s)"
+    )
+
+    check_node = field_validator("node")(_controls_validator)
+
+    @_model_validator(mode="after")
+    def _budget(self) -> ClusterConfig:
+        if not self.heartbeat_s < self.fence_after_s:
+            raise _KeyedError("heartbeat_s", "must be less than fence_after_s")
+        if not self.fence_after_s < self.lease_s:
+            raise _KeyedError("fence_after_s", "must be less than lease_s (the leader stops before it can be replaced)")
+        return self
+
+    @property
+    def schema(self) -> str:  # type: ignore[override]
+        return self.schema_name
+
+
+class Config(DaemonConfig):
+    """The whole configuration. The ``[daemon]`` keys are attributes of the config itself (``config.socket``);
+    every other field is a section named like its TOML table."""
+
+    path: Path = Field(Path("moldd.toml"), strict=False, exclude=True)
+    ha: HAConfig = Field(HAConfig(), strict=False)
+    checkpoints: CheckpointConfig = Field(CheckpointConfig(), strict=False)
+    api: ApiConfig = Field(ApiConfig(), strict=False)
+    cloudstack: CloudStackConfig = Field(CloudStackConfig(), strict=False)
+    roles: RolesConfig = Field(RolesConfig(), strict=False)
+    cluster: ClusterConfig = Field(ClusterConfig(), strict=False)
+    # daemon.database = "postgresql://...": the log on PostgreSQL (then `database` is unused); not a TOML key
+    database_dsn: str | None = Field(None, exclude=True)
+    hosts: tuple[HostConfig, ...] = Field(strict=False, min_length=1)
+    offerings: tuple[OfferingConfig, ...] = Field((), strict=False)
+    templates: tuple[TemplateConfig, ...] = Field((), strict=False)
+    isos: tuple[IsoConfig, ...] = Field((), strict=False)
+
+    NAMED: ClassVar[tuple[str, ...]] = ("hosts", "offerings", "templates", "isos")
+
+    @classmethod
+    def sections(cls) -> dict[str, type[Section]]:
+        """TOML table name → schema, in declaration order (``daemon`` first)."""
+        out: dict[str, type[Section]] = {"daemon": DaemonConfig}
+        for name, info in cls.model_fields.items():
+            if name in DaemonConfig.model_fields or name in ("path", "database_dsn"):
+                continue
+            out[name] = _section_type(info.annotation)
+        return out
+
+    @_model_validator(mode="after")
+    def _cluster_needs_postgresql(self) -> Config:
+        if "cluster" in self.model_fields_set and self.database_dsn is None:
+            raise _KeyedError("cluster", 'needs daemon.database = "postgresql://..." (the shared log)')
+        return self
+
+    @_model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for table in self.NAMED:
+            seen: set[str] = set()
+            for i, item in enumerate(getattr(self, table)):
+                if item.name in seen:
+                    raise _KeyedError(f"{table}[{i}].name", f"duplicate name {item.name!r}")
+                seen.add(item.name)
+        return self
 
     def host(self, name: str) -> HostConfig | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -131,283 +532,301 @@ class Config:
         return next((i for i in self.isos if i.name == name), None)
 
 
-class _Reader:
-    """Typed access to one TOML table, naming the dotted key on every error."""
-
-    def __init__(self, file: Path, table: dict[str, Any], prefix: str, known: set[str]) -> None:
-        self.file, self.table, self.prefix = file, table, prefix
-        for key in table:
-            if key not in known:
-                raise ConfigError(file, self._k(key), f"unknown key (known: {', '.join(sorted(known))})")
-
-    def _k(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def get(
-        self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False
-    ) -> Any:
-        if key not in self.table:
-            if required or default is ...:
-                raise ConfigError(self.file, self._k(key), "is required")
-            return default
-        value = self.table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and kind is not bool and kind != (bool,):
-            raise ConfigError(self.file, self._k(key), f"must be {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise ConfigError(
-                self.file, self._k(key), f"must be {_kind_name(kind)}, got {type(value).__name__}"
-            )
-        return value
-
-    def positive(self, key: str, kind: type, default: Any) -> Any:
-        value = self.get(key, kind, default)
-        if value <= 0:
-            raise ConfigError(self.file, self._k(key), f"must be greater than 0, got {value}")
-        return value
-
-    def path(self, key: str, default: Any = ...) -> Path | None:
-        value = self.get(key, str, default)
-        if value is None:
-            return None
-        path = Path(value)
-        return path if path.is_absolute() else (self.file.parent / path).resolve()
-
-    def argv(self, key: str) -> tuple[str, ...] | None:
-        value = self.get(key, list, None)
-        if value is None:
-            return None
-        if not value or not all(isinstance(a, str) for a in value):
-            raise ConfigError(self.file, self._k(key), "must be a non-empty list of strings (an argv)")
-        return tuple(value)
+def _section_type(annotation: Any) -> type[Section]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (tuple, types.UnionType, typing.Union) and args:
+        annotation = args[0]
+    assert isinstance(annotation, type) and issubclass(annotation, Section), annotation
+    return annotation
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+def _is_array(name: str) -> bool:
+    return typing.get_origin(Config.model_fields[name].annotation) is tuple
 
 
-def _table(file: Path, doc: dict[str, Any], key: str) -> dict[str, Any]:
-    value = doc.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(file, key, "must be a table")
-    return value
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
 
 
-def _tables(file: Path, doc: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
-    value = doc.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ConfigError(file, key, f"must be an array of tables ([[{key}]])")
-    return [(f"{key}[{i}]", v) for i, v in enumerate(value)]
-
-
-def _unique(file: Path, key: str, names: list[str]) -> None:
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        if name in seen:
-            raise ConfigError(file, f"{key}[{i}].name", f"duplicate name {name!r}")
-        seen.add(name)
-
-
-def load_config(path: Path | str) -> Config:
-    file = Path(path).resolve()
-    try:
-        doc = tomllib.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(file, "-", "file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "-", f"not valid TOML: {exc}") from None
-    return parse_config(doc, file)
+def _reason(err: Any) -> str:
+    ctx = err.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, ValueError):
+        return str(inner)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "path_type":
+        msg = "must be a path (a string)"
+    msg = msg.replace("Input should be", "must be")
+    value = err.get("input")
+    if kind.endswith("_type") or kind in ("finite_number", "literal_error") or "than" in msg:
+        if isinstance(value, (bool, int, float, str)):
+            return f"{msg[0].lower()}{msg[1:]}, got {value!r}"
+    return msg[0].lower() + msg[1:]
 
 
 def parse_config(doc: dict[str, Any], file: Path) -> Config:
-    known_top = {"daemon", "ha", "checkpoints", "hosts", "offerings", "templates", "isos", "cluster"}
-    for key in doc:
-        if key not in known_top:
-            raise ConfigError(file, key, f"unknown section (known: {', '.join(sorted(known_top))})")
-    d = _Reader(
-        file,
-        _table(file, doc, "daemon"),
-        "daemon",
-        {
-            "socket", "socket_mode", "socket_group", "database", "storage_dir", "log_level", "stop_timeout_s",
-            "expunge_delay_s", "expunge_sweep_s", "snapshot_every", "internal_name_pattern", "append_display_name", "account",
-            "instance_suffix", "domain_type", "max_vm_snapshots", "tolerated_host_failures",
-            "capacity_warning_headroom",
-        },
-    )  # fmt: skip
-    mode_text = d.get("socket_mode", str, "0660")
-    try:
-        mode = int(mode_text, 8)
-    except ValueError:
-        raise ConfigError(
-            file, "daemon.socket_mode", f"must be an octal string like '0660', got {mode_text!r}"
-        ) from None
-    pattern = d.get("internal_name_pattern", str, "i-{account}-{id}-{instance}")
-    try:
-        pattern.format(account="a", id=1, instance="b")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(
-            file, "daemon.internal_name_pattern", f"may use {{account}} {{id}} {{instance}}: {exc}"
-        ) from None
-    domain_type = d.get("domain_type", str, "qemu")
-    if domain_type not in ("qemu", "kvm"):
-        raise ConfigError(file, "daemon.domain_type", "must be 'qemu' (TCG) or 'kvm'")
-    level = d.get("log_level", str, "info")
-    if level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(file, "daemon.log_level", "must be debug, info, warning or error")
-
-    h = _Reader(
-        file,
-        _table(file, doc, "ha"),
-        "ha",
-        {f for f in HAConfig.__dataclass_fields__},
-    )
-    policy = h.get("default_policy", str, "always")
-    if policy not in ("always", "on-failure"):
-        raise ConfigError(file, "ha.default_policy", "must be 'always' or 'on-failure'")
-    ha = HAConfig(
-        enabled=h.get("enabled", bool, True),
-        default_policy=policy,
-        backoff_base_s=h.positive("backoff_base_s", float, 1.0),
-        backoff_cap_s=h.positive("backoff_cap_s", float, 60.0),
-        max_restarts=h.positive("max_restarts", int, 5),
-        window_s=h.positive("window_s", float, 600.0),
-        host_down_after_s=h.positive("host_down_after_s", float, 3.0),
-        fence_command=h.argv("fence_command"),
-        fence_timeout_s=h.positive("fence_timeout_s", float, 30.0),
-        keepalive_interval_s=h.positive("keepalive_interval_s", int, 1),
-        keepalive_count=h.positive("keepalive_count", int, 3),
-    )
-    c = _Reader(file, _table(file, doc, "checkpoints"), "checkpoints", {"key", "file", "interval_s"})
-    checkpoints = CheckpointConfig(
-        key=c.path("key", None), file=c.path("file", None), interval_s=c.positive("interval_s", float, 300.0)
-    )
-    if (checkpoints.key is None) != (checkpoints.file is None):
-        raise ConfigError(file, "checkpoints", "set both key and file, or neither")
-
-    hosts = []
-    for key, table in _tables(file, doc, "hosts"):
-        r = _Reader(file, table, key, {"name", "uri", "cluster", "max_vms", "migration_uri", "fence_command"})
-        name = r.get("name", str, required=True)
-        if not is_rfc1123_label(name):
-            raise ConfigError(file, f"{key}.name", f"{name!r} must be a lower-case DNS label (RFC 1123)")
-        hosts.append(
-            HostConfig(
-                name=name,
-                uri=r.get("uri", str, required=True),
-                cluster=r.get("cluster", str, "default"),
-                max_vms=r.positive("max_vms", int, 10),
-                migration_uri=r.get("migration_uri", str, None),
-                fence_command=r.argv("fence_command"),
-            )
-        )
-    if not hosts:
+    """Validate a parsed TOML document; the first problem is raised as ``ConfigError`` (file, key, reason)."""
+    sections = Config.sections()
+    for key, value in doc.items():
+        if key not in sections:
+            raise ConfigError(file, key, f"unknown section (known: {', '.join(sorted(sections))})")
+        if _is_array(key) if key != "daemon" else False:
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(file, key, f"must be an array of tables ([[{key}]])")
+        elif not isinstance(value, dict):
+            raise ConfigError(file, key, f"must be a table ([{key}])")
+    daemon = doc.get("daemon", {})
+    for key in daemon:
+        if key not in DaemonConfig.model_fields:
+            known = ", ".join(sorted(DaemonConfig.model_fields))
+            raise ConfigError(file, f"daemon.{key}", f"unknown key (known: {known})")
+    if not doc.get("hosts"):
         raise ConfigError(file, "hosts", "at least one [[hosts]] entry is required")
-    _unique(file, "hosts", [h.name for h in hosts])
-
-    offerings = []
-    for key, table in _tables(file, doc, "offerings"):
-        r = _Reader(
-            file, table, key, {"name", "vcpus", "memory_mib", "dynamic", "max_vcpus", "max_memory_mib"}
-        )
-        o = OfferingConfig(
-            name=r.get("name", str, required=True),
-            vcpus=r.positive("vcpus", int, 1),
-            memory_mib=r.positive("memory_mib", int, 128),
-            dynamic=r.get("dynamic", bool, False),
-            max_vcpus=r.get("max_vcpus", int, None),
-            max_memory_mib=r.get("max_memory_mib", int, None),
-        )
-        if o.max_vcpus is not None and o.max_vcpus < o.vcpus:
-            raise ConfigError(file, f"{key}.max_vcpus", "must be at least vcpus")
-        if o.max_memory_mib is not None and o.max_memory_mib < o.memory_mib:
-            raise ConfigError(file, f"{key}.max_memory_mib", "must be at least memory_mib")
-        offerings.append(o)
-    _unique(file, "offerings", [o.name for o in offerings])
-
-    templates = []
-    for key, table in _tables(file, doc, "templates"):
-        r = _Reader(file, table, key, {"name", "image", "os_type", "kernel", "initrd", "cmdline"})
-        templates.append(
-            TemplateConfig(
-                name=r.get("name", str, required=True),
-                image=r.path("image") or Path(),
-                os_type=r.get("os_type", str, "Linux"),
-                kernel=r.path("kernel", None),
-                initrd=r.path("initrd", None),
-                cmdline=r.get("cmdline", str, None),
-            )
-        )
-    _unique(file, "templates", [t.name for t in templates])
-    isos = []
-    for key, table in _tables(file, doc, "isos"):
-        r = _Reader(file, table, key, {"name", "path", "os_type"})
-        isos.append(
-            IsoConfig(
-                name=r.get("name", str, required=True),
-                path=r.path("path") or Path(),
-                os_type=r.get("os_type", str, "Other"),
-            )
-        )
-    _unique(file, "isos", [i.name for i in isos])
-
-    database_dsn, cluster = _cluster(file, doc, d)
-    return Config(
-        path=file,
-        socket=d.path("socket", "/run/moldd/moldd.sock") or Path(),
-        database=Path() if database_dsn else d.path("database", "/var/lib/moldd/log.db") or Path(),
-        database_dsn=database_dsn,
-        cluster=cluster,
-        storage_dir=d.path("storage_dir", "/var/lib/moldd/disks") or Path(),
-        socket_mode=mode,
-        socket_group=d.get("socket_group", str, None),
-        hosts=tuple(hosts),
-        offerings=tuple(offerings),
-        templates=tuple(templates),
-        isos=tuple(isos),
-        ha=ha,
-        checkpoints=checkpoints,
-        log_level=level,
-        stop_timeout_s=d.positive("stop_timeout_s", float, 60.0),
-        expunge_delay_s=d.get("expunge_delay_s", float, 86400.0),
-        expunge_sweep_s=d.positive("expunge_sweep_s", float, 60.0),
-        snapshot_every=d.positive("snapshot_every", int, 1000),
-        internal_name_pattern=pattern,
-        append_display_name=d.get("append_display_name", bool, False),
-        account=d.get("account", str, "2"),
-        instance_suffix=d.get("instance_suffix", str, "VM"),
-        domain_type=domain_type,
-        max_vm_snapshots=d.positive("max_vm_snapshots", int, 10),
-        tolerated_host_failures=d.get("tolerated_host_failures", int, 1),
-        capacity_warning_headroom=d.get("capacity_warning_headroom", int, 1),
-    )
-
-
-def _cluster(file: Path, doc: dict[str, Any], d: _Reader) -> tuple[str | None, ClusterConfig]:
-    """daemon.database as a PostgreSQL DSN, and the [cluster] section (leader election timings)."""
-    import socket
-
-    from events.leader import Timings
-
-    raw = d.get("database", str, "")
-    dsn = raw if raw.startswith(("postgresql://", "postgres://")) else None
-    c = _Reader(file, _table(file, doc, "cluster"), "cluster", {"node", "schema", "lease_s", "heartbeat_s", "fence_after_s"})
-    if doc.get("cluster") and dsn is None:
-        raise ConfigError(file, "cluster", 'needs daemon.database = "postgresql://..." (the shared log)')
-    cluster = ClusterConfig(
-        node=c.get("node", str, "") or socket.gethostname(),
-        schema=c.get("schema", str, "events"),
-        lease_s=c.positive("lease_s", float, 5.0),
-        heartbeat_s=c.positive("heartbeat_s", float, 1.0),
-        fence_after_s=c.positive("fence_after_s", float, 3.0),
-    )
+    data = {**daemon, **{k: v for k, v in doc.items() if k != "daemon"}, "path": file}
+    db = daemon.get("database")
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        data.pop("database")  # the log on PostgreSQL: `database` keeps its (unused) default
+        data["database_dsn"] = db
     try:
-        Timings(cluster.lease_s, cluster.heartbeat_s, cluster.fence_after_s)
-    except ValueError as exc:
-        raise ConfigError(file, "cluster", str(exc)) from None
-    if not cluster.node.isprintable() or len(cluster.node) > 63:
-        raise ConfigError(file, "cluster.node", "must be printable and at most 63 characters")
-    return dsn, cluster
+        return Config.model_validate(data, context={"base": file.parent})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        if loc and loc[0] in DaemonConfig.model_fields:
+            loc = ("daemon", *loc)
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, _KeyedError):
+            loc = (*loc, *inner.key.replace("[", ".[").split(".")) if loc else (inner.key,)
+            loc = tuple(p for p in loc if p != "")
+        key = _dotted(loc).replace(".[", "[") or "-"
+        if not isinstance(inner, _KeyedError) and err["type"] == "extra_forbidden" and len(loc) > 1:
+            parent = loc[:-1]
+            model = _model_at(parent)
+            if model is not None:
+                return_reason = f"unknown key (known: {', '.join(sorted(model.model_fields))})"
+                raise ConfigError(file, key, return_reason) from None
+        raise ConfigError(file, key, _reason(err)) from None
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    if loc and loc[0] == "daemon":
+        return DaemonConfig
+    if loc and isinstance(loc[0], str) and loc[0] in Config.model_fields and loc[0] != "path":
+        return _section_type(Config.model_fields[loc[0]].annotation)
+    return None
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate ``path``. Checks the files the config names (templates, ISOs) but creates nothing."""
+    file = Path(path).absolute()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(file, "-", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(file, "-", "is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(file, "-", f"cannot be read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "-", f"not UTF-8 (byte {exc.start})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "-", f"not valid TOML: {exc}") from None
+    config = parse_config(doc, file)
+    check_files(config)
+    return config
+
+
+def _readable_file(file: Path, key: str, path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(file, key, f"{path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(file, key, f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(file, key, f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(file, key, f"{path} is not readable by this user")
+
+
+def check_files(config: Config) -> None:
+    """The images the configuration names exist and are readable regular files."""
+    for i, t in enumerate(config.templates):
+        _readable_file(config.path, f"templates[{i}].image", t.image)
+        for key in ("kernel", "initrd"):
+            p = getattr(t, key)
+            if p is not None:
+                _readable_file(config.path, f"templates[{i}].{key}", p)
+    for i, iso in enumerate(config.isos):
+        _readable_file(config.path, f"isos[{i}].path", iso.path)
+
+
+def _creatable_dir(file: Path, key: str, path: Path) -> None:
+    """``path`` is a writable directory, or could be made one (its nearest existing ancestor is writable)."""
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(file, key, f"{probe} is a dangling symbolic link")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(file, key, f"{probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(file, key, f"{probe} is not writable by this user")
+
+
+def resolve_gid(file: Path, key: str, group: str | None) -> int | None:
+    """The gid of ``group`` (a name or a number); an unknown group is a ``ConfigError``."""
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(file, key, f"no such group {group!r}") from None
+
+
+def check_environment(config: Config) -> int | None:
+    """What the configuration refers to on this machine, checked before the daemon creates anything:
+    the database and storage can be created or used, the socket's directory exists, the socket group exists.
+    Returns the socket group's gid. Blocking (NSS, file system): call it off the event loop."""
+    f = config.path
+    db = config.database
+    if config.database_dsn is not None:
+        pass  # the log is on PostgreSQL: nothing to check on this machine
+    elif db.is_dir():
+        raise ConfigError(f, "daemon.database", f"{db} is a directory; name the database file inside it")
+    elif db.exists():
+        if not stat.S_ISREG(db.stat().st_mode):
+            raise ConfigError(f, "daemon.database", f"{db} is not a regular file")
+        if not os.access(db, os.R_OK | os.W_OK):
+            raise ConfigError(f, "daemon.database", f"{db} is not readable and writable by this user")
+    if config.database_dsn is None:
+        _creatable_dir(f, "daemon.database", db.parent)
+    if config.storage_dir.exists() and not config.storage_dir.is_dir():
+        raise ConfigError(f, "daemon.storage_dir", f"{config.storage_dir} is not a directory")
+    _creatable_dir(f, "daemon.storage_dir", config.storage_dir)
+    parent = config.socket.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f, "daemon.socket", f"directory {parent} does not exist (systemd's RuntimeDirectory= makes it)"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f, "daemon.socket", f"directory {parent} is not writable by this user")
+    if config.socket.exists() and not stat.S_ISSOCK(config.socket.lstat().st_mode):
+        raise ConfigError(f, "daemon.socket", f"{config.socket} exists and is not a socket")
+    if config.checkpoints.key is not None and config.checkpoints.file is not None:
+        _creatable_dir(f, "checkpoints.key", config.checkpoints.key.parent)
+        _creatable_dir(f, "checkpoints.file", config.checkpoints.file.parent)
+    return resolve_gid(f, "daemon.socket_group", config.socket_group)
+
+
+# --- the README's reference, generated from the schemas -------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f'`"{a}"`' for a in args)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        return " \\| ".join(_type_name(a) for a in inner) + " (optional)"
+    if origin is tuple:
+        return "list of strings"
+    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, float):
+        return f"`{value:g}`" if math.isfinite(value) else str(value)
+    if isinstance(value, (int, Path)):
+        return f"`{value}`" if isinstance(value, int) else f'`"{value}"`'
+    return f'`"{value}"`'
+
+
+def _range(info: Any) -> str:
+    parts = []
+    for m in info.metadata:
+        for attr, sym in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v:_}".replace("_", " "))
+        if getattr(m, "min_length", None) is not None:
+            parts.append(f"length ≥ {m.min_length}")
+        if getattr(m, "max_length", None) is not None:
+            parts.append(f"length ≤ {m.max_length}")
+        if getattr(m, "pattern", None) is not None:
+            parts.append(f"`{m.pattern}`")
+    return ", ".join(parts)
+
+
+def config_reference() -> str:
+    """The configuration reference (Markdown), one table per section, from the schemas."""
+    out = []
+    for name, model in Config.sections().items():
+        header = f"[[{name}]]" if name != "daemon" and _is_array(name) else f"[{name}]"
+        doc = (model.__doc__ or "").strip().split(":", 1)[-1].strip()
+        doc = doc[:1].upper() + doc[1:]
+        out += [f"#### `{header}`", "", doc, "", "| key | type | default | range | meaning |", "|---|---|---|---|---|"]
+        for key, info in model.model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            kind = str(extra.get("toml_type") or _type_name(info.annotation))
+            if info.is_required():
+                default = "required"
+            else:
+                default = str(extra.get("toml_default") or _toml_value(info.default))
+                if default.startswith('"'):
+                    default = f"`{default}`"
+            out.append(f"| `{key}` | {kind} | {default} | {_range(info)} | {info.description or ''} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+README_START = "<!-- config-reference: generated by `python -m moldd.config --markdown`; do not edit -->"
+README_END = "<!-- end of config-reference -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--markdown"]:
+        sys.stdout.write(config_reference())
+        return 0
+    if len(args) == 2 and args[0] == "--update-readme":
+        readme = Path(args[1])
+        text = readme.read_text()
+        head, _, rest = text.partition(README_START)
+        _, _, tail = rest.partition(README_END)
+        readme.write_text(f"{head}{README_START}\n\n{config_reference()}\n{README_END}{tail}")
+        return 0
+    print("usage: python -m moldd.config --markdown | --update-readme README.md", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,6 @@
-"""``moldd --config FILE``: the daemon. Start-up order: log → projection (snapshot + tail) → hosts (connect and
-resync) → recover VMs left mid-command → HA, sweeper, checkpoints → API socket → READY=1 to systemd."""
+"""``moldd --config FILE``: the daemon. Start-up order: log → sealed snapshot → verify the chain from the newest
+checkpoint or snapshot (refuse to start on a mismatch, exit 3) → projection (snapshot + tail) → hosts (connect
+and resync) → recover VMs left mid-command → HA, sweeper, checkpoints → API socket → READY=1 to systemd."""
 
 from __future__ import annotations
 
@@ -14,17 +15,27 @@ from typing import Any
 
 import structlog
 
-from events import NewEvent, SQLiteEventStore
+from events import LogIntegrityError, NewEvent, SQLiteEventStore
 from moldd import systemd
 from moldd.app import groups, hostops, lifecycle, queries  # noqa: F401  (register verbs)
 from moldd.app.bus import SYSTEM
 from moldd.app.hosts import HostManager
 from moldd.app.projector import Projector
 from moldd.app.service import App
-from moldd.config import Config, ConfigError, load_config
+from moldd.config import Config, ConfigError, check_environment, load_config
 from moldd.domain.states import TRANSIENT
+from moldd.integrity import (
+    EXIT_LOG_TAMPERED,
+    KeyFileError,
+    Verified,
+    async_verify_at_start,
+    check_key_file,
+    prepare_database_dir,
+    verify_before_signing,
+)
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd")
 
@@ -33,7 +44,10 @@ def _load_optional_verbs() -> None:
     """Verb modules that are built on top of the lifecycle; imported for their registration side effect."""
     import importlib
 
-    for name in ("moldd.app.operations", "moldd.app.snapshots", "moldd.app.cluster_queries"):
+    for name in (
+        "moldd.app.operations", "moldd.app.snapshots", "moldd.app.catalog", "moldd.app.users",
+        "moldd.app.cluster_queries",
+    ):  # fmt: skip
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(name)
 
@@ -66,34 +80,66 @@ class Daemon:
         self.projector: Projector | None = None
         self.app: App | None = None
         self.api: Any = None
+        self.cloudstack_tcp: Any = None
         self.ha: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
+        self.verified: Verified | None = None
+        self.integrity_error: str | None = None
+        self.metrics = Metrics()
         self.acting_tasks: list[asyncio.Task[Any]] = []  # the sweepers of a node that acts on the hosts
         self.cluster: Any = None  # moldd.cluster.ClusterRole with daemon.database = "postgresql://..."
         self.sync_timeout = 15.0
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
+        """Start everything; if any step fails, stop what was started (the store included) and re-raise."""
+        try:
+            await self._async_start(sync_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.async_stop()
+            raise
+
+    async def _async_start(self, sync_timeout: float) -> None:
         _load_optional_verbs()
         cfg = self.config
+        # Everything the config refers to is checked before anything (database, directories, socket) is made.
         self.sync_timeout = sync_timeout
+        gid = await asyncio.to_thread(check_environment, cfg)
+        if cfg.checkpoints.key is not None:
+            check_key_file(cfg.checkpoints.key)
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
         if cfg.database_dsn is not None:
+            # the log on PostgreSQL, shared by the cluster's nodes (moldd.cluster); the start-up verification and
+            # the checkpoints below read a log file: they are not run on a PostgreSQL log yet
             from events.postgres import PostgresEventStore
+            from moldd.cluster import node_name
 
             self.store = await PostgresEventStore.async_open(
-                cfg.database_dsn, schema=cfg.cluster.schema, application_name=f"moldd:{cfg.cluster.node}"
+                cfg.database_dsn, schema=cfg.cluster.schema, application_name=f"moldd:{node_name(cfg)}"
             )
+            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+            await self.projector.async_load_snapshot()
         else:
-            cfg.database.parent.mkdir(parents=True, exist_ok=True)
+            prepare_database_dir(cfg.database)
             self.store = await SQLiteEventStore.async_open(cfg.database)
-        self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+            snapshot_position = await self.projector.async_load_snapshot()
+            try:
+                self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
+            except LogIntegrityError as exc:
+                self.integrity_error = exc.message
+                raise
         await self.projector.async_restore()
         self.projector.listeners.append(_log_event)
+        self.projector.listeners.append(self.metrics.on_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running or (
             self.cluster is not None and not self.cluster.acting
         )
+        self.app.health_checks["log_integrity"] = lambda: self.integrity_error is None
+        self.app.on_command = self.metrics.observe_command
+        self.metrics.bind(self.app, self.store)
         self.hosts.attach(self.app)
         if cfg.database_dsn is None:
             await self.async_act()
@@ -106,9 +152,25 @@ class Daemon:
             from moldd.api.serve import async_serve
 
             self.api = await async_serve(
-                self.app, str(cfg.socket), mode=cfg.socket_mode, group=cfg.socket_group
+                self.app,
+                str(cfg.socket),
+                mode=cfg.socket_mode,
+                group=gid,
+                api=cfg.api,
+                cloudstack=self._cloudstack_endpoint(tcp=False),
+                group_role=cfg.roles.socket_group_role,
+                admin_group=cfg.roles.admin_group,
+                metrics=self.metrics,
             )
-        role = "" if self.cluster is None else f" as cluster node {cfg.cluster.node}"
+            cs = cfg.cloudstack
+            if cs.port is not None:
+                from moldd.api.cloudstack import async_serve_tcp
+
+                self.cloudstack_tcp = await async_serve_tcp(
+                    self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
+                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes,
+                )  # fmt: skip
+        role = "" if self.cluster is None else f" as cluster node {self.cluster.node}"
         systemd.notify_ready(
             f"serving {len(cfg.hosts)} hosts{role}, log at position {self.projector.model.position}"
         )
@@ -134,7 +196,7 @@ class Daemon:
                 lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
             )
         )
-        if cfg.checkpoints.key is not None:
+        if cfg.checkpoints.key is not None and cfg.database_dsn is None:
             self.acting_tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
 
     async def async_stand_down(self) -> None:
@@ -158,6 +220,20 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         await self.hosts.async_stop()
+
+    def _cloudstack_endpoint(self, *, tcp: bool) -> Any:
+        from moldd.api.cloudstack import CloudStackEndpoint, CloudStackSettings
+        from moldd.app.users import directory
+
+        assert self.app is not None
+        cs = self.config.cloudstack
+        settings = CloudStackSettings(
+            max_request_bytes=cs.max_request_bytes,
+            max_expires_ahead_s=cs.signature_max_age_s,
+            rate_per_s=cs.rate_per_s,
+            rate_burst=cs.rate_burst,
+        )
+        return CloudStackEndpoint(self.app, directory(self.app), settings, tcp=tcp)
 
     def _start_ha(self) -> None:
         try:
@@ -207,20 +283,39 @@ class Daemon:
                     [NewEvent("vm.reconciled", payload, actor=str(SYSTEM), correlation_id=vm.job)],
                 )
 
-    async def _async_checkpoints(self) -> None:
-        from events.checkpoint import async_checkpoint_store
+    async def async_checkpoint_now(self) -> bool:
+        """Verify the rows written since the last verified position, then sign the head. Returns False (and
+        never signs again: health turns bad) when the log on disk is not what the writer wrote."""
+        from events.checkpoint import load_private_key, sign_and_append
 
         cfg = self.config.checkpoints
-        assert cfg.key is not None and cfg.file is not None
+        assert cfg.key is not None and cfg.file is not None and self.verified is not None
+        if self.integrity_error is not None:
+            return False
+        head = await self.store.async_head()
+        try:
+            self.verified = await asyncio.to_thread(verify_before_signing, self.config.database, self.verified, head)
+        except LogIntegrityError as exc:
+            self.integrity_error = exc.message
+            log.error("checkpoint_refused", reason=exc.message, position=exc.position, kind=exc.kind)
+            return False
+        key = await asyncio.to_thread(load_private_key, cfg.key)
+        await asyncio.to_thread(sign_and_append, cfg.file, key, self.store.log_id, head[0], head[1])
+        return True
+
+    async def _async_checkpoints(self) -> None:
+        cfg = self.config.checkpoints
         while True:
             try:
-                await async_checkpoint_store(self.store, cfg.key, cfg.file)
+                await self.async_checkpoint_now()
             except Exception:
                 log.exception("checkpoint_failed")
             await asyncio.sleep(cfg.interval_s)
 
     async def async_stop(self) -> None:
         systemd.notify_stopping()
+        if self.cloudstack_tcp is not None:
+            await self.cloudstack_tcp.async_close()
         if self.api is not None:
             await self.api.async_close()
         for task in [*self.tasks, *self.acting_tasks]:
@@ -236,7 +331,8 @@ class Daemon:
             await self.cluster.async_stop()  # steps down: a standby takes over at once
         await self.hosts.async_stop()
         if self.projector is not None:
-            await self.projector.async_stop()
+            # never seal a snapshot of a log that did not verify
+            await self.projector.async_stop(snapshot=self.integrity_error is None)
         if self.store is not None:
             await self.store.async_close()
         self.bridge.shutdown()
@@ -246,13 +342,21 @@ async def async_main(config: Config) -> int:
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await daemon.async_start()
         await stop.wait()
+        log.info("daemon_stopping", signal=received[0] if received else None)
     finally:
         await daemon.async_stop()
+    log.info("daemon_stopped", signal=received[0] if received else None)
     return 0
 
 
@@ -263,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        check_environment(config)
     except ConfigError as exc:
         print(f"moldd: bad configuration: {exc.file}: key {exc.key}: {exc.reason}", file=sys.stderr)
         return 2
@@ -270,7 +375,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.path}: ok ({len(config.hosts)} hosts)")
         return 0
     configure_logging(config.log_level)
-    return asyncio.run(async_main(config))
+    try:
+        return asyncio.run(async_main(config))
+    except LogIntegrityError as exc:
+        print(
+            f"moldd: refusing to start: the log {config.database} does not verify at position {exc.position} "
+            f"({exc.kind}): {exc.message}. Nothing was served or signed; examine a copy with "
+            f"`moldd-audit verify` and your off-host checkpoints.",
+            file=sys.stderr,
+        )
+        return EXIT_LOG_TAMPERED
+    except KeyFileError as exc:
+        print(f"moldd: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

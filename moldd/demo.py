@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\nmoldd demo: {len(lab.hosts)} libvirtd hosts under {root / 'lab'}, config {config.path}\n"
             f"try, in another terminal:\n"
             f"  export MOLDD_SOCKET={sock}\n"
-            f"  .venv/bin/moldctl vm deploy --template tiny --serviceoffering small --ha\n"
+            f"  .venv/bin/moldctl vm deploy --template tiny --offering small --ha\n"
             f"  .venv/bin/moldctl vm list\n"
             f"  .venv/bin/moldd-audit history {config.database} <vm name>\n",
             flush=True,

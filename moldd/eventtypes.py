@@ -58,6 +58,7 @@ _TYPES: dict[str, int] = {
     "vm.iso.detached": 1,
     "vm.iso.detach.failed": 1,
     "cluster.capacity_low": 1,
+    "vm.console.opened": 1,
     # VM snapshots (moldd/app/snapshots.py)
     "vmsnapshot.create.requested": 1,
     "vmsnapshot.created": 1,
@@ -72,6 +73,7 @@ _TYPES: dict[str, int] = {
     "vm.reconciled": 1,
     "vm.stale_copy_destroyed": 1,
     "vm.job.crashed": 1,
+    "vm.stale_definition_removed": 1,
     # HA decisions (moldd/ha), each with a cause
     "ha.restart.scheduled": 1,
     "ha.restart.started": 1,
@@ -83,6 +85,7 @@ _TYPES: dict[str, int] = {
     "ha.waiting": 1,
     "ha.evacuation": 1,
     "ha.watcher_restarted": 1,
+    "ha.fence_lied": 1,
     # hosts, groups, libvirt facts
     "host.registered": 1,
     "host.link": 1,
@@ -90,12 +93,57 @@ _TYPES: dict[str, int] = {
     "group.created": 1,
     "group.deleted": 1,
     "libvirt.domain_event": 1,
+    # the log's own bookkeeping (events.snapshot): the digest of a read-model snapshot, bound to the chain
+    "snapshot.sealed": 1,
+    # users, API keys and refused calls (moldd/app/users.py, moldd/app/service.py)
+    "user.created": 1,
+    "user.keys.registered": 1,
+    "user.revoked": 1,
+    "access.denied": 1,
     # the management cluster (moldd/cluster.py): a node won the lead of the log with a new fencing epoch
     "daemon.leader_elected": 1,
 }
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(_TYPES)
 """event type -> current schema version (read-only)."""
+
+
+# CloudStack's event names (what the Mold/CloudStack manual's users look for), per moldd event type:
+# (CloudStack type, state). A ``*.requested`` event is Scheduled, its success Completed, its failure Error.
+_CLOUDSTACK_VERBS: dict[str, str] = {
+    "vm.deploy": "VM.CREATE", "vm.start": "VM.START", "vm.stop": "VM.STOP", "vm.reboot": "VM.REBOOT",
+    "vm.destroy": "VM.DESTROY", "vm.expunge": "VM.EXPUNGE", "vm.scale": "VM.SCALE", "vm.migrate": "VM.MIGRATE",
+    "vm.restore": "VM.RESTORE", "vm.iso.attach": "ISO.ATTACH", "vm.iso.detach": "ISO.DETACH",
+    "vm.volume.resize": "VOLUME.RESIZE", "vmsnapshot.create": "VMSNAPSHOT.CREATE",
+    "vmsnapshot.revert": "VMSNAPSHOT.REVERTTO", "vmsnapshot.delete": "VMSNAPSHOT.DELETE",
+}  # fmt: skip
+_CLOUDSTACK_DONE: dict[str, tuple[str, str]] = {
+    "vm.created": ("VM.CREATE", "Completed"), "vm.started": ("VM.START", "Completed"),
+    "vm.stopped": ("VM.STOP", "Completed"), "vm.rebooted": ("VM.REBOOT", "Completed"),
+    "vm.destroyed": ("VM.DESTROY", "Completed"), "vm.expunged": ("VM.EXPUNGE", "Completed"),
+    "vm.recovered": ("VM.RECOVER", "Completed"), "vm.updated": ("VM.UPDATE", "Completed"),
+    "vm.offering.changed": ("VM.UPGRADE", "Completed"), "vm.scaled": ("VM.SCALE", "Completed"),
+    "vm.migrated": ("VM.MIGRATE", "Completed"), "vm.restored": ("VM.RESTORE", "Completed"),
+    "vm.iso.attached": ("ISO.ATTACH", "Completed"), "vm.iso.detached": ("ISO.DETACH", "Completed"),
+    "vm.volume.resized": ("VOLUME.RESIZE", "Completed"), "vmsnapshot.created": ("VMSNAPSHOT.CREATE", "Completed"),
+    "vmsnapshot.reverted": ("VMSNAPSHOT.REVERTTO", "Completed"),
+    "vmsnapshot.deleted": ("VMSNAPSHOT.DELETE", "Completed"), "vmsnapshot.failed": ("VMSNAPSHOT.CREATE", "Error"),
+    "group.created": ("VM.GROUP.CREATE", "Completed"), "group.deleted": ("VM.GROUP.DELETE", "Completed"),
+    "ha.restart.started": ("HA.VM.RESTART", "Started"), "ha.restart.succeeded": ("HA.VM.RESTART", "Completed"),
+    "ha.restart.failed": ("HA.VM.RESTART", "Error"),
+}  # fmt: skip
+
+
+def cloudstack_event(event_type: str) -> tuple[str, str] | None:
+    """CloudStack's (type, state) for a moldd event type, e.g. ``vm.start.requested`` → ("VM.START", "Scheduled");
+    None for types CloudStack has no name for."""
+    if event_type in _CLOUDSTACK_DONE:
+        return _CLOUDSTACK_DONE[event_type]
+    verb, _, phase = event_type.rpartition(".")
+    name = _CLOUDSTACK_VERBS.get(verb)
+    if name is None:
+        return None
+    return {"requested": (name, "Scheduled"), "failed": (name, "Error")}.get(phase)
 
 
 def upcasters() -> Upcasters:
@@ -105,4 +153,4 @@ def upcasters() -> Upcasters:
     return reg
 
 
-__all__ = ["EVENT_TYPES", "upcasters"]
+__all__ = ["EVENT_TYPES", "cloudstack_event", "upcasters"]

@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import Processor
 
+from moldd.observe import journald
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -33,12 +35,37 @@ def _level_number(level: str | int) -> int:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(_LEVELS)}") from None
 
 
-def configure_logging(level: str | int = "info", json: bool = True, stream: TextIO | None = None) -> None:
+class _SkipEmptyHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """In journal mode a record already sent to journald formats to ``""``: print nothing for it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if text:
+            self.stream.write(text + self.terminator)
+            self.flush()
+
+
+def configure_logging(
+    level: str | int = "info",
+    json: bool = True,
+    stream: TextIO | None = None,
+    *,
+    journal: bool | None = None,
+    journal_socket: str = journald.DEFAULT_SOCKET,
+) -> None:
     """Configure structlog (and stdlib logging) once, at daemon start-up.
 
-    ``json=False`` renders coloured key=value lines for a person at a terminal.
+    ``json=False`` renders coloured key=value lines for a person at a terminal. ``journal``: send records to
+    journald with structured fields (``MOLDD_VM=``, ``MOLDD_HOST=``, ``MOLDD_EVENT_POSITION=``, ``PRIORITY``;
+    see :mod:`moldd.observe.journald`); ``None`` decides from ``$MOLDD_LOG_TARGET`` / ``$JOURNAL_STREAM``.
     """
     out = sys.stderr if stream is None else stream
+    if journal is None:
+        journal = journald.use_journal(stream=out)
     number = _level_number(level)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -52,18 +79,24 @@ def configure_logging(level: str | int = "info", json: bool = True, stream: Text
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    final: Processor = renderer
+    stdlib_final: Processor = renderer
+    if journal:
+        sender = journald.JournalSender(journal_socket)
+        final = journald.JournalRenderer(sender, renderer, drop=True)
+        stdlib_final = journald.JournalRenderer(sender, renderer, drop=False)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, final],
         wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
 
-    handler = logging.StreamHandler(out)
+    handler = _SkipEmptyHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, stdlib_final],
         )
     )
     root = logging.getLogger()

@@ -11,14 +11,23 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from moldd.api import handlers
+from moldd.api.cloudstack.handler import CloudStackEndpoint
+from moldd.api.cloudstack.handler import add_route as add_cloudstack_route
 from moldd.api.keys import ACCESS_KEY, ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS_KEY, ApiSettings
 from moldd.api.peercred import AccessPolicy, peer_creds
 from moldd.app.bus import CommandBus
 from moldd.domain.errors import MolddError, PermissionDenied
+from moldd.observe import web as observe_web
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "invalid_argument"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "invalid_argument",
+    415: "unsupported_media_type",
+}
 
 
 @web.middleware
@@ -35,6 +44,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return handlers.plain_error_response(exc.status, code, exc.reason)
     except asyncio.CancelledError:
         raise
+    except ConnectionError as exc:
+        # the client went away (mid-body, say): nothing to answer and nothing wrong with the daemon
+        log.debug("client_gone", path=request.path, method=request.method, error=repr(exc))
+        return handlers.plain_error_response(400, "client_gone", "the connection was lost", "body")
     except Exception:
         log.exception("internal_error", path=request.path, method=request.method)
         return handlers.plain_error_response(
@@ -52,7 +65,7 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
         creds = peer_creds(sock)
     except OSError:
         raise PermissionDenied("moldd answers only local clients on its Unix socket") from None
-    request[ACTOR_KEY] = request.app[ACCESS_KEY].actor_for(creds)
+    request[ACTOR_KEY] = await request.app[ACCESS_KEY].async_actor_for(creds, sock)
     return await handler(request)
 
 
@@ -70,6 +83,8 @@ def make_app(
     *,
     access: AccessPolicy | None = None,
     settings: ApiSettings | None = None,
+    cloudstack: CloudStackEndpoint | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
     app = web.Application(
@@ -84,4 +99,7 @@ def make_app(
     app.router.add_post("/v1/command", handlers.async_command)
     app.router.add_get("/v1/events", handlers.async_events)
     app.router.add_get("/v1/health", handlers.async_health)
+    if cloudstack is not None:
+        add_cloudstack_route(app, cloudstack)  # /client/api, CloudStack's query API
+    observe_web.add_routes(app, metrics)  # /metrics, /status, /v1/status, /v1/events/sse (read-only)
     return app

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moldd.domain.errors import ValidationError
+from moldd.domain.names import check_safe_text
 
 MAX_COMMAND_ID_LEN = 128
 MAX_POSITION = 2**63 - 1  # SQLite INTEGER
@@ -50,6 +51,14 @@ def parse_command(body: Any, verbs: Collection[str]) -> CommandEnvelope:
         not isinstance(command_id, str) or not 1 <= len(command_id) <= MAX_COMMAND_ID_LEN
     ):
         raise ValidationError(f'"id" must be a string of 1 to {MAX_COMMAND_ID_LEN} characters', field="id")
+    if command_id is not None:
+        check_safe_text(command_id, "id")
+    if command_id is not None and (
+        not command_id.strip() or command_id != command_id.strip()
+    ):
+        raise ValidationError(
+            '"id" must be printable text without control characters or surrounding spaces', field="id"
+        )
     if verb not in verbs:
         raise unknown_command(verb, verbs)
     return CommandEnvelope(verb=verb, args=args, command_id=command_id)

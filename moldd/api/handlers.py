@@ -35,6 +35,11 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=s
 _OPTIONS = orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
+class UnsupportedMediaType(ValidationError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
 def _default(value: Any) -> Any:
     encoded = getattr(value, "encoded_json", None)
     if encoded is not None:
@@ -103,6 +108,11 @@ async def _read_json(request: web.Request) -> Any:
 async def async_command(request: web.Request) -> web.Response:
     """``POST /v1/command``."""
     bus = request.app[BUS_KEY]
+    if request.content_type != JSON:
+        raise UnsupportedMediaType(
+            f"the request body must be sent as Content-Type: {JSON}, not {request.content_type or 'none'}",
+            field="Content-Type",
+        )
     envelope = parse_command(await _read_json(request), bus.verbs())
     actor = request[ACTOR_KEY]
     who = {"verb": envelope.verb, "command_id": envelope.command_id, "actor": str(actor)}
@@ -136,11 +146,14 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     query = parse_events_query(request.query)
     settings = request.app[SETTINGS_KEY]
     closing = request.app[CLOSING_KEY]
-    entries = request.app[BUS_KEY].async_follow(query.from_position)
+    entries = request.app[BUS_KEY].async_follow(
+        query.from_position, stream=query.stream, correlation=query.correlation
+    )
 
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
     response.enable_chunked_encoding()
     await response.prepare(request)
+    _FOLLOWERS[0] += 1
     try:
         await _async_pump(
             entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s
@@ -155,6 +168,9 @@ async def async_events(request: web.Request) -> web.StreamResponse:
         aclose = getattr(entries, "aclose", None)
         if aclose is not None:
             await aclose()
+        _FOLLOWERS[0] -= 1
+        if _FOLLOWERS[0] == 0:
+            await asyncio.to_thread(release_memory)
     if not request.transport or request.transport.is_closing():
         return response
     try:
@@ -162,6 +178,25 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass
     return response
+
+
+_FOLLOWERS = [0]  # open event streams in this process
+
+
+def release_memory() -> None:
+    """Give freed heap back to the system once the last follower has gone (glibc keeps it otherwise, and RSS
+    would stay at the peak of a burst of followers)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    trim(0)
 
 
 class _StalledClient(Exception):

@@ -6,6 +6,9 @@ client sends can change who it is. :func:`authorize` is the whole rule, as a pur
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
 import grp
 import os
 import pwd
@@ -14,6 +17,7 @@ import struct
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 from moldd.app.bus import Actor
 from moldd.domain.errors import PermissionDenied
@@ -32,6 +36,26 @@ def peer_creds(sock: socket.socket) -> PeerCreds:
     """The credentials of the process that connected ``sock`` (an ``AF_UNIX`` stream socket)."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return PeerCreds(pid=pid, uid=uid, gid=gid)
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13: the peer's groups at connect()
+_GID = struct.Struct("I")
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    """The peer's supplementary groups as the kernel recorded them at ``connect()`` (``SO_PEERGROUPS``), or
+    ``None`` where the kernel does not give them."""
+    size = 64 * _GID.size
+    for _ in range(3):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 65536 * _GID.size:
+                size = 65536 * _GID.size
+                continue
+            return None
+        return tuple(g for (g,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
+    return None
 
 
 def authorize(
@@ -100,12 +124,19 @@ class AccessPolicy:
         daemon_uid: int | None = None,
         cache_ttl_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        group_role: str = "admin",
+        admin_group_gid: int | None = None,
     ) -> None:
         self.allowed_group_gid = allowed_group_gid
+        # Roles on the socket ([roles] in the config): root and the daemon's uid are admins, members of
+        # ``admin_group_gid`` too; the other members of the socket group get ``group_role``.
+        self.group_role = group_role
+        self.admin_group_gid = admin_group_gid
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self._ttl = cache_ttl_s
         self._clock = clock
         self._cache: dict[tuple[int, int], tuple[float, str | None, tuple[int, ...]]] = {}
+        self._pending: dict[tuple[int, int], asyncio.Future[tuple[str | None, tuple[int, ...]]]] = {}
 
     def _lookup(self, uid: int, gid: int) -> tuple[str | None, tuple[int, ...]]:
         now = self._clock()
@@ -120,7 +151,45 @@ class AccessPolicy:
         return name, groups
 
     def actor_for(self, creds: PeerCreds) -> Actor:
-        """The :class:`Actor` for an allowed peer; raises ``PermissionDenied`` for any other."""
+        """The :class:`Actor` for an allowed peer; raises ``PermissionDenied`` for any other. Blocking (NSS):
+        the daemon uses :meth:`async_actor_for`."""
         name, groups = self._lookup(creds.uid, creds.gid)
-        authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
-        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name)
+        return self._actor(creds, name, groups)
+
+    async def async_actor_for(self, creds: PeerCreds, sock: socket.socket | None = None) -> Actor:
+        """:meth:`actor_for` without blocking the loop: the peer's groups come from the kernel
+        (``SO_PEERGROUPS``) where it gives them, and the user name / group database look-ups (NSS: files, SSSD,
+        LDAP ...) run on a thread, one at a time per (uid, gid), cached for ``cache_ttl_s``."""
+        kernel_groups = peer_groups(sock) if sock is not None else None
+        name, nss_groups = await self._async_lookup(creds.uid, creds.gid)
+        groups = kernel_groups if kernel_groups is not None else nss_groups
+        return self._actor(creds, name, groups)
+
+    def _actor(self, creds: PeerCreds, name: str | None, groups: Collection[int]) -> Actor:
+        """Allowed or not (:func:`authorize`), and the role: root, the daemon's uid and members of the admin
+        group are admins; the other members of the socket group get ``group_role``."""
+        admin = creds.uid in (0, self.daemon_uid) or (
+            self.admin_group_gid is not None
+            and (creds.gid == self.admin_group_gid or self.admin_group_gid in groups)
+        )
+        if not admin:
+            authorize(creds, self.allowed_group_gid, daemon_uid=self.daemon_uid, supplementary_gids=groups)
+        role = "admin" if admin else self.group_role
+        return Actor(uid=creds.uid, gid=creds.gid, pid=creds.pid, user=name, role=role)
+
+    async def _async_lookup(self, uid: int, gid: int) -> tuple[str | None, tuple[int, ...]]:
+        hit = self._cache.get((uid, gid))
+        if hit is not None and self._clock() - hit[0] < self._ttl:
+            return hit[1], hit[2]
+        key = (uid, gid)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(self._lookup, uid, gid))
+            self._pending[key] = pending
+            pending.add_done_callback(functools.partial(self._looked_up, key))
+        return await asyncio.shield(pending)
+
+    def _looked_up(self, key: tuple[int, int], fut: asyncio.Future[Any]) -> None:
+        self._pending.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()

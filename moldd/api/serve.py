@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -15,10 +16,14 @@ from aiohttp import web
 
 from moldd import systemd
 from moldd.api.app import make_app
+from moldd.api.cloudstack.handler import CloudStackEndpoint
 from moldd.api.keys import ApiSettings
 from moldd.api.peercred import AccessPolicy
+from moldd.api.protocol import AcceptErrorFilter, LimitedSite
 from moldd.app.bus import CommandBus
+from moldd.config import ApiConfig
 from moldd.domain.errors import ValidationError
+from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd.api")
 
@@ -83,9 +88,12 @@ class ApiServer:
     sock: socket.socket
     path: str | None
     owns_path: bool
+    accept_errors: AcceptErrorFilter | None = None
 
     async def async_close(self) -> None:
         await self.runner.cleanup()
+        if self.accept_errors is not None:
+            self.accept_errors.uninstall()
         if self.owns_path and self.path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -101,6 +109,11 @@ async def async_serve(
     use_socket_activation: bool = True,
     settings: ApiSettings | None = None,
     shutdown_timeout_s: float = 5.0,
+    api: ApiConfig | None = None,
+    cloudstack: CloudStackEndpoint | None = None,
+    group_role: str = "admin",
+    admin_group: str | int | None = None,
+    metrics: Metrics | None = None,
 ) -> ApiServer:
     """Serve the API for ``bus`` and return once it accepts connections.
 
@@ -110,6 +123,9 @@ async def async_serve(
     :func:`moldd.api.peercred.authorize`).
     """
     gid = resolve_group(group)
+    limits = api or ApiConfig()
+    if settings is None:
+        settings = ApiSettings(max_body_bytes=limits.max_body_bytes)
     owns_path = False
     if sock is None and use_socket_activation:
         fds = systemd.listen_fds()
@@ -119,18 +135,43 @@ async def async_serve(
             for extra in fds[1:]:
                 os.close(extra)
     if sock is None:
-        sock = bind_unix_socket(socket_path, mode=mode, gid=gid)
+        sock = bind_unix_socket(socket_path, mode=mode, gid=gid, backlog=limits.backlog)
         owns_path = True
     path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    app = make_app(bus, access=AccessPolicy(gid), settings=settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s)
+    access = AccessPolicy(gid, group_role=group_role, admin_group_gid=resolve_group(admin_group))
+    app = make_app(bus, access=access, settings=settings, cloudstack=cloudstack, metrics=metrics)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout_s,
+        keepalive_timeout=limits.idle_timeout_s,
+    )
     await runner.setup()
+    if metrics is not None and runner.server is not None:
+        metrics.track_server(runner.server)
+    accept_errors = AcceptErrorFilter(asyncio.get_running_loop())
     try:
-        await web.SockSite(runner, sock).start()
+        await LimitedSite(runner, sock, limits).start()
     except BaseException:
         await runner.cleanup()
         raise
-    log.info("api_listening", socket=path, mode=oct(mode), gid=gid, activated=not owns_path)
+    accept_errors.install()
+    log.info(
+        "api_listening",
+        socket=path,
+        mode=oct(mode),
+        gid=gid,
+        activated=not owns_path,
+        backlog=limits.backlog,
+        max_connections=limits.max_connections,
+        header_timeout_s=limits.header_timeout_s,
+        body_timeout_s=limits.body_timeout_s,
+    )
     return ApiServer(
-        runner=runner, sock=sock, path=path if isinstance(path, str) else None, owns_path=owns_path
+        runner=runner,
+        sock=sock,
+        path=path if isinstance(path, str) else None,
+        owns_path=owns_path,
+        accept_errors=accept_errors,
     )

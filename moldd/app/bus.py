@@ -9,17 +9,26 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Actor:
-    """Who asked: from SO_PEERCRED for socket clients, or an internal actor such as ``system`` / ``ha``."""
+    """Who asked: from SO_PEERCRED for socket clients, a moldd user (API key) for signed CloudStack requests,
+    or an internal actor such as ``system`` / ``ha``.
+
+    ``role`` (``admin`` / ``operator`` / ``readonly``, see :mod:`moldd.domain.roles`) bounds what the actor
+    may call; ``None`` (internal actors) is not checked. ``via="apikey"`` marks a moldd user authenticated
+    by a signed request: ``user`` is then the moldd user name, not a Unix account."""
 
     uid: int | None = None
     gid: int | None = None
     pid: int | None = None
     user: str | None = None
     internal: str | None = None
+    role: str | None = None
+    via: str | None = None
 
     def __str__(self) -> str:
         if self.internal is not None:
             return self.internal
+        if self.via is not None:
+            return f"user={self.user} via={self.via} role={self.role}"
         who = f"uid={self.uid}" + (f"({self.user})" if self.user else "")
         return f"{who} gid={self.gid} pid={self.pid}"
 
@@ -49,6 +58,9 @@ class CommandBus(Protocol):
         """``{"ok": bool, ...details}``; ``ok`` turns false when a watcher or the log writer is down."""
         ...
 
-    def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
-        """Log entries (as JSON-ready dicts) from ``from_position`` on, then live."""
+    def async_follow(
+        self, from_position: int, *, stream: str | None = None, correlation: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Log entries (as JSON-ready dicts) from ``from_position`` on, then live; only those of ``stream`` /
+        ``correlation`` when given (the adapter filters again, so a bus may ignore them)."""
         ...

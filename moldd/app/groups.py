@@ -14,7 +14,7 @@ from moldd.domain.names import validate_group_name
 async def create_group(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"name", "description"})
     name = validate_group_name(a.raw("name"), field="name")
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     async with app.locks[f"group-{name}"]:
         if name in app.model.groups:
             raise Conflict(f"VM group {name!r} already exists", field="name")
@@ -46,17 +46,27 @@ async def list_groups(app: App, cmd: Command) -> CommandReply:
 
 @verb("deleteInstanceGroup")
 async def delete_group(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"name"}, {"id": "name"})
+    a = Args(cmd.args, {"name", "ungroup"}, {"id": "name"})
     name = a.text("name")
+    # CloudStack's deleteInstanceGroup takes the VMs out of the group; moldd's own API asks for that
+    # explicitly (ungroup=true) and otherwise refuses to delete a group that still holds VMs.
+    ungroup = a.boolean("ungroup", False)
     async with app.locks[f"group-{name}"]:
         if name not in app.model.groups:
             raise NotFound(f"no VM group {name!r}", field="name")
         members = [v.name for v in app.model.vms.values() if v.group == name and v.state != "Expunged"]
-        if members:
+        for member in members if ungroup else ():
+            async with app.locks[member]:
+                await app.async_append(
+                    f"vm-{member}",
+                    [NewEvent("vm.updated", {"changes": {"group": None}, "reason": f"group {name} deleted"},
+                              actor=str(cmd.actor), causation_id=cmd.id, correlation_id=cmd.id)],
+                )  # fmt: skip
+        if members and not ungroup:
             raise InvalidState(
                 f"VM group {name!r} still holds {len(members)} VM(s) ({', '.join(members[:5])}): move them out first",
                 field="name",
             )
         ev = NewEvent("group.deleted", {"name": name}, actor=str(cmd.actor), causation_id=cmd.id)
         res = await app.async_append(f"group-{name}", [ev], command_id=cmd.id)
-    return CommandReply(result={"group": {"name": name, "deleted": True}}, position=res.last_position)
+    return CommandReply(result={"group": {"name": name, "deleted": True, "ungrouped": members if ungroup else []}}, position=res.last_position)

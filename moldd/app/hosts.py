@@ -153,6 +153,8 @@ class HostManager:
                         await self._async_stale_copy(host, vm, dom.state)
                     elif vm.state in (VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN) and not app.busy(vm.name):
                         await self._async_adopt(host, vm, dom.state)
+                elif dom is not None and dom.persistent and vm.host is not None:
+                    await self._async_stale_definition(host, vm.name)
                 continue
             async with app.locks[vm.name]:
                 vm = app.model.vms[vm.name]
@@ -253,6 +255,35 @@ class HostManager:
             }
             await self.app.async_append(f"vm-{vm.name}", [NewEvent("vm.reconciled", payload, actor="system")])
         log.warning("vm_adopted", vm=vm.name, host=host, was=vm.state, log_host=vm.host)
+
+    async def _async_stale_definition(self, host: str, name: str) -> None:
+        """A shut-off definition of a VM that lives on another host now (HA moved it while this host was away):
+        undefine it, so a later resync or start cannot mistake it for the VM, and record that."""
+        app = self.app
+        if app.busy(name):
+            return
+        async with app.locks[name]:
+            vm = app.model.vms[name]
+            if vm.host in (None, host) or VMState(vm.state) in TRANSIENT or vm.state == VMState.EXPUNGED:
+                return
+            try:
+                conn = self.conn(host)
+                state = await conn.async_domain_state(vm.internal_name)
+                if state is None or is_on(state):
+                    return  # gone meanwhile, or started: the stale-copy rule handles a running one
+                await conn.async_undefine(vm.internal_name)
+            except MolddError as exc:
+                log.warning("stale_definition_not_removed", vm=name, host=host, reason=exc.message)
+                return
+            await app.async_append(
+                f"vm-{name}",
+                [NewEvent(
+                    "vm.stale_definition_removed",
+                    {"host": host, "current_host": vm.host, "domain_state": state},
+                    actor="system",
+                )],
+            )  # fmt: skip
+        log.warning("stale_definition_removed", vm=name, host=host, current_host=vm.host)
 
     async def _async_stale_copy(self, host: str, vm: Any, domain_state: str) -> None:
         """A copy of a VM runs on a host that is not its current one (a host came back after its VMs were

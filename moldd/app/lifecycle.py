@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,11 +17,13 @@ from events import NO_STREAM, NewEvent
 from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
-from moldd.app.placement import place_existing, place_new_vm
+from moldd.app.placement import place_existing, place_new_vm, place_returning_vm
+from moldd.app.secrets import protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
-from moldd.domain.ha import parse_policy
+from moldd.domain.ha import blame_elsewhere, parse_policy
+from moldd.domain.ids import is_uuid
 from moldd.domain.names import (
     generate_vm_name,
     internal_name,
@@ -51,7 +55,7 @@ def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> 
 # -- deploy ----------------------------------------------------------------------------------------------
 DEPLOY_ARGS = {
     "offering", "template", "iso", "displayname", "hostname", "group", "ha", "hapolicy", "hapriority",
-    "host", "rootdisksize", "startvm", "details", "description", "ostype",
+    "host", "rootdisksize", "startvm", "details", "description", "ostype", "cluster",
 }  # fmt: skip
 DEPLOY_ALIASES = {
     "serviceofferingid": "offering",
@@ -78,6 +82,8 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         )
     template = app.catalog("template", template_name) if template_name else None
     iso = app.catalog("iso", iso_name) if iso_name else None
+    # the catalog also knows an item by its stable id: the log records the name
+    template_name, iso_name = (template.name if template else None), (iso.name if iso else None)
     size_gb = a.integer("rootdisksize", None, min=1, max=4096)
     if iso is not None and size_gb is None:
         raise ValidationError(
@@ -93,14 +99,17 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     priority = a.integer("hapriority", 0, min=0, max=100)
     details = {k: v for k, v in validate_details(a.mapping("details", {})).items() if v is not None}
     start = a.boolean("startvm", True)
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     os_type = a.text(
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
     requested_host = a.text("host", None)
+    if requested_host is not None and is_uuid(requested_host):
+        requested_host = app.catalog("host", requested_host, "host").name
+    cluster = a.text("cluster", None)  # CloudStack's zone
 
     async with app.placement_lock:
-        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations)
+        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations, cluster=cluster)
         name = generate_vm_name(set(app.model.vms))
         hostname = hostname or name
         if hostname_taken(app, hostname):
@@ -129,11 +138,11 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
             "ha_enabled": ha,
             "ha_policy": str(policy),
             "ha_priority": priority,
-            "offering": dataclasses.asdict(offering),
+            "offering": offering.model_dump(),
             "template": template_name,
             "iso": iso_name,
             "root_disk": {"size_gb": size_gb},
-            "details": details,
+            "details": protect_details(app.secrets, details),
             "start": start,
         }
         ev = NewEvent(
@@ -184,8 +193,10 @@ async def async_run_deploy(app: App, name: str, cmd: Command, start: bool) -> No
 async def async_start_on(
     app: App, name: str, host: str, *, cmd: Command | None = None, job: str | None = None, actor: Actor | None = None,
     ok_type: str = "vm.started", fail_type: str = "vm.start.failed", extra: dict[str, Any] | None = None,
+    blame: dict[str, Any] | None = None,
 ) -> bool:  # fmt: skip
-    """Define (so offering and settings changes apply) and start the domain on ``host``; record the outcome."""
+    """Define (so offering and settings changes apply) and start the domain on ``host``; record the outcome.
+    On failure ``blame`` (if given) gets ``counts`` (False: not the VM's own failure) and the reason."""
     vm = app.model.vms[name]
     try:
         conn = app.hosts.conn(host)
@@ -193,8 +204,13 @@ async def async_start_on(
         if await conn.async_domain_state(vm.internal_name) not in ("running", "paused", "blocked"):
             await conn.async_create(vm.internal_name)
     except MolddError as exc:
+        elsewhere = blame_elsewhere(exc.message)
+        found = {"counts": elsewhere is None} | ({"not_the_vms_fault": elsewhere} if elsewhere else {})
+        if blame is not None:
+            blame.update(found)
         await app.async_record(
-            name, fail_type, {"host": host, "error": err(exc), "job_status": "failed", **(extra or {})},
+            name, fail_type,
+            {"host": host, "error": err(exc), "job_status": "failed", **found, **(extra or {})},
             cmd=cmd, job=job, actor=actor,
         )  # fmt: skip
         return False
@@ -216,12 +232,12 @@ async def async_start_on(
 async def start_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
+    target = a.text("host", None)
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(vm.state, Action.START)
-        target = a.text("host", None)
         if target is not None:
-            app.catalog("host", target)
+            target = app.catalog("host", target).name  # a name or its stable id
         host = place_existing(
             app.config,
             app.model,
@@ -311,37 +327,98 @@ async def reboot_vm(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
+# what libvirt reports when a guest honours an ACPI reboot: its reset (libvirt's REBOOT event, from a fake reboot)
+REBOOT_SIGNS = frozenset({"REBOOTED", "SHUTDOWN", "STARTED", "STOPPED"})
+
+
+@contextlib.contextmanager
+def domain_event_waiter(
+    app: App, name: str, kinds: frozenset[str]
+) -> Iterator[asyncio.Future[dict[str, Any]]]:
+    """A future set by the first libvirt lifecycle event of ``kinds`` on the VM's stream folded from now on."""
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    stream = f"vm-{name}"
+
+    def listener(ev: Any, model: Any) -> None:
+        if (
+            not fut.done()
+            and ev.stream_id == stream
+            and ev.event_type == "libvirt.domain_event"
+            and ev.payload.get("event") in kinds
+        ):
+            fut.set_result(dict(ev.payload) | {"position": ev.position})
+
+    app.projector.listeners.append(listener)
+    try:
+        yield fut
+    finally:
+        with contextlib.suppress(ValueError):
+            app.projector.listeners.remove(listener)
+
+
 async def _async_reboot_job(app: App, name: str, forced: bool, cmd: Command) -> None:
+    """Forced: a reset (``virDomainReset``), done when libvirt says so. Graceful: the ACPI request, done when the
+    guest reacts (its shutdown / reset is reported) within the stop timeout; a guest that ignores it is reported
+    as such, not as rebooted."""
     vm = app.model.vms[name]
+    timeout = app.config.stop_timeout_s
     try:
         assert vm.host is not None
-        await app.hosts.conn(vm.host).async_reboot(vm.internal_name)
+        conn = app.hosts.conn(vm.host)
+        if forced:
+            await conn.async_reset(vm.internal_name)
+            how: dict[str, Any] = {"how": "reset"}
+        else:
+            with domain_event_waiter(app, name, REBOOT_SIGNS) as sign:
+                await conn.async_reboot(vm.internal_name)
+                try:
+                    seen = await asyncio.wait_for(sign, timeout)
+                except TimeoutError:
+                    raise MolddError(
+                        f"the guest did not react to the ACPI reboot request within {timeout:g} s (no ACPI "
+                        "support, or it ignores the power button); reboot with forced=true to reset it",
+                        code="guest_ignored_reboot",
+                    ) from None
+            how = {"how": "acpi", "seen": {"event": seen.get("event"), "detail": seen.get("detail"),
+                                           "position": seen["position"]}}  # fmt: skip
     except MolddError as exc:
         await app.async_record(name, "vm.reboot.failed", {"error": err(exc), "job_status": "failed"}, cmd=cmd)
         return
-    await app.async_record(name, "vm.rebooted", {"forced": forced, "job_status": "succeeded"}, cmd=cmd)
+    await app.async_record(
+        name, "vm.rebooted", {"forced": forced, **how, "job_status": "succeeded"}, cmd=cmd
+    )
 
 
 # -- destroy / recover / expunge -------------------------------------------------------------------------
 @verb("destroyVirtualMachine")
 async def destroy_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"id", "expunge"}, VM_ALIASES)
+    a = Args(cmd.args, {"id", "expunge", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     expunge = a.boolean("expunge", False)
-    vm, res = await app.async_accept(
-        cmd, vm, Action.DESTROY, "vm.destroy.requested", lambda v: {"expunge": expunge, "host": v.host}
-    )
-    app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd))
+    forced = a.boolean("forced", False)
+    # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
+    decided: dict[str, Any] = {}
+
+    def payload(v: VM) -> dict[str, Any]:
+        decided["expunge"] = expunge or v.state == VMState.ERROR  # decided on the state as checked
+        return {"expunge": decided["expunge"], "forced": forced, "host": v.host}
+
+    vm, res = await app.async_accept(cmd, vm, Action.DESTROY, "vm.destroy.requested", payload)
+    expunge = decided["expunge"]
+    app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd, forced=forced))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
-async def _async_destroy_job(app: App, name: str, expunge: bool, cmd: Command) -> None:
+async def _async_destroy_job(app: App, name: str, expunge: bool, cmd: Command, *, forced: bool = False) -> None:
+    """As CloudStack: a running VM is stopped first (ACPI, then forced off after the stop timeout; at once when
+    ``forced``) and recorded Stopped, so there is no Running -> Destroyed edge; then its definition goes."""
     vm = app.model.vms[name]
     try:
         if vm.host is not None and (vm.power_state != "off" or app.hosts.is_connected(vm.host)):
             conn = app.hosts.conn(vm.host)
             if await conn.async_domain_state(vm.internal_name) not in (None, "shutoff", "crashed"):
-                await conn.async_destroy(vm.internal_name)
+                how = await async_power_off(app, vm, forced)
+                await app.async_record(name, "vm.stopped", {**how, "for": "destroy"}, cmd=cmd)
             await conn.async_undefine(vm.internal_name)
     except MolddError as exc:
         await app.async_record(
@@ -377,7 +454,20 @@ async def async_expunge_now(
 async def recover_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    vm, res = await app.async_accept(cmd, vm, Action.RECOVER, "vm.recovered", lambda v: {})
+    # A recovered VM counts again (a Destroyed one does not): it needs room like a deploy does.
+    placed: dict[str, Any] = {}
+
+    def checker(v: VM) -> None:
+        check(VMState(v.state), Action.RECOVER)
+        host = place_returning_vm(
+            app.config, app.model, v.name, current=v.host, cluster=v.cluster, reserved=app.migrations
+        )
+        placed.update(host=host.name, cluster=host.cluster)
+
+    async with app.placement_lock:
+        vm, res = await app.async_accept(
+            cmd, vm, Action.RECOVER, "vm.recovered", lambda v: dict(placed), checker=checker
+        )
     return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
 
 
@@ -390,6 +480,17 @@ async def expunge_vm(app: App, cmd: Command) -> CommandReply:
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
+async def _async_retry_expunge(app: App, name: str) -> None:
+    async with app.locks[name]:
+        current = app.model.vms[name]
+        if current.state != "Expunging" or current.job:
+            return
+        job = f"expunge-{name}-{current.version}"
+        await app.async_record(current, "vm.expunge.requested", {"reason": "retry of a failed expunge"}, job=job,
+                               actor=SYSTEM)  # fmt: skip
+    app.spawn_job(job, name, async_expunge_now(app, name, job=job))
+
+
 async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
     """Expunge Destroyed VMs whose delay has passed (CloudStack's expunge sweeper). Each expunge is re-checked
     under the VM's lock and runs as a job of its own, so resync and other commands see the VM as busy."""
@@ -397,6 +498,9 @@ async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
         try:
             now = datetime.now(UTC).isoformat()
             for vm in list(app.model.vms.values()):
+                if vm.state == "Expunging" and not vm.job and not app.busy(vm.name):
+                    await _async_retry_expunge(app, vm.name)  # a failed expunge stays Expunging: retried here
+                    continue
                 if vm.state != "Destroyed" or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
                     continue
                 async with app.locks[vm.name]:

@@ -9,7 +9,6 @@ end, so a start or stop sent meanwhile waits and then re-checks, instead of raci
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Coroutine
 from pathlib import Path
@@ -22,6 +21,7 @@ from moldd.app.args import VM_ALIASES, Args
 from moldd.app.bus import CommandReply
 from moldd.app.lifecycle import async_power_off, async_start_on, err, hostname_taken
 from moldd.app.placement import host_loads
+from moldd.app.secrets import SecretStore, protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
 from moldd.domain.errors import (
@@ -74,7 +74,7 @@ def state_of(vm: VM) -> VMState:
 
 
 def offering_named(app: App, name: str) -> dict[str, Any]:
-    return dataclasses.asdict(app.catalog("offering", name))
+    return app.catalog("offering", name).model_dump()
 
 
 async def async_define_stopped(app: App, vm: VM) -> Any:
@@ -118,8 +118,12 @@ EDIT_ALIASES = {
 }  # fmt: skip
 
 
-def settings_event(vm: VM, details: dict[str, Any], cmd: Command) -> NewEvent | None:
+def settings_event(
+    vm: VM, details: dict[str, Any], cmd: Command, secrets: SecretStore | None = None
+) -> NewEvent | None:
     changes = validate_details(details)
+    if secrets is not None:
+        changes = protect_details(secrets, changes)
     merged = dict(vm.details)
     for key, value in changes.items():
         if value is None:
@@ -137,12 +141,24 @@ def settings_event(vm: VM, details: dict[str, Any], cmd: Command) -> NewEvent | 
     )
 
 
+async def _async_live_description(app: App, name: str, text: str) -> None:
+    """The domain's description is the display name: change it on the defined (and running) domain now, not only
+    at the next start. Best effort: the log already holds the change, and the next definition carries it."""
+    vm = app.model.vms[name]
+    if vm.host is None or not app.hosts.is_connected(vm.host):
+        return
+    try:
+        await app.hosts.conn(vm.host).async_set_description(vm.internal_name, text)
+    except MolddError as exc:
+        log.warning("description_not_applied", vm=name, reason=exc.message)
+
+
 @verb("updateVirtualMachine")
 async def update_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
     if "vmname" in a:
         raise ValidationError(
-            "the VM name (ID) is immutable; change displayname or hostname instead", field="name"
+            "the VM name (ID) is immutable; change displayname or hostname instead", field="vmname"
         )
     key = a.raw("id") if "id" in a else a.raw("name")
     vm = app.get_vm({"id": key})
@@ -173,10 +189,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
     if "ostype" in a:
         changes["os_type"] = a.text("ostype", max_len=64)
     if "description" in a:
-        description = a.raw("description")
-        if not isinstance(description, str) or len(description) > 1024:
-            raise ValidationError("description must be text of at most 1024 characters", field="description")
-        changes["description"] = description
+        changes["description"] = a.text("description", max_len=1024, multiline=True)
     details = a.mapping("details") if "details" in a else None
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -201,7 +214,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                         correlation_id=cmd.id,
                     )
                 )
-            settings = settings_event(vm, details, cmd) if details is not None else None
+            settings = settings_event(vm, details, cmd, app.secrets) if details is not None else None
             if settings is not None:
                 events.append(settings)
             if not events:
@@ -210,6 +223,8 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                 f"vm-{vm.name}", events, expected_version=vm.version, command_id=cmd.id
             )
     log.info("vm_updated", vm=vm.name, changed=sorted(changed), settings=settings is not None)
+    if "display_name" in changed:
+        await _async_live_description(app, vm.name, changed["display_name"])
     result = {"vm": app.model.vms[vm.name].to_dict(), "changed": changed}
     if settings is not None:
         result["details_changed"] = settings.payload["changes"]
@@ -224,7 +239,7 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
         check(state_of(vm), Action.SETTINGS)
-        ev = settings_event(vm, details, cmd)
+        ev = settings_event(vm, details, cmd, app.secrets)
         if ev is None:
             return CommandReply(
                 result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position
@@ -407,8 +422,7 @@ PROGRESS_EVERY_S = 1.0
 async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
-    dest_name = a.text("host")
-    dest = app.catalog("host", dest_name)
+    dest = app.catalog("host", a.text("host"))  # a name or its stable id
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.locks[vm.name]:
         vm = app.model.vms[vm.name]
@@ -555,7 +569,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
                 "the VM was created from an ISO and has no template: give the template to install",
                 field="template",
             )
-        app.catalog("template", template_name)
+        template_name = app.catalog("template", template_name).name  # a name or its stable id
         running = vm.state == VMState.RUNNING
         res = await app.async_record(
             vm,
@@ -585,10 +599,11 @@ async def _async_restore_job(app: App, name: str, template_name: str, running: b
     new = _next_root(app, vm)
     try:
         if running:
+            # as a stop: ACPI first, forced off only after the stop timeout (the guest may have unsaved state)
             await app.async_record(
-                name, "vm.stop.requested", {"forced": True, "host": vm.host, "for": "restore"}, cmd=cmd
+                name, "vm.stop.requested", {"forced": False, "host": vm.host, "for": "restore"}, cmd=cmd
             )
-            how = await async_power_off(app, vm, forced=True)
+            how = await async_power_off(app, vm, forced=False)
             await app.async_record(name, "vm.stopped", {**how, "for": "restore"}, cmd=cmd)
         size = (await storage.async_info(template.image)).virtual_size
         if old is not None and old.exists():
@@ -649,7 +664,12 @@ async def console(app: App, cmd: Command) -> CommandReply:
             "log": serial.get("log") or str(console_log_path(app.config, vm.name)),
         },
     }
-    return CommandReply(result=result, position=app.model.position)
+    # who opened a VM's console is what an auditor asks: a fact in the log (it changes no state)
+    res = await app.async_record(
+        vm, "vm.console.opened", {"host": vm.host, "vnc": vnc is not None, "serial": bool(serial.get("pty"))},
+        cmd=cmd,
+    )  # fmt: skip
+    return CommandReply(result=result, position=res.last_position)
 
 
 # -- ISO attach / detach ---------------------------------------------------------------------------------
@@ -657,8 +677,8 @@ async def console(app: App, cmd: Command) -> CommandReply:
 async def attach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "iso"}, VM_ALIASES | {"isoid": "iso"})
     vm = app.get_vm({"id": a.raw("id")})
-    iso_name = a.text("iso")
-    iso = app.catalog("iso", iso_name)
+    iso = app.catalog("iso", a.text("iso"))  # a name or its stable id
+    iso_name = iso.name
     lock = await async_claim(app, vm.name)
     try:
         vm = app.model.vms[vm.name]

@@ -6,18 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from events import StoredEvent
+from events.canonical import canonical_text
+from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
 from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.projector")
 SNAPSHOT_NAME = "moldd.readmodel"
 
 Listener = Callable[[StoredEvent, ReadModel], None]
+T = TypeVar("T")
+
+
+RESTORE_BATCH = 5000
+SNAPSHOT_CPU_SHARE = 0.1
+"""Background snapshots may use at most this share of the time: after a snapshot that took T seconds the next
+waits at least T / SNAPSHOT_CPU_SHARE (a big model is snapshotted less often than every snapshot_every events)."""
+STOP_SNAPSHOT_TIMEOUT_S = 5.0
+"""async_stop waits at most this long for its final snapshot (the tail since the last one is replayed next start)."""
 
 
 class Projector:
@@ -29,37 +42,76 @@ class Projector:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
+        self._sealed_at = 0  # log position of the seal of the newest snapshot taken or loaded
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._next_snapshot_at = 0.0  # time.monotonic() before which no background snapshot starts
+        self.snapshot_position = 0  # position of the newest snapshot this projector wrote
         self.failed: BaseException | None = None
 
+    async def async_load_snapshot(self) -> int:
+        """Load the newest snapshot if the log vouches for it (a seal in the chain records its digest, and
+        the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
+        whole log is folded. Returns the snapshot's position (0: none used)."""
+        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME)
+        if snap is None:
+            if why is not None:
+                log.warning("snapshot_ignored", reason=why, folding="the whole log")
+            return 0
+        try:
+            model = ReadModel.from_dict(snap.state)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("snapshot_ignored", reason=f"cannot be read: {exc!r}", folding="the whole log")
+            return 0
+        if model.position != snap.position:
+            log.warning("snapshot_ignored", reason="its state is not at its position", folding="the whole log")
+            return 0
+        self.model = model
+        self._sealed_at = seal_at
+        self.snapshot_position = snap.position
+        return snap.position
+
     async def async_restore(self) -> None:
-        """Load the newest snapshot (if its head hash still matches the log) and fold the tail."""
-        snap = await self.store.async_load_snapshot(SNAPSHOT_NAME)
-        if snap is not None:
-            head = await self.store.async_read(from_position=snap.position, to_position=snap.position)
-            if head and head[0].hash == snap.head_hash:
-                self.model = ReadModel.from_dict(snap.state)
-            else:
-                log.warning(
-                    "snapshot_ignored", reason="head hash differs from the log", position=snap.position
-                )
-        while True:
-            batch = await self.store.async_read(from_position=self.model.position + 1, limit=5000)
-            if not batch:
-                break
-            for ev in batch:
-                self.model.apply(ev)
+        """Load the newest sealed snapshot (async_load_snapshot) unless done, and fold the tail."""
+        if self.model.position == 0:
+            await self.async_load_snapshot()
+        # the next batch is read (on the store's thread) while this one is folded
+        read = self.store.async_read
+        pending = asyncio.ensure_future(read(from_position=self.model.position + 1, limit=RESTORE_BATCH))
+        try:
+            while True:
+                batch = await pending
+                if not batch:
+                    break
+                pending = asyncio.ensure_future(read(from_position=batch[-1].position + 1, limit=RESTORE_BATCH))
+                apply = self.model.apply
+                for ev in batch:
+                    apply(ev)
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
         log.info("projection_restored", position=self.model.position, vms=len(self.model.vms))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._async_follow(), name="projector")
 
-    async def async_stop(self) -> None:
+    async def async_stop(self, *, snapshot: bool = True, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
+        """Stop following; write a final snapshot (unless ``snapshot`` is false) if it takes at most
+        ``snapshot_timeout`` seconds (a stop is never held up longer: without it the next start replays the tail
+        since the previous snapshot)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(Exception):
-            await self.async_snapshot()
+        if not snapshot:
+            return
+        try:
+            await asyncio.wait_for(self.async_snapshot(), snapshot_timeout)
+        except TimeoutError:
+            log.warning("snapshot_skipped_at_stop", timeout_s=snapshot_timeout, position=self.model.position)
+        except Exception:
+            log.exception("snapshot_failed", position=self.model.position)
 
     @property
     def running(self) -> bool:
@@ -79,8 +131,7 @@ class Projector:
                 self._wake()
                 self._since_snapshot += 1
                 if self._since_snapshot >= self.snapshot_every:
-                    self._since_snapshot = 0
-                    await self.async_snapshot()
+                    self._start_background_snapshot()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -110,6 +161,98 @@ class Projector:
         self._waiters.append((position, fut))
         await asyncio.wait_for(fut, timeout)
 
+    def _start_background_snapshot(self) -> None:
+        """A snapshot in its own task: the fold goes on while it is encoded and written; one at a time."""
+        if self._snapshot_task is not None and not self._snapshot_task.done():
+            return
+        if time.monotonic() < self._next_snapshot_at:
+            return
+        self._since_snapshot = 0
+        self._snapshot_task = asyncio.create_task(self._async_background_snapshot(), name="projector-snapshot")
+
+    async def _async_background_snapshot(self) -> None:
+        t0 = time.monotonic()
+        try:
+            await self._async_write_snapshot()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a failed snapshot costs only start-up time: the log is the truth
+            log.exception("snapshot_failed", position=self.model.position)
+        took = time.monotonic() - t0
+        self._next_snapshot_at = time.monotonic() + took / SNAPSHOT_CPU_SHARE
+
     async def async_snapshot(self) -> None:
-        if self.model.position > 0:
-            await self.store.async_save_snapshot(SNAPSHOT_NAME, self.model.position, self.model.to_dict())
+        """Seal and write a snapshot of the model as it is now (nothing when nothing but the last seal happened
+        since) (after any background snapshot still running)."""
+        running = self._snapshot_task
+        if running is not None and not running.done():
+            await asyncio.shield(running)
+        if self.model.position > self._sealed_at:
+            await self._async_write_snapshot()
+
+    async def _async_write_snapshot(self) -> None:
+        """Capture the model's views on the loop (no fold between: a consistent state), encode them to the
+        snapshot's canonical JSON on a daemon thread, one object at a time (the GIL goes back to the loop between
+        objects), then store the bytes."""
+        model = self.model
+        position = model.position
+        if position <= 0:
+            return
+        parts = model.snapshot_parts()
+        data = await _async_in_daemon_thread(lambda: encode_snapshot(parts))
+        _, sealed_at = await async_save_sealed_snapshot_data(self.store, SNAPSHOT_NAME, position, data)
+        self._sealed_at = max(self._sealed_at, sealed_at)
+        self.snapshot_position = max(self.snapshot_position, position)
+
+
+def encode_snapshot(parts: dict[str, Any]) -> bytes:
+    """``canonical_json(parts)`` where ``parts`` maps keys to scalars or to dicts of read-only views, built one
+    view at a time: the same bytes (canonical JSON is sorted keys at every level, so it composes)."""
+    out: list[str] = ["{"]
+    for i, key in enumerate(sorted(parts)):
+        if i:
+            out.append(",")
+        out.append(canonical_text(key))
+        out.append(":")
+        value = parts[key]
+        if type(value) is dict:
+            out.append("{")
+            for j, name in enumerate(sorted(value)):
+                if j:
+                    out.append(",")
+                out.append(canonical_text(name))
+                out.append(":")
+                out.append(canonical_text(value[name]))
+            out.append("}")
+        else:
+            out.append(canonical_text(value))
+    out.append("}")
+    return "".join(out).encode("utf-8")
+
+
+async def _async_in_daemon_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a daemon thread: unlike the default executor, a thread still running when the loop ends does
+    not hold up the process's exit (a stop that gave up waiting for a snapshot exits at once)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="moldd-snapshot", daemon=True).start()
+    return await fut

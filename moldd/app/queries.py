@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
-from moldd.app.args import Args
+from moldd.app.args import MAX_POSITION, Args
 from moldd.app.bus import CommandReply
 from moldd.app.placement import capacities
 from moldd.app.service import App, Command, event_view, verb
@@ -33,18 +32,19 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
     if "id" in a:
         vms = [app.get_vm({"id": a.raw("id")}, expunged=a.boolean("listall", False))]
     else:
-        show_expunged = a.boolean("listall", False) or state == "Expunged"
-        vms = [v for v in app.model.vms.values() if show_expunged or v.state != "Expunged"]
+        # in id order already, cached by the read model: a page costs its slice, not a sort of every VM
+        vms = app.model.vms_listed(a.boolean("listall", False) or state == "Expunged")
     page, pagesize = _paging(a)
-    vms = [
-        v
-        for v in vms
-        if (state is None or v.state == state)
-        and (group is None or v.group == group)
-        and (host is None or v.host == host)
-        and (keyword is None or keyword.lower() in f"{v.name} {v.display_name} {v.hostname}".lower())
-    ]
-    vms.sort(key=_BY_ID)
+    if state is not None or group is not None or host is not None or keyword is not None:
+        kw = keyword.lower() if keyword is not None else None
+        vms = [
+            v
+            for v in vms
+            if (state is None or v.state == state)
+            and (group is None or v.group == group)
+            and (host is None or v.host == host)
+            and (kw is None or kw in f"{v.name} {v.display_name} {v.hostname}".lower())
+        ]
     if pagesize is not None:
         vms_page = vms[(page - 1) * pagesize : page * pagesize]
     else:
@@ -54,16 +54,14 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
 
 
 MAX_PAGE_SIZE = 10000
-
-
-_BY_ID = operator.attrgetter("id")
+MAX_PAGE = 1_000_000
 
 
 def _paging(a: Args) -> tuple[int, int | None]:
     """CloudStack paging: ``page`` (from 1) with ``pagesize``; without them, every match. ``count`` stays the
     number of matches, so a client knows how many pages there are."""
     pagesize = a.integer("pagesize", None, min=1, max=MAX_PAGE_SIZE)
-    page = a.integer("page", None, min=1)
+    page = a.integer("page", None, min=1, max=MAX_PAGE)
     if page is not None and pagesize is None:
         raise ValidationError("page needs pagesize (the number of items per page)", field="pagesize")
     return (page or 1), pagesize
@@ -80,8 +78,7 @@ async def list_hosts(app: App, cmd: Command) -> CommandReply:
             if state
             else {"name": h.name, "uri": h.uri, "cluster": h.cluster, "max_vms": h.max_vms}
         )
-        view["vms"] = app.model.counted_on(h.name)
-        view["running"] = sum(1 for v in app.model.vms_on(h.name) if v.state == "Running")
+        view |= app.model.host_counts(h.name)
         hosts.append(view)
     return _reply(app, {"count": len(hosts), "host": hosts})
 
@@ -95,12 +92,21 @@ async def list_clusters(app: App, cmd: Command) -> CommandReply:
 
 @verb("listEvents")
 async def list_events(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"vm", "stream", "from", "limit", "type"}, {"id": "vm", "startid": "from"})
+    a = Args(cmd.args, {"vm", "stream", "from", "limit", "type", "newest"}, {"id": "vm", "startid": "from"})
     limit = a.integer("limit", 100, min=1, max=10000)
-    start = a.integer("from", 1, min=1)
+    start = a.integer("from", 1, min=1, max=MAX_POSITION)
     event_type = a.text("type", None)
+    newest = a.boolean("newest", False)  # the last ``limit`` entries (oldest first), and how many came before
+    if newest and "from" in a:
+        raise ValidationError("give either from (a start position) or newest, not both", field="newest")
+    if newest and not ("vm" in a or "stream" in a or event_type is not None):
+        head, _ = await app.store.async_head()
+        start = max(1, head - limit + 1)
+        events = await app.store.async_read(from_position=start, limit=limit)
+        more = {"older": start - 1, "from": 1} if start > 1 else {}
+        return _reply(app, {"count": len(events), "event": [event_view(e) for e in events], "more": more})
     if "vm" in a:
-        vm = app.get_vm({"id": a.raw("vm")}, "id", expunged=True)
+        vm = app.get_vm({"vm": a.raw("vm")}, "vm", expunged=True)
         events = await app.store.async_read_stream(f"vm-{vm.name}")
         events = [e for e in events if e.position >= start]
     elif "stream" in a:
@@ -112,8 +118,19 @@ async def list_events(app: App, cmd: Command) -> CommandReply:
         events = [
             e for e in events if e.event_type == event_type or e.event_type.startswith(event_type + ".")
         ]
-    events = events[:limit]
-    return _reply(app, {"count": len(events), "event": [event_view(e) for e in events]})
+    total = len(events)
+    if newest:
+        first = events[0].position if events else start
+        events = events[-limit:]
+        more = {"older": total - len(events), "from": first} if total > len(events) else {}
+    else:
+        events = events[:limit]
+        more = {"newer": total - len(events), "next": events[-1].position + 1} if total > len(events) else {}
+        if not more and event_type is None and not ("vm" in a or "stream" in a) and len(events) == limit:
+            head, _ = await app.store.async_head()  # the whole log was read with a limit: say what follows
+            if head > events[-1].position:
+                more = {"newer": head - events[-1].position, "next": events[-1].position + 1}
+    return _reply(app, {"count": len(events), "event": [event_view(e) for e in events], "more": more})
 
 
 @verb("queryAsyncJobResult")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
 import time
 import uuid
 from collections import defaultdict
@@ -20,14 +24,73 @@ from typing import Any
 import structlog
 
 from events import ANY_VERSION, AppendResult, ConcurrencyError, NewEvent, StoredEvent
+from moldd.app.args import show
 from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.projector import Projector
+from moldd.app.secrets import SecretStore
 from moldd.config import Config
-from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
+from moldd.domain.errors import Conflict, MolddError, NotFound, PermissionDenied, ValidationError
+from moldd.domain.ids import is_uuid, stable_uuid
+from moldd.domain.names import check_safe_text
+from moldd.domain.roles import Role, required_role
 from moldd.domain.states import Action, VMState, check
+from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
 
 log = structlog.get_logger("moldd.app")
+
+
+FOLLOW_PAGE = 200  # log entries a follower reads from the store at a time
+REPLY_CACHE = 4096  # finished client command ids whose first reply is kept in memory (older: rebuilt from the log)
+BINDING_KEY = "_command"  # in the payload of a command's first event: what its id is bound to
+
+
+class IdReused(Conflict):
+    code = "id_reused"
+
+
+@dataclass(frozen=True)
+class CommandBinding:
+    """What a client command id is bound to: who sent it, the verb and a digest of the args."""
+
+    verb: str
+    actor: str  # "uid=N" or an internal actor's name; not the pid (a retry may come from another process)
+    args_sha256: str
+    position: int | None = None  # of the first command's event, when known
+
+    @classmethod
+    def of(cls, verb: str, args: Mapping[str, Any], actor: Actor) -> CommandBinding:
+        canonical = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+        return cls(verb, _actor_key(actor), hashlib.sha256(canonical.encode("utf-8", "replace")).hexdigest())
+
+    @classmethod
+    def recorded(cls, ev: StoredEvent) -> CommandBinding | None:
+        """The binding stored with a command's first event (``None`` for events written before bindings)."""
+        raw = ev.payload.get(BINDING_KEY) if isinstance(ev.payload, dict) else None
+        if not isinstance(raw, dict):
+            return None
+        return cls(str(raw.get("verb")), str(raw.get("actor")), str(raw.get("args_sha256")), ev.position)
+
+    def to_payload(self) -> dict[str, str]:
+        return {"verb": self.verb, "actor": self.actor, "args_sha256": self.args_sha256}
+
+    def check(self, command_id: str, other: CommandBinding) -> None:
+        """Refuse ``other`` when this (first) command's binding differs from it."""
+        if (self.verb, self.actor, self.args_sha256) == (other.verb, other.actor, other.args_sha256):
+            return
+        what = "different arguments" if (self.verb, self.actor) == (other.verb, other.actor) else (
+            f"{other.verb} by {other.actor}"
+        )
+        at = f" (log position {self.position})" if self.position else ""
+        raise IdReused(
+            f"command id {command_id!r} was already used for {self.verb} by {self.actor}{at}; this request "
+            f"({what}) needs a new id",
+            field="id",
+        )
+
+
+def _actor_key(actor: Actor) -> str:
+    return actor.internal if actor.internal is not None else f"uid={actor.uid}"
 
 
 @dataclass(frozen=True)
@@ -38,6 +101,7 @@ class Command:
     verb: str
     actor: Actor
     args: Mapping[str, Any]
+    binding: CommandBinding | None = None  # set for client-given ids; recorded with the first event
 
 
 Handler = Callable[["App", Command], Awaitable[CommandReply]]
@@ -57,7 +121,10 @@ def verb(name: str) -> Callable[[Handler], Handler]:
 
 
 def event_view(ev: StoredEvent) -> dict[str, Any]:
+    cloudstack = cloudstack_event(ev.event_type)
     return {
+        "cloudstack_type": cloudstack[0] if cloudstack else None,  # VM.START, VM.CREATE, ... (CloudStack's names)
+        "cloudstack_state": cloudstack[1] if cloudstack else None,  # Scheduled / Started / Completed / Error
         "position": ev.position,
         "stream_id": ev.stream_id,
         "stream_version": ev.stream_version,
@@ -80,12 +147,18 @@ class App:
         self.hosts = hosts  # moldd.app.hosts.HostManager
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.placement_lock = asyncio.Lock()
+        self.secrets = SecretStore.for_config(config)  # secret settings: kept beside the log, never in it
         self.jobs: dict[str, asyncio.Task[None]] = {}  # job id -> task
         self.vm_jobs: dict[str, str] = {}  # vm name -> job id running in this process
         self.migrations: dict[str, str] = {}  # vm name -> destination of a migration this process is running
         self.background: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[str, Callable[[], bool]] = {}
         self.clock: Callable[[], float] = time.time
+        # client command id -> (binding, the one execution); finished ids keep their first reply (bounded)
+        self.inflight: dict[str, tuple[CommandBinding, asyncio.Future[tuple[CommandReply, bool]]]] = {}
+        self.replies: dict[str, tuple[CommandBinding, CommandReply]] = {}
+        self.on_command: Callable[[str, str, float], None] | None = None  # metrics: (verb, outcome, seconds)
+        self.followers = 0  # clients following the log live (async_follow, the status page's feed)
         self.cluster: Any = None  # moldd.cluster.ClusterRole when several moldd share a PostgreSQL log
 
     @property
@@ -99,25 +172,111 @@ class App:
     async def async_dispatch(
         self, verb: str, args: Mapping[str, Any], command_id: str | None, actor: Actor
     ) -> CommandReply:
+        """Run one command. A command ``id`` is executed at most once: a request whose id is in flight waits for
+        that one execution and gets its reply; a finished id returns the first result; an id bound to another
+        actor, verb or args is refused (409 ``id_reused``, naming the first command)."""
         handler = _REGISTRY.get(verb)
         if handler is None:
             raise ValidationError(f"unknown command {verb!r}", field="command", code="unknown_command")
-        if command_id is not None:
-            previous = await self.store.async_find_command(command_id)
-            if previous is not None:
-                return self.replay_reply(previous)
-        if self.cluster is not None and not verb.startswith(READ_VERB_PREFIXES):
-            self.cluster.check_leading()  # a standby refuses writes (NotLeader names the leader)
-        cmd = Command(id=command_id or uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
-        structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(actor))
+        if actor.role is not None:
+            await self._async_check_role(verb, actor)
+        if command_id is None:
+            cmd = Command(id=uuid.uuid4().hex, verb=verb, actor=actor, args=args or {})
+            return await self._async_execute(handler, cmd)
+        binding = CommandBinding.of(verb, args or {}, actor)
+        running = self.inflight.get(command_id)
+        if running is None:
+            done = self.replies.get(command_id)
+            if done is not None:
+                done[0].check(command_id, binding)
+                return self._duplicate(done[1])
+            # Registered before the first await: every later request with this id finds it.
+            running = (binding, asyncio.ensure_future(self._async_once(handler, command_id, binding, args, actor)))
+            self.inflight[command_id] = running
+            running[1].add_done_callback(functools.partial(self._finished, command_id))
+            first = True
+        else:
+            running[0].check(command_id, binding)
+            first = False
+        # shield: a client that goes away does not cancel the one execution the others wait for
+        reply, duplicate = await asyncio.shield(running[1])
+        return self._duplicate(reply) if (duplicate or not first) else reply
+
+    def _finished(self, command_id: str, fut: asyncio.Future[Any]) -> None:
+        self.inflight.pop(command_id, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved here too: every requester of this id may have gone away
+
+    async def _async_once(
+        self, handler: Handler, command_id: str, binding: CommandBinding, args: Mapping[str, Any], actor: Actor
+    ) -> tuple[CommandReply, bool]:
+        """The one execution of a client command id: (reply, whether it was a replay of a finished command)."""
+        previous = await self.store.async_find_command(command_id)
+        if previous is not None:
+            recorded = CommandBinding.recorded(previous.events[0])
+            if recorded is not None:
+                recorded.check(command_id, binding)
+            reply = self.replay_reply(previous)
+            return reply, True
+        cmd = Command(id=command_id, verb=binding.verb, actor=actor, args=args or {}, binding=binding)
+        reply = await self._async_execute(handler, cmd)
+        self.replies[command_id] = (binding, reply)
+        while len(self.replies) > REPLY_CACHE:
+            self.replies.pop(next(iter(self.replies)))
+        return reply, False
+
+    def _duplicate(self, reply: CommandReply) -> CommandReply:
+        """The first execution's reply, marked as a duplicate, with its job as it is now."""
+        result = reply.result
+        if isinstance(result, dict):
+            result = {**result, "duplicate": True}
+            job = result.get("job")
+            if isinstance(job, dict) and job.get("id") in self.model.jobs:
+                result["job"] = self.job_view(job["id"])
+        return CommandReply(result=result, position=reply.position)
+
+    async def _async_execute(self, handler: Handler, cmd: Command) -> CommandReply:
+        structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(cmd.actor))
+        started, outcome = time.perf_counter(), "internal"
         try:
+            if self.cluster is not None and not cmd.verb.startswith(READ_VERB_PREFIXES):
+                self.cluster.check_leading()  # a standby refuses new writes (NotLeader names the leader)
             reply = await self._async_run_checked(handler, cmd)
+            outcome = "ok"
+            return reply
         except MolddError as exc:
-            log.info("command_refused", verb=verb, code=exc.code, field=exc.field, reason=exc.message)
+            outcome = exc.code
+            log.info("command_refused", verb=cmd.verb, code=exc.code, field=exc.field, reason=exc.message)
             raise
         finally:
             structlog.contextvars.unbind_contextvars("command_id", "actor")
-        return reply
+            if self.on_command is not None:
+                self.on_command(cmd.verb, outcome, time.perf_counter() - started)
+
+    async def _async_check_role(self, verb: str, actor: Actor) -> None:
+        """Refuse a verb the actor's role does not allow, and record who tried what and why."""
+        try:
+            role = Role.parse(actor.role or "")
+        except ValidationError:
+            role = None
+        need = required_role(verb)
+        if role is not None and role >= need:
+            return
+        reason = f"role {actor.role} may not call {verb} (it needs {need})"
+        log.warning("access_denied", verb=verb, actor=str(actor), reason=reason)
+        with contextlib.suppress(Exception):  # the refusal stands even if the audit cannot be written
+            await self.store.async_append(
+                "access",
+                [
+                    NewEvent(
+                        "access.denied",
+                        {"verb": verb, "user": actor.user, "uid": actor.uid, "role": actor.role,
+                         "required": str(need), "via": actor.via or "socket", "reason": reason},
+                        actor=str(actor),
+                    )
+                ],
+            )  # fmt: skip
+        raise PermissionDenied(reason, field="command")
 
     async def _async_run_checked(self, handler: Handler, cmd: Command, attempts: int = 3) -> CommandReply:
         """Run a handler; if another event for the same stream (a libvirt event, say) was committed between its
@@ -170,12 +329,44 @@ class App:
             "alerts": alerts,
         }
         if self.cluster is not None:
-            out |= self.cluster.info()  # role, node, leader, epoch
+            out |= self.cluster.info()  # role, node, leader, epoch, acting
         return out
 
-    async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
-        async for ev in self.store.async_subscribe(from_position=max(1, from_position)):
-            yield event_view(ev)
+    async def async_follow(
+        self, from_position: int, *, stream: str | None = None, correlation: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Log entries from ``from_position`` on (only a ``stream``'s, or only those of a ``correlation`` id:
+        its ``*.requested`` event and its outcomes), then live. The past is read in pages of ``FOLLOW_PAGE``
+        (the correlation filter through the store's index) and at most ``follower_buffer`` live events wait for
+        a slow follower, so a follower holds a bounded amount of memory however far back it starts."""
+        self.followers += 1
+        try:
+            position = max(1, from_position)
+            page_size = FOLLOW_PAGE
+            while True:  # catch up
+                head = (await self.store.async_head())[0] if correlation is not None else None
+                if correlation is not None:
+                    page = await self.store.async_read_correlated(correlation, position, page_size)
+                else:
+                    page = await self.store.async_read(position, limit=page_size)
+                for ev in page:
+                    if stream is None or ev.stream_id == stream:
+                        yield event_view(ev)
+                if page:
+                    position = page[-1].position + 1
+                if len(page) < page_size:
+                    if correlation is not None and head is not None:
+                        position = max(position, head + 1)  # everything up to head was matched above
+                    break
+                page = []  # drop the page before the next read
+            limit = self.config.api.follower_buffer
+            async for ev in self.store.async_subscribe(from_position=position, batch_size=page_size, queue_limit=limit):
+                if (stream is None or ev.stream_id == stream) and (
+                    correlation is None or correlation in (ev.correlation_id, ev.command_id)
+                ):
+                    yield event_view(ev)
+        finally:
+            self.followers -= 1
 
     # -- helpers for handlers --------------------------------------------------------------------------
     _CATALOG = {
@@ -192,6 +383,10 @@ class App:
         for item in items:
             if item.name == name:
                 return item
+        if is_uuid(name):  # its stable id (moldd.domain.ids), as CloudStack clients name it
+            for item in items:
+                if stable_uuid(kind, item.name) == name:
+                    return item
         known = ", ".join(i.name for i in items) or "none configured"
         raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
 
@@ -201,9 +396,16 @@ class App:
         if key is None and field == "id":
             key = args.get("name") or args.get("virtualmachineid")
         if key is None or (not isinstance(key, (str, int)) or isinstance(key, bool)):
-            raise ValidationError(f"{field} is required: the VM name (or its numeric id)", field=field)
+            got = "" if key is None else f", got {show(key)}"
+            raise ValidationError(f"{field} is required: the VM name (or its numeric id){got}", field=field)
+        if isinstance(key, str):
+            if not key.strip() or len(key) > 255:
+                raise ValidationError(f"{field} must be a VM name of 1 to 255 characters, got {show(key)}", field=field)
+            check_safe_text(key, field)
         vms = self.model.vms
         vm = vms.get(str(key)) or self.model.vm_by_domain(str(key))
+        if vm is None and isinstance(key, str) and len(key) == 36:  # a CloudStack id: the VM's UUID
+            vm = next((v for v in vms.values() if v.uuid == key), None)
         if vm is None:
             by_id = [v for v in vms.values() if str(v.id) == str(key)]
             by_display = [v for v in vms.values() if v.display_name == key and v.state != "Expunged"]
@@ -225,7 +427,15 @@ class App:
         expected_version: int = ANY_VERSION,
         command_id: str | None = None,
     ) -> AppendResult:
-        """Append and wait until the read model has folded it, so the next check sees it."""
+        """Append and wait until the read model has folded it, so the next check sees it. The event that
+        acknowledges a client command (``command_id``) records what the id is bound to (verb, actor, args)."""
+        running = self.inflight.get(command_id) if command_id is not None else None
+        if running is not None and events:
+            first = events[0]
+            events = [
+                dataclasses.replace(first, payload={**first.payload, BINDING_KEY: running[0].to_payload()}),
+                *events[1:],
+            ]
         res: AppendResult = await self.store.async_append(
             stream, events, expected_version=expected_version, command_id=command_id
         )

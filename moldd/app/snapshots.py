@@ -65,7 +65,7 @@ async def create_snapshot(app: App, cmd: Command) -> CommandReply:
     )
     vm = app.get_vm({"id": a.raw("id")})
     memory = a.boolean("snapshotmemory", False)
-    description = a.text("description", "", max_len=1024)
+    description = a.text("description", "", max_len=1024, multiline=True)
     name = validate_snapshot_name(a.raw("name")) if "name" in a else None
     lock = await async_claim(app, vm.name)
     try:
@@ -119,6 +119,7 @@ async def _async_create_job(app: App, name: str, sid: str, cmd: Command) -> None
 @verb("listVMSnapshots")
 async def list_snapshots(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "vmsnapshotid", "name"}, SNAP_ALIASES | {"snapshot": "name"})
+    sid, name = a.text("vmsnapshotid", None), a.text("name", None)
     if "id" in a:
         vms = [app.get_vm({"id": a.raw("id")})]
     else:
@@ -127,8 +128,7 @@ async def list_snapshots(app: App, cmd: Command) -> CommandReply:
         snapshot_view(vm, snap)
         for vm in sorted(vms, key=lambda v: v.id)
         for snap in sorted(vm.snapshots.values(), key=lambda s: (s.get("created_at") or "", s["name"]))
-        if ("vmsnapshotid" not in a or snap["id"] == a.raw("vmsnapshotid"))
-        and ("name" not in a or snap["name"] == a.raw("name"))
+        if (sid is None or snap["id"] == sid) and (name is None or snap["name"] == name)
     ]
     return CommandReply(result={"count": len(rows), "vmSnapshot": rows}, position=app.model.position)
 

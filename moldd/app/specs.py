@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moldd.app.secrets import SecretStore
 from moldd.config import Config
 from moldd.libvirt.xml import DomainSpec
 from moldd.projection.model import VM
@@ -58,7 +59,7 @@ def domain_spec(config: Config, vm: VM) -> DomainSpec:
         machine=details.get("machine"),
         serial_log=console_log_path(config, vm.name),
         vnc=True,
-        vnc_password=details.get("vnc_password"),
+        vnc_password=SecretStore.for_config(config).reveal(details.get("vnc_password")),
         description=vm.display_name,
         moldd_vm=vm.name,
         domain_type=config.domain_type,

@@ -95,6 +95,9 @@ def check_schema(
         )
 
 
+_new_tuple = tuple.__new__
+
+
 def iter_events(
     conn: sqlite3.Connection, from_position: int = 1, to_position: int | None = None
 ) -> Iterator[StoredEvent]:
@@ -112,10 +115,10 @@ def iter_events(
             ) from exc
         if up.needs_upcast(et, schv):
             schv, data = up.upcast(et, schv, data)
-        yield StoredEvent(
+        yield _new_tuple(StoredEvent, (  # StoredEvent(...) without the NamedTuple's Python-level __new__
             pos, str(sid), int(sv), et, schv, us_to_datetime(ts), str(actor),  # type: ignore[call-overload]
             cid, caus, corr, data, bytes(prev_h), bytes(h),  # type: ignore[arg-type,call-overload]
-        )  # fmt: skip
+        ))  # fmt: skip
 
 
 def fold_into(model: ReadModel, ev: StoredEvent) -> None:

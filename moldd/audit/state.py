@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moldd.audit.errors import AuditError
-from moldd.audit.log import fold_into, iso, iter_events, log_info, open_log, parse_time, time_to_us
+from moldd.audit.log import iso, iter_events, log_info, open_log, parse_time, time_to_us
 from moldd.projection.readmodel import ReadModel
 
 
@@ -30,8 +30,7 @@ class StateAt:
         """``ReadModel.view()`` plus, per host, the counts ``listHosts`` shows, and where in the log this is."""
         v = self.model.view()
         for h in v["hosts"]:
-            h["vms"] = self.model.counted_on(h["name"])
-            h["running"] = sum(1 for vm in self.model.vms_on(h["name"]) if vm.state == "Running")
+            h |= self.model.host_counts(h["name"])
         v["log_id"] = self.log_id
         v["log_last_position"] = self.last_position
         v["recorded_at"] = self.recorded_at
@@ -56,15 +55,17 @@ def fold(
 ) -> tuple[ReadModel, str | None, str | None]:
     """Fold events 1..to_position (or recorded at or before ``until``) into a fresh ReadModel."""
     model = ReadModel()
-    last_at: str | None = None
-    last_hash: str | None = None
+    last = None
     limit_us = time_to_us(until) if until is not None else None
+    apply = model.apply
     for ev in iter_events(conn, 1, to_position):
         if limit_us is not None and time_to_us(ev.recorded_at) > limit_us:
             break  # recorded_at never goes backwards in an intact log (verify checks it)
-        fold_into(model, ev)
-        last_at, last_hash = iso(ev.recorded_at), ev.hash.hex()
-    return model, last_at, last_hash
+        apply(ev)  # type: ignore[arg-type]  # fold_into's cast, without a call per event
+        last = ev
+    if last is None:
+        return model, None, None
+    return model, iso(last.recorded_at), last.hash.hex()
 
 
 def state_at(

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from moldd.audit.errors import EXIT_ERROR, AuditError
+from moldd.domain.names import escape_unsafe
 
 PROG = "moldd-audit"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage + exits 2)
-        print(f"{PROG}: error: {message} (see {PROG} --help)", file=sys.stderr)
+        say(f"{PROG}: error: {message} (see {PROG} --help)", file=sys.stderr)
         raise SystemExit(EXIT_ERROR)
 
 
@@ -83,8 +84,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # -- formatting ------------------------------------------------------------------------------------------
+def say(*parts: Any, file: Any = None) -> None:
+    """print() for people: control and format characters of stored text (a name holding U+202E, an escape
+    sequence) are shown as \\uXXXX, line by line, so the output cannot be spoofed."""
+    text = " ".join(str(p) for p in parts)
+    print("\n".join(escape_unsafe(line) for line in text.split("\n")), file=file)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[("" if c is None else str(c)) for c in r] for r in rows]
+    cells = [[("" if c is None else escape_unsafe(str(c))) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths))]
@@ -93,16 +101,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _dump(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+    # JSON escapes the control characters; format characters (U+202E...) are escaped too
+    return "\n".join(escape_unsafe(line) for line in json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False).split("\n"))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from moldd.audit.verify import audit_verify
 
     result = audit_verify(args.db, args.checkpoints, args.public_key)
-    print(_dump(result.to_dict()) if args.json else result.render())
+    say(_dump(result.to_dict()) if args.json else result.render())
     if result.exit_code == EXIT_ERROR:
-        print(f"{PROG}: could not check {args.db}: {result.error}", file=sys.stderr)
+        say(f"{PROG}: could not check {args.db}: {result.error}", file=sys.stderr)
     return result.exit_code
 
 
@@ -112,14 +121,14 @@ def _cmd_state(args: argparse.Namespace) -> int:
     st = state_at(args.db, at_position=args.at_position, at_time=args.at_time)
     view = st.view()
     if args.json:
-        print(_dump(view))
+        say(_dump(view))
         return 0
-    print(
+    say(
         f"log {st.log_id}: state at position {view['position']} of {st.last_position}"
         + (f", recorded {st.recorded_at}" if st.recorded_at else "")
     )
-    print(f"\nVMs ({len(view['vms'])})")
-    print(
+    say(f"\nVMs ({len(view['vms'])})")
+    say(
         table(
             ["ID", "NAME", "DISPLAY NAME", "STATE", "POWER", "HOST", "GROUP", "HA", "JOB"],
             [
@@ -129,8 +138,8 @@ def _cmd_state(args: argparse.Namespace) -> int:
             ],
         )
     )  # fmt: skip
-    print(f"\nHosts ({len(view['hosts'])})")
-    print(
+    say(f"\nHosts ({len(view['hosts'])})")
+    say(
         table(
             ["NAME", "CLUSTER", "LINK", "HEALTH", "VMS", "RUNNING", "MAX"],
             [
@@ -139,8 +148,8 @@ def _cmd_state(args: argparse.Namespace) -> int:
             ],
         )
     )
-    print(f"\nGroups ({len(view['groups'])})")
-    print(table(["NAME", "DESCRIPTION"], [[g["name"], g["description"]] for g in view["groups"]]))
+    say(f"\nGroups ({len(view['groups'])})")
+    say(table(["NAME", "DESCRIPTION"], [[g["name"], g["description"]] for g in view["groups"]]))
     return 0
 
 
@@ -149,9 +158,9 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
     hist = vm_history(args.db, args.vm)
     if args.json:
-        print(_dump(hist.to_dict()))
+        say(_dump(hist.to_dict()))
         return 0
-    print(f"VM {hist.vm} (id {hist.id}, domain {hist.internal_name}): {len(hist.entries)} events")
+    say(f"VM {hist.vm} (id {hist.id}, domain {hist.internal_name}): {len(hist.entries)} events")
     rows = []
     for e in hist.entries:
         who = e.actor if e.uid is None else f"uid={e.uid}" + (f"({e.user})" if e.user else "")
@@ -163,7 +172,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
         rows.append(
             [e.position, e.at, e.kind, e.type, who, e.command_id or e.causation_id, e.host, change, detail]
         )
-    print(
+    say(
         table(
             ["POS", "TIME (UTC)", "KIND", "TYPE", "ACTOR", "COMMAND", "HOST", "STATE CHANGE", "DETAIL"], rows
         )
@@ -176,28 +185,28 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     res = live_diff(args.db, args.live, timeout=args.timeout)
     if args.json:
-        print(_dump(res.to_dict()))
+        say(_dump(res.to_dict()))
     else:
-        print(
+        say(
             f"log position {res.position}; hosts checked: {', '.join(res.hosts_checked) or 'none'}; "
             f"VMs checked: {res.vms_checked}"
         )
         if res.findings:
-            print(
+            say(
                 table(
                     ["KIND", "VM", "DOMAIN", "HOST", "LOG SAYS", "HOST SAYS"],
                     [[f.kind, f.vm, f.domain, f.host, f.expected, f.actual] for f in res.findings],
                 )
             )
         for s in res.skipped:
-            print(f"skipped {s['vm']} ({s['state']}): {s['reason']}")
-        print(
+            say(f"skipped {s['vm']} ({s['state']}): {s['reason']}")
+        say(
             "RESULT: DRIFT (exit 1)"
             if res.findings
             else "RESULT: NO DRIFT" + (" (exit 0)" if not res.host_errors else "")
         )
     for host, why in res.host_errors.items():
-        print(f"{PROG}: could not check host {host}: {why}", file=sys.stderr)
+        say(f"{PROG}: could not check host {host}: {why}", file=sys.stderr)
     return res.exit_code
 
 
@@ -219,7 +228,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise AuditError(f"cannot write {out}: {exc.strerror}", field="output") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"{n} events written to {out}", file=sys.stderr)
+    say(f"{n} events written to {out}", file=sys.stderr)
     return 0
 
 
@@ -227,8 +236,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from moldd.audit.checkpoint import keygen
 
     priv, pub = keygen(args.dir, args.name)
-    print(f"private key: {priv} (mode 0600: give its path to [checkpoints] key; keep a copy off this host)")
-    print(f"public key:  {pub} (for moldd-audit verify --public-key)")
+    say(f"private key: {priv} (mode 0600: give its path to [checkpoints] key; keep a copy off this host)")
+    say(f"public key:  {pub} (for moldd-audit verify --public-key)")
     return 0
 
 
@@ -238,10 +247,10 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     cp, failed = checkpoint(args.db, args.key, args.out, check=not args.no_verify)
     if cp is None:
         assert failed is not None
-        print(failed.render(), file=sys.stderr)
-        print(f"{PROG}: refusing to sign a log that does not verify", file=sys.stderr)
+        say(failed.render(), file=sys.stderr)
+        say(f"{PROG}: refusing to sign a log that does not verify", file=sys.stderr)
         return failed.exit_code
-    print(f"checkpoint: log {cp.log_id} position {cp.position} head {cp.head_hash} at {cp.time}")
+    say(f"checkpoint: log {cp.log_id} position {cp.position} head {cp.head_hash} at {cp.time}")
     return 0
 
 
@@ -273,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: log {dsn} schema {args.schema} read into {path}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except AuditError as exc:
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        say(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         # the reader (head, less) went away: not an error of the audit
@@ -281,10 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        say(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # never a traceback for an auditor: one line, "could not check"
-        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         if tmp is not None:

@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ VM_COLUMNS = (
     "ha_enabled", "ha_status", "internal_name",
 )  # fmt: skip
 HOST_COLUMNS = ("name", "cluster", "health", "link", "vms", "running", "max_vms", "uri")
-EVENT_COLUMNS = ("position", "recorded_at", "stream_id", "event_type", "actor", "correlation_id")
+EVENT_COLUMNS = ("position", "recorded_at", "stream_id", "event_type", "changed", "actor", "correlation_id")
 EVENTS_CMD = Cmd("events", "listEvents", "list log entries", columns=EVENT_COLUMNS)
 
 COMMANDS: tuple[Cmd, ...] = (
@@ -243,6 +244,8 @@ COMMANDS: tuple[Cmd, ...] = (
         opt("--host", "host", "place it on this host"),
         opt("--root-disk-gb", "rootdisksize", "root disk size in GB", type=int),
         Opt(("--no-start",), "startvm", {"action": "store_false", "default": None, "help": "create only"}),
+        Opt(("--details",), "details", {"action": "append", "metavar": "KEY=VALUE", "default": None,
+                                       "help": "an advanced setting, e.g. kernel_args='quiet' (repeatable)"}),
     ), VM_COLUMNS),
     Cmd("vm start", "startVirtualMachine", "start a VM", (NAME, opt("--host", "host"))),
     Cmd("vm stop", "stopVirtualMachine", "stop a VM (ACPI shutdown)",
@@ -290,6 +293,16 @@ COMMANDS: tuple[Cmd, ...] = (
     Cmd("capacity", "listClusters", "cluster capacity (N-1 rule)", (),
         ("cluster", "hosts", "perhostlimit", "toleratedfailures", "used", "limit", "headroom")),
     Cmd("job show", "queryAsyncJobResult", "show a job", (pos("id", "jobid"),), single=True, follow=False),
+    Cmd("user create", "createUser", "create a user with an API key pair (the secret key is shown once)", (
+        pos("username", "username"), opt("--role", "role", "admin, operator or readonly (default readonly)"),
+    ), single=True),
+    Cmd("user list", "listUsers", "list users (never their secret keys)", (),
+        ("name", "role", "state", "apikey", "created", "id")),
+    Cmd("user revoke", "revokeUser", "revoke a user's API keys at once", (
+        pos("username", "username"), opt("--reason", "reason", "why (recorded in the log)"),
+    ), single=True),
+    Cmd("user keys", "registerUserKeys", "a new API key pair for a user (the old pair stops working)",
+        (pos("username", "username"),), single=True),
 )  # fmt: skip
 
 
@@ -396,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="from_position", type=int, help="start at this log position (with --follow: replay)"
     )
     p.add_argument("--correlation", help="only entries of this job / correlation id")
+    p.add_argument(
+        "--limit", type=int, default=100, help="at most this many entries (default 100): the newest, unless --from"
+    )
     p.set_defaults(action="events")
     p = top.add_parser("health", help="daemon health", parents=[common])
     p.set_defaults(action="health")
@@ -424,8 +440,21 @@ def command_args(cmd: Cmd, ns: argparse.Namespace) -> dict[str, Any]:
         dest = o.kwargs.get("dest") or (_dest(o) if o.flags[0].startswith("-") else o.flags[0])
         value = getattr(ns, dest, None)
         if value is not None:
+            if o.kwargs.get("action") == "append" and o.arg == "details":
+                value = _pairs(value, "--details")
             args[o.arg] = value
     return args
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``["k=v", ...]`` → ``{"k": "v"}``; a malformed item is a usage error naming the flag."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandFailed("bad_argument", f"{flag} takes key=value, got {item!r}", flag.lstrip("-"))
+        out[key] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -448,8 +477,15 @@ def _cell(value: Any) -> str:
     if isinstance(value, list) and not _nested(value):
         return ", ".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return _escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return _escape(str(value))  # a name holding U+202E or an escape sequence cannot spoof the table
+
+
+def _escape(text: str) -> str:
+    """Control and format characters (bidi overrides, escape sequences, zero-width) shown as \\uXXXX."""
+    return "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") else c for c in text
+    )
 
 
 def rows_of(result: Any) -> list[dict[str, Any]] | None:
@@ -518,20 +554,109 @@ def render(result: Any, cmd: Cmd | None, out: TextIO) -> None:
         print(_cell(result), file=out)
 
 
-_EVENT_DETAILS = ("event", "detail", "state", "host", "status", "reason", "error")
+_EVENT_DETAILS = (
+    "event", "detail", "state", "host", "changes", "how", "cause", "status", "job_status", "reason", "error",
+)  # fmt: skip
+
+
+def event_changes(entry: dict[str, Any]) -> str:
+    """What an entry says changed, as ``key=value ...`` (its state, host, cause, error, ...)."""
+    payload = entry.get("payload") if isinstance(entry.get("payload"), dict) else {}
+    assert isinstance(payload, dict)
+    return " ".join(f"{k}={_cell(payload[k])}" for k in _EVENT_DETAILS if k in payload and payload[k] is not None)
 
 
 def describe_event(entry: dict[str, Any], *, stream: bool = False) -> str:
     """``[position] type key=value ...`` (with the stream after the position when ``stream``)."""
-    payload = entry.get("payload") if isinstance(entry.get("payload"), dict) else {}
-    assert isinstance(payload, dict)
-    details = " ".join(f"{k}={_cell(payload[k])}" for k in _EVENT_DETAILS if k in payload)
+    details = event_changes(entry)
     where = f" {entry.get('stream_id', '?')}" if stream else ""
     head = f"[{entry.get('position', '?')}]{where} {entry.get('event_type', '?')}"
     return f"{head} {details}" if details else head
 
 
 # -------------------------------------------------------------------------------------------- jobs
+
+
+def progress_of(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress a log entry reports (``*.progress`` events: ``{"progress": {"percent": ...}}``), if any."""
+    if not str(entry.get("event_type", "")).endswith(".progress"):
+        return None
+    payload = entry.get("payload")
+    prog = payload.get("progress") if isinstance(payload, dict) else None
+    if not isinstance(prog, dict) or not isinstance(prog.get("percent"), (int, float)):
+        return None
+    return prog
+
+
+def _size(n: Any) -> str:
+    value = float(n) if isinstance(n, (int, float)) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+class ProgressBar:
+    """Draws a job's progress: redrawn in place on a terminal, one line per update otherwise (logs, pipes),
+    a JSON line per update with ``--json`` (``{"job": id, "progress": {...}}``)."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO, job_id: str, *, as_json: bool = False) -> None:
+        self.out = out
+        self.job_id = job_id
+        self.as_json = as_json
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.drawn = False
+        self.has_percent = False
+        self.ticks = 0
+
+    @staticmethod
+    def line(prog: dict[str, Any], what: str = "", width: int = WIDTH) -> str:
+        pct = max(0.0, min(100.0, float(prog["percent"])))
+        filled = round(width * pct / 100)
+        bar = "#" * filled + "." * (width - filled)
+        detail = ""
+        if prog.get("data_total"):
+            done = int(prog.get("data_total", 0)) - int(prog.get("data_remaining", 0))
+            detail = f"  {_size(done)} / {_size(prog['data_total'])}"
+        label = f" {what}" if what else ""
+        return f"[{bar}] {pct:5.1f} %{label}{detail}"
+
+    def update(self, entry: dict[str, Any], prog: dict[str, Any]) -> None:
+        what = str(entry.get("event_type", "")).removesuffix(".progress").split(".")[-1]
+        if self.as_json:
+            print(json.dumps({"job": self.job_id, "position": entry.get("position"), "event_type":
+                              entry.get("event_type"), "progress": prog}), file=self.out, flush=True)  # fmt: skip
+            return
+        self.has_percent = True
+        text = "  " + self.line(prog, what)
+        if self.tty:
+            print("\r\x1b[2K" + text, end="", file=self.out, flush=True)
+            self.drawn = True
+        else:
+            print(text, file=self.out, flush=True)
+
+    SPIN = "|/-\\"
+
+    def tick(self, job: dict[str, Any], elapsed_s: float) -> None:
+        """On a terminal, while no percentage is known (libvirt reports none for internal snapshots, resizes
+        and starts): a spinner with the time so far and the VM's state, redrawn in place."""
+        if self.as_json or not self.tty or self.has_percent or job.get("status") in FINAL_STATUSES:
+            return
+        self.ticks += 1
+        state = f" (VM {job['state']})" if job.get("state") else ""
+        spin = self.SPIN[self.ticks % len(self.SPIN)]
+        print(f"\r\x1b[2K  {spin} {job.get('status') or 'pending'} {elapsed_s:.1f} s{state}", end="",
+              file=self.out, flush=True)  # fmt: skip
+        self.drawn = True
+
+    def clear(self) -> None:
+        """End the bar's line before other output."""
+        if self.drawn:
+            print(file=self.out, flush=True)
+            self.drawn = False
 
 
 def job_of(result: Any) -> dict[str, Any] | None:
@@ -545,8 +670,14 @@ def follow_job(
     position: int | None,
     progress: TextIO,
     poll_interval_s: float = POLL_INTERVAL_S,
+    *,
+    as_json: bool = False,
 ) -> dict[str, Any]:
     """Print a job's events as they happen; return the job once its status is final.
+
+    ``*.progress`` events (migration, resize, snapshot, deploy) draw a progress bar (:class:`ProgressBar`);
+    with ``as_json`` every event is a JSON line (``{"job": id, "event": entry}`` or ``{"job": id,
+    "progress": {...}}``).
 
     Events come from a reader thread over the NDJSON stream; the main thread polls
     ``queryAsyncJobResult`` after each event and every ``poll_interval_s``, so the job's end is seen
@@ -570,7 +701,28 @@ def follow_job(
     reader = threading.Thread(target=read_stream, name="moldctl-events", daemon=True)
     reader.start()
     status = job.get("status")
-    print(f"job {job_id}: {status or 'pending'}", file=progress, flush=True)
+    bar = ProgressBar(progress, job_id, as_json=as_json)
+
+    def show(entry: dict[str, Any]) -> None:
+        prog = progress_of(entry)
+        if prog is not None:
+            bar.update(entry, prog)
+            return
+        bar.clear()
+        if as_json:
+            print(json.dumps({"job": job_id, "event": entry}), file=progress, flush=True)
+        else:
+            print("  " + describe_event(entry), file=progress, flush=True)
+
+    def say(text: str) -> None:
+        bar.clear()
+        if as_json:
+            print(json.dumps({"job": job_id, "status": text}), file=progress, flush=True)
+        else:
+            print(f"job {job_id}: {text}", file=progress, flush=True)
+
+    say(status or "pending")
+    started = time.monotonic()
     try:
         while True:
             try:
@@ -578,12 +730,13 @@ def follow_job(
             except queue.Empty:
                 entry = None
             if entry is not None:
-                print("  " + describe_event(entry), file=progress, flush=True)
+                show(entry)
             latest = job_of(client.call("queryAsyncJobResult", {"jobid": job_id})[0]) or job
+            bar.tick(latest, time.monotonic() - started)
             if latest.get("status") != status:
                 status = latest.get("status")
                 if status not in FINAL_STATUSES:
-                    print(f"job {job_id}: {status}", file=progress, flush=True)
+                    say(str(status))
             if status in FINAL_STATUSES:
                 while True:  # events already received are still worth showing
                     try:
@@ -591,7 +744,8 @@ def follow_job(
                     except queue.Empty:
                         break
                     if pending is not None:
-                        print("  " + describe_event(pending), file=progress, flush=True)
+                        show(pending)
+                bar.clear()
                 return latest
     finally:
         for conn in conns:
@@ -614,7 +768,7 @@ def _finish(client: Client, ns: argparse.Namespace, cmd: Cmd | None, result: Any
     as_json = getattr(ns, "json", False)
     job = job_of(result)
     if job is not None and (cmd is None or cmd.follow) and not getattr(ns, "no_wait", False):
-        job = follow_job(client, job, position, err if as_json else out)
+        job = follow_job(client, job, position, err if as_json else out, as_json=as_json)
         result = {"job": job}
         if job.get("status") == "failed":
             if as_json:
@@ -677,11 +831,23 @@ def _events(client: Client, ns: argparse.Namespace, out: TextIO) -> int:
             args["from"] = ns.from_position
         if ns.correlation:
             args["correlation"] = ns.correlation
+        args["limit"] = ns.limit
+        if ns.from_position is None:
+            args["newest"] = True  # the last entries, not the oldest 100 of a long log
         result, _ = client.call("listEvents", args)
         if as_json:
             print(json.dumps(result, indent=2), file=out)
-        else:
-            render(result, EVENTS_CMD, out)
+            return EXIT_OK
+        if isinstance(result, dict) and isinstance(result.get("event"), list):
+            for row in result["event"]:
+                row["changed"] = event_changes(row)
+        render(result, EVENTS_CMD, out)
+        more = result.get("more") if isinstance(result, dict) else None
+        if isinstance(more, dict) and more.get("older"):
+            print(f"... {more['older']} older entries not shown (--from {more['from']} to start there, or --limit)",
+                  file=out)  # fmt: skip
+        if isinstance(more, dict) and more.get("newer"):
+            print(f"... {more['newer']} newer entries not shown (--from {more['next']} to go on)", file=out)
         return EXIT_OK
     start = ns.from_position
     if start is None:  # like tail -f: what happens from now on, not a replay of the whole log

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from moldd.domain.errors import CapacityError
 
@@ -58,13 +59,13 @@ def cluster_capacity(cluster: str, hosts: Iterable[HostLoad], tolerated_failures
     )
 
 
-def check_cluster_room(cap: ClusterCapacity, adding: int = 1) -> None:
+def check_cluster_room(cap: ClusterCapacity, adding: int = 1, *, field: str | None = "hostid") -> None:
     if cap.used + adding > cap.limit:
         raise CapacityError(
             f"cluster {cap.cluster!r} holds {cap.used} VMs; its limit is {cap.limit} "
             f"(({cap.hosts} hosts - {cap.tolerated_failures} tolerated failures) x {cap.per_host_limit} per host) "
             "so that its VMs survive a host failure: add a host or remove VMs",
-            field="hostid",
+            field=field,
         )
 
 
@@ -74,6 +75,7 @@ def choose_host(
     cluster: str | None = None,
     exclude: Iterable[str] = (),
     prefer: str | None = None,
+    field: str | None = "hostid",
 ) -> HostLoad:
     """The host with the most free slots among the up hosts (optionally of one cluster), ties by name."""
     excluded = set(exclude)
@@ -83,7 +85,7 @@ def choose_host(
         if h.up and h.name not in excluded and h.vms < h.max_vms and (cluster is None or h.cluster == cluster)
     ]
     if not candidates:
-        raise CapacityError("no host that is up has room for another VM", field="hostid")
+        raise CapacityError("no host that is up has room for another VM", field=field)
     if prefer is not None:
         for h in candidates:
             if h.name == prefer:
@@ -107,3 +109,11 @@ def loads_by_cluster(loads: Iterable[HostLoad]) -> Mapping[str, list[HostLoad]]:
     for h in loads:
         out.setdefault(h.cluster, []).append(h)
     return out
+
+
+def committed_memory_mib(offering: Mapping[str, Any]) -> int:
+    """Memory a running guest of this offering can hold on its host: the maximum for a dynamic offering."""
+    memory = int(offering.get("memory_mib") or 0)
+    if offering.get("dynamic"):
+        return max(memory, int(offering.get("max_memory_mib") or memory))
+    return memory

@@ -39,7 +39,7 @@ def parse_policy(value: object, field: str = "hapolicy") -> RestartPolicy:
         return RestartPolicy(str(value))
     except ValueError:
         raise ValidationError(
-            f"{field} must be one of {', '.join(p.value for p in RestartPolicy)}, got {value!r}", field=field
+            f"{field} must be one of {', '.join(p.value for p in RestartPolicy)}, got {value!r:.60}", field=field
         ) from None
 
 
@@ -53,6 +53,24 @@ def down_cause(event: str, detail: str) -> DownCause:
         "DESTROYED": DownCause.DESTROYED,
         "SHUTDOWN": DownCause.GUEST_SHUTDOWN,
     }.get(detail, DownCause.OTHER)
+
+
+_NOT_THE_VMS_FAULT = (
+    ("lock", "its disk is locked by another process (a live copy)"),
+    ("Address already in use", "a port it needs (VNC, migration) was taken"),
+    ("Failed to bind", "a port it needs (VNC, migration) was taken"),
+    ("not connected", "its host does not answer"),
+    ("did not answer", "its host does not answer"),
+)
+
+
+def blame_elsewhere(message: str) -> str | None:
+    """Why a failed (re)start is not the VM's own failure (the host, the lab, a live copy), or None when it is.
+    Only the VM's own failures count against its restart budget."""
+    for needle, why in _NOT_THE_VMS_FAULT:
+        if needle in message:
+            return why
+    return None
 
 
 def should_restart(ha_enabled: bool, policy: RestartPolicy, cause: DownCause) -> bool:
@@ -103,7 +121,7 @@ _HOST_MOVES: dict[HostHealth, frozenset[HostHealth]] = {
     HostHealth.SUSPECT: frozenset({HostHealth.UP, HostHealth.DOWN}),
     HostHealth.DOWN: frozenset({HostHealth.UP, HostHealth.FENCING}),
     HostHealth.FENCING: frozenset({HostHealth.FENCED, HostHealth.FENCE_FAILED}),
-    HostHealth.FENCED: frozenset({HostHealth.UP}),
+    HostHealth.FENCED: frozenset({HostHealth.UP, HostHealth.FENCE_FAILED}),  # a live copy proved it wrong
     HostHealth.FENCE_FAILED: frozenset({HostHealth.UP, HostHealth.FENCING}),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable, Collection
 
 from moldd.domain.errors import Conflict, ValidationError
@@ -48,16 +49,48 @@ def validate_hostname(value: object, *, field: str = "hostname") -> str:
     return name
 
 
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+
+
+def _unsafe(c: str) -> bool:
+    o = ord(c)
+    return unicodedata.category(c) in _UNSAFE_CATEGORIES or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
+def unsafe_characters(text: str) -> list[str]:
+    """Control, format (bidi overrides such as U+202E, zero-width...), line/paragraph separator, surrogate,
+    private-use and non-character code points of `text`, as U+XXXX: what may spoof or garble a human reading
+    a name or an id in a table or an audit trail."""
+    return [f"U+{ord(c):04X}" for c in text if _unsafe(c)]
+
+
+def check_safe_text(value: str, field: str) -> str:
+    """Refuse a name or an id holding an unsafe character (see unsafe_characters)."""
+    bad = unsafe_characters(value)
+    if bad:
+        raise ValidationError(
+            f"{field} must not contain control or format characters (found {', '.join(sorted(set(bad)))})",
+            field=field,
+        )
+    return value
+
+
+def escape_unsafe(text: str) -> str:
+    """`text` for a human: each unsafe character (see unsafe_characters) shown as \\uXXXX, so what is printed is
+    what is stored (no right-to-left override, no hidden characters)."""
+    if not any(_unsafe(c) for c in text):
+        return text
+    return "".join((f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}") if _unsafe(c) else c for c in text)
+
+
 def validate_display_name(value: object, *, field: str = "displayname") -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{field} must be a string", field=field)
     text = value.strip()
     if not 1 <= len(text) <= 255:
         raise ValidationError(f"{field} must be 1-255 characters long", field=field)
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF or ord(c) in (0xFFFE, 0xFFFF) for c in text):
-        # (surrogates and U+FFFE/U+FFFF cannot go into the libvirt domain XML the display name is written to)
-        raise ValidationError(f"{field} must not contain control or non-character code points", field=field)
-    return text
+    # (also: surrogates and U+FFFE/U+FFFF cannot go into the libvirt domain XML the display name is written to)
+    return check_safe_text(text, field)
 
 
 def validate_group_name(value: object, *, field: str = "group") -> str:

@@ -48,6 +48,7 @@ TRANSIENT = frozenset(
 class PowerState(StrEnum):
     ON = "on"
     OFF = "off"
+    PAUSED = "paused"  # libvirt SUSPENDED: the guest exists but does not run
     UNKNOWN = "unknown"
 
     def __str__(self) -> str:
@@ -90,8 +91,9 @@ _ALLOWED: dict[Action, tuple[frozenset[VMState], str]] = {
         "a VM can be started only when it is Created or Stopped",
     ),
     Action.STOP: (
-        frozenset({S.RUNNING, S.ERROR, S.UNKNOWN}),
-        "only a Running VM (or one in Error/Unknown, or a Stopped one HA is about to restart) can be stopped",
+        frozenset({S.RUNNING, S.STOPPED, S.ERROR, S.UNKNOWN}),
+        "only a Running VM (or one in Error/Unknown; a Stopped one is a no-op success, as in CloudStack) can be "
+        "stopped",
     ),
     Action.REBOOT: (frozenset({S.RUNNING}), "reboot works only on a Running VM"),
     Action.DESTROY: (
@@ -174,15 +176,15 @@ def is_allowed(state: VMState, action: Action) -> bool:
 def check(state: VMState, action: Action) -> None:
     """Raise ``InvalidState`` (naming the state and the rule) unless ``action`` may run in ``state``."""
     allowed, rule = _ALLOWED[action]
+    state = VMState(state)  # a plain string (from JSON) is accepted too
     if state not in allowed:
         raise InvalidState(f"cannot {action}: the VM is {state.value} ({rule})", field="state")
 
 
 def check_stop(state: VMState, *, ha_restart_pending: bool) -> None:
-    """Like ``check(state, Action.STOP)``, and a Stopped VM whose HA restart is pending (back-off) may be stopped as
-    well: that is how a user keeps an HA VM down (the Mold manual: stop it through Mold, or disable HA)."""
-    if state is VMState.STOPPED and ha_restart_pending:
-        return
+    """Like ``check(state, Action.STOP)``. Stopping a Stopped VM is a no-op success (CloudStack); for one whose HA
+    restart is pending (back-off) it is also how a user keeps an HA VM down (the Mold manual: stop it through Mold,
+    or disable HA)."""
     check(state, Action.STOP)
 
 

@@ -2,7 +2,12 @@
 
 Pluggable through a configured argv (IPMI ``ipmitool … power off``, a PDU script, or the lab harness that kills a
 host's qemu processes). Exit status 0 means "fenced beyond doubt"; anything else, or a timeout, means we are NOT
-sure, and HA must not start that host's VMs elsewhere."""
+sure, and HA must not start that host's VMs elsewhere.
+
+Secrets in the command line stay out of the log: an argument written ``"secret:VALUE"`` in the configuration is
+passed as VALUE, and the argument after a password/key flag (``-P``, ``-p``, ``-k``, ``--password``, ...) is a
+secret too. The recorded argv shows ``***`` for each, and every occurrence of a secret in the command's output
+is replaced by ``***`` before it is recorded."""
 
 from __future__ import annotations
 
@@ -31,32 +36,71 @@ class FenceResult:
         }
 
 
+SECRET_PREFIX = "secret:"
+SECRET_FLAGS = frozenset({"-P", "-p", "-k", "--password", "--passwd", "--pass", "--key", "--secret"})
+MASK = "***"
+
+
 def fence_argv(config: Config, host: str) -> tuple[str, ...] | None:
+    """The argv to run (secrets in clear: never record it; see fence_command)."""
+    cmd = fence_command(config, host)
+    return None if cmd is None else cmd[0]
+
+
+def fence_command(config: Config, host: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None:
+    """(argv to run, argv to record with secrets masked, the secret values) for `host`, or None."""
     h = config.host(host)
     if h is None:
         return None
     template = h.fence_command or config.ha.fence_command
     if template is None:
         return None
-    return tuple(part.format(host=h.name, uri=h.uri, cluster=h.cluster) for part in template)
+    argv: list[str] = []
+    shown: list[str] = []
+    found: list[str] = []
+    after_flag = False
+    for part in template:
+        secret = part.startswith(SECRET_PREFIX)
+        value = part[len(SECRET_PREFIX) :] if secret else part.format(host=h.name, uri=h.uri, cluster=h.cluster)
+        flag, eq, inline = value.partition("=")
+        if secret or after_flag:
+            argv.append(value)
+            shown.append(MASK)
+            found.append(value)
+        elif eq and flag in SECRET_FLAGS:
+            argv.append(value)
+            shown.append(f"{flag}={MASK}")
+            found.append(inline)
+        else:
+            argv.append(value)
+            shown.append(value)
+        after_flag = not secret and not after_flag and value in SECRET_FLAGS
+    return tuple(argv), tuple(shown), tuple(s for s in found if s)
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    for s in sorted(secrets, key=len, reverse=True):
+        text = text.replace(s, MASK)
+    return text
 
 
 async def async_fence(config: Config, host: str) -> FenceResult:
-    argv = fence_argv(config, host)
+    cmd = fence_command(config, host)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    if argv is None:
+    if cmd is None:
         return FenceResult(False, (), None, "no fence_command is configured for this host", 0.0)
+    real, argv, secrets = cmd
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *real,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
         )
     except OSError as exc:
         return FenceResult(
-            False, argv, None, f"could not run the fence command: {exc}", loop.time() - started
+            False, argv, None, redact(f"could not run the fence command: {exc}", secrets), loop.time() - started
         )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), config.ha.fence_timeout_s)
@@ -67,5 +111,5 @@ async def async_fence(config: Config, host: str) -> FenceResult:
         return FenceResult(
             False, argv, None, f"timed out after {config.ha.fence_timeout_s:g} s", loop.time() - started
         )
-    text = out.decode(errors="replace")
+    text = redact(out.decode(errors="replace"), secrets)
     return FenceResult(proc.returncode == 0, argv, proc.returncode, text, loop.time() - started)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -31,6 +32,7 @@ from moldd.domain.ha import (
 )
 from moldd.domain.reconcile import is_on
 from moldd.ha.fencing import async_fence
+from moldd.libvirt import storage
 from moldd.projection.model import VM
 from moldd.projection.readmodel import ReadModel
 
@@ -41,6 +43,7 @@ RESTARTABLE_CAUSES = {str(c) for c in DownCause}
 
 class HAManager:
     JOB_WAIT_S = 60.0
+    MAX_BLOCKED = 5  # attempts in a row failed by the host / a live copy, before waiting for a host to come up
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -137,7 +140,7 @@ class HAManager:
         if not self.enabled:
             return
         t = ev.event_type
-        if t == "libvirt.domain_event" and ev.payload.get("event") == "STOPPED":
+        if (t == "libvirt.domain_event" and ev.payload.get("event") == "STOPPED") or t == "vm.migrate.failed":
             vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
             # The fold marks the VM Stopped (with a cause) only when moldd did not stop it itself.
             if vm is not None and vm.state == "Stopped" and vm.down_at and vm.position == ev.position:
@@ -214,6 +217,7 @@ class HAManager:
                 trigger | {"policy": str(policy), "reason": f"policy {policy} keeps a {down_cause} VM down"},
             )
             return
+        elsewhere = 0  # failed attempts that were not the VM's fault (they do not use up its budget)
         while True:
             vm = app.model.vms.get(name)
             reason = self._eligible(vm)
@@ -236,7 +240,7 @@ class HAManager:
                 )
                 log.error("ha_gave_up", vm=name, restarts=recent)
                 return
-            delay = self.limits.backoff(recent)
+            delay = max(self.limits.backoff(recent), self.limits.backoff(elsewhere))
             await self._async_ha_event(
                 name, "ha.restart.scheduled", trigger | {"attempt": recent + 1, "delay_s": delay}
             )
@@ -252,6 +256,16 @@ class HAManager:
                 return
             if outcome in ("started", "waiting"):
                 return
+            if outcome == "blocked":
+                elsewhere += 1
+                if elsewhere >= self.MAX_BLOCKED:
+                    await self._async_ha_event(
+                        name, "ha.waiting",
+                        trigger | {"reason": f"{elsewhere} attempts failed for reasons that are not the VM's "
+                                   "(see ha.restart.failed): waiting for a host to come back up"},
+                    )  # fmt: skip
+                    return
+                continue
             # "failed": the ha.restart.failed event is recorded; go round (back-off grows with the count)
 
     async def _async_restart(self, name: str, trigger: dict[str, Any], attempt: int) -> str:
@@ -310,6 +324,9 @@ class HAManager:
                                 name, "ha.cancelled", trigger | {"reason": f"domain still {state} on {old}"}
                             )
                             return "gone"
+                    # Whatever the fence said: a disk still locked by another process means a copy still runs.
+                    if await self._async_fence_lied(name, vm, old, trigger):
+                        return "waiting"
                 await app.async_append(
                     f"vm-{name}",
                     [
@@ -328,6 +345,7 @@ class HAManager:
                     ],
                     expected_version=vm.version,
                 )
+            blame: dict[str, Any] = {}
             ok = await async_start_on(
                 app,
                 name,
@@ -336,10 +354,34 @@ class HAManager:
                 ok_type="ha.restart.succeeded",
                 fail_type="ha.restart.failed",
                 extra={"attempt": attempt, "cause": trigger["cause"]},
+                blame=blame,
             )
         if ok:
             log.warning("ha_restarted", vm=name, host=target.name, cause=trigger["cause"], attempt=attempt)
-        return "started" if ok else "failed"
+            return "started"
+        return "failed" if blame.get("counts", True) else "blocked"
+
+    async def _async_fence_lied(self, name: str, vm: VM, old: str, trigger: dict[str, Any]) -> bool:
+        """Probe the VM's disk before it starts away from ``old``: if another process still holds its lock, the
+        fencing of ``old`` did not kill it. Record that on the VM, mark the host FenceFailed (an alert) and start
+        nothing: a second QEMU on the same disk is what fencing exists to prevent."""
+        path = vm.root_disk.get("path")
+        if not path:
+            return False
+        try:
+            holder = await storage.async_lock_holder(Path(path))
+        except MolddError as exc:
+            holder = None
+            log.warning("disk_lock_probe_failed", vm=name, reason=exc.message)
+        if holder is None:
+            return False
+        reason = f"disk {path} is still locked by another process after host {old} was fenced: the fence lied"
+        await self._async_ha_event(
+            name, "ha.fence_lied", trigger | {"host": old, "disk": path, "probe": holder[-500:], "reason": reason}
+        )
+        await self._async_set_health(old, HostHealth.FENCE_FAILED, {"cause": reason, "vm": name})
+        log.error("FENCE_LIED", host=old, vm=name, disk=path, action="not starting a second copy")
+        return True
 
     # -- host watcher ----------------------------------------------------------------------------------
     async def _async_host_watcher(self) -> None:

@@ -56,6 +56,7 @@ MIGRATION_PORT_BASE = 49152
 DISPLAY_PORT_BASE = 5900
 WEBSOCKET_PORT_BASE = 11000
 PORTS_PER_HOST = 50
+TCP_PORT_BASE = 16600  # + the host's index: libvirtd's TCP listener of a lab host made with tcp=True
 HOSTS_PER_SLOT = 8
 SLOTS = 12  # labs that may run at once on one machine (each holds a slot lock while it lives)
 SLOT_LOCK_DIR = Path("/tmp/moldd-lab-slots")
@@ -195,8 +196,12 @@ class LabHost:
     """One libvirtd "host".  Create through :class:`Lab` (or directly: ``LabHost(name, dir, index)``)."""
 
     def __init__(self, name: str, dir: Path, index: int = 0, host_uuid: str | None = None,
-                 start_timeout: float = 30.0, qemu_caps_seed: Path | None = None) -> None:
+                 start_timeout: float = 30.0, qemu_caps_seed: Path | None = None, tcp: bool = False) -> None:
         self.name = name
+        # tcp: libvirtd also listens on 127.0.0.1:<tcp_port> (no auth, no TLS: a lab only) and ``uri`` is
+        # ``qemu+tcp://``, so a frozen host is noticed by libvirt's keepalive on a TCP link, as in production
+        self.tcp = tcp
+        self.tcp_port = TCP_PORT_BASE + index
         self.qemu_caps_seed = qemu_caps_seed
         self.dir = Path(dir).resolve()
         self.index = index
@@ -220,6 +225,8 @@ class LabHost:
 
     @property
     def uri(self) -> str:
+        if self.tcp:
+            return f"qemu+tcp://127.0.0.1:{self.tcp_port}/system"
         return f"qemu+unix:///system?socket={self.socket_path}"
 
     @property
@@ -291,6 +298,11 @@ class LabHost:
             f'log_outputs = "3:file:{self.log_path}"\n'
             "max_clients = 200\n"
             "max_workers = 40\n"
+            + (
+                "listen_tls = 0\nlisten_tcp = 1\n"
+                f'listen_addr = "127.0.0.1"\ntcp_port = "{self.tcp_port}"\nauth_tcp = "none"\n'
+                if self.tcp else ""
+            )
         )
         info = {
             "name": self.name,
@@ -345,7 +357,8 @@ class LabHost:
             f"mkdir -p {target} && mount --bind {self.dir / sub} {target}"
             for sub, target in PRIVATE_DIRS.items()
         )
-        return f"set -e; {binds}; exec {LIBVIRTD} --config {self.config_path} --pid-file {self.pid_path}"
+        listen = " --listen" if self.tcp else ""
+        return f"set -e; {binds}; exec {LIBVIRTD}{listen} --config {self.config_path} --pid-file {self.pid_path}"
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -569,7 +582,7 @@ class Lab:
     """``n_hosts`` libvirtd hosts under ``root`` (``root/<prefix><i>``).  Context manager."""
 
     def __init__(self, root: Path, n_hosts: int = 2, name_prefix: str = "host",
-                 prepare: bool = True, qemu_caps_cache: Path | None = None) -> None:
+                 prepare: bool = True, qemu_caps_cache: Path | None = None, tcp: bool = False) -> None:
         self.root = Path(root).resolve()
         # probed QEMU capabilities shared by the hosts (pass a persistent dir to reuse across runs)
         self.qemu_caps_cache = Path(qemu_caps_cache).resolve() if qemu_caps_cache else self.root / "qemu-caps"
@@ -581,7 +594,7 @@ class Lab:
         self.slot, self._slot_fd = claim_slot()
         self.hosts: list[LabHost] = [
             LabHost(f"{name_prefix}{i}", self.root / f"{name_prefix}{i}", index=self.slot * HOSTS_PER_SLOT + i,
-                    qemu_caps_seed=self.qemu_caps_cache)
+                    qemu_caps_seed=self.qemu_caps_cache, tcp=tcp)
             for i in range(n_hosts)
         ]
 

@@ -101,6 +101,12 @@ class DomainEvent:
             at=at or _now(),
         )
 
+    @classmethod
+    def rebooted(cls, host: str, domain: str, uuid: str) -> DomainEvent:
+        """libvirt's REBOOT event (a separate event id, not a lifecycle code): the guest was reset."""
+        return cls(host=host, domain=domain, uuid=uuid, event="REBOOTED", detail="RESET",
+                   event_code=-1, detail_code=-1, at=_now())  # fmt: skip
+
     def to_payload(self) -> dict[str, Any]:
         return {
             "host": self.host,

@@ -397,10 +397,10 @@ class HostConnection:
         self.call_timeout = call_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: libvirt.virConnect | None = None
-        self._cb_id: int | None = None
+        self._cb_id: list[int] | None = None
         self._generation = 0
         self._closed_generations: set[int] = set()
-        self._pending_open: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] | None = (
+        self._pending_open: concurrent.futures.Future[tuple[int, libvirt.virConnect, list[int] | None]] | None = (
             None
         )
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -520,8 +520,8 @@ class HostConnection:
 
     def _open_in_thread(
         self, gen: int
-    ) -> concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]]:
-        fut: concurrent.futures.Future[tuple[int, libvirt.virConnect, int | None]] = (
+    ) -> concurrent.futures.Future[tuple[int, libvirt.virConnect, list[int] | None]]:
+        fut: concurrent.futures.Future[tuple[int, libvirt.virConnect, list[int] | None]] = (
             concurrent.futures.Future()
         )
         loop = self._loop
@@ -537,9 +537,16 @@ class HostConnection:
                         if _err_code(exc) != libvirt.VIR_ERR_NO_SUPPORT:  # local drivers: no keepalive
                             raise
                     conn.registerCloseCallback(self._libvirt_close_cb, gen)
-                    cb_id = conn.domainEventRegisterAny(
-                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._libvirt_lifecycle_cb, gen
-                    )
+                    cb_id = [
+                        conn.domainEventRegisterAny(
+                            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._libvirt_lifecycle_cb, gen
+                        ),
+                        # a guest reset (its own reboot, an ACPI reboot honoured, virDomainReset) is no
+                        # lifecycle event: without this one a reboot leaves no trace
+                        conn.domainEventRegisterAny(
+                            None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._libvirt_reboot_cb, gen
+                        ),
+                    ]
                 except BaseException:
                     _close_conn(conn, None)
                     raise
@@ -560,6 +567,13 @@ class HostConnection:
     ) -> None:
         try:
             ev = DomainEvent.from_codes(self.name, dom.name(), dom.UUIDString(), event, detail)
+            self._threadsafe(self._deliver_domain_event, ev)
+        except Exception:  # pragma: no cover - must never raise into libvirt
+            pass
+
+    def _libvirt_reboot_cb(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, gen: int) -> None:
+        try:
+            ev = DomainEvent.rebooted(self.name, dom.name(), dom.UUIDString())
             self._threadsafe(self._deliver_domain_event, ev)
         except Exception:  # pragma: no cover - must never raise into libvirt
             pass
@@ -666,6 +680,20 @@ class HostConnection:
             name,
             what=f"reboot {name}",
         )
+
+    async def async_set_description(self, name: str, text: str) -> None:
+        """Set the domain's <description> in its definition and, if it runs, live."""
+
+        def run(c: libvirt.virConnect, n: str) -> None:
+            dom = _lookup(c, n)
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, text, None, None, flags)
+
+        await self._call(run, name, what=f"set description of {name}")
+
+    async def async_reset(self, name: str) -> None:
+        """Reset the guest now, like the reset button (``virDomainReset``): no help from the guest needed."""
+        await self._call(lambda c, n: _lookup(c, n).reset(0), name, what=f"reset {name}")
 
     async def async_undefine(self, name: str) -> bool:
         """Remove the definition with its snapshot metadata and NVRAM; False if it was already gone.
@@ -855,11 +883,11 @@ class HostConnection:
                 log.exception("migration_progress_handler_failed", domain=name)
 
 
-def _close_conn(conn: libvirt.virConnect, cb_id: int | None) -> None:
+def _close_conn(conn: libvirt.virConnect, cb_id: list[int] | None) -> None:
     """Best effort: deregister callbacks, then drop our reference (local work on a dead transport)."""
-    if cb_id is not None:
+    for one in cb_id or ():
         try:
-            conn.domainEventDeregisterAny(cb_id)
+            conn.domainEventDeregisterAny(one)
         except libvirt.libvirtError:
             pass
     try:

@@ -101,6 +101,21 @@ async def async_info(path: Path) -> ImageInfo:
     )
 
 
+async def async_lock_holder(path: Path) -> str | None:
+    """Whether another process (a live QEMU) holds the image's write lock: qemu-img's refusal, or None when the
+    image opens (or does not exist). The probe HA runs before it starts a VM elsewhere: a locked disk means a
+    copy still runs, whatever the fence command said."""
+    try:
+        await _run("info", "--output=json", str(path), timeout=30.0)
+    except OperationFailed as exc:
+        if "lock" in exc.message:
+            return exc.message
+        if "No such file" in exc.message:
+            return None
+        raise
+    return None
+
+
 async def async_delete(path: Path, *, missing_ok: bool = True) -> None:
     # unlink is one syscall on a local file: not worth a thread.
     try:

@@ -3,9 +3,12 @@ by the daemon or replayed by ``moldd-audit state``; times come from the events, 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any, Protocol
 
+from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import down_cause
 from moldd.domain.states import TRANSIENT, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
@@ -37,9 +40,17 @@ class EventLike(Protocol):
     def recorded_at(self) -> Any: ...
 
 
+_last_at: Any = None  # the newest recorded_at turned into text, and that text: handlers ask several times per
+_last_text = ""  # event, and a group commit's events share one recorded_at object
+
+
 def _iso(ev: EventLike) -> str:
+    global _last_at, _last_text
     at = ev.recorded_at
-    return at.isoformat() if hasattr(at, "isoformat") else str(at)
+    if at is not _last_at:
+        _last_text = at.isoformat() if hasattr(at, "isoformat") else str(at)
+        _last_at = at
+    return _last_text
 
 
 def _epoch(ev: EventLike) -> float:
@@ -53,6 +64,12 @@ EDITABLE = frozenset(
 )
 
 
+MAX_FINISHED_JOBS = 10_000
+"""Finished jobs kept in the read model (queryAsyncJobResult answers them); older ones live only in the log."""
+_VM_ID = attrgetter("id")
+PRUNE_SLACK = 1024  # prune in batches: a sort of the finished jobs per 1024 finished, not per job
+
+
 class ReadModel:
     """Current VMs, hosts, groups and jobs, plus the log position folded so far."""
 
@@ -64,6 +81,12 @@ class ReadModel:
         self.jobs: dict[str, Job] = {}
         self.by_internal: dict[str, str] = {}
         self.next_vm_id = 1
+        self._by_id: list[VM] | None = None  # vms_listed's caches
+        self._listed: tuple[tuple[int, int], list[VM]] | None = None
+        self._finished: deque[tuple[str, str]] = deque()  # (finished_at, job id) of finished jobs, oldest first
+        # moldd users (API keys and roles), by name; ``by_apikey`` maps a live API key to its user.
+        self.users: dict[str, dict[str, Any]] = {}
+        self.by_apikey: dict[str, str] = {}
 
     # -- snapshots -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +97,21 @@ class ReadModel:
             "groups": {k: v.to_dict() for k, v in self.groups.items()},
             "jobs": {k: v.to_dict() for k, v in self.jobs.items()},
             "next_vm_id": self.next_vm_id,
+            "users": {k: dict(v) for k, v in self.users.items()},
+        }
+
+    def snapshot_parts(self) -> dict[str, Any]:
+        """What ``to_dict()`` holds, with each object's shared read-only view instead of a copy: cheap to take on
+        the loop (views are rebuilt only for objects that changed), safe to encode on another thread."""
+        return {
+            "position": self.position,
+            "vms": {k: v.view() for k, v in self.vms.items()},
+            "hosts": {k: v.view() for k, v in self.hosts.items()},
+            "groups": {k: v.view() for k, v in self.groups.items()},
+            "jobs": {k: v.view() for k, v in self.jobs.items()},
+            "next_vm_id": self.next_vm_id,
+            # copies: the fold updates a user's dict in place, and the parts are encoded on another thread
+            "users": {k: dict(v) for k, v in self.users.items()},
         }
 
     @classmethod
@@ -85,6 +123,11 @@ class ReadModel:
         model.groups = {k: Group.from_dict(v) for k, v in data["groups"].items()}
         model.jobs = {k: Job.from_dict(v) for k, v in data["jobs"].items()}
         model.next_vm_id = data["next_vm_id"]
+        model._finished = deque(sorted((j.finished_at, j.id) for j in model.jobs.values() if j.finished_at))
+        if len(model._finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
+            model.prune_jobs()  # a snapshot written before jobs were pruned
+        model.users = {k: dict(v) for k, v in data.get("users", {}).items()}
+        model.by_apikey = {u["apikey"]: k for k, u in model.users.items() if u.get("state") == "enabled"}
         # as the fold keeps it: an expunged VM's domain name is forgotten (``_expunged``)
         model.by_internal = {vm.internal_name: vm.name for vm in model.vms.values() if vm.state != S.EXPUNGED}
         return model
@@ -99,6 +142,21 @@ class ReadModel:
         }
 
     # -- queries ---------------------------------------------------------------------------------------
+    def vms_listed(self, expunged: bool = False) -> list[VM]:
+        """The VMs in id order (without the expunged ones unless ``expunged``), as lists answer them. Shared and
+        cached until the model changes (sorted again only when a VM is added): do not modify."""
+        vms = self.vms
+        by_id = self._by_id
+        if by_id is None or len(by_id) != len(vms):
+            by_id = self._by_id = sorted(vms.values(), key=_VM_ID)
+        if expunged:
+            return by_id
+        key = (self.position, len(by_id))
+        cached = self._listed
+        if cached is None or cached[0] != key:
+            cached = self._listed = (key, [v for v in by_id if v.state != S.EXPUNGED])
+        return cached[1]
+
     def vm_by_domain(self, domain: str) -> VM | None:
         name = self.by_internal.get(domain)
         return self.vms.get(name) if name else None
@@ -111,6 +169,19 @@ class ReadModel:
     def counted_on(self, host: str) -> int:
         """VMs that hold a slot on a host: every VM placed there that is not destroyed or expunged."""
         return len(self.vms_on(host))
+
+    def host_counts(self, host: str) -> dict[str, int]:
+        """What ``listHosts`` (and ``moldd-audit state``) shows of a host beside its record: VMs holding a slot,
+        running VMs, and the memory those offer and really commit (a dynamic offering's guest boots with its
+        *maximum* memory; the balloon target only takes effect once a balloon driver in the guest honours it)."""
+        placed = self.vms_on(host)
+        running = [v for v in placed if v.state == S.RUNNING]
+        return {
+            "vms": len(placed),
+            "running": len(running),
+            "memory_offered_mib": sum(int(v.offering.get("memory_mib") or 0) for v in running),
+            "memory_committed_mib": sum(committed_memory_mib(v.offering) for v in running),
+        }
 
     # -- folding ---------------------------------------------------------------------------------------
     def apply_all(self, events: Iterable[EventLike]) -> ReadModel:
@@ -125,7 +196,29 @@ class ReadModel:
         handler = _HANDLERS.get(ev.event_type)
         if handler is not None:
             handler(self, ev)
+        if ev.stream_id.startswith("vm-"):
+            # Every event of a VM's stream moves the VM's version, whether or not a handler changed anything:
+            # the version is what a command's optimistic check compares with the stream (a type the fold does
+            # not act on must not leave the VM behind its stream, refusing every command with "kept changing").
+            vm = self.vms.get(ev.stream_id[3:])
+            if vm is not None and vm.version < ev.stream_version:
+                _vm(self, ev)
         self._track_job(ev)
+
+    def prune_jobs(self) -> None:
+        """Forget the jobs that finished first, keeping the MAX_FINISHED_JOBS newest (jobs that finished in the
+        same instant as the oldest kept one stay too); the log keeps their events. Runs when the count passes
+        MAX_FINISHED_JOBS + PRUNE_SLACK, so the read model and its snapshots stay bounded however long the log
+        grows. What is kept depends only on the finish times the model holds, so a replay and a daemon restored
+        from a snapshot keep the same jobs."""
+        order = self._finished
+        if len(order) <= MAX_FINISHED_JOBS:
+            return
+        cutoff = order[len(order) - MAX_FINISHED_JOBS][0]
+        jobs = self.jobs
+        while order and order[0][0] < cutoff:
+            _, job_id = order.popleft()
+            jobs.pop(job_id, None)
 
     def _track_job(self, ev: EventLike) -> None:
         job_id = ev.correlation_id
@@ -155,16 +248,37 @@ class ReadModel:
             job.progress = p["progress"]
         status = p.get("job_status")
         if status in ("succeeded", "failed"):
+            newly = job.finished_at is None
             job.status = status
             job.finished_at = _iso(ev)
             job.error = p.get("error") if status == "failed" else None
             job.result = p.get("result") if status == "succeeded" else None
             if vm is not None and vm.job == job_id:
                 vm.job = None
+            if newly:
+                self._finished.append((job.finished_at, job_id))  # finish times never go backwards in the log
+                if len(self._finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
+                    self.prune_jobs()  # this job finished last: it stays
 
 
 Handler = Callable[[ReadModel, EventLike], None]
 _HANDLERS: dict[str, Handler] = {}
+
+STATE_NEUTRAL = frozenset(
+    {
+        "cluster.capacity_low",  # a warning on the cluster's stream
+        "vm.stale_copy_destroyed",  # a copy on a host that is not the VM's: the VM itself does not change
+        "vm.stale_definition_removed",  # a shut-off definition left on a previous host was undefined
+        "ha.evacuation",  # on the host's stream; each VM's own vm.reconciled follows
+        "ha.watcher_restarted",  # on the daemon's stream
+        "vm.console.opened",  # who opened a VM's console: for the audit trail
+        "access.denied",  # a refused call (who, what, why): for the audit trail
+        "snapshot.sealed",  # the log's own bookkeeping (events.snapshot): binds a snapshot to the chain
+    }
+)
+"""Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is
+listed here (``tests/projection/test_registry.py``); either way an event on a VM's stream advances the VM's
+version (``ReadModel.apply``)."""
 
 
 def on(*types: str) -> Callable[[Handler], Handler]:
@@ -299,6 +413,7 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
         position=ev.position,
     )
     model.vms[vm.name] = vm
+    model._by_id = None
     model.by_internal[vm.internal_name] = vm.name
     model.next_vm_id = max(model.next_vm_id, vm.id + 1)
 
@@ -337,15 +452,23 @@ def _started(model: ReadModel, vm: VM, ev: EventLike) -> None:
         vm.ha_status = None
 
 
-@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed", "vm.expunge.failed")
+@on_vm("vm.start.failed", "vm.stop.failed", "vm.destroy.failed")
 def _failed_back(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
+
+
+@on_vm("vm.expunge.failed")
+def _expunge_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    # CloudStack: a failed expunge stays Expunging, and the expunge sweeper tries it again
+    vm.state = S.EXPUNGING
+    vm.error = (ev.payload.get("error") or {}).get("message")
 
 
 @on_vm("ha.restart.failed")
 def _ha_restart_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
-    vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
+    if ev.payload.get("counts", True):  # only the VM's own failures use up its restart budget
+        vm.ha_restarts = [*vm.ha_restarts[-19:], _epoch(ev)]
     vm.ha_status = "pending"
 
 
@@ -359,6 +482,27 @@ def _ha_gave_up(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.state = S.ERROR
     vm.ha_status = "failed"
     vm.error = ev.payload.get("reason")
+
+
+@on_vm("ha.not_restarted")
+def _ha_not_restarted(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = None  # HA decided to leave it down (its policy): nothing is pending
+
+
+@on_vm("ha.waiting")
+def _ha_waiting(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = "pending"  # waiting for room or for its old host to be fenced: a host coming Up wakes it
+
+
+@on_vm("ha.fence_lied")
+def _ha_fence_lied(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.ha_status = "pending"  # nothing was started; it waits for its host to answer (or an operator)
+    vm.error = ev.payload.get("reason")
+
+
+@on_vm("vm.job.crashed")
+def _job_crashed(model: ReadModel, vm: VM, ev: EventLike) -> None:
+    vm.error = (ev.payload.get("error") or {}).get("message") or vm.error
 
 
 @on_vm("ha.cancelled")
@@ -405,6 +549,8 @@ def _destroyed(model: ReadModel, vm: VM, ev: EventLike) -> None:
 def _recovered(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.state = S.STOPPED
     vm.expunge_at = None
+    vm.host = ev.payload.get("host", vm.host)
+    vm.cluster = ev.payload.get("cluster", vm.cluster)
 
 
 @on_vm("vm.expunge.requested")
@@ -430,10 +576,12 @@ def _reconciled(model: ReadModel, ev: EventLike) -> None:
     if vm is None:
         return
     p = ev.payload
-    vm.state = p["state"]
+    vm.state = S(p["state"])
     vm.power_state = p.get("power_state", vm.power_state)
     vm.host = p.get("host", vm.host)
     vm.prior_state = None
+    if vm.state == S.ERROR:  # the VM's view carries the reason of its last failure, not only the job
+        vm.error = (p.get("error") or {}).get("message") or p.get("reason") or vm.error
     if vm.state == S.RUNNING:
         vm.ha_status = None
         vm.error = None
@@ -461,14 +609,27 @@ def _domain_event(model: ReadModel, ev: EventLike) -> None:
     p = ev.payload
     vm.last_domain_event = {k: p.get(k) for k in ("host", "event", "detail")} | {"at": _iso(ev)}
     event, detail, host = p.get("event"), p.get("detail"), p.get("host")
-    if vm.state in (S.MIGRATING,) or detail in ("MIGRATED", "FROM_SNAPSHOT"):
+    if detail in ("MIGRATED", "FROM_SNAPSHOT"):
         return  # migration and snapshot-revert events are accounted for by the migrate / revert command
+    if vm.state == S.MIGRATING:
+        # Only a power-off of the source copy counts here (CloudStack: Migrating + PowerOff -> Stopped): its
+        # QEMU died, the migration cannot succeed, and HA must see the VM down. The rest belongs to the job.
+        if event == "STOPPED" and host == vm.host:
+            vm.state = S.STOPPED
+            vm.power_state = "off"
+            vm.prior_state = None
+            vm.stop_cause = str(down_cause(event, detail or ""))
+            vm.down_at = _iso(ev)
+        return
     if event in ("STARTED", "RESUMED"):
         if host == vm.host or vm.host is None:
             vm.power_state = "on"
             if vm.state in (S.STOPPED, S.CREATED, S.UNKNOWN):
                 vm.state = S.RUNNING  # started behind moldd's back: the hypervisor is the truth for power
                 vm.stop_cause = None
+    elif event == "SUSPENDED":
+        if host == vm.host and vm.power_state != "off":
+            vm.power_state = "paused"  # paused behind moldd's back (virsh suspend, I/O error, ...): drift shows
     elif event == "STOPPED":
         if host != vm.host:
             return  # a stale copy elsewhere stopped: not this VM's current incarnation
@@ -531,8 +692,15 @@ def _migrate_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
     vm.host = ev.payload.get("host", vm.host)
     if ev.payload.get("state"):  # what libvirt showed on the source after the failure
-        vm.state = ev.payload["state"]
+        vm.state = S(ev.payload["state"])
         vm.power_state = "on" if vm.state == S.RUNNING else "off"
+    elif ev.payload.get("domain_state") in ("shutoff", "crashed"):
+        # the source QEMU died during the migration and its power-off event was not seen (CloudStack:
+        # Migrating + PowerOff -> Stopped); HA acts on it as on any crash
+        vm.state = S.STOPPED
+        vm.power_state = "off"
+        vm.stop_cause = "crashed"
+        vm.down_at = _iso(ev)
 
 
 @on_vm("vm.restored")
@@ -586,7 +754,7 @@ def _snap_reverted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if p["id"] in vm.snapshots:
         vm.snapshots[p["id"]]["state"] = "Ready"
     vm.current_snapshot = p["id"]
-    vm.state = p["state"]
+    vm.state = S(p["state"])
     vm.power_state = "on" if p["state"] == S.RUNNING else "off"
     vm.prior_state = None
     if p["state"] == S.RUNNING:
@@ -603,3 +771,35 @@ def _snap_delete_requested(model: ReadModel, ev: EventLike) -> None:
 @on_vm("vmsnapshot.deleted")
 def _snap_deleted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.snapshots, vm.current_snapshot = remove_from_tree(vm.snapshots, vm.current_snapshot, ev.payload["id"])
+
+
+# -- users and API keys (moldd/app/users.py) ---------------------------------------------------------------
+# The log holds each user's role, API key and the SHA-256 of its secret key, never the secret itself.
+@on("user.created")
+def _user_created(model: ReadModel, ev: EventLike) -> None:
+    p = ev.payload
+    model.users[p["name"]] = {
+        "name": p["name"], "id": p["id"], "role": p["role"], "apikey": p["apikey"],
+        "key_fingerprint": p["key_fingerprint"], "state": "enabled", "created": _iso(ev), "updated": _iso(ev),
+    }  # fmt: skip
+    model.by_apikey[p["apikey"]] = p["name"]
+
+
+@on("user.keys.registered")
+def _user_keys(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(apikey=ev.payload["apikey"], key_fingerprint=ev.payload["key_fingerprint"], updated=_iso(ev))
+    user["state"] = "enabled"
+    model.by_apikey[user["apikey"]] = user["name"]
+
+
+@on("user.revoked")
+def _user_revoked(model: ReadModel, ev: EventLike) -> None:
+    user = model.users.get(ev.payload["name"])
+    if user is None:
+        return
+    model.by_apikey.pop(user["apikey"], None)
+    user.update(state="revoked", updated=_iso(ev))

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from moldd.config import Config, load_config
+from moldd.testing.load import scaled
 
 
 def write_template(path: Path, size: str = "64M") -> Path:
@@ -32,6 +33,7 @@ def write_config(
     ha: dict[str, Any] | None = None,
     max_vms: int = 4,
     checkpoints: bool = False,
+    sections: dict[str, dict[str, Any]] | None = None,
     cluster: dict[str, Any] | None = None,
 ) -> Config:
     """A TOML config for lab hosts (``hosts``: LabHost objects) and the lab guest image."""
@@ -57,6 +59,8 @@ def write_config(
         *(f"{k} = {_toml(v)}" for k, v in h.items()),
         "",
     ]
+    for section, values in (sections or {}).items():  # e.g. {"cloudstack": {"port": 0}}
+        lines += [f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
     if cluster:
         lines += ["[cluster]", *(f"{k} = {_toml(v)}" for k, v in cluster.items()), ""]
     if checkpoints:
@@ -146,6 +150,7 @@ class Client:
         return await self.wait_job(reply["result"]["job"]["id"], timeout)
 
     async def wait_job(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
             job = (await self.call("queryAsyncJobResult", jobid=job_id))["result"]["job"]
@@ -162,6 +167,7 @@ class Client:
 
     async def wait_vm(self, name: str, timeout: float = 30.0, **expect: Any) -> dict[str, Any]:
         """Wait until the VM's fields equal ``expect`` (e.g. state="Running", host="host1")."""
+        timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
             vm = await self.vm(name)
@@ -176,6 +182,7 @@ class Client:
         return list((await self.call("listEvents", stream=stream, limit=10000))["result"]["event"])
 
     async def wait_host(self, name: str, timeout: float = 30.0, **expect: Any) -> dict[str, Any]:
+        timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
         deadline = time.monotonic() + timeout
         while True:
             hosts = (await self.call("listHosts"))["result"]["host"]

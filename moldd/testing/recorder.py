@@ -11,6 +11,7 @@ from typing import Any
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.events import DomainEvent, HostLinkEvent
 from moldd.libvirt.host import HostConnection
+from moldd.testing.load import scaled
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Recorder:
 
     async def wait(self, pred: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
         try:
+            timeout = scaled(timeout)  # a limit for a hang, stretched on a busy machine
             async with asyncio.timeout(timeout):
                 while not pred():
                     self._changed.clear()

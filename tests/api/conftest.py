@@ -43,6 +43,7 @@ class FakeBus:
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Condition()
+        self.following = asyncio.Event()  # set once a follower is waiting for entries (tests sync on it)
         self._ids = itertools.count(1)
         for name, state, group in [
             ("web-1", "Running", "web"),
@@ -69,8 +70,9 @@ class FakeBus:
             self._changed.notify_all()
             return position
 
-    async def async_follow(self, from_position: int) -> AsyncIterator[dict[str, Any]]:
+    async def async_follow(self, from_position: int, **_filters: Any) -> AsyncIterator[dict[str, Any]]:
         position = from_position
+        self.following.set()
         while True:
             async with self._changed:
                 await self._changed.wait_for(lambda p=position: len(self.log) >= p)  # type: ignore[misc]
@@ -191,7 +193,9 @@ class Poster:
         self.http = http
 
     async def __call__(self, body: Any = None, *, raw: bytes | None = None) -> tuple[int, Any]:
-        kwargs: dict[str, Any] = {"data": raw} if raw is not None else {"json": body}
+        kwargs: dict[str, Any] = (
+            {"data": raw, "headers": {"Content-Type": "application/json"}} if raw is not None else {"json": body}
+        )
         async with self.http.post("http://moldd/v1/command", **kwargs) as resp:
             return resp.status, await resp.json()
 

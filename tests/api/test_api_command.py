@@ -152,6 +152,8 @@ async def test_a_chunked_body_over_the_limit_is_refused_naming_the_body(http: ai
         for _ in range(20):
             yield b" " * 100_000
 
-    async with http.post("http://moldd/v1/command", data=chunks()) as resp:
+    async with http.post(
+        "http://moldd/v1/command", data=chunks(), headers={"Content-Type": "application/json"}
+    ) as resp:
         assert resp.status in (400, 413)
         assert (await resp.json())["error"]["field"] == "body"

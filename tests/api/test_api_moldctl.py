@@ -17,6 +17,7 @@ import pytest
 from moldd.api import ApiServer
 from moldd.cli import moldctl
 from moldd.cli.moldctl import COMMANDS, build_parser, command_args, format_table, parse_pairs, parse_value
+from moldd.testing.load import scaled
 from tests.api.conftest import FakeBus
 
 
@@ -240,11 +241,11 @@ async def test_events_follow_starts_at_the_end_unless_from_is_given(server: ApiS
         moldctl.run(["--socket", path, "events", "--follow", *extra], out, io.StringIO())
 
     threading.Thread(target=follow, daemon=True).start()
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(bus.following.wait(), scaled(10))  # the follower chose where to start: the end
     await bus._append(
         "vm-new", "libvirt.domain_event", {"event": "STOPPED", "detail": "DESTROYED", "host": "h1"}
     )
-    for _ in range(50):
+    for _ in range(int(scaled(10) / 0.05)):
         if "vm-new" in out.getvalue():
             break
         await asyncio.sleep(0.05)
@@ -256,7 +257,7 @@ async def test_events_follow_starts_at_the_end_unless_from_is_given(server: ApiS
         target=lambda: moldctl.run(["--socket", path, "events", "-f", "--from", "1"], out2, io.StringIO()),
         daemon=True,
     ).start()
-    for _ in range(50):
+    for _ in range(int(scaled(10) / 0.05)):
         if "[2]" in out2.getvalue():
             break
         await asyncio.sleep(0.05)

@@ -25,7 +25,7 @@ def test_a_postgresql_database_and_cluster_timings_are_read(tmp_path: Path) -> N
         },
         tmp_path / "moldd.toml",
     )
-    assert cfg.database_dsn == DSN and cfg.database == Path()
+    assert cfg.database_dsn == DSN
     assert (cfg.cluster.node, cfg.cluster.schema, cfg.cluster.lease_s, cfg.cluster.fence_after_s) == (
         "mgmt1",
         "events",
@@ -37,7 +37,9 @@ def test_a_postgresql_database_and_cluster_timings_are_read(tmp_path: Path) -> N
 def test_a_file_database_stays_a_file(tmp_path: Path) -> None:
     cfg: Any = parse({"daemon": {"database": "log.db"}}, tmp_path / "moldd.toml")
     assert cfg.database_dsn is None and cfg.database == tmp_path / "log.db"
-    assert cfg.cluster.node  # defaults to the host name
+    from moldd.cluster import node_name
+
+    assert cfg.cluster.node == "" and node_name(cfg)  # defaults to the host name
 
 
 @pytest.mark.parametrize(
@@ -46,18 +48,18 @@ def test_a_file_database_stays_a_file(tmp_path: Path) -> None:
         ({"daemon": {"database": "log.db"}, "cluster": {"node": "a"}}, "cluster", "postgresql://"),
         (
             {"daemon": {"database": DSN}, "cluster": {"lease_s": 3, "fence_after_s": 3}},
-            "cluster",
-            "fence_after_s < lease_s",
+            "cluster.fence_after_s",
+            "less than lease_s",
         ),
         (
             {"daemon": {"database": DSN}, "cluster": {"heartbeat_s": 4}},
-            "cluster",
-            "heartbeat_s < fence_after_s",
+            "cluster.heartbeat_s",
+            "less than fence_after_s",
         ),
         ({"daemon": {"database": DSN}, "cluster": {"lease_s": 0}}, "cluster.lease_s", "greater than 0"),
-        ({"daemon": {"database": DSN}, "cluster": {"lease_s": "5"}}, "cluster.lease_s", "a number"),
+        ({"daemon": {"database": DSN}, "cluster": {"lease_s": "5"}}, "cluster.lease_s", "a valid number"),
         ({"daemon": {"database": DSN}, "cluster": {"nodes": "x"}}, "cluster.nodes", "unknown key"),
-        ({"daemon": {"database": DSN}, "cluster": {"node": "a\nb"}}, "cluster.node", "printable"),
+        ({"daemon": {"database": DSN}, "cluster": {"node": "a\nb"}}, "cluster.node", "control characters"),
         ({"daemon": {"database": DSN}, "cluster": "x"}, "cluster", "table"),
     ],
 )

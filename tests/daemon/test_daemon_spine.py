@@ -16,6 +16,7 @@ import libvirt
 import pytest
 
 from moldd.testing.harness import Client, running_daemon
+from moldd.testing.load import scaled
 from moldd.testing.loopwatch import LoopWatch
 from tests.daemon.test_ha import qemu_pid
 
@@ -114,7 +115,7 @@ async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any
         await client.job("startVirtualMachine", id=job["vm"], host="host0")
         await asyncio.to_thread(clean_lab.hosts[1].thaw)
     assert watch.ticks > 50
-    assert watch.max_lag < 1.0, f"event loop blocked for {watch.max_lag:.3f} s"
+    assert watch.max_blocked < 1.0, f"event loop blocked for {watch.max_blocked:.3f} s (lag {watch.max_lag:.3f} s)"
 
 
 async def test_daemon_process_logs_json_lines_and_stops_cleanly_on_sigterm(make_config: Any) -> None:
@@ -142,6 +143,10 @@ async def test_daemon_process_logs_json_lines_and_stops_cleanly_on_sigterm(make_
         )
         assert entry["position"] == reply["position"] and f"uid={os.getuid()}" in entry["actor"]
         assert {"timestamp", "level"} <= set(entry)
+        # the shutdown says why and that it ended (issue 12, item 13)
+        stopping = [x for x in lines if x.get("event") == "daemon_stopping"]
+        assert stopping and stopping[0]["signal"] == "SIGTERM", lines[-5:]
+        assert lines[-1].get("event") == "daemon_stopped"
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -175,7 +180,7 @@ async def test_reconnect_resyncs_what_happened_while_disconnected(make_config: A
         host.kill_daemon()
         await client.wait_host("host0", timeout=10, link="disconnected")
         os.kill(pid, signal.SIGKILL)  # nobody is there to see it
-        await asyncio.sleep(0.5)
+        await _async_gone(pid)
         host.restart()
         found = await client.wait_vm(vm["name"], timeout=30, state="Stopped")
         assert found["stop_cause"] == "found-stopped"
@@ -278,3 +283,16 @@ async def test_resync_checks_a_difference_again_before_recording_it(
     after = await client.vm(vm["name"])
     assert (after["state"], after["power_state"]) == ("Stopped", "off")
     assert not [e for e in await client.events(vm["name"]) if e["event_type"] == "vm.reconciled"]
+
+
+async def _async_gone(pid: int) -> None:
+    """Wait until the process ``pid`` has died (a SIGKILL takes effect asynchronously)."""
+    async with asyncio.timeout(scaled(10)):
+        while True:
+            try:
+                os.kill(pid, 0)
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    return  # dead, waiting to be reaped by its parent
+            except (ProcessLookupError, FileNotFoundError):
+                return
+            await asyncio.sleep(0.02)

@@ -53,11 +53,12 @@ def test_rules_from_the_manual_and_cloudstack(state: VMState, action: Action, al
     assert is_allowed(state, action) is allowed
 
 
-def test_a_stopped_vm_may_be_stopped_only_while_ha_would_restart_it() -> None:
-    check_stop(S.STOPPED, ha_restart_pending=True)
-    with pytest.raises(InvalidState):
-        check_stop(S.STOPPED, ha_restart_pending=False)
+def test_stopping_a_stopped_vm_is_a_no_op_success_as_in_cloudstack() -> None:
+    check_stop(S.STOPPED, ha_restart_pending=True)  # also how a user keeps an HA VM down during its back-off
+    check_stop(S.STOPPED, ha_restart_pending=False)
     check_stop(S.RUNNING, ha_restart_pending=False)
+    with pytest.raises(InvalidState):
+        check_stop(S.DESTROYED, ha_restart_pending=False)
 
 
 def test_pending_states_are_transient() -> None:

@@ -19,6 +19,7 @@ import pytest
 from moldd.lab import GUEST_READY_MARKER, GuestImage, Lab, LabHost, domain_xml
 from moldd.lab.events import LifecycleRecorder
 from moldd.lab.hosts import host_processes, pid_alive
+from moldd.testing.load import scaled
 
 pytestmark = pytest.mark.libvirt
 
@@ -76,7 +77,8 @@ class Guest:
         except FileNotFoundError:
             return ""
 
-    def wait_ready(self, timeout: float = 30.0) -> float:
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        timeout = scaled(timeout)  # a TCG guest boots slowly on a busy machine
         t0 = time.monotonic()
         while GUEST_READY_MARKER not in self.console():
             if time.monotonic() - t0 > timeout:

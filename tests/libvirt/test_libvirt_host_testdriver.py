@@ -52,7 +52,7 @@ async def test_lifecycle_events_arrive_on_the_loop_thread(
         await test_host.async_destroy(name)
         await test_host.async_undefine(name)
         await recorder.wait_domain(name, ("UNDEFINED", "REMOVED"), timeout=5)
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert recorder.pairs(name) == [
         ("DEFINED", "ADDED"),
         ("STARTED", "BOOTED"),
@@ -122,7 +122,7 @@ async def test_unreachable_host_keeps_retrying_with_backoff(
     async with LoopWatch() as watch:
         assert await conn.async_start() is False
         await recorder.wait(lambda: len(recorder.links("gone")) >= 4, timeout=5, what="retries")
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     kinds = {k for k, _ in recorder.links("gone")}
     assert kinds == {"reconnect_failed"}
     assert "Failed to connect socket" in recorder.links("gone")[0][1]

@@ -18,6 +18,7 @@ from moldd.lab import GUEST_READY_MARKER, GuestImage
 from moldd.libvirt import storage
 from moldd.libvirt.host import HostConnection
 from moldd.libvirt.xml import DomainSpec, build_domain_xml
+from moldd.testing.load import scaled
 from moldd.testing.loopwatch import LoopWatch
 from moldd.testing.recorder import Recorder
 
@@ -59,8 +60,8 @@ async def _start(conn: HostConnection, spec: DomainSpec, rec: Recorder) -> None:
     await rec.wait_domain(spec.name, ("STARTED", "BOOTED"), host=conn.name, timeout=20)
 
 
-async def _wait_for_text(path: Path, text: str, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
+async def _wait_for_text(path: Path, text: str, timeout: float = 60.0) -> None:
+    async with asyncio.timeout(scaled(timeout)):  # a TCG guest boots slowly on a busy machine
         while True:
             content = await asyncio.to_thread(
                 lambda: path.read_text(errors="replace") if path.exists() else ""
@@ -83,14 +84,11 @@ async def test_start_and_destroy_events_arrive_on_the_loop_without_blocking_it(
     c0, _ = lab_conns
     spec = await _blank_spec(disk_dir, _name())
     async with LoopWatch() as watch:
-        t0 = time.monotonic()
         await _start(c0, spec, recorder)
-        started = time.monotonic() - t0
         assert await c0.async_domain_state(spec.name) == "running"
         await c0.async_destroy(spec.name)
         await recorder.wait_domain(spec.name, ("STOPPED", "DESTROYED"), timeout=10)
-    assert watch.max_lag < 0.2
-    assert started < 10
+    assert watch.max_blocked < 0.2, watch.worst
     pairs = recorder.pairs(spec.name)
     assert pairs[:3] == [("DEFINED", "ADDED"), ("RESUMED", "UNPAUSED"), ("STARTED", "BOOTED")]
     assert pairs[-1] == ("STOPPED", "DESTROYED")
@@ -127,7 +125,7 @@ async def test_acpi_shutdown_of_a_real_guest_is_shutdown_guest_then_stopped_shut
         await c0.async_shutdown(spec.name)
         pairs = await recorder.wait_domain(spec.name, ("STOPPED", "SHUTDOWN"), timeout=20)
         print(f"ACPI shutdown: STOPPED/SHUTDOWN after {time.monotonic() - t0:.2f}s")
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert pairs.index(("SHUTDOWN", "GUEST")) < pairs.index(("STOPPED", "SHUTDOWN"))
     assert recorder.off_loop_calls == 0
 
@@ -184,7 +182,7 @@ async def test_reconnects_after_libvirtd_is_killed_and_restarted(
         reconnect_delay = time.monotonic() - t_restarted
         print(f"libvirtd restarted: connected again after {reconnect_delay:.2f}s")
         assert await c0.async_list_domains() == []
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert down.reason in ("eof", "error")
     assert reconnect_delay < 6  # back-off is capped at 5 s
     kinds = [e.kind for e in recorder.link_events[n:] if e.host == c0.name]
@@ -218,7 +216,7 @@ async def test_frozen_host_is_detected_by_keepalive_and_never_blocks_the_loop(
         await recorder.wait_link(c0.name, "connected", after=n, timeout=20)
         # the guest kept running while its host's libvirtd was frozen
         assert await c0.async_domain_state(spec.name) == "running"
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert down.reason == "keepalive"
     assert detected_after < 7
     assert call_failed_after < 7
@@ -250,7 +248,7 @@ async def test_live_migration_reports_progress_and_runs_on_the_destination(
             poll_interval=0.2,
         )
         took = time.monotonic() - t0
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert await c1.async_domain_state(spec.name) == "running"
     assert await c0.async_domain_state(spec.name) is None  # undefined on the source
     assert [d.persistent for d in await c1.async_list_domains() if d.name == spec.name] == [True]
@@ -287,7 +285,7 @@ async def test_migration_fails_when_destination_dies_and_guest_keeps_running_on_
             )
     await asyncio.gather(*killer)
     assert killer, "migration ended before the first progress report"
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert await c0.async_domain_state(spec.name) == "running"
     assert [d.persistent for d in await c0.async_list_domains() if d.name == spec.name] == [True]
 
@@ -341,7 +339,7 @@ async def test_memory_snapshot_of_a_running_guest_reverts_to_running(
         await c0.async_snapshot_delete(spec.name, "s2")
         await c0.async_snapshot_delete(spec.name, "s1")
         assert await c0.async_snapshot_list(spec.name) == []
-    assert watch.max_lag < 0.2
+    assert watch.max_blocked < 0.2, watch.worst
     assert ("STARTED", "FROM_SNAPSHOT") in recorder.pairs(spec.name)
     with pytest.raises(NotFound):
         await c0.async_snapshot_revert(spec.name, "s1")

@@ -1,0 +1,269 @@
+"""The connection level of the socket API: bounded in time and in number, and every reply in the JSON shape.
+
+aiohttp's :class:`~aiohttp.web_protocol.RequestHandler` is subclassed (``handle_error`` and the data path) so that
+
+* errors aiohttp raises itself (bad Content-Length, oversized headers, bad chunking, Content-Length together with
+  Transfer-Encoding) leave as ``{"ok": false, "error": {...}}`` with ``application/json``, not text/plain;
+* a request's line and headers must arrive within ``header_timeout_s`` of its first byte, and its body within
+  ``body_timeout_s`` of the headers (a client sending a byte at a time is cut, with a JSON 408);
+* at most ``max_connections`` connections are served at once; more are answered 503 and closed, with one
+  log line per interval saying how many were turned away;
+* ``socket.accept()`` failures (file descriptors exhausted) are logged at most once per interval with a count.
+
+Private aiohttp API used: ``Server._kwargs`` (the handler's keyword arguments), ``RequestHandler._messages``,
+``_request_count`` and ``transport``; pinned by the tests in ``tests/api/test_api_limits.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from moldd.api.handlers import dumps, json_response
+from moldd.config import ApiConfig
+from moldd.domain.errors import MolddError
+
+log = structlog.get_logger("moldd.api")
+
+LOG_INTERVAL_S = 10.0
+
+
+class RequestTimeout(MolddError):
+    code = "timeout"
+    http_status = 408
+
+
+class RateLimitedLog:
+    """One log line per ``interval_s`` for a repeating condition, carrying how often it happened since."""
+
+    def __init__(self, event: str, interval_s: float = LOG_INTERVAL_S, *, level: str = "warning") -> None:
+        self.event, self.interval_s, self.level = event, interval_s, level
+        self.count = 0
+        self.suppressed = 0
+        self._last = -float("inf")
+
+    def __call__(self, **fields: Any) -> bool:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self.suppressed += 1
+            return False
+        self._last = now
+        getattr(log, self.level)(self.event, **fields, suppressed_since_last=self.suppressed)
+        self.suppressed = 0
+        return True
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large", 503: "Service Unavailable"}
+
+
+def raw_json_reply(status: int, code: str, message: str, field: str | None) -> bytes:
+    """A whole HTTP/1.1 response (``Connection: close``) for replying below aiohttp's request handling."""
+    body = dumps({"ok": False, "error": {"code": code, "message": message, "field": field}})
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class JsonRequestHandler(RequestHandler):
+    """One API connection (see the module docstring)."""
+
+    def __init__(self, manager: Any, *, limits: ApiConfig, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None
+        self._cut = False  # timed out: the reply is sent, input is discarded until the connection closes
+
+    # -- timeouts -------------------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._cut:
+            return
+        loop = asyncio.get_running_loop()
+        if self._header_timer is None and self._body is None and data:
+            self._header_timer = loop.call_later(self._limits.header_timeout_s, self._on_header_timeout)
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before:
+            self._cancel_header_timer()
+            payload = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                self._body = payload
+                self._body_timer = loop.call_later(self._limits.body_timeout_s, self._on_body_timeout)
+        if self._body is not None and self._body.is_eof():
+            self._cancel_body_timer()
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._body = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        log.info("api_header_timeout", timeout_s=self._limits.header_timeout_s)
+        transport = self.transport
+        self._cut = True
+        if transport is not None and not transport.is_closing():
+            transport.write(
+                raw_json_reply(
+                    408,
+                    "timeout",
+                    f"the request line and headers did not arrive within {self._limits.header_timeout_s:g} s",
+                    "headers",
+                )
+            )
+            # Shut the write side and drop what still comes for a moment: closing with unread input would
+            # reset the connection before the client reads the reply.
+            if isinstance(transport, asyncio.Transport) and transport.can_write_eof():
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(1.0, self.force_close)
+                return
+        self.force_close()
+
+    def _on_body_timeout(self) -> None:
+        body, self._body_timer = self._body, None
+        self._body = None
+        if body is not None and not body.is_eof():
+            log.info("api_body_timeout", timeout_s=self._limits.body_timeout_s)
+            body.set_exception(
+                RequestTimeout(
+                    f"the request body did not arrive within {self._limits.body_timeout_s:g} s", field="body"
+                )
+            )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_timer()
+        self._cancel_body_timer()
+        super().connection_lost(exc)
+
+    # -- aiohttp's own errors --------------------------------------------------------------------------------
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Malformed HTTP (aiohttp's parser refused it): a JSON error and a closed connection; a debug line,
+        since it says something about the client, not the daemon."""
+        if status >= 500:
+            log.error("api_protocol_error", status=status, error=repr(exc))
+        else:
+            log.debug("api_bad_http", status=status, error=repr(exc))
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started; the connection is closed instead")
+        reason = message or (str(exc) if exc else "bad request")
+        code = {413: "too_large", 431: "too_large"}.get(status, "bad_request" if status < 500 else "internal")
+        resp = json_response(
+            {"ok": False, "error": {"code": code, "message": f"malformed HTTP request: {reason}", "field": "http"}},
+            status=status,
+        )
+        resp.force_close()
+        return resp
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: one JSON 503, then the write side is shut and what the client
+    still sends is discarded until it closes (closing with its request unread would reset the connection before
+    the client reads the reply), for at most a second."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(
+            raw_json_reply(
+                503,
+                "unavailable",
+                f"moldd is serving its maximum of {self.limit} connections; retry shortly",
+                None,
+            )
+        )
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+
+def protocol_factory(server: web.Server, limits: ApiConfig) -> Callable[[], asyncio.Protocol]:
+    """The protocol factory for the listening socket: a :class:`JsonRequestHandler` while under the cap."""
+    loop = asyncio.get_running_loop()
+    full = RateLimitedLog("api_connection_limit_reached")
+
+    def make() -> asyncio.Protocol:
+        if len(server._connections) >= limits.max_connections:
+            full(max_connections=limits.max_connections, refused_total=full.count + 1)
+            return _Refused(limits.max_connections)
+        return JsonRequestHandler(server, loop=loop, limits=limits, **server._kwargs)
+
+    return make
+
+
+class LimitedSite(web.SockSite):
+    """A :class:`web.SockSite` serving with :func:`protocol_factory` and the configured backlog."""
+
+    def __init__(self, runner: web.BaseRunner, sock: Any, limits: ApiConfig) -> None:
+        super().__init__(runner, sock, backlog=limits.backlog)
+        self._limits = limits
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        self._server = await loop.create_server(
+            protocol_factory(server, self._limits), sock=self._sock, backlog=self._backlog
+        )
+
+
+class AcceptErrorFilter:
+    """A loop exception handler that rate-limits ``socket.accept() out of system resource`` (the loop retries
+    accepting every second and would log each time); everything else goes to the previous handler."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.previous = loop.get_exception_handler()
+        self.limited = RateLimitedLog("api_accept_failed", level="error")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept()"):
+            exc = context.get("exception")
+            self.limited(error=repr(exc), hint="file descriptors exhausted? see LimitNOFILE and api.max_connections")
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def install(self) -> None:
+        self.loop.set_exception_handler(self)
+
+    def uninstall(self) -> None:
+        if self.loop.get_exception_handler() is self:
+            self.loop.set_exception_handler(self.previous)
