@@ -209,12 +209,7 @@ async def async_copy(
                         f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
                     )
                     out.execute("COMMIT")
-                out.execute("BEGIN IMMEDIATE")
-                out.executemany(
-                    f"INSERT INTO commands ({', '.join(COMMAND_NAMES)}) VALUES (?,?,?,?,?)",
-                    await source.async_commands(),
-                )
-                out.execute("COMMIT")
+                # command ids live in the chained rows (SQLite schema 2 keeps no `commands` rows)
             finally:
                 out.close()
     finally:

@@ -38,6 +38,19 @@ from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row
 
+
+def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]:
+    """The append made with `cid` from the chained rows carrying it (position order): its first run of
+    consecutive positions on one stream (what events.sqlite does; anything else is not that append)."""
+    run = [rows[0]]
+    for row in rows[1:]:
+        prev = run[-1]
+        if row[0] != prev[0] + 1 or row[1] != prev[1] or row[2] != prev[2] + 1:
+            break
+        run.append(row)
+    last = run[-1]
+    return (cid, run[0][1], run[0][0], last[0], last[2]), run
+
 SCHEMA_VERSION = 1
 FORMAT = "events.log"
 DEFAULT_SCHEMA = "events"
@@ -109,6 +122,8 @@ def schema_ddl(schema: str, log_id: str) -> list[str]:
             UNIQUE (stream_id, stream_version)
         )""",
         f"CREATE INDEX events_recorded_at ON {s}.events (recorded_at)",
+        # idempotency is read from the chained rows (as in SQLite); `commands` adds a unique guard
+        f"CREATE INDEX events_command_id ON {s}.events (command_id) WHERE command_id IS NOT NULL",
         f"""CREATE TABLE {s}.commands (
             command_id text PRIMARY KEY,
             stream_id text NOT NULL,
@@ -528,13 +543,17 @@ class PostgresEventStore(EventStore):
                 ):
                     versions[sid] = int(v)
             if command_ids:
-                for cmd in await conn.fetch(
-                    f"SELECT {', '.join(COMMAND_NAMES)} FROM {self._s}.commands WHERE command_id = ANY($1::text[])",
+                rows = await conn.fetch(
+                    f"SELECT {COLUMNS} FROM {self._s}.events WHERE command_id = ANY($1::text[]) ORDER BY position",
                     list(command_ids),
-                ):
-                    rows = await conn.fetch(self._sql_position, cmd[2], cmd[3], None)
-                    events = tuple(self._rows_to_events([tuple(r) for r in rows]))
-                    results[cmd[0]] = AppendResult(events, int(cmd[3]), int(cmd[4]), False)
+                )
+                by_id: dict[str, list[Row]] = {}
+                for r in rows:
+                    by_id.setdefault(r[7], []).append(tuple(r))
+                for cid, cid_rows in by_id.items():
+                    cmd, run = command_from_rows(cid, cid_rows)
+                    events = tuple(self._rows_to_events(run))
+                    results[cid] = AppendResult(events, int(cmd[3]), int(cmd[4]), False)
         return versions, results
 
     async def _async_read_rows(
