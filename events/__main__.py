@@ -77,10 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "keygen":
             priv, pub = generate_keys(args.dir)
-            print(f"private key: {priv} (mode 0600, keep it off the database host's backups)")
+            print(f"private key: {priv} (mode 0600; ship the public key and the checkpoints off the host)")
             print(f"public key:  {pub}")
             return 0
         if args.command == "checkpoint":
+            from .verify import same_file
+
+            if same_file(args.out, args.db):
+                print(f"error: --out {args.out} is the log itself: refusing to write into the evidence", file=sys.stderr)
+                return 2
             key = load_private_key(args.key)
             if not args.no_verify:
                 from pathlib import Path

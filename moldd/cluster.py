@@ -67,6 +67,7 @@ class ClusterRole:
             self.epoch, self.leader = current[0], current[1]
         assert d.projector is not None and d.app is not None
         d.projector.listeners.append(self._on_event)
+        d.projector.may_snapshot = self.leadership.is_leading  # a snapshot's seal is an append
         d.bridge.gate = self.leadership.is_leading
         d.app.cluster = self
         self.leadership.start()

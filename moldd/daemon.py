@@ -122,7 +122,12 @@ class Daemon:
         else:
             prepare_database_dir(cfg.database)
             self.store = await SQLiteEventStore.async_open(cfg.database)
-            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+            seal_key = None
+            if cfg.checkpoints.key is not None:
+                from events.checkpoint import load_private_key
+
+                seal_key = await asyncio.to_thread(load_private_key, cfg.checkpoints.key)
+            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
             snapshot_position = await self.projector.async_load_snapshot()
             try:
                 self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
@@ -150,7 +155,10 @@ class Daemon:
             await self.cluster.async_start()
         if self.serve_api:
             from moldd.api.serve import async_serve
+            from moldd.app.users import directory
 
+            # the API secrets are read once, off the loop, before the first signed request needs them
+            await asyncio.to_thread(directory(self.app).store.get, "")
             self.api = await async_serve(
                 self.app,
                 str(cfg.socket),
@@ -168,7 +176,7 @@ class Daemon:
 
                 self.cloudstack_tcp = await async_serve_tcp(
                     self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
-                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes,
+                    tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes, limits=cfg.api,
                 )  # fmt: skip
         role = "" if self.cluster is None else f" as cluster node {self.cluster.node}"
         systemd.notify_ready(

@@ -217,7 +217,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export(args.db, args.format, sys.stdout, args.from_position, args.to_position)
         return 0
     out = Path(args.output)
-    if out.exists() and out.resolve() == Path(args.db).resolve():
+    from events.verify import same_file
+
+    if same_file(out, args.db):
         raise AuditError("--output is the log itself; refusing to overwrite the evidence", field="output")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
