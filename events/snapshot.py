@@ -10,13 +10,17 @@ reason), and the caller folds from the log. `events.verify` reports rows no seal
 
 Forging a sealed snapshot therefore means appending a forged seal to the chain: an event anyone can see in
 the log, caught by a verifier that folds the log and compares (`moldd-audit verify`), and by checkpoints if
-it is placed anywhere but the unsealed tail.
+it is placed anywhere but the unsealed tail. With a signing key (the checkpoint key), the seal also carries an
+Ed25519 signature and a loader given the public key accepts only signed seals: then forging one needs the key.
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .canonical import canonical_json, loads
 from .envelope import NewEvent, Snapshot, us_to_datetime
@@ -82,8 +86,30 @@ async def async_load_valid_snapshot(store: EventStore, name: str) -> Snapshot | 
     return snap
 
 
+SEAL_SIGN_TAG = b"events.snapshot-seal.v1\x00"
+
+
+def _seal_message(log_id: str, payload: dict[str, Any]) -> bytes:
+    body = {k: payload[k] for k in ("name", "position", "head_hash", "digest")}
+    return SEAL_SIGN_TAG + canonical_json(body | {"log_id": log_id})
+
+
+def seal_signature_ok(public_key: Ed25519PublicKey, log_id: str, payload: Any) -> bool:
+    try:
+        public_key.verify(bytes.fromhex(payload["signature"]), _seal_message(log_id, payload))
+    except (InvalidSignature, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
 async def async_save_sealed_snapshot(
-    store: EventStore, name: str, position: int, state: dict[str, Any], *, actor: str = "system"
+    store: EventStore,
+    name: str,
+    position: int,
+    state: dict[str, Any],
+    *,
+    actor: str = "system",
+    key: Ed25519PrivateKey | None = None,
 ) -> tuple[Snapshot, int]:
     """Append the seal of `state` at `position`, then store the snapshot. Returns (snapshot, seal position).
 
@@ -93,7 +119,14 @@ async def async_save_sealed_snapshot(
     if head_hash is None:
         raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
     data = canonical_json(state)
-    payload = {"name": name, "position": position, "head_hash": head_hash.hex(), "digest": state_digest(data)}
+    payload: dict[str, Any] = {
+        "name": name,
+        "position": position,
+        "head_hash": head_hash.hex(),
+        "digest": state_digest(data),
+    }
+    if key is not None:
+        payload["signature"] = key.sign(_seal_message(store.log_id, payload)).hex()
     sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
     now = system_clock_us()
     await store._async_put_snapshot(name, (position, head_hash, data, now))
@@ -101,22 +134,38 @@ async def async_save_sealed_snapshot(
 
 
 async def async_save_sealed_snapshot_data(
-    store: EventStore, name: str, position: int, data: bytes, *, actor: str = "system"
+    store: EventStore,
+    name: str,
+    position: int,
+    data: bytes,
+    *,
+    actor: str = "system",
+    key: Ed25519PrivateKey | None = None,
 ) -> tuple[int, int]:
     """async_save_sealed_snapshot for a state the caller already encoded as canonical JSON (e.g. off the event
     loop): the seal records the digest of `data`, which is stored as is. Returns (position, seal position)."""
     head_hash = await store.async_hash_at(position)
     if head_hash is None:
         raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
-    payload = {"name": name, "position": position, "head_hash": head_hash.hex(), "digest": state_digest(data)}
+    payload: dict[str, Any] = {
+        "name": name,
+        "position": position,
+        "head_hash": head_hash.hex(),
+        "digest": state_digest(data),
+    }
+    if key is not None:
+        payload["signature"] = key.sign(_seal_message(store.log_id, payload)).hex()
     sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
     await store.async_save_snapshot_data(name, position, data)
     return position, sealed.last_position
 
 
-async def async_load_sealed_snapshot(store: EventStore, name: str) -> tuple[Snapshot | None, str | None, int]:
-    """(snapshot, None, seal position) if a seal in the log vouches for the stored snapshot `name`;
-    (None, why it is not trusted, 0) if not; (None, None, 0) if there is none."""
+async def async_load_sealed_snapshot(
+    store: EventStore, name: str, public_key: Ed25519PublicKey | None = None
+) -> tuple[Snapshot | None, str | None, int]:
+    """(snapshot, None, seal position) if a seal in the log vouches for the stored snapshot `name` (with
+    `public_key`: a seal signed by its private key); (None, why it is not trusted, 0) if not; (None, None, 0)
+    if there is none."""
     store._check_open()
     row = await store._async_get_snapshot(name)
     if row is None:
@@ -126,7 +175,7 @@ async def async_load_sealed_snapshot(store: EventStore, name: str) -> tuple[Snap
     if await store.async_hash_at(position) != head_hash:
         return None, f"the log's hash at position {position} is not the snapshot's head hash", 0
     digest = state_digest(data)
-    seal_at = await _async_find_seal(store, name, position, head_hash, digest)
+    seal_at = await _async_find_seal(store, name, position, head_hash, digest, public_key)
     if seal_at is None:
         return None, "no snapshot.sealed event of the log records this snapshot (forged or unsealed)", 0
     try:
@@ -137,7 +186,12 @@ async def async_load_sealed_snapshot(store: EventStore, name: str) -> tuple[Snap
 
 
 async def _async_find_seal(
-    store: EventStore, name: str, position: int, head_hash: bytes, digest: str
+    store: EventStore,
+    name: str,
+    position: int,
+    head_hash: bytes,
+    digest: str,
+    public_key: Ed25519PublicKey | None,
 ) -> int | None:
     stream = seal_stream(name)
     versions, _ = await store._async_lookup({stream}, set())
@@ -147,7 +201,8 @@ async def _async_find_seal(
         for ev in reversed(await store.async_read_stream(stream, bottom, top)):
             p = ev.payload
             if ev.event_type == SEAL_TYPE and seal_matches(p, name, position, head_hash, digest):
-                return ev.position
+                if public_key is None or seal_signature_ok(public_key, store.log_id, p):
+                    return ev.position
             if isinstance(p, dict) and isinstance(p.get("position"), int) and p["position"] < position:
                 return None  # seals are in snapshot order: older ones seal earlier positions
         top = bottom - 1

@@ -40,6 +40,9 @@ class HostManager:
     # -- lifecycle -------------------------------------------------------------------------------------
     async def async_start(self) -> None:
         self.bridge.start()
+        self._queue = asyncio.Queue()  # started again after a take-over: nothing of an earlier term
+        self.conns = {}
+        self.synced = {}
         for h in self.config.hosts:
             self.synced[h.name] = asyncio.Event()
             self.conns[h.name] = HostConnection(
@@ -153,6 +156,12 @@ class HostManager:
                 elif dom is not None and dom.persistent and vm.host is not None:
                     await self._async_stale_definition(host, vm.name)
                 continue
+            lock = app.locks.get(vm.name)
+            if (lock is None or not lock.locked()) and reconcile(
+                VMState(vm.state), dom.state if dom else None, stale_job=vm.name not in app.vm_jobs
+            ) is None:
+                continue  # the lock is free and the log agrees: what the locked check below would find, with no
+                # lock object made for each of 100,000 VMs at every start
             async with app.locks[vm.name]:
                 vm = app.model.vms[vm.name]
                 stale = vm.name not in app.vm_jobs

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import orjson
 import structlog
 
 from events import StoredEvent
@@ -34,8 +35,9 @@ STOP_SNAPSHOT_TIMEOUT_S = 5.0
 
 
 class Projector:
-    def __init__(self, store: Any, *, snapshot_every: int = 1000) -> None:
+    def __init__(self, store: Any, *, snapshot_every: int = 1000, seal_key: Any = None) -> None:
         self.store = store
+        self.seal_key = seal_key  # Ed25519 private key (the checkpoint key): seals are signed, only signed ones trusted
         self.model = ReadModel()
         self.snapshot_every = snapshot_every
         self.listeners: list[Listener] = []
@@ -43,6 +45,8 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
         self._sealed_at = 0  # log position of the seal of the newest snapshot taken or loaded
+        # a snapshot appends its seal to the log: in a cluster only the leader may (moldd.cluster sets this)
+        self.may_snapshot: Callable[[], bool] = lambda: True
         self._snapshot_task: asyncio.Task[None] | None = None
         self._next_snapshot_at = 0.0  # time.monotonic() before which no background snapshot starts
         self.snapshot_position = 0  # position of the newest snapshot this projector wrote
@@ -52,7 +56,8 @@ class Projector:
         """Load the newest snapshot if the log vouches for it (a seal in the chain records its digest, and
         the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
         whole log is folded. Returns the snapshot's position (0: none used)."""
-        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME)
+        public = None if self.seal_key is None else self.seal_key.public_key()
+        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME, public)
         if snap is None:
             if why is not None:
                 log.warning("snapshot_ignored", reason=why, folding="the whole log")
@@ -95,6 +100,10 @@ class Projector:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._async_follow(), name="projector")
+        if self.model.position - self.snapshot_position >= self.snapshot_every:
+            # the restore folded a long tail: snapshot it soon (in the background), so that the next start does
+            # not fold it again even if the final snapshot at stop does not fit in its time limit
+            self._start_background_snapshot()
 
     async def async_stop(self, *, snapshot: bool = True, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
         """Stop following; write a final snapshot (unless ``snapshot`` is false) if it takes at most
@@ -165,7 +174,7 @@ class Projector:
         """A snapshot in its own task: the fold goes on while it is encoded and written; one at a time."""
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
-        if time.monotonic() < self._next_snapshot_at:
+        if time.monotonic() < self._next_snapshot_at or not self.may_snapshot():
             return
         self._since_snapshot = 0
         self._snapshot_task = asyncio.create_task(self._async_background_snapshot(), name="projector-snapshot")
@@ -187,47 +196,57 @@ class Projector:
         running = self._snapshot_task
         if running is not None and not running.done():
             await asyncio.shield(running)
-        if self.model.position > self._sealed_at:
+        if self.model.position > self._sealed_at and self.may_snapshot():
             await self._async_write_snapshot()
 
     async def _async_write_snapshot(self) -> None:
         """Capture the model's views on the loop (no fold between: a consistent state), encode them to the
-        snapshot's canonical JSON on a daemon thread, one object at a time (the GIL goes back to the loop between
-        objects), then store the bytes."""
+        snapshot's JSON (sorted keys, orjson) on a daemon thread, one object at a time (the GIL goes back to the
+        loop between objects), then seal and store the bytes."""
         model = self.model
         position = model.position
         if position <= 0:
             return
         parts = model.snapshot_parts()
         data = await _async_in_daemon_thread(lambda: encode_snapshot(parts))
-        _, sealed_at = await async_save_sealed_snapshot_data(self.store, SNAPSHOT_NAME, position, data)
+        _, sealed_at = await async_save_sealed_snapshot_data(
+            self.store, SNAPSHOT_NAME, position, data, key=self.seal_key
+        )
         self._sealed_at = max(self._sealed_at, sealed_at)
         self.snapshot_position = max(self.snapshot_position, position)
 
 
 def encode_snapshot(parts: dict[str, Any]) -> bytes:
-    """``canonical_json(parts)`` where ``parts`` maps keys to scalars or to dicts of read-only views, built one
-    view at a time: the same bytes (canonical JSON is sorted keys at every level, so it composes)."""
-    out: list[str] = ["{"]
+    """JSON of ``parts`` (keys to scalars or to dicts of read-only views) with sorted keys, built one view at a
+    time with orjson (the canonical encoder where orjson refuses a value): it decodes to exactly what
+    ``canonical_json(parts)`` decodes to, and the GIL goes back to the loop between views."""
+    out: list[bytes] = [b"{"]
     for i, key in enumerate(sorted(parts)):
         if i:
-            out.append(",")
-        out.append(canonical_text(key))
-        out.append(":")
+            out.append(b",")
+        out.append(_encode(key))
+        out.append(b":")
         value = parts[key]
         if type(value) is dict:
-            out.append("{")
+            out.append(b"{")
             for j, name in enumerate(sorted(value)):
                 if j:
-                    out.append(",")
-                out.append(canonical_text(name))
-                out.append(":")
-                out.append(canonical_text(value[name]))
-            out.append("}")
+                    out.append(b",")
+                out.append(_encode(name))
+                out.append(b":")
+                out.append(_encode(value[name]))
+            out.append(b"}")
         else:
-            out.append(canonical_text(value))
-    out.append("}")
-    return "".join(out).encode("utf-8")
+            out.append(_encode(value))
+    out.append(b"}")
+    return b"".join(out)
+
+
+def _encode(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits, a non-string key
+        return canonical_text(value).encode("utf-8")
 
 
 async def _async_in_daemon_thread(fn: Callable[[], T]) -> T:

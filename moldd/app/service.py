@@ -111,6 +111,8 @@ class Command:
 
 
 Handler = Callable[["App", Command], Awaitable[CommandReply]]
+READ_VERB_PREFIXES = ("list", "query")
+"""Verbs a standby answers (from its read model); every other verb needs the cluster's leader."""
 _REGISTRY: dict[str, Handler] = {}
 
 
@@ -163,6 +165,7 @@ class App:
         self.replies: dict[str, tuple[CommandBinding, CommandReply]] = {}
         self.on_command: Callable[[str, str, float], None] | None = None  # metrics: (verb, outcome, seconds)
         self.followers = 0  # clients following the log live (async_follow, the status page's feed)
+        self.cluster: Any = None  # moldd.cluster.ClusterRole when several moldd share a PostgreSQL log
 
     @property
     def model(self) -> Any:
@@ -242,6 +245,8 @@ class App:
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(cmd.actor))
         started, outcome = time.perf_counter(), "internal"
         try:
+            if self.cluster is not None and not cmd.verb.startswith(READ_VERB_PREFIXES):
+                self.cluster.check_leading()  # a standby refuses new writes (NotLeader names the leader)
             reply = await self._async_run_checked(handler, cmd)
             outcome = "ok"
             return reply
@@ -322,13 +327,16 @@ class App:
             for h in self.model.hosts.values()
             if h.health in ("FenceFailed", "Down", "Fencing")
         ]
-        return {
+        out = {
             "ok": all(checks.values()),
             "checks": checks,
             "position": self.model.position,
             "hosts": hosts,
             "alerts": alerts,
         }
+        if self.cluster is not None:
+            out |= self.cluster.info()  # role, node, leader, epoch, acting
+        return out
 
     async def async_follow(
         self, from_position: int, *, stream: str | None = None, correlation: str | None = None

@@ -2,8 +2,9 @@
 
 Both reuse ``events.checkpoint``. The key pair is named for moldd's configuration (``[checkpoints] key =
 ".../checkpoint.key"``); the public key (``checkpoint.pub``) is what an auditor passes to ``verify
---public-key``. Keep the private key and a copy of the checkpoints file off the database host: whoever holds
-the key can re-sign a rewritten log.
+--public-key``. The daemon signs, so its private key is on the database host (mode 0600); keep the public key
+and a copy of the checkpoints file off it: whoever holds the key can sign a rewritten log from then on, but not
+change what an off-host copy of earlier checkpoints sealed (docs/audit.md, threat model).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from events.checkpoint import (
     load_private_key,
 )
 from events.errors import CheckpointError
+from events.verify import same_file
 from moldd.audit.errors import AuditError
 from moldd.audit.verify import AuditVerify, audit_verify
 
@@ -64,6 +66,8 @@ def checkpoint(
     """Verify the log (against ``out``'s earlier checkpoints, if any), then sign its head and append to ``out``.
 
     Returns (None, the failed verification) when the log does not verify: a tampered log is not sealed."""
+    if same_file(out, db):
+        raise AuditError(f"--out {out} is the log itself: refusing to write into the evidence", field="out")
     try:
         private = load_private_key(key)
     except CheckpointError as exc:

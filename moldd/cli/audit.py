@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--key", required=True, help="PEM Ed25519 private key")
     c.add_argument("--out", required=True, help="checkpoints file (JSON lines, appended)")
     c.add_argument("--no-verify", action="store_true", help="sign without verifying the log first")
+    for name in ("verify", "state", "history", "diff", "export", "checkpoint"):  # db may be a DSN
+        sub.choices[name].add_argument(
+            "--schema", default="events", help="with a postgresql:// DSN as db: the schema holding the log"
+        )
     return p
 
 
@@ -213,7 +217,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export(args.db, args.format, sys.stdout, args.from_position, args.to_position)
         return 0
     out = Path(args.output)
-    if out.exists() and out.resolve() == Path(args.db).resolve():
+    from events.verify import same_file
+
+    if same_file(out, args.db):
         raise AuditError("--output is the log itself; refusing to overwrite the evidence", field="output")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -266,7 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else EXIT_ERROR
+    tmp = None
     try:
+        if getattr(args, "db", None) is not None and str(args.db).startswith(("postgresql://", "postgres://")):
+            # a log on PostgreSQL: the same tools run on a row-for-row copy in a temporary file
+            from events.copy import materialise
+
+            dsn = args.db
+            path, tmp = materialise(dsn, args.schema)
+            args.db = str(path)
+            print(f"{PROG}: log {dsn} schema {args.schema} read into {path}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except AuditError as exc:
         say(f"{PROG}: error: {exc.message}", file=sys.stderr)
@@ -282,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a traceback for an auditor: one line, "could not check"
         say(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
 
 
 if __name__ == "__main__":

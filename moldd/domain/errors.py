@@ -68,3 +68,10 @@ class OperationFailed(MolddError):
 
     code = "operation_failed"
     http_status = 502
+
+
+class NotLeader(Unavailable):
+    """This moldd is a standby (another node leads the cluster): it answers reads, writes go to the leader."""
+
+    code = "not_leader"
+    http_status = 503

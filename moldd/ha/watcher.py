@@ -44,6 +44,7 @@ RESTARTABLE_CAUSES = {str(c) for c in DownCause}
 class HAManager:
     JOB_WAIT_S = 60.0
     MAX_BLOCKED = 5  # attempts in a row failed by the host / a live copy, before waiting for a host to come up
+    LOCK_GRACE_S = 10.0  # how long a disk may stay locked after a fence before the fence is called a liar
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -368,13 +369,20 @@ class HAManager:
         path = vm.root_disk.get("path")
         if not path:
             return False
-        try:
-            holder = await storage.async_lock_holder(Path(path))
-        except MolddError as exc:
-            holder = None
-            log.warning("disk_lock_probe_failed", vm=name, reason=exc.message)
-        if holder is None:
-            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.LOCK_GRACE_S
+        while True:
+            try:
+                holder = await storage.async_lock_holder(Path(path))
+            except MolddError as exc:
+                holder = None
+                log.warning("disk_lock_probe_failed", vm=name, reason=exc.message)
+            if holder is None:
+                return False
+            if loop.time() >= deadline:
+                break
+            # a QEMU killed by the fence releases its lock only once it has fully exited (slow on a busy host)
+            await asyncio.sleep(0.5)
         reason = f"disk {path} is still locked by another process after host {old} was fenced: the fence lied"
         await self._async_ha_event(
             name, "ha.fence_lied", trigger | {"host": old, "disk": path, "probe": holder[-500:], "reason": reason}
@@ -566,3 +574,8 @@ class HAManager:
                     ],
                 )
         # The listener queues each HA VM from its vm.reconciled event; priority order is kept by the queue.
+        # HA VMs of this host already down and waiting (e.g. after a fence that lied, now confirmed by an
+        # operator) try again too.
+        for vm in app.model.vms_on(host):
+            if vm.ha_enabled and vm.ha_status == "pending" and vm.state in ("Stopped", "Unknown"):
+                self.queue.put_nowait((vm.name, "host-fenced", vm.position))

@@ -50,14 +50,19 @@ def _from(cls: type[T], data: dict[str, Any]) -> T:
     return obj
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _json_copy(value: Any) -> Any:
     """A private copy of a JSON-like tree (dicts, lists, tuples of scalars): ``asdict``'s copy, minus its cost.
     Enum members (``VMState``) become their plain values, which encode faster and compare equal."""
     kind = type(value)
+    if kind in _SCALARS:
+        return value
     if kind is dict:
-        return {k: _json_copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _SCALARS else _json_copy(v) for k, v in value.items()}
     if kind is list:
-        return [_json_copy(v) for v in value]
+        return [v if type(v) in _SCALARS else _json_copy(v) for v in value]
     if kind is tuple:
         return tuple(_json_copy(v) for v in value)
     if isinstance(value, Enum):
@@ -102,7 +107,9 @@ class _Viewed:
     def view(self) -> View:
         view: View | None = self.__dict__.get("_view")
         if view is None:
-            view = View({name: _json_copy(getattr(self, name)) for name in self._FIELDS})
+            d = self.__dict__
+            scalars = _SCALARS
+            view = View({n: v if type(v := d[n]) in scalars else _json_copy(v) for n in self._FIELDS})
             self.__dict__["_view"] = view
         return view
 

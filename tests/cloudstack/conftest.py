@@ -26,6 +26,24 @@ class CsLab:
         return CloudStack(endpoint=self.endpoint, key=key, secret=secret, poll_interval=0.2, job_timeout=180,
                           timeout=60, **kw)  # fmt: skip
 
+    async def wait_guest_ready(self, vm_id: str, timeout: float = 120.0) -> None:
+        """Until the guest's kernel is up (its console shows the lab guest's marker): a graceful reboot or stop
+        needs a guest that answers ACPI."""
+        import time
+        from pathlib import Path
+
+        from moldd.lab import GUEST_READY_MARKER
+        from moldd.testing.load import scaled
+
+        vm = (await self.client.call("listVirtualMachines", id=vm_id))["result"]["virtualmachine"][0]
+        log = Path(vm["root_disk"]["path"]).parent / "console.log"
+        deadline = time.monotonic() + scaled(timeout)
+        while time.monotonic() < deadline:
+            if log.exists() and GUEST_READY_MARKER in log.read_text(errors="replace"):
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"{GUEST_READY_MARKER} not on the console of {vm_id}")
+
     async def call(self, who: str, command: str, **params: Any) -> Any:
         """A ``cs`` call as user ``who`` in a worker thread (``cs`` is synchronous; the daemon runs on this loop)."""
         api = self.cs(who)

@@ -50,6 +50,7 @@ async def test_cs_lifecycle_deploy_list_stop_start_reboot_destroy_recover_expung
     assert stopped["virtualmachine"]["state"] == "Stopped"
     started = await cs_lab.call("operator", "startVirtualMachine", id=vm_id, fetch_result=True)
     assert started["virtualmachine"]["state"] == "Running" and started["virtualmachine"]["hostid"]
+    await cs_lab.wait_guest_ready(vm_id)  # a graceful (ACPI) reboot needs a guest that has booted
     rebooted = await cs_lab.call("operator", "rebootVirtualMachine", id=vm_id, fetch_result=True)
     assert rebooted["virtualmachine"]["state"] == "Running"
 
@@ -248,3 +249,11 @@ async def test_zone_per_cluster_and_deploy_lands_in_the_zone(make_config: Any) -
             await lab.call("z", "deployVirtualMachine", zoneid=zones["c1"]["id"], templateid=template[0]["id"],
                            serviceofferingid=offering["id"], hostid=hosts["host1"]["id"])  # fmt: skip
         assert wrong.value.response.status_code == 431
+
+
+async def test_vm_details_are_strings_and_secrets_stay_hidden(cs_lab: CsLab) -> None:
+    vm = (await cs_lab.client.call("deployVirtualMachine", template="tiny", offering="small", startvm=False,
+                                   details={"vnc_password": "s3cr3tpw", "cpu_model": "qemu64"}))["result"]["vm"]  # fmt: skip
+    listed = (await cs_lab.call("readonly", "listVirtualMachines", id=vm["uuid"]))["virtualmachine"][0]
+    assert listed["details"] == {"vnc_password": "(set)", "cpu_model": "qemu64"}
+    assert all(isinstance(v, str) for v in listed["details"].values())

@@ -93,8 +93,12 @@ async def test_readonly_stop_is_refused_and_audited(cs_lab: CsLab) -> None:
     # listApis shows a readonly user only what it may call.
     apis = {a["name"] for a in (await cs_lab.call("readonly", "listApis"))["api"]}
     assert "listVirtualMachines" in apis and "stopVirtualMachine" not in apis and "createUser" not in apis
-    admin_apis = {a["name"] for a in (await cs_lab.call("admin", "listApis"))["api"]}
-    assert {"stopVirtualMachine", "migrateVirtualMachine", "createUser"} <= admin_apis
+    admin_apis = {a["name"]: a for a in (await cs_lab.call("admin", "listApis"))["api"]}
+    assert {"stopVirtualMachine", "migrateVirtualMachine", "createUser"} <= set(admin_apis)
+    # parameters (what CloudMonkey's sync reads), with the required ones marked
+    deploy = {p["name"]: p["required"] for p in admin_apis["deployVirtualMachine"]["params"]}
+    assert deploy["serviceofferingid"] and deploy["templateid"] and not deploy["zoneid"] and not deploy["name"]
+    assert admin_apis["deployVirtualMachine"]["isasync"] and not admin_apis["listZones"]["isasync"]
 
 
 async def test_socket_actor_roles_are_enforced_by_the_app(cs_lab: CsLab) -> None:
@@ -276,3 +280,49 @@ async def test_refused_signatures_are_logged_without_secrets(cs_lab: CsLab) -> N
     bad = next(e for e in logs if e["event"] == "cloudstack_bad_signature")
     assert bad["user"] == "operator-user" and bad["peer"] == "127.0.0.1"
     assert secret not in repr(logs) and "wrong-" not in repr(logs)
+
+
+async def test_list_events_in_cloudstack_names(cs_lab: CsLab) -> None:
+    await cs_lab.call("operator", "createInstanceGroup", name="evt")
+    events = (await cs_lab.call("readonly", "listEvents", type="VM.GROUP.CREATE"))["event"]
+    assert events and events[0]["state"] == "Completed" and "group-evt" in events[0]["description"]
+    assert events[0]["username"] == "user=operator-user via=apikey role=operator"
+    newest = (await cs_lab.call("readonly", "listEvents", page=1, pagesize=1))["event"]
+    assert len(newest) == 1
+
+
+async def test_tcp_listener_has_the_socket_apis_time_and_connection_limits(make_config: Callable[..., Any]) -> None:
+    config = make_config(sections={"cloudstack": {"port": 0}, "api": {"header_timeout_s": 1.0, "max_connections": 3}})
+    async with running_daemon(config) as daemon:
+        port = daemon.cloudstack_tcp.port
+        # A client that never finishes its headers is cut (408), not held for ever.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /client/api?command=listZones HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        # Beyond max_connections, a connection is refused at once (503) instead of waiting for a slot.
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /client/api HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        for _, w in held:
+            w.close()
+        assert answer.startswith(b"HTTP/1.1 503")
+
+
+async def test_a_peer_guessing_signatures_is_slowed_down(make_config: Callable[..., Any]) -> None:
+    config = make_config(sections={"cloudstack": {"port": 0}})
+    async with running_daemon(config) as daemon, Client(config.socket) as client:
+        user = (await client.call("createUser", username="victim", role="admin"))["result"]["user"]
+        lab = CsLab(daemon, client, f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/client/api", {})
+        statuses = []
+        for i in range(40):
+            status, body = await raw(lab, query=f"command=listZones&response=json&apiKey={user['apikey']}&signature=guess{i}")
+            statuses.append(status)
+            (only,) = body.values()
+            assert only["errorcode"] == status
+        assert statuses[0] == 401 and 429 in statuses and set(statuses) == {401, 429}

@@ -27,21 +27,25 @@ def driver(lab: CsLab, who: str) -> Any:
 async def test_libcloud_lists_creates_reboots_and_destroys(cs_lab: CsLab) -> None:
     drv = driver(cs_lab, "operator")
 
-    def scenario() -> dict[str, Any]:
+    def create_and_start() -> dict[str, Any]:
         location = drv.list_locations()[0]
         size = next(s for s in drv.list_sizes() if s.name == "small")
         image = drv.list_images()[0]
         node = drv.create_node(name="lc-1", size=size, image=image, location=location)  # startvm=false
         listed = {n.id: n for n in drv.list_nodes()}
         started = drv.ex_start(node)
+        return {"location": location, "node": node, "listed": listed, "started": started}
+
+    def reboot_stop_destroy(node: Any) -> dict[str, Any]:
         rebooted = drv.reboot_node(node)
         running = drv.list_nodes()[0].state
         stopped = drv.ex_stop(node)
         destroyed = drv.destroy_node(node)
-        return {"location": location, "node": node, "listed": listed, "rebooted": rebooted, "stopped": stopped,
-                "started": started, "destroyed": destroyed, "running": running}  # fmt: skip
+        return {"rebooted": rebooted, "running": running, "stopped": stopped, "destroyed": destroyed}
 
-    out = await asyncio.to_thread(scenario)
+    out = await asyncio.to_thread(create_and_start)
+    await cs_lab.wait_guest_ready(out["node"].id)  # a graceful (ACPI) reboot needs a booted guest
+    out |= await asyncio.to_thread(reboot_stop_destroy, out["node"])
     assert out["location"].name == "c1"
     node = out["node"]
     assert node.name == "lc-1" and len(node.id) == 36 and node.id in out["listed"]

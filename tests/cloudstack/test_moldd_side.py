@@ -176,3 +176,42 @@ async def test_moldd_verbs_take_catalog_uuids_beside_names(make_config: Any) -> 
         with pytest.raises(CommandFailed) as unknown:
             await c.call("deployVirtualMachine", template=stable_uuid("template", "nope"), offering="small")
         assert unknown.value.status == 404 and unknown.value.field == "template"
+
+
+async def test_acknowledged_user_survives_kill_9(make_config: Any) -> None:
+    """createUser answered = the key works, even if the daemon is SIGKILLed right after (the secret is fsynced
+    before the event, the event before the reply)."""
+    import signal
+    import time
+
+    config = make_config(sections={"cloudstack": {"port": 0}})
+
+    async def start() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moldd.daemon", "--config", str(config.path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with Client(config.socket) as c:
+                    await c.call("listZones")
+                return proc
+            except Exception:
+                assert time.monotonic() < deadline and proc.returncode is None, "daemon did not come up"
+                await asyncio.sleep(0.2)
+
+    proc = await start()
+    try:
+        async with Client(config.socket) as c:
+            users = [(await c.call("createUser", username=f"k{i}", role="readonly"))["result"]["user"] for i in range(3)]
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    async with running_daemon(config) as daemon:
+        endpoint = f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/client/api"
+        for u in users:
+            api = CloudStack(endpoint=endpoint, key=u["apikey"], secret=u["secretkey"])
+            assert (await asyncio.to_thread(api.listZones))["count"] == 1

@@ -246,7 +246,7 @@ async def test_fold_equals_snapshot_round_trip_plus_tail_at_every_position(
     )
     await client.job("destroyVirtualMachine", id=gone["vm"], expunge=True)
     kept = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=True)
-    await client.job("rebootVirtualMachine", id=kept["vm"])
+    await client.job("rebootVirtualMachine", id=kept["vm"], forced=True)
     head, _ = await daemon.store.async_head()
     await daemon.projector.async_wait(head)
     live = daemon.projector.model

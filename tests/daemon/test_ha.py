@@ -90,14 +90,14 @@ async def test_ha_vm_destroyed_behind_our_back_is_restarted(client: Client, clea
 async def test_guest_poweroff_is_restarted_with_default_policy(client: Client, clean_lab: Any) -> None:
     vm = await deploy_ha(client, details={"kernel_args": "halt_after=3"})
     pos = (await client.events(vm["name"]))[-1]["position"]
-    ev = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos, timeout=40)
+    ev = await wait_event(client, vm["name"], "ha.restart.succeeded", after=pos, timeout=240)  # TCG boot, busy host
     assert ev["payload"]["cause"] == "guest-shutdown"
 
 
 async def test_guest_poweroff_is_respected_with_on_failure_policy(client: Client, clean_lab: Any) -> None:
     vm = await deploy_ha(client, hapolicy="on-failure", details={"kernel_args": "halt_after=3"})
     pos = (await client.events(vm["name"]))[-1]["position"]
-    ev = await wait_event(client, vm["name"], "ha.not_restarted", after=pos, timeout=40)
+    ev = await wait_event(client, vm["name"], "ha.not_restarted", after=pos, timeout=240)  # TCG boot, busy host
     assert ev["payload"]["cause"] == "guest-shutdown"
     await asyncio.sleep(1.0)
     assert (await client.vm(vm["name"]))["state"] == "Stopped"

@@ -223,3 +223,79 @@ async def test_audit_output_escapes_what_an_older_moldd_let_into_the_log(
     out = capsys.readouterr().out
     assert RLO not in out and json.loads(out)["vm"] == job["vm"]
     assert _cell(f"evil{RLO}") == "evil\\u202e"
+
+
+def append_forged(db: Path, stream: str, event_type: str, payload: dict[str, Any]) -> int:
+    """What whoever can write the file can always do: append a row with a correct chain link."""
+    conn = attacker(db)
+    pos, prev, ts = conn.execute("SELECT position, hash, recorded_at FROM events ORDER BY position DESC").fetchone()
+    sv = conn.execute("SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = ?", (stream,)).fetchone()[0]
+    data = canonical_json(payload)
+    fields = encode_fields(stream, event_type, "system", None, None, None)
+    h = link_hash(prev, pos + 1, sv + 1, ts + 1, 1, fields, data)
+    conn.execute(
+        f"INSERT INTO events ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (pos + 1, stream, sv + 1, event_type, 1, ts + 1, "system", None, None, None, data, prev, h),
+    )
+    conn.close()
+    return pos + 1
+
+
+async def test_a_forged_seal_appended_to_the_chain_is_refused_with_a_key_and_caught_by_audit(
+    make_config: Any, tmp_path: Path
+) -> None:
+    import hashlib
+
+    keygen(tmp_path / "moldd" / "keys")
+    config = make_config(checkpoints=True)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        job = await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False, ha=True)
+        before = (await client.call("listVirtualMachines"))["result"]
+        assert await d.async_checkpoint_now()
+    conn = sqlite3.connect(config.database, isolation_level=None)
+    position, head_hash, state = conn.execute(
+        "SELECT position, head_hash, state FROM snapshots WHERE name = 'moldd.readmodel'"
+    ).fetchone()
+    conn.close()
+    s = json.loads(state)
+    s["vms"][job["vm"]]["ha_enabled"] = False
+    forged = canonical_json(s)
+    seal = {"name": "moldd.readmodel", "position": position, "head_hash": head_hash.hex(),
+            "digest": hashlib.sha256(forged).hexdigest()}  # fmt: skip
+    append_forged(config.database, "snapshot-moldd.readmodel", "snapshot.sealed", seal)
+    conn = sqlite3.connect(config.database, isolation_level=None)
+    conn.execute("UPDATE snapshots SET state = ? WHERE name = 'moldd.readmodel'", (forged,))
+    conn.close()
+    assert audit_main(["verify", str(config.database)]) == 1  # the fold does not produce the sealed state
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        assert d.app.model.vms[job["vm"]].ha_enabled  # an unsigned seal is not trusted: the log was folded
+        assert (await client.call("listVirtualMachines"))["result"] == before
+
+
+async def test_forged_commands_rows_neither_replay_another_job_nor_fail(make_config: Any) -> None:
+    """Issue 10, item 2: a row in the (legacy, unchained) commands table pointing at another VM's events, or
+    past the end of the log, changes nothing: command ids are answered from the chained rows only."""
+    config = make_config()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        first = await client.call(
+            "deployVirtualMachine", command_id="cmd-real", template="tiny", offering="small", startvm=False
+        )
+        await client.wait_job(first["result"]["job"]["id"])
+        head, _ = await d.store.async_head()
+    conn = sqlite3.connect(config.database, isolation_level=None)
+    name = first["result"]["vm"]["name"]
+    conn.execute("INSERT INTO commands VALUES ('cmd-stolen', ?, 1, ?, 1)", (f"vm-{name}", head))
+    conn.execute("INSERT INTO commands VALUES ('cmd-beyond', 'vm-x', ?, ?, 9)", (head + 100, head + 200))
+    conn.close()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        for cid in ("cmd-stolen", "cmd-beyond"):
+            reply = await client.call(
+                "deployVirtualMachine", command_id=cid, template="tiny", offering="small", startvm=False
+            )
+            job = await client.wait_job(reply["result"]["job"]["id"])
+            assert job["status"] == "succeeded" and reply["result"]["vm"]["name"] != name, cid
+        again = await client.call(
+            "deployVirtualMachine", command_id="cmd-real", template="tiny", offering="small", startvm=False
+        )
+        assert again["result"]["job"]["id"] == first["result"]["job"]["id"]  # the real id answers its own job
+        assert len(d.app.model.vms) == 3

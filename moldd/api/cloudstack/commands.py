@@ -282,7 +282,51 @@ def _vm_command(name: str, verb: str, *, extra: Callable[[Call], Awaitable[dict[
             args |= await extra(call)
         return async_reply(await call.dispatch(verb, args, job=True), with_id=True)
 
+    handler.params_from = (key, extra)  # type: ignore[attr-defined]  # for listApis
     command(name, is_async=True, verb=verb, description=description)(handler)
+
+
+_PARAM_USE = re.compile(r"""(?:call\.(need|get|map)|resolve_\w+)\((?:call, )?"([a-z0-9_.\[\]]+)"\)(\s*or call\.need)?""")
+_MATCHED = re.compile(r'_match\(call, \w+, "([a-z0-9_]+)"')
+_INDEXED = re.compile(r"""call\.params\["([a-z0-9_]+)"\]""")
+# Parameters read inside shared helpers, by the call that gives them away in a translator's source.
+_HELPER_PARAMS = {
+    "paged(call": ("page", "pagesize"), "_keyword(call": ("keyword",), "resolve_zone(call)": ("zoneid",),
+    "_images(call": ("id", "name", "keyword", "zoneid"), "_user_name(call)": ("id", "username"),
+}  # fmt: skip
+_PARAMS_CACHE: dict[str, list[dict[str, Any]]] = {}
+
+
+def api_params(spec: Spec) -> list[dict[str, Any]]:
+    """The parameters a command reads, from its translator's source (what ``listApis`` shows CloudMonkey)."""
+    cached = _PARAMS_CACHE.get(spec.name)
+    if cached is not None:
+        return cached
+    import inspect
+
+    sources = [spec.handler]
+    key, extra = getattr(spec.handler, "params_from", (None, None))
+    if extra is not None:
+        sources.append(extra)
+    found: dict[str, bool] = {}
+    if key is not None:
+        found[key] = True
+    for fn in sources:
+        try:
+            text = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        for how, name, or_need in _PARAM_USE.findall(text):
+            found[name] = found.get(name, False) or how == "need" or bool(or_need)
+        for name in _MATCHED.findall(text) + _INDEXED.findall(text):
+            found.setdefault(name, False)
+        for marker, names in _HELPER_PARAMS.items():
+            if marker in text:
+                for name in names:
+                    found.setdefault(name, False)
+    params = [{"name": n, "required": r, "type": "string", "description": ""} for n, r in sorted(found.items())]
+    _PARAMS_CACHE[spec.name] = params
+    return params
 
 
 async def _host_arg(call: Call) -> dict[str, Any]:
@@ -633,7 +677,7 @@ async def list_apis(call: Call) -> dict[str, Any]:
     role = Role.parse(call.actor.role or "admin")
     apis = [
         {"name": s.name, "isasync": s.is_async, "description": s.description, "since": "4.0.0",
-         "type": "", "params": [], "response": [], "related": ""}
+         "type": "", "params": api_params(s), "response": [], "related": ""}
         for s in sorted(COMMANDS.values(), key=lambda s: s.name)
         if role >= required_role(s.verb)
     ]  # fmt: skip
@@ -643,15 +687,18 @@ async def list_apis(call: Call) -> dict[str, Any]:
     return {"count": len(apis), "api": apis}
 
 
-@command("listEvents", description="Log entries as CloudStack events (newest log positions last).")
+@command("listEvents", description="The newest log entries as CloudStack events, newest first (type, keyword).")
 async def list_events(call: Call) -> dict[str, Any]:
-    rows = (await call.dispatch("listEvents", {"limit": 10000}))["event"]
+    rows = (await call.dispatch("listEvents", {"limit": 10000, "newest": True}))["event"]
     out = [
-        {"id": stable_uuid("event", str(e["position"])), "type": e["event_type"].upper(), "level": "INFO",
+        {"id": stable_uuid("event", str(e["position"])),
+         "type": e.get("cloudstack_type") or e["event_type"].upper(),
+         "state": e.get("cloudstack_state") or "Completed",
+         "level": "ERROR" if e.get("cloudstack_state") == "Error" else "INFO",
          "description": f"{e['stream_id']}: {e['event_type']}", "username": e["actor"], "account": shapes.ACCOUNT,
          "domain": "ROOT", "domainid": shapes.DOMAIN_ID, "created": shapes.cs_time(e["recorded_at"]),
-         "state": "Completed", "parentid": e.get("correlation_id") or ""}
-        for e in rows
+         "parentid": e.get("correlation_id") or "", "moldposition": e["position"]}
+        for e in reversed(rows)
     ]  # fmt: skip
     out = [e for e in out if _keyword(call, e, "description", "type") and _match(call, e, "type", "type")]
     return paged(call, "event", out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,8 @@ import structlog
 from aiohttp import web
 
 from moldd.api.cloudstack.handler import CloudStackEndpoint, add_route
+from moldd.api.protocol import LimitedSite, protocol_factory
+from moldd.config import ApiConfig
 
 log = structlog.get_logger("moldd.cloudstack")
 
@@ -26,6 +30,29 @@ def make_tcp_app(endpoint: CloudStackEndpoint, max_request_bytes: int) -> web.Ap
     app = web.Application(client_max_size=max_request_bytes + 1)
     add_route(app, endpoint)
     return app
+
+
+class _TlsLimitedSite(LimitedSite):
+    """The socket API's limits ([api]: header/body timeouts, connection cap, backlog) on a TCP socket, with TLS."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: ApiConfig, tls: ssl.SSLContext | None) -> None:
+        super().__init__(runner, sock, limits)
+        self._tls = tls
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol_factory(server, self._limits), sock=self._sock, backlog=self._backlog, ssl=self._tls
+        )
+
+
+def _listening_socket(bind: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.create_server((bind, port), family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
 
 
 @dataclass
@@ -45,6 +72,7 @@ async def async_serve_tcp(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     max_request_bytes: int = 65536,
+    limits: ApiConfig | None = None,
 ) -> TcpListener:
     """Serve ``/client/api`` on ``bind:port`` (port 0: any free port, see ``.port``). Only signed requests
     get in: the endpoint must have been built with ``tcp=True``."""
@@ -58,14 +86,14 @@ async def async_serve_tcp(
         app, access_log=None, handle_signals=False, max_line_size=2 * max_request_bytes + 8192
     )
     await runner.setup()
-    site = web.TCPSite(runner, bind, port, ssl_context=ctx)
+    limits = limits or ApiConfig()
     try:
+        sock = _listening_socket(bind, port, limits.backlog)
+        site = _TlsLimitedSite(runner, sock, limits, ctx)
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    actual = sockets[0].getsockname()[1] if sockets else port
+    actual = sock.getsockname()[1]
     log.info("cloudstack_listening", bind=bind, port=actual, tls=ctx is not None)
     return TcpListener(runner=runner, port=actual)

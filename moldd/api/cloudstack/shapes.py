@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -106,7 +107,7 @@ def _virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
         "securitygroup": [],
         "affinitygroup": [],
         "tags": [],
-        "details": dict(vm.get("details") or {}),
+        "details": _details(vm.get("details") or {}),
         # moldd's own: the immutable VM name (moldd's id for it) and its HA state.
         "moldname": vm["name"],
         "hapolicy": vm.get("ha_policy"),
@@ -124,6 +125,22 @@ def _virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
     if vm.get("description"):
         out["description"] = vm["description"]
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _details(details: dict[str, Any]) -> dict[str, str]:
+    """CloudStack's details are a string → string map (typed clients such as Terraform's decode them so); a
+    secret setting shows only that it is set."""
+    out = {}
+    for key, value in details.items():
+        if isinstance(value, dict) and value.get("secret") == "set":
+            out[key] = "(set)"
+        elif isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        else:
+            out[key] = json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
+    return out
 
 
 def volume(vm: dict[str, Any]) -> dict[str, Any]:
