@@ -20,6 +20,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoints", help="JSON-lines file of signed checkpoints")
     v.add_argument("--public-key", help="PEM public key that signed the checkpoints")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--schema", default="events", help="PostgreSQL schema when DB is a postgresql:// DSN")
+    cp = sub.add_parser("copy", help="copy a log row for row (SQLite file <-> postgresql:// DSN), then check it")
+    cp.add_argument("src")
+    cp.add_argument("dst", help="a new file, or a DSN whose schema holds no events yet")
+    cp.add_argument("--src-schema", default="events")
+    cp.add_argument("--dst-schema", default="events")
+    pi = sub.add_parser("pg-init", help="create the log's schema in PostgreSQL (as its owner) and grant a role")
+    pi.add_argument("dsn")
+    pi.add_argument("--schema", default="events")
+    pi.add_argument("--grant", metavar="ROLE", help="the daemon's role: SELECT+INSERT only (no UPDATE/DELETE)")
     k = sub.add_parser("keygen", help=f"write {PRIVATE_KEY_NAME} (0600) and {PUBLIC_KEY_NAME} in DIR")
     k.add_argument("dir")
     c = sub.add_parser("checkpoint", help="verify the log, then sign its head and append it to --out")
@@ -38,9 +48,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if exc.code == 0 else 2
     try:
         if args.command == "verify":
-            report = verify(args.db, checkpoints=args.checkpoints, public_key=args.public_key)
+            from .copy import verify_target
+
+            report = verify_target(
+                args.db, schema=args.schema, checkpoints=args.checkpoints, public_key=args.public_key
+            )
             print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
-            return report.exit_code
+            return int(report.exit_code)
+        if args.command == "copy":
+            import asyncio
+
+            from .copy import async_copy
+
+            log_id, position, head = asyncio.run(
+                async_copy(args.src, args.dst, src_schema=args.src_schema, dst_schema=args.dst_schema)
+            )
+            print(f"copied log {log_id}: {position} events, head {head.hex()} (verified at the destination)")
+            return 0
+        if args.command == "pg-init":
+            import asyncio
+
+            from .postgres import async_pg_init
+
+            log_id, statements = asyncio.run(async_pg_init(args.dsn, args.schema, args.grant))
+            print(f"log {log_id} in schema {args.schema}")
+            for stmt in statements:
+                print(f"{stmt};")
+            return 0
         if args.command == "keygen":
             priv, pub = generate_keys(args.dir)
             print(f"private key: {priv} (mode 0600; ship the public key and the checkpoints off the host)")
@@ -65,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not report.ok:
                     print(report.render(), file=sys.stderr)
                     print("refusing to sign a log that does not verify", file=sys.stderr)
-                    return report.exit_code
+                    return int(report.exit_code)
             cp = checkpoint_db(args.db, key, args.out)
             print(f"checkpoint: log {cp.log_id} position {cp.position} head {cp.head_hash} at {cp.time}")
             return 0

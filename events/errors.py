@@ -79,3 +79,10 @@ class LogIntegrityError(EventLogError):
         super().__init__(message, field="log")
         self.position = position
         self.kind = kind
+
+
+class FencedError(EventLogError):
+    """The database refused a write: this writer's fencing epoch is no longer the log's current one (another
+    process took the lead), or it holds none on a log that has one."""
+
+    code = "fenced"

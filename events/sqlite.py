@@ -164,7 +164,6 @@ def migrate(conn: sqlite3.Connection) -> str:
 FILTER_INDEXES = (
     # what GET /v1/events?correlation= filters on (a job's events); partial: most rows carry neither
     "CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id) WHERE correlation_id IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS events_command ON events (command_id) WHERE command_id IS NOT NULL",
 )
 
 
@@ -350,7 +349,7 @@ class SQLiteEventStore(EventStore):
     async def async_read_correlated(
         self, correlation_id: str, from_position: int = 1, limit: int | None = None
     ) -> list[StoredEvent]:
-        """Indexed (``events_correlation``, ``events_command``: made at open when missing)."""
+        """Indexed (``events_correlation``, made at open when missing; ``events_command_id``)."""
         self._check_range(limit)
         rows = list(
             await self._conn.execute_fetchall(

@@ -103,6 +103,9 @@ class GroupWriter:
         self.before_commit: Callable[[], Awaitable[None]] | None = None
         # metrics hook: (events in the group, seconds the COMMIT took, committed?) after each group
         self.on_commit: Callable[[int, float, bool], None] | None = None
+        # set by a backend that other processes may have written (PostgreSQL after a failover or an unknown
+        # COMMIT outcome): the next group first reloads the head and forgets the caches
+        self.stale = False
 
     def submit(self, request: AppendRequest) -> None:
         if self._closed:
@@ -181,7 +184,20 @@ class GroupWriter:
             if stop:
                 return
 
+    def reset(self, head_position: int, head_hash: bytes, last_recorded_us: int) -> None:
+        """Adopt the head as stored and forget the caches (the log may have been written by another process):
+        the next group looks its streams and commands up again."""
+        self.head_position = head_position
+        self.head_hash = head_hash
+        self.last_recorded_us = max(self.last_recorded_us, last_recorded_us)
+        self._versions.clear()
+        self._recent.clear()
+        self.stale = False
+
     async def _async_process(self, group: list[AppendRequest]) -> None:
+        if self.stale:
+            load: Callable[[], Awaitable[tuple[int, bytes, int]]] = self._backend._async_load_head  # type: ignore[attr-defined]
+            self.reset(*(await load()))
         versions = self._versions
         recent = self._recent
         need_streams = {r.stream_id for r in group if r.stream_id not in versions}

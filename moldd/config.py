@@ -143,7 +143,10 @@ class DaemonConfig(Section):
     socket_group: str | None = Field(
         None, description="group (name or gid) whose members may use the socket; root always may"
     )
-    database: Path = _path(Path("/var/lib/moldd/log.db"), "the event log (SQLite); its directory is created")
+    database: Path = _path(
+        Path("/var/lib/moldd/log.db"),
+        'the event log (SQLite; its directory is created), or "postgresql://..." (see [cluster])',
+    )
     storage_dir: Path = _path(
         Path("/var/lib/moldd/disks"), "VM disks; must be shared storage for migration / HA across hosts"
     )
@@ -438,6 +441,38 @@ class _KeyedError(ValueError):
         self.key = key
 
 
+class ClusterConfig(Section):
+    """``[cluster]``: several moldd on one PostgreSQL log (only with ``daemon.database = "postgresql://..."``)."""
+
+    node: str = Field(
+        "", max_length=63, description="this node's name in the log and in `moldctl cluster status` (empty: the host name)"
+    )
+    schema_name: str = Field(
+        "events", alias="schema", min_length=1, max_length=63, description="the PostgreSQL schema holding the log"
+    )
+    lease_s: float = Field(
+        5.0, gt=0, le=3600, description="PostgreSQL ends a silent leader's session after this; a standby takes over"
+    )
+    heartbeat_s: float = Field(1.0, gt=0, le=3600, description="the leader pings PostgreSQL this often")
+    fence_after_s: float = Field(
+        3.0, gt=0, le=3600, description="a leader without an answer for this long stops acting (< lease_s)"
+    )
+
+    check_node = field_validator("node")(_controls_validator)
+
+    @_model_validator(mode="after")
+    def _budget(self) -> ClusterConfig:
+        if not self.heartbeat_s < self.fence_after_s:
+            raise _KeyedError("heartbeat_s", "must be less than fence_after_s")
+        if not self.fence_after_s < self.lease_s:
+            raise _KeyedError("fence_after_s", "must be less than lease_s (the leader stops before it can be replaced)")
+        return self
+
+    @property
+    def schema(self) -> str:  # type: ignore[override]
+        return self.schema_name
+
+
 class Config(DaemonConfig):
     """The whole configuration. The ``[daemon]`` keys are attributes of the config itself (``config.socket``);
     every other field is a section named like its TOML table."""
@@ -448,6 +483,9 @@ class Config(DaemonConfig):
     api: ApiConfig = Field(ApiConfig(), strict=False)
     cloudstack: CloudStackConfig = Field(CloudStackConfig(), strict=False)
     roles: RolesConfig = Field(RolesConfig(), strict=False)
+    cluster: ClusterConfig = Field(ClusterConfig(), strict=False)
+    # daemon.database = "postgresql://...": the log on PostgreSQL (then `database` is unused); not a TOML key
+    database_dsn: str | None = Field(None, exclude=True)
     hosts: tuple[HostConfig, ...] = Field(strict=False, min_length=1)
     offerings: tuple[OfferingConfig, ...] = Field((), strict=False)
     templates: tuple[TemplateConfig, ...] = Field((), strict=False)
@@ -460,10 +498,16 @@ class Config(DaemonConfig):
         """TOML table name → schema, in declaration order (``daemon`` first)."""
         out: dict[str, type[Section]] = {"daemon": DaemonConfig}
         for name, info in cls.model_fields.items():
-            if name in DaemonConfig.model_fields or name == "path":
+            if name in DaemonConfig.model_fields or name in ("path", "database_dsn"):
                 continue
             out[name] = _section_type(info.annotation)
         return out
+
+    @_model_validator(mode="after")
+    def _cluster_needs_postgresql(self) -> Config:
+        if "cluster" in self.model_fields_set and self.database_dsn is None:
+            raise _KeyedError("cluster", 'needs daemon.database = "postgresql://..." (the shared log)')
+        return self
 
     @_model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -553,6 +597,10 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
     if not doc.get("hosts"):
         raise ConfigError(file, "hosts", "at least one [[hosts]] entry is required")
     data = {**daemon, **{k: v for k, v in doc.items() if k != "daemon"}, "path": file}
+    db = daemon.get("database")
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        data.pop("database")  # the log on PostgreSQL: `database` keeps its (unused) default
+        data["database_dsn"] = db
     try:
         return Config.model_validate(data, context={"base": file.parent})
     except ValidationError as exc:
@@ -664,14 +712,17 @@ def check_environment(config: Config) -> int | None:
     Returns the socket group's gid. Blocking (NSS, file system): call it off the event loop."""
     f = config.path
     db = config.database
-    if db.is_dir():
+    if config.database_dsn is not None:
+        pass  # the log is on PostgreSQL: nothing to check on this machine
+    elif db.is_dir():
         raise ConfigError(f, "daemon.database", f"{db} is a directory; name the database file inside it")
-    if db.exists():
+    elif db.exists():
         if not stat.S_ISREG(db.stat().st_mode):
             raise ConfigError(f, "daemon.database", f"{db} is not a regular file")
         if not os.access(db, os.R_OK | os.W_OK):
             raise ConfigError(f, "daemon.database", f"{db} is not readable and writable by this user")
-    _creatable_dir(f, "daemon.database", db.parent)
+    if config.database_dsn is None:
+        _creatable_dir(f, "daemon.database", db.parent)
     if config.storage_dir.exists() and not config.storage_dir.is_dir():
         raise ConfigError(f, "daemon.storage_dir", f"{config.storage_dir} is not a directory")
     _creatable_dir(f, "daemon.storage_dir", config.storage_dir)

@@ -45,7 +45,10 @@ def _load_optional_verbs() -> None:
     """Verb modules that are built on top of the lifecycle; imported for their registration side effect."""
     import importlib
 
-    for name in ("moldd.app.operations", "moldd.app.snapshots", "moldd.app.catalog", "moldd.app.users"):
+    for name in (
+        "moldd.app.operations", "moldd.app.snapshots", "moldd.app.catalog", "moldd.app.users",
+        "moldd.app.cluster_queries",
+    ):  # fmt: skip
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(name)
 
@@ -84,6 +87,9 @@ class Daemon:
         self.verified: Verified | None = None
         self.integrity_error: str | None = None
         self.metrics = Metrics()
+        self.acting_tasks: list[asyncio.Task[Any]] = []  # the sweepers of a node that acts on the hosts
+        self.cluster: Any = None  # moldd.cluster.ClusterRole with daemon.database = "postgresql://..."
+        self.sync_timeout = 15.0
 
     async def async_start(self, *, sync_timeout: float = 15.0) -> None:
         """Start everything; if any step fails, stop what was started (the store included) and re-raise."""
@@ -98,48 +104,56 @@ class Daemon:
         _load_optional_verbs()
         cfg = self.config
         # Everything the config refers to is checked before anything (database, directories, socket) is made.
+        self.sync_timeout = sync_timeout
         gid = await asyncio.to_thread(check_environment, cfg)
         if cfg.checkpoints.key is not None:
             check_key_file(cfg.checkpoints.key)
-        prepare_database_dir(cfg.database)
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.store = await SQLiteEventStore.async_open(cfg.database)
-        seal_key = None
-        if cfg.checkpoints.key is not None:
-            from events.checkpoint import load_private_key
+        if cfg.database_dsn is not None:
+            # the log on PostgreSQL, shared by the cluster's nodes (moldd.cluster); the start-up verification and
+            # the checkpoints below read a log file: they are not run on a PostgreSQL log yet
+            from events.postgres import PostgresEventStore
+            from moldd.cluster import node_name
 
-            seal_key = await asyncio.to_thread(load_private_key, cfg.checkpoints.key)
-        self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
-        snapshot_position = await self.projector.async_load_snapshot()
-        try:
-            self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
-        except LogIntegrityError as exc:
-            self.integrity_error = exc.message
-            raise
+            self.store = await PostgresEventStore.async_open(
+                cfg.database_dsn, schema=cfg.cluster.schema, application_name=f"moldd:{node_name(cfg)}"
+            )
+            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
+            await self.projector.async_load_snapshot()
+        else:
+            prepare_database_dir(cfg.database)
+            self.store = await SQLiteEventStore.async_open(cfg.database)
+            seal_key = None
+            if cfg.checkpoints.key is not None:
+                from events.checkpoint import load_private_key
+
+                seal_key = await asyncio.to_thread(load_private_key, cfg.checkpoints.key)
+            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
+            snapshot_position = await self.projector.async_load_snapshot()
+            try:
+                self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
+            except LogIntegrityError as exc:
+                self.integrity_error = exc.message
+                raise
         await self.projector.async_restore()
         self.projector.add_listener(_log_event)
         self.projector.add_listener(self.metrics.on_event)
         self.projector.start()
         self.app = App(cfg, self.store, self.projector, self.hosts)
-        self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running
+        self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running or (
+            self.cluster is not None and not self.cluster.acting
+        )
         self.app.health_checks["log_integrity"] = lambda: self.integrity_error is None
         self.app.on_command = self.metrics.observe_command
         self.metrics.bind(self.app, self.store)
         self.hosts.attach(self.app)
-        await self._async_register_hosts()
-        await self.hosts.async_start()
-        unsynced = await self.hosts.async_wait_synced(sync_timeout)
-        if unsynced:
-            log.warning("hosts_not_synced", hosts=unsynced)
-        await self._async_recover_unreachable(set(unsynced))
-        self._start_ha()
-        self.tasks.append(
-            asyncio.create_task(
-                lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
-            )
-        )
-        if cfg.checkpoints.key is not None:
-            self.tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
+        if cfg.database_dsn is None:
+            await self.async_act()
+        else:  # one of several nodes: act only once elected (moldd.cluster)
+            from moldd.cluster import ClusterRole
+
+            self.cluster = ClusterRole(self)
+            await self.cluster.async_start()
         if self.serve_api:
             from moldd.api.serve import async_serve
             from moldd.app.users import directory
@@ -165,12 +179,57 @@ class Daemon:
                     self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
                     tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes, limits=cfg.api,
                 )  # fmt: skip
+        role = "" if self.cluster is None else f" as cluster node {self.cluster.node}"
         systemd.notify_ready(
-            f"serving {len(cfg.hosts)} hosts, log at position {self.projector.model.position}"
+            f"serving {len(cfg.hosts)} hosts{role}, log at position {self.projector.model.position}"
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
+
+    async def async_act(self) -> None:
+        """Take charge of the hosts (at start, or when elected): record and connect every host, resync it
+        (reconciling jobs this process does not run), recover VMs of unreachable hosts, start HA and the
+        sweepers."""
+        if self.app is None:
+            raise InternalError("the daemon's app is not built yet")
+        cfg = self.config
+        await self._async_register_hosts()
+        await self.hosts.async_start()
+        unsynced = await self.hosts.async_wait_synced(self.sync_timeout)
+        if unsynced:
+            log.warning("hosts_not_synced", hosts=unsynced)
+        await self._async_recover_unreachable(set(unsynced))
+        self._start_ha()
+        self.acting_tasks.append(
+            asyncio.create_task(
+                lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
+            )
+        )
+        if cfg.checkpoints.key is not None and cfg.database_dsn is None:
+            self.acting_tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
+
+    async def async_stand_down(self) -> None:
+        """A deposed leader stops acting: sweepers and HA stop, running jobs are abandoned (the next leader
+        reconciles them), host connections close. The libvirt bridge already refuses calls (its gate)."""
+        tasks, self.acting_tasks = self.acting_tasks, []
+        for task in tasks:
+            task.cancel()
+        ha, self.ha = self.ha, None
+        if self.app is not None:
+            self.app.health_checks.pop("ha", None)
+            for task in list(self.app.jobs.values()):
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if ha is not None:
+            await ha.async_stop()
+        if self.app is not None:
+            for task in list(self.app.jobs.values()):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.hosts.async_stop()
 
     def _cloudstack_endpoint(self, *, tcp: bool) -> Any:
         from moldd.api.cloudstack import CloudStackEndpoint, CloudStackSettings
@@ -274,15 +333,17 @@ class Daemon:
             await self.cloudstack_tcp.async_close()
         if self.api is not None:
             await self.api.async_close()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.acting_tasks]:
             task.cancel()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.acting_tasks]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.ha is not None:
             await self.ha.async_stop()
         if self.app is not None:
-            await self.app.async_close()
+            await self.app.async_close()  # running jobs finish while this node still leads
+        if self.cluster is not None:
+            await self.cluster.async_stop()  # steps down: a standby takes over at once
         await self.hosts.async_stop()
         if self.projector is not None:
             # never seal a snapshot of a log that did not verify

@@ -100,6 +100,8 @@ _TYPES: dict[str, int] = {
     "user.keys.registered": 1,
     "user.revoked": 1,
     "access.denied": 1,
+    # the management cluster (moldd/cluster.py): a node won the lead of the log with a new fencing epoch
+    "daemon.leader_elected": 1,
 }
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(_TYPES)

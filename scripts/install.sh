@@ -7,7 +7,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
           qemu-system-x86 qemu-utils busybox-static python3 python3-venv python3-dev gcc
-          chromium)  # chromium: the status page's browser test (headless, DevTools protocol)
+          chromium  # chromium: the status page's browser test (headless, DevTools protocol)
+          postgresql)  # PostgreSQL: tests/benchmarks start their own throw-away server (initdb + pg_ctl)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -87,3 +87,13 @@ def wait_events() -> Callable[..., list[tuple[int, int]]]:
         return result
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (moldd.testing.pgserver: initdb + pg_ctl as `nobody`, Unix
+    socket in its own temporary directory). fsync is off: tests check behaviour, not power-loss durability."""
+    from moldd.testing.pgserver import PgServer
+
+    with PgServer(fsync=False) as pg:
+        yield pg

@@ -184,8 +184,12 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     query = parse_events_query(request.query)
     settings = request.app[SETTINGS_KEY]
     closing = request.app[CLOSING_KEY]
-    entries = request.app[BUS_KEY].async_follow(
-        query.from_position, stream=query.stream, correlation=query.correlation
+    bus = request.app[BUS_KEY]
+    pages = getattr(bus, "async_follow_pages", None)
+    entries: AsyncIterator[Any] = (
+        pages(query.from_position, stream=query.stream, correlation=query.correlation)
+        if pages is not None
+        else bus.async_follow(query.from_position, stream=query.stream, correlation=query.correlation)
     )
 
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
@@ -193,8 +197,9 @@ async def async_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     _FOLLOWERS[0] += 1
     try:
+        lost = getattr(request.protocol, "lost", None)
         await _async_pump(
-            entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s
+            entries, response, query.matches, settings.heartbeat_s, closing, settings.write_timeout_s, lost
         )
     except (ConnectionResetError, ConnectionError):
         pass  # the client left; nothing to tell it
@@ -249,14 +254,16 @@ async def _async_write(response: web.StreamResponse, data: bytes, timeout: float
 
 
 async def _async_pump(
-    entries: AsyncIterator[dict[str, Any]],
+    entries: AsyncIterator[Any],
     response: web.StreamResponse,
     matches: Callable[[Mapping[str, Any]], bool],
     heartbeat_s: float,
     closing: asyncio.Event,
     write_timeout_s: float = 30.0,
+    lost: asyncio.Event | None = None,
 ) -> None:
     closing_wait = asyncio.ensure_future(closing.wait())
+    lost_wait = asyncio.ensure_future(lost.wait()) if lost is not None else None
     next_entry: asyncio.Future[dict[str, Any]] | None = None
     last_write = time.monotonic()
     try:
@@ -265,15 +272,21 @@ async def _async_pump(
                 next_entry = asyncio.ensure_future(anext(entries))
             timeout = max(0.0, last_write + heartbeat_s - time.monotonic())
             waiters: set[asyncio.Future[Any]] = {next_entry, closing_wait}
+            if lost_wait is not None:
+                waiters.add(lost_wait)
             done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if lost_wait is not None and lost_wait in done:
+                return  # the client went away: stop now, not at the next heartbeat
             if next_entry in done:
                 fut, next_entry = next_entry, None
                 try:
-                    entry = fut.result()
+                    item = fut.result()
                 except StopAsyncIteration:
                     return
-                if matches(entry):
-                    await _async_write(response, dumps(entry) + b"\n", write_timeout_s)
+                # an entry, or a page of entries (one write for the page)
+                lines = [dumps(e) for e in (item if isinstance(item, list) else [item]) if matches(e)]
+                if lines:
+                    await _async_write(response, b"\n".join(lines) + b"\n", write_timeout_s)
                     last_write = time.monotonic()
             # Filtered-out traffic does not count as life: the client saw nothing.
             if time.monotonic() - last_write >= heartbeat_s:
@@ -283,6 +296,8 @@ async def _async_pump(
                 last_write = time.monotonic()
     finally:
         closing_wait.cancel()
+        if lost_wait is not None:
+            lost_wait.cancel()
         if next_entry is not None:
             next_entry.cancel()
             try:

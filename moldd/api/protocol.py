@@ -85,6 +85,7 @@ class JsonRequestHandler(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         self._cut = False  # timed out: the reply is sent, input is discarded until the connection closes
+        self.lost = asyncio.Event()  # set when the connection is gone (a long-lived handler can stop at once)
 
     # -- timeouts -------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -149,6 +150,7 @@ class JsonRequestHandler(RequestHandler):
             )
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set()
         self._cancel_header_timer()
         self._cancel_body_timer()
         super().connection_lost(exc)

@@ -46,6 +46,9 @@ class HostManager:
     # -- lifecycle -------------------------------------------------------------------------------------
     async def async_start(self) -> None:
         self.bridge.start()
+        self._queue = asyncio.Queue()  # started again after a take-over: nothing of an earlier term
+        self.conns = {}
+        self.synced = {}
         for h in self.config.hosts:
             self.synced[h.name] = asyncio.Event()
             self.conns[h.name] = HostConnection(

@@ -20,6 +20,7 @@ from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm, place_returning_vm
 from moldd.app.secrets import protect_details
 from moldd.app.service import App, Command, verb
+from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError, present
 from moldd.domain.ha import blame_elsewhere, parse_policy
@@ -108,6 +109,9 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     if requested_host is not None and is_uuid(requested_host):
         requested_host = app.catalog("host", requested_host, "host").name
     cluster = a.text("cluster", None)  # CloudStack's zone
+    if details:
+        settings_cluster = app.catalog("host", requested_host).cluster if requested_host else cluster
+        await async_check_settings(app, details, template=template_name, cluster=settings_cluster)
 
     async with app.placement_lock:
         host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations, cluster=cluster)

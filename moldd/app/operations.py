@@ -23,6 +23,7 @@ from moldd.app.lifecycle import async_power_off, async_start_on, err, hostname_t
 from moldd.app.placement import host_loads
 from moldd.app.secrets import SecretStore, protect_details
 from moldd.app.service import App, Command, verb
+from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
 from moldd.domain.errors import (
     CapacityError,
@@ -220,6 +221,9 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                 )
             settings = settings_event(vm, details, cmd, app.secrets) if details is not None else None
             if settings is not None:
+                await async_check_settings(
+                    app, settings.payload["details"], template=vm.template, cluster=vm.cluster
+                )
                 events.append(settings)
             if not events:
                 return CommandReply(result={"vm": vm.to_dict(), "changed": {}}, position=app.model.position)
@@ -248,11 +252,12 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
             return CommandReply(
                 result={"vm": vm.to_dict(), "details_changed": {}}, position=app.model.position
             )
+        warnings = await async_check_settings(app, ev.payload["details"], template=vm.template, cluster=vm.cluster)
         res = await app.async_append(f"vm-{vm.name}", [ev], expected_version=vm.version, command_id=cmd.id)
-    return CommandReply(
-        result={"vm": app.model.vms[vm.name].to_dict(), "details_changed": ev.payload["changes"]},
-        position=res.last_position,
-    )
+    result: dict[str, Any] = {"vm": app.model.vms[vm.name].to_dict(), "details_changed": ev.payload["changes"]}
+    if warnings:
+        result["warnings"] = warnings
+    return CommandReply(result=result, position=res.last_position)
 
 
 # -- change service offering (stopped) and hot scale-up (running) --------------------------------------

@@ -49,6 +49,8 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
         self._since_snapshot = 0
         self._sealed_at = 0  # log position of the seal of the newest snapshot taken or loaded
+        # a snapshot appends its seal to the log: in a cluster only the leader may (moldd.cluster sets this)
+        self.may_snapshot: Callable[[], bool] = lambda: True
         self._snapshot_task: asyncio.Task[None] | None = None
         self._next_snapshot_at = 0.0  # time.monotonic() before which no background snapshot starts
         self.snapshot_position = 0  # position of the newest snapshot this projector wrote
@@ -193,7 +195,7 @@ class Projector:
         """A snapshot in its own task: the fold goes on while it is encoded and written; one at a time."""
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
-        if time.monotonic() < self._next_snapshot_at:
+        if time.monotonic() < self._next_snapshot_at or not self.may_snapshot():
             return
         self._since_snapshot = 0
         self._snapshot_task = asyncio.create_task(self._async_background_snapshot(), name="projector-snapshot")
@@ -215,7 +217,7 @@ class Projector:
         running = self._snapshot_task
         if running is not None and not running.done():
             await asyncio.shield(running)
-        if self.model.position > self._sealed_at:
+        if self.model.position > self._sealed_at and self.may_snapshot():
             await self._async_write_snapshot()
 
     async def _async_write_snapshot(self) -> None:

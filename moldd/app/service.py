@@ -42,7 +42,7 @@ from moldd.projection.readmodel import ReadModel
 log = structlog.get_logger("moldd.app")
 
 
-FOLLOW_PAGE = 200  # log entries a follower reads from the store at a time
+FOLLOW_PAGE = 50  # log entries a follower reads from the store (and writes to its client) at a time
 REPLY_CACHE = 4096  # finished client command ids whose first reply is kept in memory (older: rebuilt from the log)
 BINDING_KEY = "_command"  # in the payload of a command's first event: what its id is bound to
 
@@ -92,7 +92,13 @@ class CommandBinding:
 
 
 def _actor_key(actor: Actor) -> str:
-    return actor.internal if actor.internal is not None else f"uid={actor.uid}"
+    """Who an id belongs to: the Unix uid (not the pid: a retry may come from another process), the moldd user
+    of a signed request, or the internal actor."""
+    if actor.internal is not None:
+        return actor.internal
+    if actor.via is not None:
+        return f"user={actor.user} via={actor.via}"
+    return f"uid={actor.uid}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class Command:
 
 
 Handler = Callable[["App", Command], Awaitable[CommandReply]]
+READ_VERB_PREFIXES = ("list", "query")
+"""Verbs a standby answers (from its read model); every other verb needs the cluster's leader."""
 _REGISTRY: dict[str, Handler] = {}
 
 
@@ -159,6 +167,7 @@ class App:
         self.replies: dict[str, tuple[CommandBinding, CommandReply]] = {}
         self.on_command: Callable[[str, str, float], None] | None = None  # metrics: (verb, outcome, seconds)
         self.followers = 0  # clients following the log live (async_follow, the status page's feed)
+        self.cluster: Any = None  # moldd.cluster.ClusterRole when several moldd share a PostgreSQL log
 
     @property
     def model(self) -> ReadModel:
@@ -238,6 +247,8 @@ class App:
         structlog.contextvars.bind_contextvars(command_id=cmd.id, actor=str(cmd.actor))
         started, outcome = time.perf_counter(), "internal"
         try:
+            if self.cluster is not None and not cmd.verb.startswith(READ_VERB_PREFIXES):
+                self.cluster.check_leading()  # a standby refuses new writes (NotLeader names the leader)
             reply = await self._async_run_checked(handler, cmd)
             outcome = "ok"
             return reply
@@ -318,47 +329,70 @@ class App:
             for h in self.model.hosts.values()
             if h.health in (HostHealth.FENCE_FAILED, HostHealth.DOWN, HostHealth.FENCING)
         ]
-        return {
+        out = {
             "ok": all(checks.values()),
             "checks": checks,
             "position": self.model.position,
             "hosts": hosts,
             "alerts": alerts,
         }
+        if self.cluster is not None:
+            out |= self.cluster.info()  # role, node, leader, epoch, acting
+        return out
 
     async def async_follow(
         self, from_position: int, *, stream: str | None = None, correlation: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
+        """Log entries from ``from_position`` on, one at a time (see :meth:`async_follow_pages`)."""
+        async for page in self.async_follow_pages(from_position, stream=stream, correlation=correlation):
+            for entry in page:
+                yield entry
+
+    async def async_follow_pages(
+        self, from_position: int, *, stream: str | None = None, correlation: str | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         """Log entries from ``from_position`` on (only a ``stream``'s, or only those of a ``correlation`` id:
-        its ``*.requested`` event and its outcomes), then live. The past is read in pages of ``FOLLOW_PAGE``
-        (the correlation filter through the store's index) and at most ``follower_buffer`` live events wait for
-        a slow follower, so a follower holds a bounded amount of memory however far back it starts."""
+        its ``*.requested`` event and its outcomes), then live, in pages. The past is read ``FOLLOW_PAGE``
+        entries at a time (the correlation filter through the store's index) and at most ``follower_buffer`` live
+        events wait for a slow follower, so a follower holds a bounded amount of memory however far back it
+        starts; a page is handed over whole (one write to the client, not one per entry)."""
         self.followers += 1
         try:
             position = max(1, from_position)
             page_size = FOLLOW_PAGE
+            version = 1  # a stream is read through its (stream_id, stream_version) index
             while True:  # catch up
-                head = (await self.store.async_head())[0] if correlation is not None else None
+                indexed = correlation is not None or stream is not None
+                head = (await self.store.async_head())[0] if indexed else None
                 if correlation is not None:
                     page = await self.store.async_read_correlated(correlation, position, page_size)
+                elif stream is not None:
+                    page = await self.store.async_read_stream(stream, version, version + page_size - 1)
+                    version += page_size
                 else:
                     page = await self.store.async_read(position, limit=page_size)
-                for ev in page:
-                    if stream is None or ev.stream_id == stream:
-                        yield event_view(ev)
+                views = [
+                    event_view(ev)
+                    for ev in page
+                    if ev.position >= position and (stream is None or ev.stream_id == stream)
+                ]
+                if views:
+                    yield views
                 if page:
-                    position = page[-1].position + 1
+                    position = max(position, page[-1].position + 1)
                 if len(page) < page_size:
-                    if correlation is not None and head is not None:
+                    if head is not None:
                         position = max(position, head + 1)  # everything up to head was matched above
                     break
                 page = []  # drop the page before the next read
             limit = self.config.api.follower_buffer
-            async for ev in self.store.async_subscribe(from_position=position, batch_size=page_size, queue_limit=limit):
+            async for ev in self.store.async_subscribe(
+                from_position=position, batch_size=page_size, queue_limit=limit
+            ):
                 if (stream is None or ev.stream_id == stream) and (
                     correlation is None or correlation in (ev.correlation_id, ev.command_id)
                 ):
-                    yield event_view(ev)
+                    yield [event_view(ev)]
         finally:
             self.followers -= 1
 

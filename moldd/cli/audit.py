@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--key", required=True, help="PEM Ed25519 private key")
     c.add_argument("--out", required=True, help="checkpoints file (JSON lines, appended)")
     c.add_argument("--no-verify", action="store_true", help="sign without verifying the log first")
+    for name in ("verify", "state", "history", "diff", "export", "checkpoint"):  # db may be a DSN
+        sub.choices[name].add_argument(
+            "--schema", default="events", help="with a postgresql:// DSN as db: the schema holding the log"
+        )
     return p
 
 
@@ -269,7 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else EXIT_ERROR
+    tmp = None
     try:
+        if getattr(args, "db", None) is not None and str(args.db).startswith(("postgresql://", "postgres://")):
+            # a log on PostgreSQL: the same tools run on a row-for-row copy in a temporary file
+            from events.copy import materialise
+
+            dsn = args.db
+            path, tmp = materialise(dsn, args.schema)
+            args.db = str(path)
+            print(f"{PROG}: log {dsn} schema {args.schema} read into {path}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except AuditError as exc:
         say(f"{PROG}: error: {exc.message}", file=sys.stderr)
@@ -285,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a traceback for an auditor: one line, "could not check"
         say(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -285,6 +285,8 @@ COMMANDS: tuple[Cmd, ...] = (
     Cmd("vm snapshot delete", "deleteVMSnapshot", "delete a snapshot", (VM, pos("snapshot", "snapshot"))),
     Cmd("host list", "listHosts", "list hosts", (), HOST_COLUMNS),
     Cmd("cluster list", "listClusters", "list clusters", ()),
+    Cmd("cluster status", "listManagementServers", "the moldd nodes on the shared log: leader, epoch, lag", (),
+        single=True, follow=False),
     Cmd("group create", "createInstanceGroup", "create an instance group", (pos("group", "name"),)),
     Cmd("group list", "listInstanceGroups", "list instance groups", (), ("name", "vms", "created")),
     Cmd("group delete", "deleteInstanceGroup", "delete an instance group", (pos("group", "name"),)),

@@ -66,6 +66,12 @@ class OperationFailed(MolddError):
     code = "operation_failed"
 
 
+class NotLeader(Unavailable):
+    """This moldd is a standby (another node leads the cluster): it answers reads, writes go to the leader."""
+
+    code = "not_leader"
+
+
 class InternalError(MolddError):
     """A broken invariant of moldd itself (a bug, not the caller's fault). Raised by explicit checks where an
     ``assert`` would vanish under ``python -O``."""

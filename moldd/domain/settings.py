@@ -77,6 +77,34 @@ SETTINGS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+def check_combination(details: Mapping[str, Any], *, kernel_boot: bool, template: str | None) -> None:
+    """The rules between a VM's settings, and between its settings and how it boots. Raises naming the setting;
+    a setting that would have no effect on this VM is refused rather than silently ignored."""
+    machine = str(details.get("machine") or "")
+    q35 = machine == "q35" or machine.startswith("pc-q35")
+    if q35 and details.get("disk_bus") == "ide":
+        raise ValidationError(
+            "details.disk_bus 'ide' cannot be used with machine 'q35' (it has no IDE controller): use sata or virtio",
+            field="details.disk_bus",
+        )
+    if kernel_boot and details.get("boot_order"):
+        raise ValidationError(
+            f"details.boot_order has no effect: template {template!r} boots a kernel directly, not from a device",
+            field="details.boot_order",
+        )
+    if not kernel_boot and details.get("kernel_args"):
+        raise ValidationError(
+            "details.kernel_args has no effect: this VM boots from its disk or ISO, not a kernel given by the "
+            "template",
+            field="details.kernel_args",
+        )
+    if kernel_boot and details.get("boot_mode") == "uefi":
+        raise ValidationError(
+            f"details.boot_mode 'uefi' has no effect: template {template!r} boots a kernel directly",
+            field="details.boot_mode",
+        )
+
+
 def validate_details(details: Mapping[str, Any]) -> dict[str, Any]:
     """Validated copy; a value of None removes the setting (returned as None so the caller can drop it)."""
     out: dict[str, Any] = {}

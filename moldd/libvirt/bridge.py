@@ -99,6 +99,10 @@ def translate_error(exc: libvirt.libvirtError, *, what: str = "") -> MolddError:
     return OperationFailed(message)
 
 
+UNGATED = frozenset({"_close_conn"})
+"""Calls a fenced node may still make: releasing its own connections."""
+
+
 class LibvirtBridge:
     """Runs blocking libvirt calls off the loop; owns the worker pools.
 
@@ -120,6 +124,9 @@ class LibvirtBridge:
         self._pools: dict[tuple[str, bool], ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # cluster mode: checked before every call (except closing a connection); false = this node must not
+        # touch libvirt (a deposed leader, a standby)
+        self.gate: Callable[[], bool] | None = None
 
     def start(self) -> None:
         """Start the process-wide libvirt event loop thread (idempotent)."""
@@ -147,6 +154,9 @@ class LibvirtBridge:
     def _submit(
         self, fn: Callable[..., T], *args: Any, pool: str = "default", long: bool = False
     ) -> concurrent.futures.Future[T]:
+        gate = self.gate
+        if gate is not None and not gate() and getattr(fn, "__name__", "") not in UNGATED:
+            raise Unavailable("this moldd is not the cluster leader (fenced): no libvirt calls", code="not_leader")
         return self._pool(pool, long).submit(functools.partial(fn, *args))
 
     async def async_call(

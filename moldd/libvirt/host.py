@@ -91,6 +91,54 @@ class SnapshotInfo:
         }
 
 
+@dataclass(frozen=True)
+class DomainCaps:
+    """What a host can give a domain of one virt type (libvirt's capabilities and domain capabilities)."""
+
+    machines: frozenset[str]  # machine types and their aliases ("pc", "q35", "pc-q35-8.2", ...)
+    cpu_models: dict[str, bool]  # custom CPU model -> usable on this host
+    disk_buses: frozenset[str]
+    firmware: frozenset[str]  # "efi" when UEFI firmware is installed
+    machine: str | None  # the machine the domain capabilities were asked for (None: the default)
+
+
+def _domain_caps(conn: libvirt.virConnect, virttype: str, machine: str | None) -> DomainCaps:
+    import xml.etree.ElementTree as ET
+
+    caps = ET.fromstring(conn.getCapabilities())
+    machines: set[str] = set()
+    for guest in caps.findall("guest"):
+        arch = guest.find("arch")
+        if arch is None or arch.get("name") != "x86_64":
+            continue
+        domains = {d.get("type") for d in arch.findall("domain")}
+        if virttype not in domains:
+            continue
+        for m in arch.findall("machine"):
+            if m.text:
+                machines.add(m.text)
+            if m.get("canonical"):
+                machines.add(str(m.get("canonical")))
+        for d in arch.findall("domain"):
+            if d.get("type") == virttype:
+                for m in d.findall("machine"):
+                    if m.text:
+                        machines.add(m.text)
+    if machine is not None and machine not in machines:
+        return DomainCaps(frozenset(machines), {}, frozenset(), frozenset(), machine)
+    dom = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", machine, virttype, 0))
+    models = {
+        str(m.text): m.get("usable", "yes") != "no"
+        for m in dom.findall("./cpu/mode[@name='custom']/model")
+        if m.text
+    }
+    buses = {str(v.text) for v in dom.findall("./devices/disk/enum[@name='bus']/value") if v.text}
+    firmware = {str(v.text) for v in dom.findall("./os/enum[@name='firmware']/value") if v.text}
+    if dom.findall("./os/loader/value"):
+        firmware.add("efi")
+    return DomainCaps(frozenset(machines), models, frozenset(buses), frozenset(firmware), machine)
+
+
 def _err_code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
@@ -656,6 +704,10 @@ class HostConnection:
         return await self.bridge.async_call(
             fn, conn, *args, pool=self.name, long=long, timeout=timeout, what=what or f"{self.name}"
         )
+
+    async def async_domain_caps(self, virttype: str, machine: str | None = None) -> DomainCaps:
+        """The host's capabilities for ``virttype`` domains of ``machine`` (blocking calls on the host's pool)."""
+        return await self._call(_domain_caps, virttype, machine, what=f"domain capabilities of {self.name}")
 
     async def async_list_domains(self) -> list[DomainInfo]:
         return await self._call(_list_domains, what=f"list domains on {self.name}")

@@ -121,6 +121,10 @@ class DomainSpec:
                 raise ValidationError(f"bad metadata entry {key!r}", field="extra")
 
 
+def is_q35(machine: str | None) -> bool:
+    return bool(machine) and (machine == "q35" or str(machine).startswith("pc-q35"))
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
     el = ET.SubElement(parent, tag, attrib)
     if text is not None:
@@ -198,7 +202,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _sub(cd, "driver", name="qemu", type="raw")
         if spec.iso is not None:
             _sub(cd, "source", file=str(spec.iso))
-        cd_bus = "sata" if spec.disk_bus == "sata" else "ide"
+        # q35 has no IDE controller: its CD-ROM sits on SATA like the disks of a sata VM
+        cd_bus = "sata" if spec.disk_bus == "sata" or is_q35(spec.machine) else "ide"
         _sub(cd, "target", dev="sdc" if cd_bus == "sata" else "hdc", bus=cd_bus)
         _sub(cd, "readonly")
     if spec.nic_model:

@@ -274,6 +274,7 @@ STATE_NEUTRAL = frozenset(
         "vm.console.opened",  # who opened a VM's console: for the audit trail
         "access.denied",  # a refused call (who, what, why): for the audit trail
         "snapshot.sealed",  # the log's own bookkeeping (events.snapshot): binds a snapshot to the chain
+        "daemon.leader_elected",  # a node took the lead of the cluster (moldd.cluster follows it itself)
     }
 )
 """Event types the fold deliberately has no handler for. Every type in ``moldd.eventtypes`` has a handler or is

@@ -34,6 +34,7 @@ def write_config(
     max_vms: int = 4,
     checkpoints: bool = False,
     sections: dict[str, dict[str, Any]] | None = None,
+    cluster: dict[str, Any] | None = None,
 ) -> Config:
     """A TOML config for lab hosts (``hosts``: LabHost objects) and the lab guest image."""
     root.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,8 @@ def write_config(
     ]
     for section, values in (sections or {}).items():  # e.g. {"cloudstack": {"port": 0}}
         lines += [f"[{section}]", *(f"{k} = {_toml(v)}" for k, v in values.items()), ""]
+    if cluster:
+        lines += ["[cluster]", *(f"{k} = {_toml(v)}" for k, v in cluster.items()), ""]
     if checkpoints:
         lines += [
             "[checkpoints]",

@@ -261,3 +261,16 @@ async def test_group_lookups_do_not_block_the_loop(monkeypatch: pytest.MonkeyPat
     release.set()
     actors = await asyncio.gather(*lookups)
     assert {a.user for a in actors} == {"someone"} and calls == [1234]
+
+
+@pytest.mark.parametrize("bad_id", ["a\x00b", "tab\there", " padded", "\u202egnp.exe", ""])
+async def test_command_ids_with_control_characters_are_400(limited: ApiServer, bus: FakeBus, bad_id: str) -> None:
+    body = json.dumps({"command": "echo", "args": {}, "id": bad_id}).encode()
+    status, _, reply = await exchange(
+        limited,
+        b"POST /v1/command HTTP/1.1\r\nHost: m\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body,
+    )
+    assert status == 400 and reply["error"]["field"] == "id", reply
+    assert not bus.calls

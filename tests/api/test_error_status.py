@@ -22,6 +22,7 @@ from moldd.domain import errors as e
         (e.CapacityError("x"), 409),
         (e.OperationFailed("x"), 502),
         (e.Unavailable("x"), 503),
+        (e.NotLeader("x"), 503),
         (e.MolddError("x"), 500),
         (e.InternalError("x"), 500),
         (IdReused("x"), 409),  # a subclass elsewhere: its base's status

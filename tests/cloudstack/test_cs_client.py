@@ -85,14 +85,13 @@ async def test_cs_async_job_is_polled_until_done(cs_lab: CsLab) -> None:
         await cs_lab.call("operator", "deployVirtualMachine", zoneid=vm["zoneid"], templateid=vm["templateid"],
                           serviceofferingid=vm["serviceofferingid"], details={"memory_mib": "x"})  # fmt: skip
     assert bad.value.response.status_code == 431 and "details.memory_mib" in bad.value.error["errortext"]
-    # ...a job that fails is jobstatus 2 with an error result, which cs raises as a job failure.
-    failing = await cs_lab.call("operator", "deployVirtualMachine", zoneid=vm["zoneid"], templateid=vm["templateid"],
-                                serviceofferingid=vm["serviceofferingid"], details={"cpu_model": "no-such-cpu"})  # fmt: skip
-    with pytest.raises(CloudStackApiException) as failed:
-        await asyncio.to_thread(api._jobresult, failing["jobid"])
-    assert failed.value.args[0] == "Job failure" and failed.value.error["errorcode"] == 530
-    status = await cs_lab.call("readonly", "queryAsyncJobResult", jobid=failing["jobid"])
-    assert status["jobstatus"] == 2 and status["jobresultcode"] == 530 and status["jobresult"]["errortext"]
+    # ...and so is a setting the hosts cannot give (checked against libvirt's domain capabilities when asked,
+    # not left to fail as a job at start; issue 11 item 7).
+    with pytest.raises(CloudStackApiException) as impossible:
+        await cs_lab.call("operator", "deployVirtualMachine", zoneid=vm["zoneid"], templateid=vm["templateid"],
+                          serviceofferingid=vm["serviceofferingid"], details={"cpu_model": "no-such-cpu"})  # fmt: skip
+    assert impossible.value.response.status_code == 431
+    assert "details.cpu_model" in impossible.value.error["errortext"]
 
 
 async def test_cs_groups_update_snapshots_resize_and_migrate(cs_lab: CsLab) -> None:

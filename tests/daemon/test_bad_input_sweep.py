@@ -36,7 +36,7 @@ WRONG: list[tuple[str, Any]] = [
 ]
 # ... except where a value of that kind is right (a VM may be named by its numeric id, a boolean is a boolean).
 RIGHT_FOR = {
-    "bool": {"ha", "startvm", "forced", "expunge", "listall", "shrinkok", "snapshotmemory"},
+    "bool": {"ha", "startvm", "forced", "expunge", "listall", "shrinkok", "snapshotmemory", "ungroup", "newest"},
     "dict": {"details"},  # a mapping, refused by its key instead (details.x): checked below
 }
 INTEGER_ARGS = {"rootdisksize", "hapriority", "size", "page", "pagesize", "from", "limit"}
@@ -65,6 +65,9 @@ def baseline(verb: str, vm: str) -> dict[str, Any]:
         "createInstanceGroup": {"name": "sweep-new"},
         "confirmHostFenced": {"host": "host0"},
         "queryAsyncJobResult": {"jobid": "nope"},
+        "createUser": {"username": "sweep-user"},
+        "revokeUser": {"username": "no-such-user"},
+        "registerUserKeys": {"username": "no-such-user"},
     }.get(verb, {})
 
 

@@ -4,6 +4,7 @@ the verb and the args of its first use (real daemon, real lab hosts, real socket
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from typing import Any
 
@@ -129,3 +130,22 @@ async def test_binding_is_read_back_from_the_log_after_restart(make_config: Any,
         status, reply = await client.raw("deleteInstanceGroup", {"name": "g-restart"}, "g-x")
         assert status == 409 and reply["error"]["code"] == "id_reused"
         assert "createInstanceGroup" in reply["error"]["message"]
+
+
+async def test_an_id_belongs_to_its_user(daemon: Any, client: Client) -> None:
+    """The same command under the same id from another user is refused; from the same uid in another process
+    (another pid) it is a retry."""
+    from moldd.app.bus import Actor
+    from moldd.app.service import IdReused
+
+    first = await client.call("createInstanceGroup", "owned-1", name="g-owned")
+    me = Actor(uid=os.getuid(), gid=os.getgid(), pid=999_999, user="root")
+    again = await daemon.app.async_dispatch("createInstanceGroup", {"name": "g-owned"}, "owned-1", me)
+    assert again.position == first["position"] and again.result["duplicate"] is True
+    other = Actor(uid=4321, gid=4321, pid=1, user="mallory")
+    with pytest.raises(IdReused) as info:
+        await daemon.app.async_dispatch("createInstanceGroup", {"name": "g-owned"}, "owned-1", other)
+    assert "createInstanceGroup" in info.value.message and info.value.field == "id"
+    api_user = Actor(user="alice", via="apikey", role="operator")
+    with pytest.raises(IdReused):
+        await daemon.app.async_dispatch("createInstanceGroup", {"name": "g-owned"}, "owned-1", api_user)

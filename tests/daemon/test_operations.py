@@ -407,9 +407,12 @@ async def test_settings_are_validated_merged_and_applied_at_next_start(
     assert (
         await refused(client, "updateVirtualMachineSettings", id=name, details={"x": 1})
     ).field == "details.x"
-    await client.call(
-        "updateVirtualMachine", id=name, details={"boot_order": ["hd", "cdrom"], "kernel_args": "a=1"}
+    # kernel_args would have no effect on a VM that boots from its disk/ISO: refused, not silently ignored
+    no_effect = await refused(
+        client, "updateVirtualMachine", id=name, details={"boot_order": ["hd", "cdrom"], "kernel_args": "a=1"}
     )
+    assert no_effect.field == "details.kernel_args"
+    await client.call("updateVirtualMachine", id=name, details={"boot_order": ["hd", "cdrom"]})
     reply = await client.call(
         "updateVirtualMachineSettings", id=name, details={"cpu_model": "qemu64", "vnc_password": "s3cret",
                                                           "kernel_args": None},

@@ -66,3 +66,24 @@ def test_bad_settings_name_the_field(details: dict[str, object], field: str) -> 
     with pytest.raises(ValidationError) as refused:
         validate_details(details)
     assert refused.value.field == field
+
+
+def test_settings_combinations_are_refused_naming_the_setting() -> None:
+    import pytest
+
+    from moldd.domain.errors import ValidationError
+    from moldd.domain.settings import check_combination
+
+    cases = [
+        ({"machine": "q35", "disk_bus": "ide"}, False, "details.disk_bus"),
+        ({"machine": "pc-q35-8.2", "disk_bus": "ide"}, False, "details.disk_bus"),
+        ({"boot_order": ["hd"]}, True, "details.boot_order"),
+        ({"kernel_args": "console=ttyS0"}, False, "details.kernel_args"),
+        ({"boot_mode": "uefi"}, True, "details.boot_mode"),
+    ]
+    for details, kernel_boot, field in cases:
+        with pytest.raises(ValidationError) as info:
+            check_combination(details, kernel_boot=kernel_boot, template="t")
+        assert info.value.field == field
+    check_combination({"machine": "q35", "disk_bus": "sata", "kernel_args": "x"}, kernel_boot=True, template="t")
+    check_combination({"machine": "pc", "disk_bus": "ide", "boot_order": ["cdrom", "hd"]}, kernel_boot=False, template=None)

@@ -110,3 +110,31 @@ async def test_a_call_that_timed_out_while_queued_never_runs_later(bridge: Libvi
     assert await b.async_call(lambda: "next", pool="h") == "next"
     assert ran == []
     b.shutdown()
+
+
+async def test_a_closed_gate_refuses_every_call_but_closing_a_connection() -> None:
+    """Cluster mode: a standby or deposed leader (gate false) makes no libvirt call; it may still close its own."""
+    bridge = LibvirtBridge()
+    leading = True
+    bridge.gate = lambda: leading
+    calls: list[str] = []
+
+    def start_domain() -> str:
+        calls.append("start")
+        return "started"
+
+    def _close_conn() -> None:
+        calls.append("close")
+
+    try:
+        assert await bridge.async_call(start_domain) == "started"
+        leading = False
+        with pytest.raises(Unavailable) as info:
+            await bridge.async_call(start_domain)
+        assert info.value.code == "not_leader"
+        with pytest.raises(Unavailable):
+            await bridge.submit(start_domain)
+        await bridge.async_call(_close_conn)
+        assert calls == ["start", "close"]
+    finally:
+        bridge.shutdown()

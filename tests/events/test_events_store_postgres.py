@@ -1,0 +1,453 @@
+"""The PostgreSQL store against a real PostgreSQL server (the session fixture `pg_server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from events import (
+    EventStore,
+    FencedError,
+    MemoryEventStore,
+    NewEvent,
+    NotALogError,
+    SQLiteEventStore,
+    StoredEvent,
+    verify,
+)
+from events.postgres import PostgresEventStore, async_claim_epoch, grant_statements
+from moldd.testing.pgserver import PgServer
+from tests.events.store_contract import StoreContract, ev, hold_writer_before_commit
+
+_schemas = itertools.count(1)
+
+
+def new_schema() -> str:
+    return f"t{next(_schemas)}"
+
+
+async def open_pg(pg: PgServer, schema: str, **kw: Any) -> PostgresEventStore:
+    return await PostgresEventStore.async_open(pg.dsn(), schema=schema, **kw)
+
+
+class TestPostgresEventStore(StoreContract):
+    @pytest.fixture(autouse=True)
+    def _server(self, pg_server: PgServer) -> None:
+        self.pg = pg_server
+
+    async def make_store(self, **kw: Any) -> EventStore:
+        return await open_pg(self.pg, new_schema(), **kw)
+
+
+async def test_rows_cannot_be_changed_even_by_the_owner(pg_server: PgServer) -> None:
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    await store.async_append("s", [ev()], command_id="c")
+    await store.async_close()
+    conn = await asyncpg.connect(pg_server.dsn())
+    try:
+        await async_claim_epoch(conn, store.log_id, "a", schema)
+        for sql in (
+            "UPDATE {s}.events SET payload = '\\x00'",
+            "DELETE FROM {s}.events",
+            "TRUNCATE {s}.events",
+            "UPDATE {s}.commands SET stream_id = 'x'",
+            "DELETE FROM {s}.commands",
+            "TRUNCATE {s}.commands",
+            "UPDATE {s}.meta SET value = 'x' WHERE key = 'log_id'",
+            "DELETE FROM {s}.meta",
+            "UPDATE {s}.epochs SET holder = 'b'",
+            "DELETE FROM {s}.epochs",
+            "TRUNCATE {s}.epochs",
+        ):
+            with pytest.raises(asyncpg.PostgresError, match="append-only") as info:
+                await conn.execute(sql.format(s=schema))
+            assert info.value.sqlstate == "EV002"
+    finally:
+        await conn.close()
+
+
+async def test_the_daemon_role_may_append_but_has_no_update_delete_truncate(pg_server: PgServer) -> None:
+    schema = new_schema()
+    await (await open_pg(pg_server, schema)).async_close()  # the owner creates the log
+    role = f"daemon_{schema}"
+    pg_server.psql(f"CREATE ROLE {role} LOGIN")
+    for stmt in grant_statements(role, schema):
+        pg_server.psql(stmt)
+    store = await PostgresEventStore.async_open(pg_server.dsn(user=role), schema=schema, create=False)
+    res = await store.async_append("s", [ev(), ev()], command_id="c")
+    assert res.last_position == 2
+    await store.async_save_snapshot("snap", 2, {"n": 2})
+    await store.async_save_snapshot("snap", 2, {"n": 3})  # snapshots may be replaced
+    assert (await store.async_load_snapshot("snap")).state == {"n": 3}  # type: ignore[union-attr]
+    await store.async_close()
+    conn = await asyncpg.connect(pg_server.dsn(user=role))
+    try:
+        for sql in (
+            "UPDATE {s}.events SET payload = '\\x00'",
+            "DELETE FROM {s}.events",
+            "TRUNCATE {s}.events",
+            "UPDATE {s}.commands SET stream_id = 'x'",
+            "DELETE FROM {s}.commands",
+            "TRUNCATE {s}.meta",
+            "DELETE FROM {s}.epochs",
+            "DROP TRIGGER events_no_change ON {s}.events",
+            "ALTER TABLE {s}.events DISABLE TRIGGER ALL",
+            "DROP TABLE {s}.events",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(sql.format(s=schema))
+    finally:
+        await conn.close()
+    with pytest.raises(NotALogError):  # nor can it create a log where it has no rights
+        await PostgresEventStore.async_open(pg_server.dsn(user=role), schema=new_schema())
+
+
+async def test_reopened_log_continues_the_chain_and_keeps_command_ids(pg_server: PgServer) -> None:
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    first = await store.async_append("s", [ev(), ev()], command_id="c1")
+    log_id = store.log_id
+    await store.async_close()
+    store = await open_pg(pg_server, schema)
+    assert store.log_id == log_id
+    assert (await store.async_append("s", [ev()], command_id="c1")).events == first.events
+    res = await store.async_append("s", [ev()], expected_version=2)
+    assert res.last_position == 3 and res.events[0].prev_hash == first.events[-1].hash
+    await store.async_close()
+
+
+async def test_a_foreign_schema_or_a_newer_version_is_refused(pg_server: PgServer) -> None:
+    schema = new_schema()
+    pg_server.psql(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.other (x int)")
+    with pytest.raises(NotALogError, match="not an event log"):
+        await open_pg(pg_server, schema)
+    schema = new_schema()
+    await (await open_pg(pg_server, schema)).async_close()
+    pg_server.psql(f"ALTER TABLE {schema}.meta DISABLE TRIGGER USER")
+    pg_server.psql(f"UPDATE {schema}.meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(NotALogError, match="schema version 99"):
+        await open_pg(pg_server, schema)
+    with pytest.raises(NotALogError):
+        await open_pg(pg_server, new_schema(), create=False)
+    with pytest.raises(NotALogError):
+        await PostgresEventStore.async_open("/var/lib/x.db")  # type: ignore[arg-type]
+
+
+async def test_memory_and_postgres_build_the_same_chain(pg_server: PgServer) -> None:
+    pgs = await open_pg(pg_server, new_schema(), clock=lambda: 1_700_000_000_000_000)
+    mem = MemoryEventStore(log_id=pgs.log_id, clock=lambda: 1_700_000_000_000_000)
+    for s in (pgs, mem):
+        await s.async_append(
+            "a", [NewEvent("x", {"k": [1, "é", "\u2028"]}, causation_id="c")], command_id="id"
+        )
+        await s.async_append("b", [ev(n=2), ev(n=3)])
+    assert await pgs.async_head() == await mem.async_head()
+    assert await pgs.async_read() == await mem.async_read()
+    for s in (pgs, mem):
+        await s.async_close()
+
+
+async def test_many_concurrent_appenders_are_grouped_and_all_committed(pg_server: PgServer) -> None:
+    store = await open_pg(pg_server, new_schema())
+
+    async def appender(i: int) -> None:
+        for k in range(20):
+            await store.async_append(f"s-{i}", [ev(k=k)], expected_version=k)
+
+    await asyncio.gather(*(appender(i) for i in range(32)))
+    assert (await store.async_head())[0] == 640
+    assert await store.async_stored_head() == await store.async_head()
+    await store.async_close()
+
+
+# ---- fencing ----------------------------------------------------------------------------------------
+
+
+async def test_once_an_epoch_is_claimed_only_its_holder_appends(pg_server: PgServer) -> None:
+    schema = new_schema()
+    a = await open_pg(pg_server, schema)
+    b = await open_pg(pg_server, schema)
+    await a.async_append("s", [ev()])  # no epoch yet: unfenced
+    conn = await asyncpg.connect(pg_server.dsn())
+    try:
+        e1 = await async_claim_epoch(conn, a.log_id, "node-a", schema)
+        assert e1 == 1
+        with pytest.raises(FencedError, match="holds epoch none"):
+            await a.async_append("s", [ev()])
+        a.adopt_epoch(e1)
+        await a.async_append("s", [ev()], expected_version=1)
+        e2 = await async_claim_epoch(conn, a.log_id, "node-b", schema)
+        assert e2 == 2 and await b.async_current_epoch() is not None
+        with pytest.raises(FencedError, match="log is at epoch 2, this writer holds epoch 1"):
+            await a.async_append("s", [ev()], command_id="late")
+        b.adopt_epoch(e2)
+        res = await b.async_append("s", [ev()], expected_version=2, command_id="late")  # b's caches reloaded
+        assert res.last_position == 3 and not res.duplicate
+        assert [e.position for e in await b.async_read()] == [1, 2, 3]
+        assert (await b.async_current_epoch())[:2] == (2, "node-b")  # type: ignore[index]
+        forged = await asyncpg.connect(pg_server.dsn())
+        try:  # a client that just sets an old epoch by hand is refused too
+            with pytest.raises(asyncpg.PostgresError, match="fenced"):
+                async with forged.transaction():
+                    await forged.execute("SELECT set_config('events.epoch', '1', true)")
+                    await forged.execute(f"INSERT INTO {schema}.commands VALUES ('x', 's', 1, 1, 1)")
+        finally:
+            await forged.close()
+    finally:
+        await conn.close()
+        await a.async_close()
+        await b.async_close()
+
+
+async def test_a_commit_in_flight_when_a_new_epoch_is_claimed_is_either_before_it_or_refused(
+    pg_server: PgServer,
+) -> None:
+    """The old writer is held just before its COMMIT while the new epoch is claimed: it must not write."""
+    schema = new_schema()
+    old = await open_pg(pg_server, schema)
+    conn = await asyncpg.connect(pg_server.dsn())
+    try:
+        old.adopt_epoch(await async_claim_epoch(conn, old.log_id, "old", schema))
+        await old.async_append("s", [ev()])
+        entered, gate = hold_writer_before_commit(old)
+        late = asyncio.create_task(old.async_append("s", [ev()], command_id="late"))
+        await asyncio.wait_for(entered.wait(), 5)
+        new_epoch = await async_claim_epoch(conn, old.log_id, "new", schema)
+        gate.set()
+        with pytest.raises(FencedError):
+            await asyncio.wait_for(late, 10)
+        assert new_epoch == 2
+        assert [e.position for e in await old.async_read()] == [1]
+        assert await old.async_find_command("late") is None
+    finally:
+        await conn.close()
+        await old.async_close()
+
+
+async def test_an_epoch_claim_waits_for_a_commit_that_already_passed_the_check(pg_server: PgServer) -> None:
+    """A transaction that passed the epoch check holds the shared lock: the claim waits for its COMMIT, so the
+    new holder's head includes it."""
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    admin = await asyncpg.connect(pg_server.dsn())
+    writer = await asyncpg.connect(pg_server.dsn())
+    try:
+        await async_claim_epoch(admin, store.log_id, "a", schema)
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("SELECT set_config('events.epoch', '1', true)")
+        await writer.execute(f"INSERT INTO {schema}.commands VALUES ('held', 's', 1, 1, 1)")
+        claim = asyncio.create_task(async_claim_epoch(admin, store.log_id, "b", schema))
+        await asyncio.sleep(0.2)
+        assert not claim.done()  # blocked behind the passed check
+        await tx.commit()
+        assert await asyncio.wait_for(claim, 10) == 2
+        n = await admin.fetchval(f"SELECT count(*) FROM {schema}.commands WHERE command_id = 'held'")
+        assert n == 1
+    finally:
+        await admin.close()
+        await writer.close()
+        await store.async_close()
+
+
+# ---- connections lost ----------------------------------------------------------------------------------
+
+
+async def test_a_terminated_write_connection_is_replaced(pg_server: PgServer) -> None:
+    store = await open_pg(pg_server, new_schema())
+    admin = await asyncpg.connect(pg_server.dsn())
+    try:
+        await store.async_append("s", [ev()])
+        assert store._wconn is not None
+        await admin.fetchval("SELECT pg_terminate_backend($1)", store._wconn.get_server_pid())
+        res = await store.async_append("s", [ev()], command_id="after")
+        assert res.last_position == 2
+        assert [e.position for e in await store.async_read()] == [1, 2]
+    finally:
+        await admin.close()
+        await store.async_close()
+
+
+async def test_a_connection_killed_inside_the_transaction_fails_the_group_and_writes_nothing(
+    pg_server: PgServer,
+) -> None:
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    # the backend kills itself while inserting a row whose payload says "die" (inside the transaction)
+    pg_server.psql(
+        f"CREATE FUNCTION {schema}.die() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END $$; "
+        f"CREATE TRIGGER die AFTER INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"die\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.die()"
+    )
+    try:
+        await store.async_append("s", [ev()])
+        with pytest.raises(Exception) as info:
+            await store.async_append("s", [ev(die=1)], command_id="lost")
+        assert not isinstance(info.value, FencedError)
+        assert await store.async_find_command("lost") is None
+        res = await store.async_append("s", [ev(ok=1)], command_id="lost")  # the retry is written once
+        assert res.last_position == 2 and not res.duplicate
+        assert [e.position for e in await store.async_read()] == [1, 2]
+    finally:
+        await store.async_close()
+
+
+# ---- subscriptions across processes ---------------------------------------------------------------------
+
+
+async def test_a_second_process_subscription_sees_every_event_once_in_order(pg_server: PgServer) -> None:
+    schema = new_schema()
+    writer = await open_pg(pg_server, schema)
+    reader = await open_pg(pg_server, schema, poll_interval=30.0, application_name="reader")  # NOTIFY wakes
+    admin = await asyncpg.connect(pg_server.dsn())
+    seen: list[StoredEvent] = []
+    total = 600
+    done = asyncio.Event()
+
+    async def consume() -> None:
+        async for e in reader.async_subscribe(1, batch_size=50):
+            seen.append(e)
+            if e.position == total:
+                done.set()
+                return
+
+    try:
+        await writer.async_append("s", [ev(i=-1)])
+        task = asyncio.create_task(consume())
+
+        async def appender(i: int) -> None:
+            for k in range(total // 20):
+                await writer.async_append(f"s-{i}", [ev(k=k)])
+                if k == 10 and i == 0:  # cut the reader's LISTEN connection mid-stream
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'reader-listen'"
+                    )
+                if k == 20 and i == 0:  # and later every connection of the reader (its pool too)
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name IN ('reader', 'reader-listen')"
+                    )
+
+        await asyncio.gather(*(appender(i) for i in range(20)))
+        await writer.async_append("s", [ev(i=-2)])  # total + 1: the consumer stops at `total`
+        await asyncio.wait_for(task, 60)
+        positions = [e.position for e in seen]
+        assert positions == list(range(1, total + 1))
+        assert [e.hash for e in seen] == [e.hash for e in await writer.async_read(1, total)]
+    finally:
+        await admin.close()
+        await writer.async_close()
+        await reader.async_close()
+
+
+# ---- copy and verify between SQLite and PostgreSQL ------------------------------------------------------
+
+
+async def _fill(store: EventStore) -> None:
+    await store.async_append(
+        "a", [NewEvent("x", {"k": [1, "é", "\u2028"]}, causation_id="c")], command_id="id"
+    )
+    for i in range(30):
+        await store.async_append(f"s-{i % 4}", [ev(i=i), ev(j=i)], command_id=f"cmd-{i}")
+
+
+async def test_a_log_copied_sqlite_to_postgres_and_back_verifies_with_the_same_head(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    from events.copy import async_copy, verify_target
+
+    src = tmp_path / "log.db"
+    sq = await SQLiteEventStore.async_open(src)
+    await _fill(sq)
+    head = await sq.async_head()
+    log_id = sq.log_id
+    await sq.async_close()
+    schema = new_schema()
+    dsn = pg_server.dsn()
+    assert await async_copy(src, dsn, dst_schema=schema) == (log_id, head[0], head[1])
+    pgs = await open_pg(pg_server, schema)
+    assert pgs.log_id == log_id and await pgs.async_head() == head
+    dup = await pgs.async_append("s-0", [ev()], command_id="cmd-3")  # command ids came along
+    assert dup.duplicate and dup.last_position == 9
+    await pgs.async_append("after", [ev()])  # and the chain goes on
+    new_head = await pgs.async_head()
+    await pgs.async_close()
+    report = await asyncio.to_thread(verify_target, dsn, schema=schema)
+    assert report.exit_code == 0 and report.head_hash == new_head[1].hex() and report.path == dsn
+    back = tmp_path / "back.db"
+    assert await async_copy(dsn, back, src_schema=schema) == (log_id, new_head[0], new_head[1])
+    assert verify(back).exit_code == 0
+    with pytest.raises(Exception, match="already holds events"):
+        await async_copy(src, dsn, dst_schema=schema)
+    with pytest.raises(Exception, match="exists"):
+        await async_copy(dsn, back, src_schema=schema)
+
+
+async def test_a_tampered_log_is_not_copied_and_verify_of_a_dsn_reports_it(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    from events.copy import async_copy, verify_target
+
+    schema = new_schema()
+    pgs = await open_pg(pg_server, schema)
+    await _fill(pgs)
+    await pgs.async_close()
+    pg_server.psql(f"ALTER TABLE {schema}.events DISABLE TRIGGER USER")  # what the owner could do
+    pg_server.psql(
+        f"UPDATE {schema}.events SET payload = convert_to('{{\"i\":99}}', 'UTF8') WHERE position = 7"
+    )
+    report = await asyncio.to_thread(verify_target, pg_server.dsn(), schema=schema)
+    assert report.exit_code == 1 and report.first_bad_position == 7
+    with pytest.raises(Exception, match="does not verify at position 7"):
+        await async_copy(pg_server.dsn(), tmp_path / "x.db", src_schema=schema)
+    bad = await asyncio.to_thread(verify_target, pg_server.dsn(), schema="no_such_schema")
+    assert bad.exit_code == 2
+
+
+def test_python_m_events_copy_and_verify_on_a_dsn(pg_server: PgServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    async def make() -> None:
+        sq = await SQLiteEventStore.async_open(tmp_path / "log.db")
+        await _fill(sq)
+        await sq.async_close()
+
+    asyncio.run(make())
+    schema = new_schema()
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "events",
+            "copy",
+            str(tmp_path / "log.db"),
+            pg_server.dsn(),
+            "--dst-schema",
+            schema,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "61 events" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "events", "verify", pg_server.dsn(), "--schema", schema],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "INTACT" in r.stdout, r.stdout + r.stderr
