@@ -6,6 +6,5 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || exec sudo "$0" "$@"
 scripts/install.sh
 .venv/bin/ruff check events moldd tests bench
-.venv/bin/mypy events moldd
-.venv/bin/mypy --strict events moldd/domain
+.venv/bin/mypy --strict events moldd
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
