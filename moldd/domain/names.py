@@ -12,19 +12,21 @@ from moldd.domain.errors import Conflict, ValidationError
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOSTNAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def is_rfc1123_label(name: str) -> bool:
     return bool(_LABEL.match(name))
 
 
-def generate_vm_name(
-    taken: Collection[str], *, prefix: str = "vm", token: Callable[[int], str] | None = None
-) -> str:
-    """A new unique VM name such as ``vm-7k2q9x1c``: lower case, RFC 1123 label, never reused."""
+def generate_vm_name(taken: Collection[str], *, token: Callable[[int], str] | None = None) -> str:
+    """A new unique VM name such as ``k7q2x9c1``: eight lower-case letters and digits starting with a letter (an
+    RFC 1123 label that is also a valid hostname), never reused. No ``vm-`` prefix: the VM's log stream is
+    already ``vm-<name>``, so it reads ``vm-k7q2x9c1``, not ``vm-vm-…``."""
     pick = token or (lambda n: "".join(secrets.choice(_ALPHABET) for _ in range(n)))
     for _ in range(100):
-        name = f"{prefix}-{pick(8)}"
+        name = pick(8)
+        name = secrets.choice(_LETTERS) + name[1:] if name[:1] not in _LETTERS else name
         if name not in taken and is_rfc1123_label(name):
             return name
     raise Conflict("could not find a free VM name", field="name")

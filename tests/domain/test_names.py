@@ -23,7 +23,14 @@ def test_generated_names_are_rfc1123_and_unique(taken: set[str]) -> None:
 
 def test_generation_gives_up_clearly_when_every_candidate_is_taken() -> None:
     with pytest.raises(Conflict):
-        generate_vm_name({"vm-aaaaaaaa"}, token=lambda n: "a" * n)
+        generate_vm_name({"aaaaaaaa"}, token=lambda n: "a" * n)
+
+
+def test_generated_names_do_not_stutter_in_their_stream() -> None:
+    """The stream is ``vm-<name>``: a generated name has no ``vm-`` prefix of its own and starts with a letter."""
+    for _ in range(200):
+        name = generate_vm_name(set())
+        assert not name.startswith("vm-") and name[0].isalpha() and len(name) == 8
 
 
 @pytest.mark.parametrize("good", ["web", "web-1", "a", "a" * 63, "Web-01"])
