@@ -115,22 +115,11 @@ async def async_save_sealed_snapshot(
 
     Raises ValueError if the log ends before `position`; what async_append raises otherwise (nothing stored).
     """
-    head_hash = await store.async_hash_at(position)
-    if head_hash is None:
-        raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
     data = canonical_json(state)
-    payload: dict[str, Any] = {
-        "name": name,
-        "position": position,
-        "head_hash": head_hash.hex(),
-        "digest": state_digest(data),
-    }
-    if key is not None:
-        payload["signature"] = key.sign(_seal_message(store.log_id, payload)).hex()
-    sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
+    head_hash, seal_position = await _async_seal(store, name, position, data, actor=actor, key=key)
     now = system_clock_us()
     await store._async_put_snapshot(name, (position, head_hash, data, now))
-    return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now)), sealed.last_position
+    return Snapshot(name, position, head_hash, loads(data), us_to_datetime(now)), seal_position
 
 
 async def async_save_sealed_snapshot_data(
@@ -144,6 +133,16 @@ async def async_save_sealed_snapshot_data(
 ) -> tuple[int, int]:
     """async_save_sealed_snapshot for a state the caller already encoded as canonical JSON (e.g. off the event
     loop): the seal records the digest of `data`, which is stored as is. Returns (position, seal position)."""
+    _, seal_position = await _async_seal(store, name, position, data, actor=actor, key=key)
+    await store.async_save_snapshot_data(name, position, data)
+    return position, seal_position
+
+
+async def _async_seal(
+    store: EventStore, name: str, position: int, data: bytes, *, actor: str, key: Ed25519PrivateKey | None
+) -> tuple[bytes, int]:
+    """Append the seal of the snapshot bytes `data` at `position`: (head hash there, the seal's position).
+    Raises ValueError if the log ends before `position`; what async_append raises otherwise."""
     head_hash = await store.async_hash_at(position)
     if head_hash is None:
         raise ValueError(f"cannot snapshot at position {position}: the log ends before it")
@@ -156,8 +155,7 @@ async def async_save_sealed_snapshot_data(
     if key is not None:
         payload["signature"] = key.sign(_seal_message(store.log_id, payload)).hex()
     sealed = await store.async_append(seal_stream(name), [NewEvent(SEAL_TYPE, payload, actor=actor)])
-    await store.async_save_snapshot_data(name, position, data)
-    return position, sealed.last_position
+    return head_hash, sealed.last_position
 
 
 async def async_load_sealed_snapshot(
