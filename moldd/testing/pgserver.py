@@ -98,24 +98,18 @@ class PgServer:
         with open(self.data / "postgresql.conf", "a") as f:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
-        r = self._run(
-            [
-                str(self.bindir / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.logfile),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-            timeout=90,
-        )
+        r = self._pg_ctl_start()
         if r.returncode != 0:
             log = self.logfile.read_text() if self.logfile.exists() else ""
             raise PgServerError(f"pg_ctl start failed: {r.stderr.strip()} {log[-2000:]}")
         return self
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        """`pg_ctl start`, waiting up to 60 s for the server to accept connections."""
+        return self._run(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start"],
+            timeout=90,
+        )
 
     def start_replica_of(self, primary: PgServer, name: str = "replica1") -> PgServer:
         """Start this (not yet started) server as a streaming replica of `primary` (pg_basebackup -R)."""
@@ -134,20 +128,7 @@ class PgServer:
             for k, v in self.settings.items():
                 f.write(f"{k} = {v}\n")
         self.superuser = primary.superuser
-        r = self._run(
-            [
-                str(self.bindir / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.logfile),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-            timeout=90,
-        )
+        r = self._pg_ctl_start()
         if r.returncode != 0:
             raise PgServerError(f"pg_ctl start (replica) failed: {r.stderr.strip()}")
         return self
