@@ -7,6 +7,7 @@ without the value (an unkeyed hash of an 8-character VNC password would be guess
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -47,20 +48,7 @@ class SecretStore:
         return data
 
     def _save(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_private_file(self.path, json.dumps(data, sort_keys=True).encode())
 
     def seal(self, value: str) -> dict[str, str]:
         """Keep `value`; return the marker the log records in its place."""
@@ -90,3 +78,25 @@ def protect_details(store: SecretStore, details: dict[str, Any]) -> dict[str, An
         if isinstance(value, str):
             out[key] = store.seal(value)
     return out
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically by a file of mode 0600 holding ``data`` (whatever the umask), durably: the file
+    and its directory are fsynced before this returns, so a crash leaves the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

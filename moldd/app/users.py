@@ -9,10 +9,8 @@ slip in a key the log did not record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import uuid
@@ -25,6 +23,7 @@ import structlog
 from events import NO_STREAM, NewEvent
 from moldd.app.args import Args
 from moldd.app.bus import CommandReply
+from moldd.app.secrets import write_private_file
 from moldd.app.service import App, Command, verb
 from moldd.config import Config
 from moldd.domain.errors import Conflict, NotFound, ValidationError
@@ -67,22 +66,7 @@ class SecretStore:
         return self._load().get(apikey)
 
     def _write(self, data: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, json.dumps(data, indent=0, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private_file(self.path, json.dumps(data, indent=0, sort_keys=True).encode())
 
     async def async_change(self, add: dict[str, str] | None = None, remove: tuple[str, ...] = ()) -> None:
         async with self._lock:
