@@ -306,8 +306,13 @@ class CloudStackConfig(Section):
     rate_per_s: float = Field(20.0, gt=0, le=1_000_000, description="requests per second per API key")
     rate_burst: int = Field(40, ge=1, le=1_000_000, description="requests at once per API key")
     max_request_bytes: int = Field(65536, ge=1024, le=16_777_216, description="largest query string or form")
+    metrics_token_file: Path | None = _path(
+        None,
+        "file holding the bearer token GET /metrics on the TCP listener asks for (mode 0600 or 0640); "
+        "unset: no /metrics on TCP",
+    )
 
-    resolve_paths = field_validator("tls_cert", "tls_key", "secrets_file")(_resolve)
+    resolve_paths = field_validator("tls_cert", "tls_key", "secrets_file", "metrics_token_file")(_resolve)
     check_controls = field_validator("bind")(_controls_validator)
 
     @_model_validator(mode="after")
@@ -706,6 +711,23 @@ def resolve_gid(file: Path, key: str, group: str | None) -> int | None:
         raise ConfigError(file, key, f"no such group {group!r}") from None
 
 
+def read_token_file(file: Path | str, key: str, path: Path) -> str:
+    """The secret token in ``path``: a regular file that other users cannot read nor its group write, holding
+    one line of at least 16 printable characters."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(file, key, f"cannot read {path}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(file, key, f"{path} is not a regular file")
+    if stat.S_IMODE(st.st_mode) & 0o027:
+        raise ConfigError(file, key, f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: run chmod 0600 {path}")
+    if len(text) < 16 or not text.isprintable() or " " in text:
+        raise ConfigError(file, key, f"{path} must hold one token of at least 16 printable characters")
+    return text
+
+
 def check_environment(config: Config) -> int | None:
     """What the configuration refers to on this machine, checked before the daemon creates anything:
     the database and storage can be created or used, the socket's directory exists, the socket group exists.
@@ -735,6 +757,8 @@ def check_environment(config: Config) -> int | None:
         raise ConfigError(f, "daemon.socket", f"directory {parent} is not writable by this user")
     if config.socket.exists() and not stat.S_ISSOCK(config.socket.lstat().st_mode):
         raise ConfigError(f, "daemon.socket", f"{config.socket} exists and is not a socket")
+    if config.cloudstack.metrics_token_file is not None:
+        read_token_file(f, "cloudstack.metrics_token_file", config.cloudstack.metrics_token_file)
     if config.checkpoints.key is not None and config.checkpoints.file is not None:
         _creatable_dir(f, "checkpoints.key", config.checkpoints.key.parent)
         _creatable_dir(f, "checkpoints.file", config.checkpoints.file.parent)

@@ -175,9 +175,17 @@ class Daemon:
             if cs.port is not None:
                 from moldd.api.cloudstack import async_serve_tcp
 
+                metrics_handler = None
+                if cs.metrics_token_file is not None and self.metrics is not None:
+                    from moldd.config import read_token_file
+                    from moldd.observe.web import metrics_route
+
+                    token = read_token_file(cfg.path, "cloudstack.metrics_token_file", cs.metrics_token_file)
+                    metrics_handler = metrics_route(self.metrics, token)
                 self.cloudstack_tcp = await async_serve_tcp(
                     self._cloudstack_endpoint(tcp=True), cs.bind, cs.port, tls_cert=cs.tls_cert,
                     tls_key=cs.tls_key, max_request_bytes=cs.max_request_bytes, limits=cfg.api,
+                    metrics_handler=metrics_handler,
                 )  # fmt: skip
         role = "" if self.cluster is None else f" as cluster node {self.cluster.node}"
         systemd.notify_ready(

@@ -215,3 +215,34 @@ async def test_acknowledged_user_survives_kill_9(make_config: Any) -> None:
         for u in users:
             api = CloudStack(endpoint=endpoint, key=u["apikey"], secret=u["secretkey"])
             assert (await asyncio.to_thread(api.listZones))["count"] == 1
+
+
+async def test_metrics_on_the_tcp_listener_need_the_bearer_token(make_config: Any, tmp_path: Path) -> None:
+    """GET /metrics is served on the CloudStack TCP listener only with a token file, and only to a client that
+    sends that token; a token file others can read is refused before anything starts."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moldd.config import ConfigError, check_environment, load_config
+
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text("s3cr3t-token-for-prometheus\n")
+    token_file.chmod(0o644)
+    config = make_config(sections={"cloudstack": {"port": 0, "metrics_token_file": str(token_file)}})
+    with pytest.raises(ConfigError, match="metrics_token_file"):
+        check_environment(load_config(config.path))
+    token_file.chmod(0o600)
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/metrics"
+        async with http.get(url) as r:
+            assert r.status == 401 and (await r.json())["error"]["field"] == "Authorization"
+        async with http.get(url, headers={"Authorization": "Bearer wrong-token-wrong-token"}) as r:
+            assert r.status == 401
+        async with http.get(url, headers={"Authorization": "Bearer s3cr3t-token-for-prometheus"}) as r:
+            assert r.status == 200
+            names = {f.name for f in text_string_to_metric_families(await r.text())}
+        assert "moldd_log_head_position" in names
+    plain = make_config(sections={"cloudstack": {"port": 0}})
+    async with running_daemon(plain) as daemon, aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{daemon.cloudstack_tcp.port}/metrics") as r:
+            assert r.status in (404, 405)

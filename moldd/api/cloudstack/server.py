@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from moldd.api.cloudstack.handler import CloudStackEndpoint, add_route
 from moldd.api.protocol import LimitedSite, protocol_factory
 from moldd.config import ApiConfig
 from moldd.domain.errors import present
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = structlog.get_logger("moldd.cloudstack")
 
@@ -27,9 +30,13 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def make_tcp_app(endpoint: CloudStackEndpoint, max_request_bytes: int) -> web.Application:
+def make_tcp_app(
+    endpoint: CloudStackEndpoint, max_request_bytes: int, metrics_handler: Handler | None = None
+) -> web.Application:
     app = web.Application(client_max_size=max_request_bytes + 1)
     add_route(app, endpoint)
+    if metrics_handler is not None:  # GET /metrics with its own bearer token (moldd.observe.web.metrics_route)
+        app.router.add_get("/metrics", metrics_handler)
     return app
 
 
@@ -73,13 +80,14 @@ async def async_serve_tcp(
     tls_key: Path | None = None,
     max_request_bytes: int = 65536,
     limits: ApiConfig | None = None,
+    metrics_handler: Handler | None = None,
 ) -> TcpListener:
     """Serve ``/client/api`` on ``bind:port`` (port 0: any free port, see ``.port``). Only signed requests
     get in: the endpoint must have been built with ``tcp=True``."""
     if not endpoint.tcp:
         raise ValueError("a TCP listener needs an endpoint that requires signed requests (tcp=True)")
     ctx = tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
-    app = make_tcp_app(endpoint, max_request_bytes)
+    app = make_tcp_app(endpoint, max_request_bytes, metrics_handler)
     # A query string up to twice the limit still reaches the handler and gets a CloudStack-shaped refusal
     # (aiohttp's default line limit is 8190 bytes); a longer request line is refused by aiohttp itself (400).
     runner = web.AppRunner(
