@@ -36,20 +36,7 @@ from .envelope import AppendResult, StoredEvent
 from .errors import EventLogError, FencedError, NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
-from .writer import CommandRow, Row
-
-
-def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]:
-    """The append made with `cid` from the chained rows carrying it (position order): its first run of
-    consecutive positions on one stream (what events.sqlite does; anything else is not that append)."""
-    run = [rows[0]]
-    for row in rows[1:]:
-        prev = run[-1]
-        if row[0] != prev[0] + 1 or row[1] != prev[1] or row[2] != prev[2] + 1:
-            break
-        run.append(row)
-    last = run[-1]
-    return (cid, run[0][1], run[0][0], last[0], last[2]), run
+from .writer import CommandRow, Row, command_from_rows
 
 SCHEMA_VERSION = 1
 FORMAT = "events.log"

@@ -26,7 +26,7 @@ from .envelope import AppendResult, StoredEvent
 from .errors import NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
-from .writer import CommandRow, Row
+from .writer import CommandRow, Row, command_from_rows
 
 _T = TypeVar("_T")
 
@@ -216,18 +216,6 @@ def _lookup(
     return versions, found
 
 
-def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]:
-    """The append made with `cid`, from the chained rows carrying it (position order): one append is one
-    run of consecutive positions on one stream; anything after the first run is not that append (a forged
-    row, caught by verify) and is left out."""
-    run = [rows[0]]
-    for row in rows[1:]:
-        prev = run[-1]
-        if row[0] != prev[0] + 1 or row[1] != prev[1] or row[2] != prev[2] + 1:
-            break
-        run.append(row)
-    last = run[-1]
-    return (cid, run[0][1], run[0][0], last[0], last[2]), run
 
 
 def create_private(path: Path, mode: int) -> None:

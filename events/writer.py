@@ -31,6 +31,20 @@ CommandRow = tuple[str, str, int, int, int]
 """(command_id, stream_id, first_position, last_position, stream_version)."""
 
 
+def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]:
+    """The append made with `cid`, from the chained rows carrying it (position order): one append is one
+    run of consecutive positions on one stream; anything after the first run is not that append (a forged
+    row, caught by verify) and is left out."""
+    run = [rows[0]]
+    for row in rows[1:]:
+        prev = run[-1]
+        if row[0] != prev[0] + 1 or row[1] != prev[1] or row[2] != prev[2] + 1:
+            break
+        run.append(row)
+    last = run[-1]
+    return (cid, run[0][1], run[0][0], last[0], last[2]), run
+
+
 @dataclass(slots=True)
 class PreparedEvent:
     """An event validated and encoded by the caller, before the writer assigns its place in the log."""
