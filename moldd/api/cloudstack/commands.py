@@ -87,8 +87,11 @@ def bad_value(call: Call, name: str, value: str) -> CloudStackError:
 
 
 # -- id resolution: a CloudStack id (UUID) or a moldd name ----------------------------------------------
-async def _by_id(call: Call, list_verb: str, key: str, kind: str, name: str, value: str) -> str:
-    if not is_uuid(value):
+async def _by_id(call: Call, list_verb: str, key: str, kind: str, name: str) -> str | None:
+    """The moldd name behind parameter ``name``: a name as given, a UUID looked up in ``list_verb``'s items;
+    None when the parameter is absent."""
+    value = call.get(name)
+    if value is None or not is_uuid(value):
         return value
     items = (await call.dispatch(list_verb, {}))[key]
     for item in items:
@@ -99,18 +102,15 @@ async def _by_id(call: Call, list_verb: str, key: str, kind: str, name: str, val
 
 
 async def resolve_offering(call: Call, name: str) -> str | None:
-    value = call.get(name)
-    return None if value is None else await _by_id(call, "listServiceOfferings", "serviceoffering", "offering", name, value)
+    return await _by_id(call, "listServiceOfferings", "serviceoffering", "offering", name)
 
 
 async def resolve_host(call: Call, name: str) -> str | None:
-    value = call.get(name)
-    return None if value is None else await _by_id(call, "listHosts", "host", "host", name, value)
+    return await _by_id(call, "listHosts", "host", "host", name)
 
 
 async def resolve_group(call: Call, name: str) -> str | None:
-    value = call.get(name)
-    return None if value is None else await _by_id(call, "listInstanceGroups", "instancegroup", "group", name, value)
+    return await _by_id(call, "listInstanceGroups", "instancegroup", "group", name)
 
 
 async def resolve_image(call: Call, name: str) -> tuple[str, str] | None:
@@ -128,13 +128,11 @@ async def resolve_image(call: Call, name: str) -> tuple[str, str] | None:
 
 
 async def resolve_iso(call: Call, name: str) -> str | None:
-    value = call.get(name)
-    return None if value is None else await _by_id(call, "listIsos", "iso", "iso", name, value)
+    return await _by_id(call, "listIsos", "iso", "iso", name)
 
 
 async def resolve_ostype(call: Call, name: str) -> str | None:
-    value = call.get(name)
-    return None if value is None else await _by_id(call, "listOsTypes", "ostype", "ostype", name, value)
+    return await _by_id(call, "listOsTypes", "ostype", "ostype", name)
 
 
 async def resolve_zone(call: Call) -> str | None:
