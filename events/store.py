@@ -292,6 +292,15 @@ class EventStore(abc.ABC):
             await self._async_read_rows("position", None, from_position, to_position, limit)
         )
 
+    async def async_read_rows(self, from_position: int = 1, limit: int | None = None) -> list[Row]:
+        """The stored rows ``async_read(from_position, limit=limit)`` would turn into events, undecoded: the
+        storage column order (position, stream_id, stream_version, event_type, schema_version, recorded_at in
+        microseconds, actor, command_id, causation_id, correlation_id, payload as stored JSON, prev_hash, hash).
+        For readers that decode only what they use (the read model's restore: no datetime per event); upcasting
+        the payloads (``self.upcasters``) is theirs."""
+        self._check_range(limit)
+        return await self._async_read_rows("position", None, from_position, None, limit)
+
     async def async_read_since(self, since: datetime, limit: int | None = None) -> list[StoredEvent]:
         """Events recorded at or after `since` (aware datetime), in position order."""
         self._check_range(limit)

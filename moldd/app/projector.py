@@ -83,18 +83,20 @@ class Projector:
         """Load the newest sealed snapshot (async_load_snapshot) unless done, and fold the tail."""
         if self.model.position == 0:
             await self.async_load_snapshot()
-        # the next batch is read (on the store's thread) while this one is folded
-        read = self.store.async_read
-        pending = asyncio.ensure_future(read(from_position=self.model.position + 1, limit=RESTORE_BATCH))
+        # the next batch is read (on the store's thread) while this one is folded; rows, not StoredEvents: the
+        # fold decodes the payloads and keeps the times as stored (ReadModel.apply_rows)
+        read = self.store.async_read_rows
+        up = self.store.upcasters
+        current = up.known if up is not None else {}
+        upcast = up.upcast if up is not None else _no_upcast
+        pending = asyncio.ensure_future(read(self.model.position + 1, RESTORE_BATCH))
         try:
             while True:
                 batch = await pending
                 if not batch:
                     break
-                pending = asyncio.ensure_future(read(from_position=batch[-1].position + 1, limit=RESTORE_BATCH))
-                apply = self.model.apply
-                for ev in batch:
-                    apply(ev)
+                pending = asyncio.ensure_future(read(batch[-1][0] + 1, RESTORE_BATCH))
+                self.model.apply_rows(batch, current, upcast)
         finally:
             if not pending.done():
                 pending.cancel()
@@ -235,6 +237,10 @@ class Projector:
         )
         self._sealed_at = max(self._sealed_at, sealed_at)
         self.snapshot_position = max(self.snapshot_position, position)
+
+
+def _no_upcast(event_type: str, version: int, payload: Any) -> tuple[int, Any]:
+    return version, payload
 
 
 def encode_snapshot(parts: dict[str, Any]) -> bytes:

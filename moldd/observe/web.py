@@ -192,7 +192,7 @@ def vm_status(vm: Any) -> Any:
 
 
 def job_status(job: Any) -> dict[str, Any]:
-    return {k: job.__dict__.get(k) for k in JOB_FIELDS}
+    return {k: getattr(job, k, None) for k in JOB_FIELDS}
 
 
 def host_status(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from typing import Any, ClassVar, TypeVar
+from operator import attrgetter
+from typing import Any, ClassVar, TypeVar, cast, dataclass_transform
 
 import orjson
 
@@ -13,41 +14,17 @@ from moldd.domain.states import VMState
 T = TypeVar("T")
 
 
-_Spec = tuple[frozenset[str], tuple[tuple[str, Any, Any], ...], frozenset[str]]
-_SPECS: dict[type, _Spec] = {}
-
-
-def _spec(cls: type) -> _Spec:
-    spec = _SPECS.get(cls)
-    if spec is None:
-        fs = fields(cls)
-        defaults = tuple(
-            (f.name, f.default, f.default_factory)
-            for f in fs
-            if f.default is not MISSING or f.default_factory is not MISSING
-        )
-        required = frozenset(f.name for f in fs) - {name for name, _, _ in defaults}
-        spec = _SPECS[cls] = (frozenset(f.name for f in fs), defaults, required)
-    return spec
-
-
 def _from(cls: type[T], data: dict[str, Any]) -> T:
-    """``cls(**known fields of data)``, without running the dataclass ``__init__`` (whose every assignment goes
-    through ``_Viewed.__setattr__``): restoring a snapshot of 100,000 VMs is millions of calls less."""
-    names, defaults, required = _spec(cls)
+    """``cls(**known fields of data)``: unknown keys are ignored (a snapshot written by a newer moldd), missing
+    required ones refused by name."""
+    names: frozenset[str] = cls._NAMES  # type: ignore[attr-defined]
+    required: frozenset[str] = cls._REQUIRED  # type: ignore[attr-defined]
     missing = required - data.keys()
     if missing:
         raise TypeError(f"{cls.__name__} is missing required fields: {', '.join(sorted(missing))}")
-    obj = cls.__new__(cls)
-    d = obj.__dict__
-    for name, default, factory in defaults:
-        if name not in data:
-            d[name] = default if factory is MISSING else factory()
-    for k, v in data.items():
-        if k in names:
-            d[k] = v
-    d["_view"] = None
-    return obj
+    if data.keys() <= names:
+        return cls(**data)
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -89,35 +66,86 @@ class View(dict[str, Any]):
 class _Viewed:
     """``to_dict()`` / ``view()`` from a cached view, dropped by any attribute assignment.
 
-    The view is built once per change, as a private copy (like ``asdict``: later folds never show
-    through it, so a snapshot or reply taken from it stays consistent). ``view()`` returns it as is
-    (read-only); ``to_dict()`` returns a fresh top-level dict over it: callers may add or replace keys,
-    but the nested containers (``offering``, ``snapshots``, ...) are shared and must not be mutated.
-    The fold changes nested containers only in the same step as attribute assignments (``vm.position``
-    at least), so every change drops the view.
-    """
+    The view is built once per change, as a private copy (like ``asdict``: later folds never show through it, so
+    a snapshot or reply taken from it stays consistent). ``view()`` returns it as is (read-only); ``to_dict()``
+    returns a fresh top-level dict over it: callers may add or replace keys, but the nested containers
+    (``offering``, ``snapshots``, ...) are shared and must not be mutated. The fold changes nested containers
+    only in the same step as attribute assignments (``vm.position`` at least), so every change drops the view.
 
+    How, cheaply: the records are slotted classes whose assignments are plain slot stores (the fold makes
+    millions). ``view()`` stores the view in the ``_view`` slot and switches the object to its class's *viewed*
+    twin (same slots, ``isinstance`` of the class), whose ``__setattr__`` drops the view and switches it back.
+    So only the first assignment after a view was taken pays for a Python-level hook; a replay at start-up,
+    where nobody has taken views, pays for none."""
+
+    __slots__ = ("_view",)
     _FIELDS: ClassVar[tuple[str, ...]] = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        d = self.__dict__  # plain dataclass fields: no descriptors, so this is object.__setattr__, cheaper
-        d[name] = value
-        d["_view"] = None
+    _NAMES: ClassVar[frozenset[str]] = frozenset()
+    _REQUIRED: ClassVar[frozenset[str]] = frozenset()
+    _VALUES: ClassVar[Any]  # attrgetter of the fields: record -> tuple of their values
+    _view: View
+    _PLAIN: ClassVar[type]  # the record class itself
+    _VIEWED: ClassVar[type]  # its twin while a view is cached
 
     def view(self) -> View:
-        view: View | None = self.__dict__.get("_view")
-        if view is None:
-            d = self.__dict__
-            scalars = _SCALARS
-            view = View({n: v if type(v := d[n]) in scalars else _json_copy(v) for n in self._FIELDS})
-            self.__dict__["_view"] = view
+        scalars = _SCALARS
+        values = zip(self._FIELDS, self._VALUES(self), strict=True)
+        view = View({n: v if type(v) in scalars else _json_copy(v) for n, v in values})
+        _set(self, "_view", view)
+        _set(self, "__class__", self._VIEWED)
         return view
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.view())
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Viewed) or other._PLAIN is not self._PLAIN:
+            return NotImplemented
+        return bool(self._VALUES(self) == other._VALUES(other))
 
-@dataclass
+    __hash__ = None  # type: ignore[assignment]  # mutable records, compared by value (as dataclasses are)
+
+
+_set = object.__setattr__
+
+
+def _viewed_twin(cls: type[_Viewed]) -> type[_Viewed]:
+    """``cls`` while a view is cached (see ``_Viewed``)."""
+
+    def view(self: _Viewed) -> View:
+        try:
+            view: View = self._view
+            return view
+        except AttributeError:  # made directly as the twin (dataclasses.replace of a viewed record)
+            return cls.view(self)
+
+    def __setattr__(self: _Viewed, name: str, value: Any) -> None:
+        _set(self, name, value)
+        if name != "_view":
+            _set(self, "_view", None)  # the view's memory goes now
+            _set(self, "__class__", cls)
+
+    twin = type(cls.__name__, (cls,), {"__slots__": (), "view": view, "__setattr__": __setattr__})
+    twin.__qualname__ = cls.__qualname__  # repr and error messages name the record
+    twin.__module__ = cls.__module__
+    return twin
+
+
+@dataclass_transform(field_specifiers=(field,))
+def _record(cls: type[T]) -> type[T]:
+    """A read-model record: a slotted dataclass (compared by value) with its viewed twin."""
+    dc: Any = dataclass(slots=True, eq=False)(cls)
+    fs = fields(dc)
+    dc._FIELDS = tuple(f.name for f in fs)
+    dc._NAMES = frozenset(dc._FIELDS)
+    dc._REQUIRED = frozenset(f.name for f in fs if f.default is MISSING and f.default_factory is MISSING)
+    dc._VALUES = attrgetter(*dc._FIELDS)
+    dc._PLAIN = dc
+    dc._VIEWED = _viewed_twin(dc)
+    return cast(type[T], dc)
+
+
+@_record
 class VM(_Viewed):
     name: str  # immutable RFC 1123 VM name
     id: int
@@ -161,13 +189,13 @@ class VM(_Viewed):
         """From a snapshot's JSON: states come back as ``VMState`` members, as the fold keeps them (a plain
         string here made ``states.check`` fail with AttributeError after every daemon restart)."""
         vm = _from(cls, data)
-        object.__setattr__(vm, "state", VMState(vm.state))
+        vm.state = VMState(vm.state)
         if vm.prior_state is not None:
-            object.__setattr__(vm, "prior_state", VMState(vm.prior_state))
+            vm.prior_state = VMState(vm.prior_state)
         return vm
 
 
-@dataclass
+@_record
 class Host(_Viewed):
     name: str
     uri: str
@@ -185,7 +213,7 @@ class Host(_Viewed):
         return _from(cls, data)
 
 
-@dataclass
+@_record
 class Group(_Viewed):
     name: str
     created_at: str
@@ -196,7 +224,7 @@ class Group(_Viewed):
         return _from(cls, data)
 
 
-@dataclass
+@_record
 class Job(_Viewed):
     """One long-running command. Its id is the command id; the log events of its progress carry it as
     correlation id. ``status``: pending → running → succeeded | failed."""
@@ -218,7 +246,3 @@ class Job(_Viewed):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
         return _from(cls, data)
-
-
-for _cls in (VM, Host, Group, Job):
-    _cls._FIELDS = tuple(f.name for f in fields(_cls))
