@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import threading
 import time
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from events import EventStore, StoredEvent
 from events.canonical import canonical_text
 from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
-from moldd.projection.readmodel import ReadModel
+from moldd.projection.readmodel import STORED_TO_FOLD, ReadModel
 
 log = structlog.get_logger("moldd.projector")
 SNAPSHOT_NAME = "moldd.readmodel"
@@ -90,14 +91,18 @@ class Projector:
         current = up.known if up is not None else {}
         upcast = up.upcast if up is not None else _no_upcast
         pending = asyncio.ensure_future(read(self.model.position + 1, RESTORE_BATCH))
+        collecting = gc.isenabled()
+        gc.disable()  # at start-up, for the whole replay: the collector's passes would walk the growing model
         try:
             while True:
                 batch = await pending
                 if not batch:
                     break
                 pending = asyncio.ensure_future(read(batch[-1][0] + 1, RESTORE_BATCH))
-                self.model.apply_rows(batch, current, upcast)
+                self.model.apply_rows(map(STORED_TO_FOLD, batch), current, upcast)
         finally:
+            if collecting:
+                gc.enable()
             if not pending.done():
                 pending.cancel()
                 await asyncio.wait({pending})  # its end is not ours to raise; our own cancellation still propagates

@@ -20,7 +20,7 @@ from events.envelope import datetime_to_us, us_to_datetime
 from events.verify import open_readonly, read_head, read_log_id
 from moldd.audit.errors import AuditError
 from moldd.eventtypes import EVENT_TYPES, upcasters
-from moldd.projection.readmodel import ReadModel
+from moldd.projection.readmodel import FOLD_COLUMNS, ReadModel
 
 COLUMNS = (
     "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
@@ -82,20 +82,13 @@ def iter_rows(
         start = int(batch[-1][0]) + 1
 
 
-FOLD_COLUMNS = (
-    "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, NULL, NULL, "
-    "correlation_id, payload, NULL, NULL"
-)
-"""The storage column order, with what the fold does not read left out (NULL): less to build per row."""
-
-
 def iter_fold_batches(
     conn: sqlite3.Connection, from_position: int = 1, to_position: int | None = None
 ) -> Iterator[list[tuple[object, ...]]]:
-    """Batches of stored rows for ``ReadModel.apply_rows`` (``FOLD_COLUMNS``), in position order."""
+    """Batches of stored rows for ``ReadModel.apply_rows`` (its ``FOLD_COLUMNS``), in position order."""
     start = from_position
     end = 2**62 if to_position is None else to_position
-    sql = f"SELECT {FOLD_COLUMNS} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
+    sql = f"SELECT {', '.join(FOLD_COLUMNS)} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
     while True:
         try:
             batch = conn.execute(sql, (start, end, BATCH)).fetchall()

@@ -7,6 +7,7 @@ its API replies). Replay does not check the chain: run ``moldd-audit verify`` fi
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,26 +75,32 @@ def fold(
     up = upcasters()
     current = up.known
     last: tuple[object, ...] | None = None
-    for batch in iter_fold_batches(conn, 1, to_position):
-        cut = False
-        if limit_us is not None:
-            # the events up to the first one recorded after ``until`` (recorded_at never goes backwards in an
-            # intact log: verify checks it); that one is checked too, as iter_events checks every row it reads
-            for i, r in enumerate(batch):
-                if type(r[5]) is not int or r[5] > limit_us:
-                    _check_rows(batch[: i + 1], current)
-                    batch, cut = batch[:i], True
-                    break
-        _check_rows(batch, current)
-        if batch:
-            try:
-                model.apply_rows(batch, current, up.upcast)
-            except (ValueError, TypeError):
-                _check_payloads(batch)  # the AuditError of a payload that is not JSON, if that was it
-                raise
-            last = batch[-1]
-        if cut:
-            break
+    collecting = gc.isenabled()
+    gc.disable()  # the rows and the model make no cycles; the collector's passes would walk them all
+    try:
+        for batch in iter_fold_batches(conn, 1, to_position):
+            cut = False
+            if limit_us is not None:
+                # the events up to the first one recorded after ``until`` (recorded_at never goes backwards in
+                # an intact log: verify checks it); that one is checked too, as iter_events checks every row
+                for i, r in enumerate(batch):
+                    if type(r[5]) is not int or r[5] > limit_us:
+                        _check_rows(batch[: i + 1], current)
+                        batch, cut = batch[:i], True
+                        break
+            _check_rows(batch, current)
+            if batch:
+                try:
+                    model.apply_rows(batch, current, up.upcast)
+                except (ValueError, TypeError):
+                    _check_payloads(batch)  # the AuditError of a payload that is not JSON, if that was it
+                    raise
+                last = batch[-1]
+            if cut:
+                break
+    finally:
+        if collecting:
+            gc.enable()
     if last is None:
         return model, None, None
     at = int(last[5])  # type: ignore[call-overload]
@@ -120,7 +127,7 @@ def _check_rows(batch: list[tuple[object, ...]], current: Mapping[str, int]) -> 
 def _check_payloads(batch: list[tuple[object, ...]]) -> None:
     for r in batch:
         try:
-            decode_payload(r[10])  # type: ignore[arg-type]
+            decode_payload(r[8])  # type: ignore[arg-type]
         except (ValueError, TypeError) as exc:
             raise AuditError(f"position {r[0]}: the payload is not JSON ({exc}); run verify", field="db") from exc
 

@@ -8,8 +8,8 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter
-from typing import Any, NamedTuple, Protocol
+from operator import attrgetter, itemgetter
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
@@ -19,7 +19,32 @@ from moldd.domain.states import TRANSIENT, PowerState, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
 from moldd.projection.model import VM, Group, Host, Job
 
-S = VMState
+
+class S:
+    """``VMState``'s members as plain class attributes: the fold compares states millions of times, and
+    Python 3.11 looks an Enum's members up on the Enum class several times slower."""
+
+    CREATED: Final = VMState.CREATED
+    RUNNING: Final = VMState.RUNNING
+    STOPPED: Final = VMState.STOPPED
+    DESTROYED: Final = VMState.DESTROYED
+    EXPUNGED: Final = VMState.EXPUNGED
+    CREATING: Final = VMState.CREATING
+    STARTING: Final = VMState.STARTING
+    STOPPING: Final = VMState.STOPPING
+    DESTROYING: Final = VMState.DESTROYING
+    EXPUNGING: Final = VMState.EXPUNGING
+    MIGRATING: Final = VMState.MIGRATING
+    ERROR: Final = VMState.ERROR
+    UNKNOWN: Final = VMState.UNKNOWN
+
+
+_POWER_ON, _POWER_OFF, _POWER_UNKNOWN = PowerState.ON, PowerState.OFF, PowerState.UNKNOWN
+_HOST_UP = HostHealth.UP
+_SETTLED_OFF = frozenset({VMState.STOPPED, VMState.CREATED, VMState.UNKNOWN})  # power-on events make them Running
+_UP_OR_UNSURE = frozenset({VMState.RUNNING, VMState.UNKNOWN})
+_GONE = frozenset({VMState.EXPUNGED, VMState.DESTROYED})  # hold no slot on their host
+_ON_OR_UNSURE = frozenset({PowerState.ON, PowerState.UNKNOWN})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _orjson_loads = orjson.loads
 _OrjsonDecodeError = orjson.JSONDecodeError
@@ -60,7 +85,9 @@ def iso_us(us: int) -> str:
     if second != _last_second:
         _second_text = (_EPOCH + timedelta(seconds=second)).isoformat()[:-6]  # without "+00:00"
         _last_second = second
-    return f"{_second_text}.{micro:06d}+00:00" if micro else f"{_second_text}+00:00"
+    if micro:
+        return _second_text + "." + str(1_000_000 + micro)[1:] + "+00:00"  # (cheaper than a format spec)
+    return _second_text + "+00:00"
 
 
 def _iso(ev: EventLike) -> str:
@@ -82,6 +109,15 @@ def _epoch(ev: EventLike) -> float:
     if type(at) is int:
         return at / 1_000_000  # what datetime.timestamp() computes: the microseconds over 10**6, rounded once
     return float(at.timestamp()) if hasattr(at, "timestamp") else 0.0
+
+
+FOLD_COLUMNS = (
+    "position", "stream_id", "stream_version", "event_type", "schema_version", "recorded_at", "actor",
+    "correlation_id", "payload",
+)  # fmt: skip
+"""The stored columns ``ReadModel.apply_rows`` reads, in its order (``events`` storage column names)."""
+STORED_TO_FOLD = itemgetter(0, 1, 2, 3, 4, 5, 6, 9, 10)
+"""A stored row (``events``' storage column order, as ``EventStore.async_read_rows`` returns) -> the fold's."""
 
 
 class FoldEvent(NamedTuple):
@@ -215,7 +251,7 @@ class ReadModel:
 
     def vms_on(self, host: str) -> list[VM]:
         return [
-            vm for vm in self.vms.values() if vm.host == host and vm.state not in (S.EXPUNGED, S.DESTROYED)
+            vm for vm in self.vms.values() if vm.host == host and vm.state not in _GONE
         ]
 
     def counted_on(self, host: str) -> int:
@@ -273,50 +309,51 @@ class ReadModel:
             self._track_job(ev)
 
     def apply_rows(self, rows: Iterable[Sequence[Any]], current: Mapping[str, int], upcast: Upcast) -> None:
-        """Fold stored rows (the store's column order: position, stream_id, stream_version, event_type,
-        schema_version, recorded_at (µs), actor, command_id, causation_id, correlation_id, payload, ...): what
-        ``apply`` of the store's ``StoredEvent`` of each row does, without building datetimes. ``current`` maps
-        an event type to its current schema version; ``upcast(event_type, version, payload)`` brings an older
+        """Fold stored rows in the fold's column order (``FOLD_COLUMNS``: position, stream_id, stream_version,
+        event_type, schema_version, recorded_at in microseconds, actor, correlation_id, payload as stored JSON):
+        what ``apply`` of the ``StoredEvent`` of each row does, without building datetimes. ``current`` maps an
+        event type to its current schema version; ``upcast(event_type, version, payload)`` brings an older
         payload up (``events.Upcasters.upcast``).
 
         This is ``apply`` inlined (a replay folds millions of rows; tests/projection/test_fold_reference.py
         holds both to the same results). The cyclic garbage collector is paused meanwhile: the fold makes
         no cycles, and each of its passes would walk the whole model."""
-        new, cls, decode = _new_tuple, FoldEvent, decode_payload
+        global _last_at, _last_text
+        new, cls, decode, iso = _new_tuple, FoldEvent, decode_payload, iso_us
         vm_handlers, handlers, vms, track = _VM_HANDLERS, _HANDLERS, self.vms, self._track_job
         collecting = gc.isenabled()
         gc.disable()
         try:
-            for row in rows:
-                pos = row[0]
-                if pos <= self.position:
+            last = self.position
+            for pos, sid, sv, et, schema, at, actor, corr, payload in rows:
+                if pos <= last:
                     continue
-                et = row[3]
-                data = decode(row[10])
-                if row[4] < current.get(et, 0):
-                    _, data = upcast(et, row[4], data)
-                ev = new(cls, (pos, row[1], row[2], et, row[5], row[6], row[9], data))
-                self.position = pos
+                data = decode(payload)
+                if schema < current.get(et, 0):
+                    _, data = upcast(et, schema, data)
+                ev = new(cls, (pos, sid, sv, et, at, actor, corr, data))
+                self.position = last = pos
+                _last_text = text = iso(at)  # _iso(ev), done here once: nearly every event asks for it
+                _last_at = at
                 fn = vm_handlers.get(et)
                 if fn is not None:
-                    vm = vms.get(row[1].removeprefix("vm-"))
+                    vm = vms.get(sid.removeprefix("vm-"))
                     if vm is not None:
-                        vm.version = row[2]
+                        vm.version = sv
                         vm.position = pos
-                        vm.updated_at = _iso(ev)
+                        vm.updated_at = text
                         fn(self, vm, ev)
                 else:
                     handler = handlers.get(et)
                     if handler is not None:
                         handler(self, ev)
-                    sid = row[1]
                     if sid.startswith("vm-"):
                         vm = vms.get(sid[3:])
-                        if vm is not None and vm.version < row[2]:
-                            vm.version = row[2]
+                        if vm is not None and vm.version < sv:
+                            vm.version = sv
                             vm.position = pos
-                            vm.updated_at = _iso(ev)
-                if row[9]:
+                            vm.updated_at = text
+                if corr:
                     track(ev)
         finally:
             if collecting:
@@ -485,9 +522,9 @@ def _host_health(model: ReadModel, ev: EventLike) -> None:
         host.position = ev.position
         # Nobody can see the power of a VM on a host that does not answer; when it answers again the resync
         # that follows records any difference, so what the log last saw is back in force.
-        unknown = host.health != HostHealth.UP
+        unknown = host.health != _HOST_UP
         for vm in model.vms_on(host.name):
-            if vm.state == S.RUNNING and vm.power_state in (PowerState.ON, PowerState.UNKNOWN):
+            if vm.state == S.RUNNING and vm.power_state in _ON_OR_UNSURE:
                 vm.power_state = "unknown" if unknown else "on"
 
 
@@ -693,7 +730,7 @@ def _expunged(model: ReadModel, vm: VM, ev: EventLike) -> None:
 def _reconciled(model: ReadModel, vm: VM, ev: EventLike) -> None:
     """Resync/crash recovery: what libvirt showed, recorded as a fact."""
     p = ev.payload
-    vm.state = S(p["state"])
+    vm.state = VMState(p["state"])
     vm.power_state = p.get("power_state", vm.power_state)
     vm.host = p.get("host", vm.host)
     vm.prior_state = None
@@ -738,17 +775,17 @@ def _domain_event(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if event in ("STARTED", "RESUMED"):
         if host == vm.host or vm.host is None:
             vm.power_state = "on"
-            if vm.state in (S.STOPPED, S.CREATED, S.UNKNOWN):
+            if vm.state in _SETTLED_OFF:
                 vm.state = S.RUNNING  # started behind moldd's back: the hypervisor is the truth for power
                 vm.stop_cause = None
     elif event == "SUSPENDED":
-        if host == vm.host and vm.power_state != PowerState.OFF:
+        if host == vm.host and vm.power_state != _POWER_OFF:
             vm.power_state = "paused"  # paused behind moldd's back (virsh suspend, I/O error, ...): drift shows
     elif event == "STOPPED":
         if host != vm.host:
             return  # a stale copy elsewhere stopped: not this VM's current incarnation
         vm.power_state = "off"
-        if vm.state in (S.RUNNING, S.UNKNOWN):
+        if vm.state in _UP_OR_UNSURE:
             vm.state = S.STOPPED
             vm.stop_cause = str(down_cause(event, detail or ""))
             vm.down_at = _iso(ev)
@@ -806,7 +843,7 @@ def _migrate_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
     _fail_back(vm, ev)
     vm.host = ev.payload.get("host", vm.host)
     if ev.payload.get("state"):  # what libvirt showed on the source after the failure
-        vm.state = S(ev.payload["state"])
+        vm.state = VMState(ev.payload["state"])
         vm.power_state = "on" if vm.state == S.RUNNING else "off"
     elif ev.payload.get("domain_state") in ("shutoff", "crashed"):
         # the source QEMU died during the migration and its power-off event was not seen (CloudStack:
@@ -866,7 +903,7 @@ def _snap_reverted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if p["id"] in vm.snapshots:
         vm.snapshots[p["id"]]["state"] = "Ready"
     vm.current_snapshot = p["id"]
-    vm.state = S(p["state"])
+    vm.state = VMState(p["state"])
     vm.power_state = "on" if p["state"] == S.RUNNING else "off"
     vm.prior_state = None
     if p["state"] == S.RUNNING:
