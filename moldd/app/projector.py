@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from events import EventStore, StoredEvent
 from events.canonical import canonical_text
 from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
+from moldd.projection.model import Captured
 from moldd.projection.readmodel import STORED_TO_FOLD, ReadModel
 
 log = structlog.get_logger("moldd.projector")
@@ -249,9 +250,9 @@ def _no_upcast(event_type: str, version: int, payload: Any) -> tuple[int, Any]:
 
 
 def encode_snapshot(parts: dict[str, Any]) -> bytes:
-    """JSON of ``parts`` (keys to scalars or to dicts of read-only views) with sorted keys, built one view at a
-    time with orjson (the canonical encoder where orjson refuses a value): it decodes to exactly what
-    ``canonical_json(parts)`` decodes to, and the GIL goes back to the loop between views."""
+    """JSON of ``parts`` (keys to scalars, to dicts, or to ``Captured`` records) with sorted keys, built one
+    record at a time with orjson (the canonical encoder where orjson refuses a value): it decodes to exactly
+    what ``canonical_json(model.to_dict())`` decodes to, and the GIL goes back to the loop between records."""
     out: list[bytes] = [b"{"]
     for i, key in enumerate(sorted(parts)):
         if i:
@@ -259,14 +260,16 @@ def encode_snapshot(parts: dict[str, Any]) -> bytes:
         out.append(_encode(key))
         out.append(b":")
         value = parts[key]
-        if type(value) is dict:
+        if isinstance(value, (dict, Captured)):
+            names: dict[str, Any] = value.rows if isinstance(value, Captured) else value
+            record: Callable[[str], Any] = value.record if isinstance(value, Captured) else value.__getitem__
             out.append(b"{")
-            for j, name in enumerate(sorted(value)):
+            for j, name in enumerate(sorted(names)):
                 if j:
                     out.append(b",")
                 out.append(_encode(name))
                 out.append(b":")
-                out.append(_encode(value[name]))
+                out.append(_encode(record(name)))
             out.append(b"}")
         else:
             out.append(_encode(value))

@@ -246,3 +246,30 @@ class Job(_Viewed):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
         return _from(cls, data)
+
+
+class Captured:
+    """Records of one kind (name -> record) captured for a snapshot: their field values as they are now, to be
+    turned into dicts and encoded later, on another thread (``moldd.app.projector.encode_snapshot``). The
+    values share the records' containers, which the fold replaces and never changes in place."""
+
+    __slots__ = ("fields", "rows")
+
+    def __init__(self, fields: tuple[str, ...], rows: dict[str, tuple[Any, ...]]) -> None:
+        self.fields = fields
+        self.rows = rows
+
+    @classmethod
+    def of(cls, kind: type[_Viewed], records: dict[str, Any]) -> Captured:
+        values = kind._VALUES
+        if len(kind._FIELDS) == 1:  # attrgetter of one name gives the value, not a tuple
+            return cls(kind._FIELDS, {k: (values(r),) for k, r in records.items()})
+        return cls(kind._FIELDS, {k: values(r) for k, r in records.items()})
+
+    def record(self, name: str) -> dict[str, Any]:
+        """The record as ``to_dict()`` gives it (states as their plain values)."""
+        out = dict(zip(self.fields, self.rows[name], strict=True))
+        for key, value in out.items():
+            if isinstance(value, Enum):
+                out[key] = value.value
+        return out

@@ -17,7 +17,7 @@ from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import HostHealth, down_cause
 from moldd.domain.states import TRANSIENT, PowerState, VMState
 from moldd.domain.vmsnapshots import remove_from_tree
-from moldd.projection.model import VM, Group, Host, Job
+from moldd.projection.model import VM, Captured, Group, Host, Job
 
 
 class S:
@@ -189,16 +189,17 @@ class ReadModel:
         }
 
     def snapshot_parts(self) -> dict[str, Any]:
-        """What ``to_dict()`` holds, with each object's shared read-only view instead of a copy: cheap to take on
-        the loop (views are rebuilt only for objects that changed), safe to encode on another thread."""
+        """What ``to_dict()`` holds, captured cheaply on the loop to be encoded on another thread: each record
+        as a ``Captured`` row of its field values (the fold replaces a record's containers, never changes them
+        in place, so sharing them is safe), users as copies (their dicts are updated in place). About a
+        microsecond per record: a snapshot of 100,000 VMs holds the loop for a tenth of a second, not seconds."""
         return {
             "position": self.position,
-            "vms": {k: v.view() for k, v in self.vms.items()},
-            "hosts": {k: v.view() for k, v in self.hosts.items()},
-            "groups": {k: v.view() for k, v in self.groups.items()},
-            "jobs": {k: v.view() for k, v in self.jobs.items()},
+            "vms": Captured.of(VM, self.vms),
+            "hosts": Captured.of(Host, self.hosts),
+            "groups": Captured.of(Group, self.groups),
+            "jobs": Captured.of(Job, self.jobs),
             "next_vm_id": self.next_vm_id,
-            # copies: the fold updates a user's dict in place, and the parts are encoded on another thread
             "users": {k: dict(v) for k, v in self.users.items()},
         }
 
@@ -476,7 +477,7 @@ def _vm(model: ReadModel, ev: EventLike) -> VM | None:
     return vm
 
 
-def _begin(vm: VM, state: S) -> None:
+def _begin(vm: VM, state: VMState) -> None:
     if vm.state not in TRANSIENT:
         vm.prior_state = vm.state
     vm.state = state
@@ -578,7 +579,7 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
 @on_vm("vm.created")
 def _created(model: ReadModel, vm: VM, ev: EventLike) -> None:
     vm.state = S.CREATED
-    vm.root_disk.update(ev.payload.get("root_disk", {}))
+    vm.root_disk = {**vm.root_disk, **ev.payload.get("root_disk", {})}
     vm.host = ev.payload.get("host", vm.host)
 
 
@@ -868,40 +869,46 @@ def _iso_changed(model: ReadModel, vm: VM, ev: EventLike) -> None:
 
 
 # -- VM snapshots (moldd/app/snapshots.py) ---------------------------------------------------------------
+# A record's containers are never changed in place, only replaced (copy on write): a snapshot of the model
+# shares them with the records (ReadModel.snapshot_parts) while the fold goes on.
+def _snap_state(vm: VM, sid: str, state: str) -> None:
+    vm.snapshots = {**vm.snapshots, sid: {**vm.snapshots[sid], "state": state}}
+
+
 @on_vm("vmsnapshot.create.requested")
 def _snap_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
     p = ev.payload
-    vm.snapshots[p["id"]] = {
+    vm.snapshots = {**vm.snapshots, p["id"]: {
         "id": p["id"], "name": p["name"], "description": p.get("description", ""),
         "memory": bool(p.get("memory")), "parent": p.get("parent"), "state": "Creating",
         "created_at": _iso(ev), "vm_state": vm.state,
-    }  # fmt: skip
+    }}  # fmt: skip
 
 
 @on_vm("vmsnapshot.created")
 def _snap_created(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if ev.payload["id"] in vm.snapshots:
-        vm.snapshots[ev.payload["id"]]["state"] = "Ready"
+        _snap_state(vm, ev.payload["id"], "Ready")
         vm.current_snapshot = ev.payload["id"]
 
 
 @on_vm("vmsnapshot.failed")
 def _snap_failed(model: ReadModel, vm: VM, ev: EventLike) -> None:
-    vm.snapshots.pop(ev.payload["id"], None)
+    vm.snapshots = {k: v for k, v in vm.snapshots.items() if k != ev.payload["id"]}
 
 
 @on_vm("vmsnapshot.revert.requested", "vmsnapshot.revert.failed", "vmsnapshot.delete.failed")
 def _snap_touch(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if ev.payload.get("id") in vm.snapshots:
         busy = {"vmsnapshot.revert.requested": "Reverting"}.get(ev.event_type, "Ready")
-        vm.snapshots[ev.payload["id"]]["state"] = busy
+        _snap_state(vm, ev.payload["id"], busy)
 
 
 @on_vm("vmsnapshot.reverted")
 def _snap_reverted(model: ReadModel, vm: VM, ev: EventLike) -> None:
     p = ev.payload
     if p["id"] in vm.snapshots:
-        vm.snapshots[p["id"]]["state"] = "Ready"
+        _snap_state(vm, p["id"], "Ready")
     vm.current_snapshot = p["id"]
     vm.state = VMState(p["state"])
     vm.power_state = "on" if p["state"] == S.RUNNING else "off"
@@ -913,7 +920,7 @@ def _snap_reverted(model: ReadModel, vm: VM, ev: EventLike) -> None:
 @on_vm("vmsnapshot.delete.requested")
 def _snap_delete_requested(model: ReadModel, vm: VM, ev: EventLike) -> None:
     if ev.payload["id"] in vm.snapshots:
-        vm.snapshots[ev.payload["id"]]["state"] = "Deleting"
+        _snap_state(vm, ev.payload["id"], "Deleting")
 
 
 @on_vm("vmsnapshot.deleted")
