@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import io
 import threading
 import time
 from collections.abc import Callable
@@ -253,28 +254,30 @@ def encode_snapshot(parts: dict[str, Any]) -> bytes:
     """JSON of ``parts`` (keys to scalars, to dicts, or to ``Captured`` records) with sorted keys, built one
     record at a time with orjson (the canonical encoder where orjson refuses a value): it decodes to exactly
     what ``canonical_json(model.to_dict())`` decodes to, and the GIL goes back to the loop between records."""
-    out: list[bytes] = [b"{"]
+    out = io.BytesIO()  # written piece by piece: each of orjson's outputs holds its whole buffer until freed
+    write = out.write
+    write(b"{")
     for i, key in enumerate(sorted(parts)):
         if i:
-            out.append(b",")
-        out.append(_encode(key))
-        out.append(b":")
+            write(b",")
+        write(_encode(key))
+        write(b":")
         value = parts[key]
         if isinstance(value, (dict, Captured)):
             names: dict[str, Any] = value.rows if isinstance(value, Captured) else value
             record: Callable[[str], Any] = value.record if isinstance(value, Captured) else value.__getitem__
-            out.append(b"{")
+            write(b"{")
             for j, name in enumerate(sorted(names)):
                 if j:
-                    out.append(b",")
-                out.append(_encode(name))
-                out.append(b":")
-                out.append(_encode(record(name)))
-            out.append(b"}")
+                    write(b",")
+                write(_encode(name))
+                write(b":")
+                write(_encode(record(name)))
+            write(b"}")
         else:
-            out.append(_encode(value))
-    out.append(b"}")
-    return b"".join(out)
+            write(_encode(value))
+    write(b"}")
+    return out.getvalue()
 
 
 def _encode(value: Any) -> bytes:

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter, itemgetter
+from sys import intern
 from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
@@ -468,6 +469,12 @@ def on_vm(*types: str) -> Callable[[VMHandler], VMHandler]:
     return register
 
 
+def _shared(value: Any) -> Any:
+    """One string object for the many VMs that hold the same host, cluster, group, template, ... name (each
+    event's JSON decodes its own copy): less memory per VM. Anything but a string is returned as is."""
+    return intern(value) if type(value) is str else value
+
+
 def _vm(model: ReadModel, ev: EventLike) -> VM | None:
     vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
     if vm is not None:
@@ -544,6 +551,7 @@ def _group_deleted(model: ReadModel, ev: EventLike) -> None:
 @on("vm.deploy.requested")
 def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
     p = ev.payload
+    at = _iso(ev)
     vm = VM(
         name=p["name"],
         id=p["id"],
@@ -552,21 +560,21 @@ def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
         hostname=p["hostname"],
         state=S.CREATING,
         uuid=p.get("uuid", ""),
-        group=p.get("group"),
+        group=_shared(p.get("group")),
         description=p.get("description", ""),
-        os_type=p.get("os_type", "Linux"),
-        host=p.get("host"),
-        cluster=p.get("cluster"),
+        os_type=_shared(p.get("os_type", "Linux")),
+        host=_shared(p.get("host")),
+        cluster=_shared(p.get("cluster")),
         ha_enabled=p.get("ha_enabled", False),
-        ha_policy=p.get("ha_policy", "always"),
+        ha_policy=_shared(p.get("ha_policy", "always")),
         ha_priority=p.get("ha_priority", 0),
         offering=dict(p["offering"]),
-        template=p.get("template"),
+        template=_shared(p.get("template")),
         iso=p.get("iso"),
         root_disk=dict(p.get("root_disk", {})),
         details=dict(p.get("details", {})),
-        created_at=_iso(ev),
-        updated_at=_iso(ev),
+        created_at=at,
+        updated_at=at,
         version=ev.stream_version,
         position=ev.position,
     )
@@ -759,7 +767,7 @@ def _updated(model: ReadModel, vm: VM, ev: EventLike) -> None:
 @on_vm("libvirt.domain_event")
 def _domain_event(model: ReadModel, vm: VM, ev: EventLike) -> None:
     p = ev.payload
-    event, detail, host = p.get("event"), p.get("detail"), p.get("host")
+    event, detail, host = _shared(p.get("event")), _shared(p.get("detail")), _shared(p.get("host"))
     vm.last_domain_event = {"host": host, "event": event, "detail": detail, "at": _iso(ev)}
     if detail in ("MIGRATED", "FROM_SNAPSHOT"):
         return  # migration and snapshot-revert events are accounted for by the migrate / revert command
