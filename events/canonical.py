@@ -7,6 +7,8 @@ import json.encoder
 from json.decoder import JSONDecoder
 from typing import Any
 
+import orjson
+
 c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator (None without it)
 
 _encoder = json.JSONEncoder(
@@ -22,6 +24,8 @@ _fast_encode: Any = (
     if c_make_encoder is not None
     else None
 )
+_orjson_loads = orjson.loads
+_OrjsonError = orjson.JSONDecodeError
 _scan_once: Any = getattr(JSONDecoder(), "scan_once")  # noqa: B009 - not in the typeshed stubs
 
 
@@ -45,7 +49,15 @@ def canonical_text(value: Any) -> str:
 
 
 def loads(data: bytes | str) -> Any:
-    """Decode JSON produced by canonical_json (anything else json.loads accepts gives the same result)."""
+    """Decode JSON produced by canonical_json (anything else json.loads accepts gives the same result).
+
+    orjson first (several times faster: a read-model snapshot is megabytes): for the JSON it accepts it gives
+    the values json.loads gives; what it refuses (integers beyond 64 bits, NaN, lone surrogates, nesting
+    deeper than it allows, ...) goes to the standard decoder, which decides."""
+    try:
+        return _orjson_loads(data)
+    except _OrjsonError:
+        pass
     try:
         text = data if isinstance(data, str) else data.decode("utf-8")
         value, end = _scan_once(text, 0)
