@@ -237,8 +237,8 @@ async def start_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
     target = a.text("host", None)
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(vm.state, Action.START)
         if target is not None:
             target = app.catalog("host", target).name  # a name or its stable id
@@ -269,10 +269,10 @@ async def stop_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
-    vm, res = await app.async_accept(
-        cmd, vm, Action.STOP, "vm.stop.requested", lambda v: {"forced": forced, "host": v.host},
-        checker=lambda v: check_stop(VMState(v.state), ha_restart_pending=v.ha_status == "pending"),
-    )  # fmt: skip
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check_stop(VMState(vm.state), ha_restart_pending=vm.ha_status == "pending")
+        res = await app.async_record(vm, "vm.stop.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True)
     app.spawn_job(cmd.id, vm.name, async_stop_job(app, vm.name, forced, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -323,9 +323,10 @@ async def reboot_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
-    vm, res = await app.async_accept(
-        cmd, vm, Action.REBOOT, "vm.reboot.requested", lambda v: {"forced": forced, "host": v.host}
-    )
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.REBOOT)
+        res = await app.async_record(vm, "vm.reboot.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True)
     app.spawn_job(cmd.id, vm.name, _async_reboot_job(app, vm.name, forced, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -397,15 +398,14 @@ async def destroy_vm(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     expunge = a.boolean("expunge", False)
     forced = a.boolean("forced", False)
-    # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
-    decided: dict[str, Any] = {}
-
-    def payload(v: VM) -> dict[str, Any]:
-        decided["expunge"] = expunge or v.state == VMState.ERROR  # decided on the state as checked
-        return {"expunge": decided["expunge"], "forced": forced, "host": v.host}
-
-    vm, res = await app.async_accept(cmd, vm, Action.DESTROY, "vm.destroy.requested", payload)
-    expunge = decided["expunge"]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.DESTROY)
+        # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
+        expunge = expunge or vm.state == VMState.ERROR
+        res = await app.async_record(
+            vm, "vm.destroy.requested", {"expunge": expunge, "forced": forced, "host": vm.host}, cmd=cmd, first=True
+        )
     app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd, forced=forced))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -455,20 +455,18 @@ async def async_expunge_now(
 async def recover_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    # A recovered VM counts again (a Destroyed one does not): it needs room like a deploy does.
-    placed: dict[str, Any] = {}
-
-    def checker(v: VM) -> None:
-        check(VMState(v.state), Action.RECOVER)
-        host = place_returning_vm(
-            app.config, app.model, v.name, current=v.host, cluster=v.cluster, reserved=app.migrations
-        )
-        placed.update(host=host.name, cluster=host.cluster)
-
-    async with app.placement_lock:
-        vm, res = await app.async_accept(
-            cmd, vm, Action.RECOVER, "vm.recovered", lambda v: dict(placed), checker=checker
-        )
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.RECOVER)
+        # A recovered VM counts again (a Destroyed one does not): it needs room like a deploy does. The VM's lock
+        # first, then the placement lock, as every other verb takes them.
+        async with app.placement_lock:
+            host = place_returning_vm(
+                app.config, app.model, vm.name, current=vm.host, cluster=vm.cluster, reserved=app.migrations
+            )
+            res = await app.async_record(
+                vm, "vm.recovered", {"host": host.name, "cluster": host.cluster}, cmd=cmd, first=True
+            )
     return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
 
 
@@ -476,14 +474,17 @@ async def recover_vm(app: App, cmd: Command) -> CommandReply:
 async def expunge_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    vm, res = await app.async_accept(cmd, vm, Action.EXPUNGE, "vm.expunge.requested", lambda v: {})
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.EXPUNGE)
+        res = await app.async_record(vm, "vm.expunge.requested", {}, cmd=cmd, first=True)
     app.spawn_job(cmd.id, vm.name, async_expunge_now(app, vm.name, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
 async def _async_retry_expunge(app: App, name: str) -> None:
-    async with app.locks[name]:
-        current = app.model.vms[name]
+    async with app.claim(name) as claim:
+        current = claim.vm
         if current.state != "Expunging" or current.job:
             return
         job = f"expunge-{name}-{current.version}"
@@ -504,8 +505,8 @@ async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
                     continue
                 if vm.state != "Destroyed" or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
                     continue
-                async with app.locks[vm.name]:
-                    current = app.model.vms[vm.name]
+                async with app.claim(vm.name) as claim:
+                    current = claim.vm
                     if current.state != "Destroyed" or not current.expunge_at or current.expunge_at > now:
                         continue  # recovered (or expunged) meanwhile
                     job = f"expunge-{vm.name}-{current.version}"

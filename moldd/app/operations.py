@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +50,6 @@ OFFERING_ALIASES = {"serviceofferingid": "offering", "serviceoffering": "offerin
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
-async def async_claim(app: App, name: str) -> asyncio.Lock:
-    """Take the VM's lock; hand it to :func:`spawn_locked` (or release it if the command is refused)."""
-    lock = app.locks[name]
-    await lock.acquire()
-    return lock
-
-
-def spawn_locked(
-    app: App, cmd: Command, name: str, lock: asyncio.Lock, coro: Coroutine[Any, Any, Any]
-) -> None:
-    """Run ``coro`` as the command's job; the VM's lock is released when it ends."""
-
-    async def run() -> None:
-        try:
-            await coro
-        finally:
-            lock.release()
-
-    app.spawn_job(cmd.id, name, run())
-
-
 def state_of(vm: VM) -> VMState:
     return VMState(vm.state)
 
@@ -196,8 +174,8 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
     if "description" in a:
         changes["description"] = a.text("description", max_len=1024, multiline=True)
     details = a.mapping("details") if "details" in a else None
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         if changes or hostname is not None:
             check(state_of(vm), Action.EDIT)
         if details is not None:
@@ -244,8 +222,8 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "details"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     details = a.mapping("details")
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.SETTINGS)
         ev = settings_event(vm, details, cmd, app.secrets)
         if ev is None:
@@ -266,8 +244,8 @@ async def change_offering(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "offering"}, VM_ALIASES | OFFERING_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     new = offering_named(app, a.text("offering"))
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.CHANGE_OFFERING)
         if vm.offering.get("name") == new["name"]:
             raise ValidationError(f"the VM already uses offering {new['name']!r}", field="offering")
@@ -286,9 +264,8 @@ async def scale_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "offering"}, VM_ALIASES | OFFERING_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     new = offering_named(app, a.text("offering"))
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.SCALE)
         conn = app.hosts.conn(vm.host)
         max_vcpus, max_mem = live_maxima(await conn.async_get_xml(vm.internal_name))
@@ -301,12 +278,7 @@ async def scale_vm(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )  # fmt: skip
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(
-        app, cmd, vm.name, lock, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd)
-    )
+        claim.keep_for_job(cmd.id, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -370,9 +342,8 @@ async def resize_volume(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     size = a.integer("size", min=1, max=4096)
     shrink_ok = a.boolean("shrinkok", False)
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.RESIZE)
         current = float(vm.root_disk.get("size_gb") or 0)
         shrink = check_resize(current, size, shrink_ok=shrink_ok, snapshots=len(vm.snapshots))
@@ -387,10 +358,7 @@ async def resize_volume(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_resize_job(app, vm.name, size, shrink, current, cmd))
+        claim.keep_for_job(cmd.id, _async_resize_job(app, vm.name, size, shrink, current, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -433,8 +401,8 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     dest = app.catalog("host", a.text("host"))  # a name or its stable id
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         state = state_of(vm)
         live = state is VMState.RUNNING
         check(
@@ -562,9 +530,8 @@ async def _async_move(app: App, name: str, dest: str, cmd: Command) -> None:
 async def restore_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "template"}, VM_ALIASES | {"templateid": "template"})
     vm = app.get_vm({"id": a.raw("id")})
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.RESTORE)
         if vm.snapshots:
             raise InvalidState(
@@ -586,10 +553,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_restore_job(app, vm.name, template_name, running, cmd))
+        claim.keep_for_job(cmd.id, _async_restore_job(app, vm.name, template_name, running, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -686,17 +650,13 @@ async def attach_iso(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     iso = app.catalog("iso", a.text("iso"))  # a name or its stable id
     iso_name = iso.name
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.ATTACH_ISO)
         if vm.iso is not None:
             raise Conflict(f"the VM already has ISO {vm.iso!r} attached: detach it first", field="iso")
         res = await app.async_record(vm, "vm.iso.attach.requested", {"iso": iso_name}, cmd=cmd, first=True)
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_cdrom_job(app, vm.name, iso_name, iso.path, cmd))
+        claim.keep_for_job(cmd.id, _async_cdrom_job(app, vm.name, iso_name, iso.path, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -704,17 +664,13 @@ async def attach_iso(app: App, cmd: Command) -> CommandReply:
 async def detach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.DETACH_ISO)
         if vm.iso is None:
             raise InvalidState("the VM has no ISO attached", field="iso")
         res = await app.async_record(vm, "vm.iso.detach.requested", {"iso": vm.iso}, cmd=cmd, first=True)
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_cdrom_job(app, vm.name, None, None, cmd))
+        claim.keep_for_job(cmd.id, _async_cdrom_job(app, vm.name, None, None, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 

@@ -291,7 +291,7 @@ class HAManager:
     async def _async_restart(self, name: str, trigger: Trigger, attempt: int) -> RestartOutcome:
         """One attempt: place the VM, prove no copy of it still runs elsewhere, record the start and start it."""
         app = self.app
-        async with app.locks[name]:
+        async with app.claim(name):
             vm = app.model.vms.get(name)
             if vm is None or ineligible_reason(vm) is not None:
                 return RestartOutcome.GONE
@@ -571,8 +571,8 @@ class HAManager:
                 # A command still works on it (a migration from this host, say): let it record its outcome
                 # first (its calls to the fenced host fail), so that outcome cannot land on top of the restart.
                 await asyncio.wait({job}, timeout=self.JOB_WAIT_S)
-            async with app.locks[name]:
-                vm = app.model.vms[name]
+            async with app.claim(name) as claim:
+                vm = claim.vm
                 if vm.host != host or vm.state not in ON_HOST_STATES:
                     continue
                 await app.async_append(
