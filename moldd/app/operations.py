@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,56 +138,88 @@ async def _async_live_description(app: App, name: str, text: str) -> None:
         log.warning("description_not_applied", vm=name, reason=exc.message)
 
 
-@verb("updateVirtualMachine")
-async def update_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
+NOT_GIVEN: Any = object()
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """An ``updateVirtualMachine`` request, parsed: every value validated, nothing checked against the VM yet."""
+
+    key: Any  # the VM, as the client named it
+    rename_to: Any  # "name" given beside "id": refused unless it is the VM's own name (NOT_GIVEN: absent)
+    changes: dict[str, Any]  # VM field -> new value (hostname aside: it is checked against the other VMs)
+    hostname: str | None
+    details: dict[str, Any] | None  # advanced settings to change
+
+
+def parse_edit(raw: Mapping[str, Any]) -> EditRequest:
+    """Parse: the args of ``updateVirtualMachine``; a refusal names the field."""
+    a = Args(raw, EDIT_ARGS, EDIT_ALIASES)
     if "vmname" in a:
         raise ValidationError(
             "the VM name (ID) is immutable; change displayname or hostname instead", field="vmname"
         )
-    key = a.raw("id") if "id" in a else a.raw("name")
-    vm = app.get_vm({"id": key})
-    if "id" in a and "name" in a and a.raw("name") != vm.name:
+    changes: dict[str, Any] = {}
+    fields: list[tuple[str, str, Callable[[Any], Any]]] = [
+        ("displayname", "display_name", validate_display_name),
+        ("hostname", "hostname", validate_hostname),
+        ("group", "group", lambda g: None if g in (None, "") else validate_group_name(g)),
+        ("ha", "ha_enabled", lambda _: a.boolean("ha")),
+        ("hapolicy", "ha_policy", lambda p: str(parse_policy(p))),
+        ("hapriority", "ha_priority", lambda _: a.integer("hapriority", min=0, max=100)),
+        ("ostype", "os_type", lambda _: a.text("ostype", max_len=64)),
+        ("description", "description", lambda _: a.text("description", max_len=1024, multiline=True)),
+    ]
+    for arg, field_name, parse in fields:
+        if arg in a:
+            changes[field_name] = parse(a.raw(arg))
+    hostname = changes.pop("hostname", None)
+    return EditRequest(
+        key=a.raw("id") if "id" in a else a.raw("name"),
+        rename_to=a.raw("name") if "id" in a and "name" in a else NOT_GIVEN,
+        changes=changes,
+        hostname=hostname,
+        details=a.mapping("details") if "details" in a else None,
+    )
+
+
+def check_edit_target(vm: VM, req: EditRequest, groups: Container[str]) -> None:
+    """Decide, before the VM's lock: what the request names must exist and the VM name stays as it is."""
+    if req.rename_to is not NOT_GIVEN and req.rename_to != vm.name:
         raise ValidationError(
-            f"the VM name {vm.name!r} is immutable (asked to rename it to {a.raw('name')!r}); "
+            f"the VM name {vm.name!r} is immutable (asked to rename it to {req.rename_to!r}); "
             "change displayname or hostname instead",
             field="name",
         )
-    changes: dict[str, Any] = {}
-    if "displayname" in a:
-        changes["display_name"] = validate_display_name(a.raw("displayname"))
-    hostname = validate_hostname(a.raw("hostname")) if "hostname" in a else None
-    if "group" in a:
-        group = a.raw("group")
-        if group in (None, ""):
-            changes["group"] = None
-        else:
-            changes["group"] = validate_group_name(group)
-            if group not in app.model.groups:
-                raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
-    if "ha" in a:
-        changes["ha_enabled"] = a.boolean("ha")
-    if "hapolicy" in a:
-        changes["ha_policy"] = str(parse_policy(a.raw("hapolicy")))
-    if "hapriority" in a:
-        changes["ha_priority"] = a.integer("hapriority", min=0, max=100)
-    if "ostype" in a:
-        changes["os_type"] = a.text("ostype", max_len=64)
-    if "description" in a:
-        changes["description"] = a.text("description", max_len=1024, multiline=True)
-    details = a.mapping("details") if "details" in a else None
+    group = req.changes.get("group")
+    if group is not None and group not in groups:
+        raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
+
+
+def decide_edit(vm: VM, req: EditRequest, *, hostname_taken: bool) -> dict[str, Any]:
+    """Decide, under the VM's lock: the fields that change (VM field -> new value); raises to refuse."""
+    if req.changes or req.hostname is not None:
+        check(state_of(vm), Action.EDIT)
+    if req.details is not None:
+        check(state_of(vm), Action.SETTINGS)
+    changes = dict(req.changes)
+    if req.hostname is not None:
+        if hostname_taken:
+            raise Conflict(f"hostname {req.hostname!r} is already used by another VM", field="hostname")
+        changes["hostname"] = req.hostname
+    return {k: v for k, v in changes.items() if getattr(vm, k) != v}
+
+
+@verb("updateVirtualMachine")
+async def update_vm(app: App, cmd: Command) -> CommandReply:
+    req = parse_edit(cmd.args)
+    vm = app.get_vm({"id": req.key})
+    check_edit_target(vm, req, app.model.groups)
     async with app.claim(vm.name) as claim:
         vm = claim.vm
-        if changes or hostname is not None:
-            check(state_of(vm), Action.EDIT)
-        if details is not None:
-            check(state_of(vm), Action.SETTINGS)
         async with app.placement_lock:  # hostnames are unique: check and record under one lock
-            if hostname is not None:
-                if hostname_taken(app, hostname, except_vm=vm.name):
-                    raise Conflict(f"hostname {hostname!r} is already used by another VM", field="hostname")
-                changes["hostname"] = hostname
-            changed = {k: v for k, v in changes.items() if getattr(vm, k) != v}
+            taken = req.hostname is not None and hostname_taken(app, req.hostname, except_vm=vm.name)
+            changed = decide_edit(vm, req, hostname_taken=taken)
             events = []
             if changed:
                 events.append(
@@ -197,7 +231,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                         correlation_id=cmd.id,
                     )
                 )
-            settings = settings_event(vm, details, cmd, app.secrets) if details is not None else None
+            settings = settings_event(vm, req.details, cmd, app.secrets) if req.details is not None else None
             if settings is not None:
                 await async_check_settings(
                     app, settings.payload["details"], template=vm.template, cluster=vm.cluster

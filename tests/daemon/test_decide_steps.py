@@ -1,0 +1,88 @@
+"""The parse and decide steps of the verbs split into parse → decide → act, each alone: no daemon, no host."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from moldd.app.operations import EditRequest, check_edit_target, decide_edit, parse_edit
+from moldd.domain.errors import Conflict, InvalidState, NotFound, ValidationError
+from moldd.domain.states import VMState
+from moldd.projection.model import VM
+
+
+def vm(**kw: Any) -> VM:
+    base: dict[str, Any] = dict(
+        name="vm-1", id=1, internal_name="i-1", display_name="one", hostname="one", state=VMState.STOPPED,
+    )  # fmt: skip
+    return VM(**(base | kw))
+
+
+# -- updateVirtualMachine ----------------------------------------------------------------------------------
+def test_edit_parses_every_field_into_vm_fields() -> None:
+    req = parse_edit(
+        {"id": "vm-1", "displayname": " Web ", "hostname": "Web-1", "group": "g", "haenable": "true",
+         "hapolicy": "on-failure", "hapriority": "7", "ostype": "Debian", "description": "a\nb",
+         "details": {"cpu_model": "host"}}
+    )  # fmt: skip
+    assert req.key == "vm-1" and req.hostname == "web-1" and req.details == {"cpu_model": "host"}
+    assert req.changes == {
+        "display_name": "Web", "group": "g", "ha_enabled": True, "ha_policy": "on-failure", "ha_priority": 7,
+        "os_type": "Debian", "description": "a\nb",
+    }  # fmt: skip
+
+
+def test_edit_with_an_empty_group_clears_it() -> None:
+    assert parse_edit({"id": "vm-1", "group": ""}).changes == {"group": None}
+    assert parse_edit({"id": "vm-1", "group": None}).changes == {"group": None}
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"id": "vm-1", "vmname": "x"}, "vmname"),
+        ({"id": "vm-1", "hostname": "1bad"}, "hostname"),
+        ({"id": "vm-1", "hostname": None}, "hostname"),
+        ({"id": "vm-1", "displayname": ""}, "displayname"),
+        ({"id": "vm-1", "group": "-bad"}, "group"),
+        ({"id": "vm-1", "ha": "maybe"}, "ha"),
+        ({"id": "vm-1", "hapolicy": "sometimes"}, "hapolicy"),
+        ({"id": "vm-1", "hapriority": 101}, "hapriority"),
+        ({"id": "vm-1", "details": "x"}, "details"),
+        ({"id": "vm-1", "colour": "red"}, "colour"),
+    ],
+)
+def test_edit_refusals_name_the_field(args: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        parse_edit(args)
+    assert exc.value.field == field
+
+
+def test_edit_target_keeps_the_vm_name_and_needs_a_known_group() -> None:
+    check_edit_target(vm(), parse_edit({"id": "vm-1", "name": "vm-1"}), groups=set())
+    with pytest.raises(ValidationError) as exc:
+        check_edit_target(vm(), parse_edit({"id": "vm-1", "name": "other"}), groups=set())
+    assert exc.value.field == "name"
+    with pytest.raises(ValidationError):
+        check_edit_target(vm(), parse_edit({"id": "vm-1", "name": None}), groups=set())
+    with pytest.raises(NotFound):
+        check_edit_target(vm(), parse_edit({"id": "vm-1", "group": "g"}), groups={"h"})
+    check_edit_target(vm(), parse_edit({"id": "vm-1", "group": "g"}), groups={"g"})
+    assert parse_edit({"name": "vm-1"}).key == "vm-1"  # "name" alone names the VM
+
+
+def test_edit_decides_only_what_changes() -> None:
+    req = parse_edit({"id": "vm-1", "displayname": "one", "hostname": "two", "ostype": "Linux"})
+    assert decide_edit(vm(), req, hostname_taken=False) == {"hostname": "two"}
+
+
+def test_edit_refuses_a_taken_hostname_and_a_state_that_forbids_editing() -> None:
+    with pytest.raises(Conflict):
+        decide_edit(vm(), parse_edit({"id": "vm-1", "hostname": "two"}), hostname_taken=True)
+    with pytest.raises(InvalidState):
+        decide_edit(vm(state=VMState.EXPUNGING), parse_edit({"id": "vm-1", "ostype": "x"}), hostname_taken=False)
+
+
+def test_edit_with_nothing_to_change_decides_nothing() -> None:
+    assert decide_edit(vm(), EditRequest("vm-1", None, {}, None, None), hostname_taken=False) == {}
