@@ -146,6 +146,30 @@ def event_view(ev: StoredEvent) -> dict[str, Any]:
     }
 
 
+_CATALOG = {
+    "offering": ("service offering", "offerings"),
+    "template": ("template", "templates"),
+    "iso": ("ISO", "isos"),
+    "host": ("host", "hosts"),
+}
+
+
+def catalog_item(config: Config, kind: str, name: str, field: str | None = None) -> Any:
+    """The configured offering, template, ISO or host called ``name`` or known by its stable id
+    (moldd.domain.ids, as CloudStack clients name it); NotFound names the known ones."""
+    label, attr = _CATALOG[kind]
+    items = getattr(config, attr)
+    for item in items:
+        if item.name == name:
+            return item
+    if is_uuid(name):
+        for item in items:
+            if stable_uuid(kind, item.name) == name:
+                return item
+    known = ", ".join(i.name for i in items) or "none configured"
+    raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
+
+
 class Claim:
     """A VM's lock held by a verb (:meth:`App.claim`)."""
 
@@ -427,26 +451,9 @@ class App:
             self.followers -= 1
 
     # -- helpers for handlers --------------------------------------------------------------------------
-    _CATALOG = {
-        "offering": ("service offering", "offerings"),
-        "template": ("template", "templates"),
-        "iso": ("ISO", "isos"),
-        "host": ("host", "hosts"),
-    }
-
     def catalog(self, kind: str, name: str, field: str | None = None) -> Any:
-        """The configured offering, template, ISO or host called ``name``; NotFound names the known ones."""
-        label, attr = self._CATALOG[kind]
-        items = getattr(self.config, attr)
-        for item in items:
-            if item.name == name:
-                return item
-        if is_uuid(name):  # its stable id (moldd.domain.ids), as CloudStack clients name it
-            for item in items:
-                if stable_uuid(kind, item.name) == name:
-                    return item
-        known = ", ".join(i.name for i in items) or "none configured"
-        raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
+        """The configured offering, template, ISO or host called ``name`` (see :func:`catalog_item`)."""
+        return catalog_item(self.config, kind, name, field)
 
     def get_vm(self, args: Mapping[str, Any], field: str = "id", *, expunged: bool = False) -> VM:
         """Find a VM by its VM name, numeric id, internal name, or (if unique) display name."""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from moldd.app.lifecycle import deploy_payload, parse_deploy
 from moldd.app.operations import EditRequest, check_edit_target, decide_edit, parse_edit
-from moldd.domain.errors import Conflict, InvalidState, NotFound, ValidationError
+from moldd.config import Config, parse_config
+from moldd.domain.capacity import HostLoad
+from moldd.domain.errors import Conflict, InvalidState, MolddError, NotFound, ValidationError
+from moldd.domain.ha import RestartPolicy
+from moldd.domain.ids import stable_uuid
 from moldd.domain.states import VMState
 from moldd.projection.model import VM
 
@@ -86,3 +93,57 @@ def test_edit_refuses_a_taken_hostname_and_a_state_that_forbids_editing() -> Non
 
 def test_edit_with_nothing_to_change_decides_nothing() -> None:
     assert decide_edit(vm(), EditRequest("vm-1", None, {}, None, None), hostname_taken=False) == {}
+
+
+# -- deployVirtualMachine ----------------------------------------------------------------------------------
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    doc = {
+        "daemon": {"socket": "run/moldd.sock", "database": "state/log.db", "storage_dir": "state/disks"},
+        "hosts": [{"name": "h1", "uri": "test:///default", "cluster": "c1"}],
+        "templates": [{"name": "tiny", "image": "images/t.qcow2", "os_type": "Alpine"}],
+        "isos": [{"name": "boot", "path": "images/boot.iso"}],
+        "offerings": [{"name": "small", "vcpus": 1, "memory_mib": 256}],
+    }
+    return parse_config(doc, tmp_path / "moldd.toml")
+
+
+def test_deploy_parses_catalog_items_and_defaults(cfg: Config) -> None:
+    req = parse_deploy(cfg, {"serviceofferingid": "small", "templateid": "tiny"})
+    assert req.offering.name == "small" and req.template is not None and req.template.name == "tiny"
+    assert req.iso is None and req.start and not req.ha and req.priority == 0
+    assert req.os_type == "Alpine" and req.policy is RestartPolicy(cfg.ha.default_policy)
+    by_id = parse_deploy(cfg, {"offering": stable_uuid("offering", "small"), "template": "tiny",
+                               "hostid": stable_uuid("host", "h1")})  # fmt: skip
+    assert by_id.offering.name == "small" and by_id.host == "h1"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"offering": "small"}, "template"),
+        ({"offering": "small", "template": "tiny", "iso": "boot"}, "template"),
+        ({"offering": "small", "iso": "boot"}, "rootdisksize"),
+        ({"offering": "big", "template": "tiny"}, "offering"),
+        ({"offering": "small", "template": "huge"}, "template"),
+        ({"offering": "small", "template": "tiny", "hapriority": -1}, "hapriority"),
+        ({"offering": "small", "template": "tiny", "name": "1-bad"}, "hostname"),
+        ({"offering": "small", "template": "tiny", "hostid": str(uuid.uuid4())}, "host"),
+    ],
+)
+def test_deploy_refusals_name_the_field(cfg: Config, args: dict[str, Any], field: str) -> None:
+    with pytest.raises(MolddError) as exc:
+        parse_deploy(cfg, args)
+    assert exc.value.field == field
+
+
+def test_deploy_payload_names_the_vm_after_its_generated_name_unless_told(cfg: Config) -> None:
+    host = HostLoad(name="h1", cluster="c1", max_vms=10, vms=0, up=True)
+    req = parse_deploy(cfg, {"offering": "small", "iso": "boot", "size": 2, "ha": True})
+    payload = deploy_payload(cfg, req, name="vm-7", vm_id=7, vm_uuid="u", host=host, details={})
+    assert payload["display_name"] == "vm-7" and payload["hostname"] == "vm-7"
+    assert payload["template"] is None and payload["iso"] == "boot" and payload["root_disk"] == {"size_gb": 2}
+    assert payload["host"] == "h1" and payload["cluster"] == "c1" and payload["ha_enabled"] is True
+    named = parse_deploy(cfg, {"offering": "small", "template": "tiny", "displayname": "Web", "name": "web"})
+    payload = deploy_payload(cfg, named, name="vm-8", vm_id=8, vm_uuid="u", host=host, details={"a": 1})
+    assert payload["display_name"] == "Web" and payload["hostname"] == "web" and payload["details"] == {"a": 1}
