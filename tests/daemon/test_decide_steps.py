@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from moldd.app.lifecycle import deploy_payload, parse_deploy
@@ -16,6 +17,7 @@ from moldd.domain.errors import Conflict, InvalidState, MolddError, NotFound, Va
 from moldd.domain.ha import RestartPolicy
 from moldd.domain.ids import stable_uuid
 from moldd.domain.states import VMState
+from moldd.libvirt.host import MigrationPoll, migration_flags, migration_params, migration_poll_step
 from moldd.projection.model import VM
 
 
@@ -147,3 +149,23 @@ def test_deploy_payload_names_the_vm_after_its_generated_name_unless_told(cfg: C
     named = parse_deploy(cfg, {"offering": "small", "template": "tiny", "displayname": "Web", "name": "web"})
     payload = deploy_payload(cfg, named, name="vm-8", vm_id=8, vm_uuid="u", host=host, details={"a": 1})
     assert payload["display_name"] == "Web" and payload["hostname"] == "web" and payload["details"] == {"a": 1}
+
+
+# -- HostConnection.async_migrate ----------------------------------------------------------------------------
+def test_migration_poll_steps() -> None:
+    assert migration_poll_step(True, now=100.0, deadline=50.0, wants_progress=True) is MigrationPoll.FINISHED
+    assert migration_poll_step(False, now=100.0, deadline=50.0, wants_progress=True) is MigrationPoll.TIMED_OUT
+    assert migration_poll_step(False, now=10.0, deadline=50.0, wants_progress=True) is MigrationPoll.REPORT
+    assert migration_poll_step(False, now=10.0, deadline=None, wants_progress=False) is MigrationPoll.WAIT
+    assert migration_poll_step(False, now=1e9, deadline=None, wants_progress=True) is MigrationPoll.REPORT
+
+
+def test_migration_flags_and_params() -> None:
+    base = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+    assert migration_flags(live=False, unsafe=False) == base
+    both = migration_flags(live=True, unsafe=True)
+    assert both == base | libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_UNSAFE
+    assert migration_params(None, None) == {}
+    assert migration_params("tcp://127.0.0.1:49152", 100) == {
+        libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1:49152", libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 100,
+    }  # fmt: skip
