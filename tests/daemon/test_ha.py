@@ -15,8 +15,8 @@ import aiohttp
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client, CommandFailed, running_daemon
-from moldd.testing.load import scaled
+from moldlab.testing.harness import Client, CommandFailed, running_daemon
+from moldlab.testing.load import scaled
 
 pytestmark = pytest.mark.libvirt
 
