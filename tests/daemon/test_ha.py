@@ -102,27 +102,29 @@ async def test_guest_poweroff_is_respected_with_on_failure_policy(client: Client
     pos = (await client.events(vm["name"]))[-1]["position"]
     ev = await wait_event(client, vm["name"], "ha.not_restarted", after=pos, timeout=240)  # TCG boot, busy host
     assert ev["payload"]["cause"] == "guest-shutdown"
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # negative check: an observation window in which nothing may restart it
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
     assert running_copies(clean_lab, vm["internal_name"]) == []
 
 
-async def test_stop_through_moldd_is_never_undone(client: Client, clean_lab: Any) -> None:
+async def test_stop_through_moldd_is_never_undone(daemon: Any, client: Client, clean_lab: Any) -> None:
     vm = await deploy_ha(client)
+    pos = (await client.events(vm["name"]))[-1]["position"]
     await client.job("stopVirtualMachine", id=vm["name"], forced=True)
-    await asyncio.sleep(2.0)
+    await wait_event(client, vm["name"], "libvirt.domain_event", after=pos)  # libvirt's STOPPED is folded
+    await _until_ha_done_with(daemon, vm["name"])  # and whatever HA queued for it handled
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
     assert not [e for e in await client.events(vm["name"]) if e["event_type"].startswith("ha.")]
     assert running_copies(clean_lab, vm["internal_name"]) == []
 
 
-async def test_ha_disabled_vm_stays_down(client: Client, clean_lab: Any) -> None:
+async def test_ha_disabled_vm_stays_down(daemon: Any, client: Client, clean_lab: Any) -> None:
     job = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=False)
     vm = await client.vm(job["vm"])
     os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
     stopped = await client.wait_vm(vm["name"], state="Stopped")
     assert stopped["stop_cause"] == "crashed"
-    await asyncio.sleep(1.5)
+    await _until_ha_done_with(daemon, vm["name"])
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
     assert not [e for e in await client.events(vm["name"]) if e["event_type"].startswith("ha.")]
 
@@ -139,7 +141,7 @@ async def test_crash_loop_backs_off_then_gives_up(make_config: Any, clean_lab: A
         assert len(gave_up) == 1 and "restarts" in gave_up[0]["payload"]["reason"]
         # Error is final for HA: nothing more happens
         n = len(events)
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # negative check: an observation window in which nothing more may happen
         assert len(await client.events(vm["name"])) == n
 
 
@@ -194,22 +196,21 @@ async def test_failed_fencing_starts_nothing_elsewhere(make_config: Any, clean_l
         clean_lab.hosts[0].freeze()
         await client.wait_host("host0", timeout=40, health="FenceFailed")
         assert (await client.vm(vm["name"]))["power_state"] == "unknown"
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # negative check: an observation window in which nothing may start elsewhere
         assert running_copies(clean_lab, vm["internal_name"]) == []  # host0 frozen: not listed; nothing on host1
         assert (await client.vm(vm["name"]))["host"] == "host0"
         clean_lab.hosts[0].thaw()
         await client.wait_host("host0", timeout=30, health="Up", link="connected")
-        await asyncio.sleep(1.0)
+        back = await client.wait_vm(vm["name"], state="Running", power_state="on")  # the resync's finding
+        assert back["host"] == "host0"
         assert running_copies(clean_lab, vm["internal_name"]) == ["host0"]
-        back = await client.vm(vm["name"])
-        assert back["state"] == "Running" and back["power_state"] == "on"
 
 
 async def test_vm_that_died_while_daemon_was_down_is_restarted(config: Any, clean_lab: Any) -> None:
     async with running_daemon(config) as d, Client(d.config.socket) as client:
         vm = await deploy_ha(client)
     os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
-    await asyncio.sleep(0.5)
+    await _until(lambda: running_copies(clean_lab, vm["internal_name"]) == [], "libvirt saw it die")
     async with running_daemon(config) as d, Client(d.config.socket) as client:
         after = await client.wait_vm(vm["name"], timeout=20, state="Running")
         kinds = [e["event_type"] for e in await client.events(vm["name"])]
@@ -231,6 +232,12 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) ->
         if time.monotonic() > deadline:
             raise TimeoutError(f"still not {what} after {scaled(timeout):g} s")
         await asyncio.sleep(0.02)
+
+
+async def _until_ha_done_with(daemon: Any, vm: str, timeout: float = 30.0) -> None:
+    """HA has handled everything queued for ``vm``: no job of it runs and nothing waits in the queue."""
+    ha = daemon.ha
+    await _until(lambda: vm not in ha.active and ha.queue.empty(), f"HA done with {vm}", timeout)
 
 
 async def test_crashed_watcher_is_restarted_and_recorded(daemon: Any, client: Client) -> None:
@@ -436,7 +443,8 @@ async def test_user_acting_during_ha_backoff_wins(make_config: Any, clean_lab: A
         assert stop["status"] == "succeeded", stop
         start = await client.job("startVirtualMachine", id=started["name"])
         assert start["status"] == "succeeded", start
-        await asyncio.sleep(sched_kept["payload"]["delay_s"] + 1.5)
+        # the back-off ends, HA looks again, finds it stopped by the user and lets go
+        await _until_ha_done_with(d, kept["name"], timeout=sched_kept["payload"]["delay_s"] + 30)
         after = await client.vm(kept["name"])
         assert (after["state"], after["stop_cause"], after["ha_status"]) == ("Stopped", "user", None)
         late = [e for e in await client.events(kept["name"]) if e["position"] > sched_kept["position"]]
@@ -474,7 +482,7 @@ async def test_no_room_waits_without_burning_the_budget_and_restarts_when_a_host
         clean_lab.hosts[0].kill()
         waiting = await wait_event(client, vm["name"], "ha.waiting", timeout=40)
         assert "capacity" in waiting["payload"]["reason"]
-        await asyncio.sleep(1.0)
+        await _until_ha_done_with(d, vm["name"])  # the job ended waiting: nothing counted
         assert (await client.vm(vm["name"]))["state"] == "Stopped"  # not Error: the budget is untouched
         clean_lab.hosts[0].restart()
         back = await client.wait_vm(vm["name"], timeout=40, state="Running", host="host0")
