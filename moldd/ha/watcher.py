@@ -119,6 +119,18 @@ class HAManager:
                 ],
             )
 
+    async def _async_work(self, watcher: str, piece: Coroutine[Any, Any, None], **context: str) -> None:
+        """One piece of ``watcher``'s work: a crash is counted and recorded (not raised), a success ends a crash
+        loop."""
+        try:
+            await piece
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._async_crashed(watcher, exc, **context)
+        else:
+            self._worked(watcher)
+
     def _worked(self, watcher: str) -> None:
         """``watcher`` did a piece of work without crashing: it is not crash-looping."""
         if self.crashed_in_a_row.get(watcher):
@@ -209,13 +221,7 @@ class HAManager:
 
     async def _async_recover_vm(self, name: str, cause: str, position: int) -> None:
         try:
-            await self._async_recover_vm_inner(name, cause, position)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._async_crashed("vm-watcher", exc, vm=name)
-        else:
-            self._worked("vm-watcher")
+            await self._async_work("vm-watcher", self._async_recover_vm_inner(name, cause, position), vm=name)
         finally:
             if self.active.get(name) is asyncio.current_task():
                 self.active.pop(name, None)
@@ -428,29 +434,11 @@ class HAManager:
     async def _async_host_worker(self, host: str, inbox: asyncio.Queue[tuple[str, int]]) -> None:
         while True:
             kind, position = await inbox.get()
-            try:
-                await self._async_host_item(host, kind, position)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._async_crashed("host-watcher", exc, host=host, kind=kind)
-            else:
-                self._worked("host-watcher")
+            await self._async_work("host-watcher", self._async_host_item(host, kind, position), host=host, kind=kind)
 
     def _host_task(self, host: str, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A host's failure handling or evacuation, run beside its worker; a crash counts as the host watcher's."""
-
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._async_crashed("host-watcher", exc, host=host, work=name)
-            else:
-                self._worked("host-watcher")
-
-        return asyncio.create_task(run(), name=f"ha-{name}-{host}")
+        return asyncio.create_task(self._async_work("host-watcher", coro, host=host, work=name), name=f"ha-{name}-{host}")
 
     async def _async_host_item(self, host: str, kind: str, position: int) -> None:
         work = host_work(kind)
