@@ -52,7 +52,7 @@ def err(exc: MolddError) -> dict[str, Any]:
 
 def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> bool:
     return any(
-        v.hostname == hostname and v.name != except_vm and v.state not in ("Expunged",)
+        v.hostname == hostname and v.name != except_vm and v.state != VMState.EXPUNGED
         for v in app.model.vms.values()
     )
 
@@ -526,7 +526,7 @@ async def expunge_vm(app: App, cmd: Command) -> CommandReply:
 async def _async_retry_expunge(app: App, name: str) -> None:
     async with app.claim(name) as claim:
         current = claim.vm
-        if current.state != "Expunging" or current.job:
+        if current.state != VMState.EXPUNGING or current.job:
             return
         job = f"expunge-{name}-{current.version}"
         await app.async_record(current, "vm.expunge.requested", {"reason": "retry of a failed expunge"}, job=job,
@@ -541,14 +541,14 @@ async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
         try:
             now = datetime.now(UTC).isoformat()
             for vm in list(app.model.vms.values()):
-                if vm.state == "Expunging" and not vm.job and not app.busy(vm.name):
+                if vm.state == VMState.EXPUNGING and not vm.job and not app.busy(vm.name):
                     await _async_retry_expunge(app, vm.name)  # a failed expunge stays Expunging: retried here
                     continue
-                if vm.state != "Destroyed" or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
+                if vm.state != VMState.DESTROYED or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
                     continue
                 async with app.claim(vm.name) as claim:
                     current = claim.vm
-                    if current.state != "Destroyed" or not current.expunge_at or current.expunge_at > now:
+                    if current.state != VMState.DESTROYED or not current.expunge_at or current.expunge_at > now:
                         continue  # recovered (or expunged) meanwhile
                     job = f"expunge-{vm.name}-{current.version}"
                     await app.async_record(

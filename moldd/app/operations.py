@@ -521,7 +521,7 @@ async def _async_live_migrate(app: App, name: str, dest: str, cmd: Command) -> N
             domain_state = await app.hosts.conn(source).async_domain_state(vm.internal_name)
         except MolddError:
             pass
-        state = "Running" if domain_state in ("running", "paused", "blocked") else None
+        state = str(VMState.RUNNING) if domain_state in ("running", "paused", "blocked") else None
         await app.async_record(
             name,
             "vm.migrate.failed",

@@ -34,6 +34,7 @@ from moldd.domain.ha import HostHealth
 from moldd.domain.ids import is_uuid, stable_uuid
 from moldd.domain.names import check_safe_text
 from moldd.domain.roles import Role, required_role
+from moldd.domain.states import VMState
 from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
 from moldd.projection.readmodel import ReadModel
@@ -473,14 +474,14 @@ class App:
             vm = next((v for v in vms.values() if v.uuid == key), None)
         if vm is None:
             by_id = [v for v in vms.values() if str(v.id) == str(key)]
-            by_display = [v for v in vms.values() if v.display_name == key and v.state != "Expunged"]
+            by_display = [v for v in vms.values() if v.display_name == key and v.state != VMState.EXPUNGED]
             if by_id:
                 vm = by_id[0]
             elif len(by_display) == 1:
                 vm = by_display[0]
             elif len(by_display) > 1:
                 raise Conflict(f"display name {key!r} is not unique: use the VM name", field=field)
-        if vm is None or (vm.state == "Expunged" and not expunged):
+        if vm is None or (vm.state == VMState.EXPUNGED and not expunged):
             raise NotFound(f"no VM {key!r}", field=field)
         return vm
 
