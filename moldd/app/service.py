@@ -189,6 +189,7 @@ class Claim:
         """Run ``coro`` as the command's job and hand it the lock: a start or stop sent meanwhile waits for the job
         to end, then checks again (for jobs that work on the disk or the domain of a VM whose state they keep)."""
         if self.kept:
+            coro.close()
             raise RuntimeError(f"the lock of {self.name} is already kept for a job")
         lock = self._lock
 
