@@ -12,6 +12,7 @@ import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from moldd.app.secrets import SecretStore, protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
+from moldd.config import HostConfig
+from moldd.domain.capacity import HostLoad
 from moldd.domain.errors import (
     CapacityError,
     Conflict,
@@ -429,6 +432,43 @@ async def _async_resize_job(
 PROGRESS_EVERY_S = 1.0
 
 
+class MigrationKind(StrEnum):
+    LIVE = "live"  # a running VM: libvirt copies it over while it runs
+    OFFLINE = "offline"  # a stopped VM: forgotten on the old host, defined on the new one at its next start
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def decide_migration(vm: VM, dest: HostConfig) -> MigrationKind:
+    """Decide, under the VM's lock: whether ``vm`` may move to ``dest`` and how; raises to refuse."""
+    state = state_of(vm)
+    live = state is VMState.RUNNING
+    check(state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE)
+    if dest.name == vm.host:
+        raise ValidationError(f"the VM is already on host {dest.name!r}", field="host")
+    if vm.cluster is not None and dest.cluster != vm.cluster:
+        raise ValidationError(
+            f"host {dest.name!r} is in cluster {dest.cluster!r} and the VM in {vm.cluster!r}: "
+            "a VM migrates only within its cluster",
+            field="host",
+        )
+    if vm.snapshots:
+        raise InvalidState(
+            f"the VM has {len(vm.snapshots)} VM snapshot(s), which libvirt cannot move with it: delete them first",
+            field="id",
+        )
+    return MigrationKind.LIVE if live else MigrationKind.OFFLINE
+
+
+def check_destination_room(load: HostLoad) -> None:
+    """Decide, under the placement lock: the destination is up and has a free slot."""
+    if not load.up:
+        raise CapacityError(f"host {load.name!r} is not up", field="host")
+    if load.vms >= load.max_vms:
+        raise CapacityError(f"host {load.name!r} is full: {load.vms} of {load.max_vms} VMs", field="host")
+
+
 @verb("migrateVirtualMachine")
 async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
@@ -437,46 +477,24 @@ async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
     async with app.claim(vm.name) as claim:
         vm = claim.vm
-        state = state_of(vm)
-        live = state is VMState.RUNNING
-        check(
-            state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE
-        )
-        if dest.name == vm.host:
-            raise ValidationError(f"the VM is already on host {dest.name!r}", field="host")
-        if vm.cluster is not None and dest.cluster != vm.cluster:
-            raise ValidationError(
-                f"host {dest.name!r} is in cluster {dest.cluster!r} and the VM in {vm.cluster!r}: "
-                "a VM migrates only within its cluster",
-                field="host",
-            )
-        if vm.snapshots:
-            raise InvalidState(
-                f"the VM has {len(vm.snapshots)} VM snapshot(s), which libvirt cannot move with it: "
-                "delete them first",
-                field="id",
-            )
+        kind = decide_migration(vm, dest)
         async with app.placement_lock:
             loads = host_loads(app.config, app.model, ignore_vm=vm.name, reserved=in_flight)
-            load = next(h for h in loads if h.name == dest.name)
-            if not load.up:
-                raise CapacityError(f"host {dest.name!r} is not up", field="host")
-            if load.vms >= load.max_vms:
-                raise CapacityError(f"host {dest.name!r} is full: {load.vms} of {load.max_vms} VMs", field="host")
-            if live:
+            check_destination_room(next(h for h in loads if h.name == dest.name))
+            if kind is MigrationKind.LIVE:
                 app.hosts.conn(dest.name)  # Unavailable unless connected
                 app.hosts.conn(vm.host)
             res = await app.async_record(
                 vm,
                 "vm.migrate.requested",
-                {"from": vm.host, "host": dest.name, "cluster": dest.cluster, "live": live},
+                {"from": vm.host, "host": dest.name, "cluster": dest.cluster, "live": kind is MigrationKind.LIVE},
                 cmd=cmd,
                 first=True,
             )
             in_flight[vm.name] = dest.name
     job = (
         _async_live_migrate(app, vm.name, dest.name, cmd)
-        if live
+        if kind is MigrationKind.LIVE
         else _async_move(app, vm.name, dest.name, cmd)
     )
 

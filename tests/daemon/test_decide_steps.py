@@ -10,10 +10,18 @@ import libvirt
 import pytest
 
 from moldd.app.lifecycle import deploy_payload, parse_deploy
-from moldd.app.operations import EditRequest, check_edit_target, decide_edit, parse_edit
+from moldd.app.operations import (
+    EditRequest,
+    MigrationKind,
+    check_destination_room,
+    check_edit_target,
+    decide_edit,
+    decide_migration,
+    parse_edit,
+)
 from moldd.config import Config, parse_config
 from moldd.domain.capacity import HostLoad
-from moldd.domain.errors import Conflict, InvalidState, MolddError, NotFound, ValidationError
+from moldd.domain.errors import CapacityError, Conflict, InvalidState, MolddError, NotFound, ValidationError
 from moldd.domain.ha import RestartPolicy
 from moldd.domain.ids import stable_uuid
 from moldd.domain.states import VMState
@@ -169,3 +177,35 @@ def test_migration_flags_and_params() -> None:
     assert migration_params("tcp://127.0.0.1:49152", 100) == {
         libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1:49152", libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 100,
     }  # fmt: skip
+
+
+# -- migrateVirtualMachine ------------------------------------------------------------------------------------
+def test_migration_of_a_running_vm_is_live_and_of_a_stopped_one_offline(cfg: Config) -> None:
+    h1 = cfg.hosts[0]
+    assert decide_migration(vm(state=VMState.RUNNING, host="h0", cluster="c1"), h1) is MigrationKind.LIVE
+    assert decide_migration(vm(state=VMState.STOPPED, host="h0", cluster="c1"), h1) is MigrationKind.OFFLINE
+    assert decide_migration(vm(state=VMState.CREATED, host=None), h1) is MigrationKind.OFFLINE
+
+
+@pytest.mark.parametrize(
+    ("facts", "error", "field"),
+    [
+        ({"host": "h1"}, ValidationError, "host"),  # already there
+        ({"cluster": "c2"}, ValidationError, "host"),  # another cluster
+        ({"snapshots": {"s": {}}}, InvalidState, "id"),
+        ({"state": VMState.STARTING}, InvalidState, None),
+    ],
+)
+def test_migration_refusals(cfg: Config, facts: dict[str, Any], error: type[MolddError], field: str | None) -> None:
+    with pytest.raises(error) as exc:
+        decide_migration(vm(**({"state": VMState.RUNNING, "host": "h0", "cluster": "c1"} | facts)), cfg.hosts[0])
+    if field is not None:
+        assert exc.value.field == field
+
+
+def test_migration_needs_an_up_destination_with_a_free_slot() -> None:
+    check_destination_room(HostLoad(name="h1", cluster="c1", max_vms=2, vms=1, up=True))
+    with pytest.raises(CapacityError, match="not up"):
+        check_destination_room(HostLoad(name="h1", cluster="c1", max_vms=2, vms=0, up=False))
+    with pytest.raises(CapacityError, match="full: 2 of 2"):
+        check_destination_room(HostLoad(name="h1", cluster="c1", max_vms=2, vms=2, up=True))
