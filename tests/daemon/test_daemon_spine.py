@@ -15,9 +15,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client, running_daemon
-from moldd.testing.load import scaled
-from moldd.testing.loopwatch import LoopWatch
+from moldlab.testing.harness import Client, running_daemon
+from moldlab.testing.load import scaled
+from moldlab.testing.loopwatch import LoopWatch
 from tests.daemon.test_ha import qemu_pid
 
 pytestmark = pytest.mark.libvirt
@@ -111,7 +111,7 @@ async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any
             clean_lab.hosts[1].freeze
         )  # (the lab is sync) calls to a frozen host must not hold the loop either
         await client.call("listHosts")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # an observation window: the loop must not block while host1 stays frozen
         await client.job("startVirtualMachine", id=job["vm"], host="host0")
         await asyncio.to_thread(clean_lab.hosts[1].thaw)
     assert watch.ticks > 50
