@@ -11,7 +11,7 @@ import inspect
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -64,23 +64,26 @@ class Projector:
         the log's hash at its position is its head hash); otherwise warn and keep an empty model, so the
         whole log is folded. Returns the snapshot's position (0: none used)."""
         public = None if self.seal_key is None else self.seal_key.public_key()
-        snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME, public)
-        if snap is None:
-            if why is not None:
-                log.warning("snapshot_ignored", reason=why, folding="the whole log")
-            return 0
-        try:
-            model = ReadModel.from_dict(snap.state)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            log.warning("snapshot_ignored", reason=f"cannot be read: {exc!r}", folding="the whole log")
-            return 0
-        if model.position != snap.position:
+        with _collector_paused():  # millions of objects decoded and built: each full pass would walk them all
+            snap, why, seal_at = await async_load_sealed_snapshot(self.store, SNAPSHOT_NAME, public)
+            if snap is None:
+                if why is not None:
+                    log.warning("snapshot_ignored", reason=why, folding="the whole log")
+                return 0
+            try:
+                model = ReadModel.from_dict(snap.state)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("snapshot_ignored", reason=f"cannot be read: {exc!r}", folding="the whole log")
+                return 0
+            position = snap.position
+            del snap  # its decoded state: garbage now
+        if model.position != position:
             log.warning("snapshot_ignored", reason="its state is not at its position", folding="the whole log")
             return 0
         self.model = model
         self._sealed_at = seal_at
-        self.snapshot_position = snap.position
-        return snap.position
+        self.snapshot_position = position
+        return position
 
     async def async_restore(self) -> None:
         """Load the newest sealed snapshot (async_load_snapshot) unless done, and fold the tail."""
@@ -93,8 +96,8 @@ class Projector:
         current = up.known if up is not None else {}
         upcast = up.upcast if up is not None else _no_upcast
         pending = asyncio.ensure_future(read(self.model.position + 1, RESTORE_BATCH))
-        collecting = gc.isenabled()
-        gc.disable()  # at start-up, for the whole replay: the collector's passes would walk the growing model
+        paused = _collector_paused()  # at start-up, for the whole replay: its passes would walk the growing model
+        paused.__enter__()
         try:
             while True:
                 batch = await pending
@@ -103,8 +106,7 @@ class Projector:
                 pending = asyncio.ensure_future(read(batch[-1][0] + 1, RESTORE_BATCH))
                 self.model.apply_rows(map(STORED_TO_FOLD, batch), current, upcast)
         finally:
-            if collecting:
-                gc.enable()
+            paused.__exit__(None, None, None)
             if not pending.done():
                 pending.cancel()
                 await asyncio.wait({pending})  # its end is not ours to raise; our own cancellation still propagates
@@ -244,6 +246,19 @@ class Projector:
         )
         self._sealed_at = max(self._sealed_at, sealed_at)
         self.snapshot_position = max(self.snapshot_position, position)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile (as it was after): for start-up's bulk loads, which make no
+    cycles (the daemon freezes what they built once ready, moldd.daemon)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _no_upcast(event_type: str, version: int, payload: Any) -> tuple[int, Any]:

@@ -18,11 +18,11 @@ def _from(cls: type[T], data: dict[str, Any]) -> T:
     """``cls(**known fields of data)``: unknown keys are ignored (a snapshot written by a newer moldd), missing
     required ones refused by name. The arguments go by position: keyword arguments whose names were decoded from
     JSON (not the interned names of the code) are matched by comparing strings, ~60 µs for a VM's 37 fields."""
+    if data.keys() >= cls._NAMES:  # type: ignore[attr-defined]  # every field there (this version's snapshot)
+        return cls(*cls._ITEMS(data))  # type: ignore[attr-defined]
     missing = cls._REQUIRED - data.keys()  # type: ignore[attr-defined]
     if missing:
         raise TypeError(f"{cls.__name__} is missing required fields: {', '.join(sorted(missing))}")
-    if data.keys() >= cls._NAMES:  # type: ignore[attr-defined]  # every field there (this version's snapshot)
-        return cls(*cls._ITEMS(data))  # type: ignore[attr-defined]
     args = []
     for name, default, factory in cls._DEFAULTS:  # type: ignore[attr-defined]
         if name in data:
@@ -34,6 +34,7 @@ def _from(cls: type[T], data: dict[str, Any]) -> T:
     return cls(*args)
 
 
+_STATES: dict[Any, VMState] = {s.value: s for s in VMState}
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
@@ -202,9 +203,9 @@ class VM(_Viewed):
         """From a snapshot's JSON: states come back as ``VMState`` members, as the fold keeps them (a plain
         string here made ``states.check`` fail with AttributeError after every daemon restart)."""
         vm = _from(cls, data)
-        vm.state = VMState(vm.state)
+        vm.state = _STATES.get(vm.state) or VMState(vm.state)  # (the lookup: Enum calls are slow)
         if vm.prior_state is not None:
-            vm.prior_state = VMState(vm.prior_state)
+            vm.prior_state = _STATES.get(vm.prior_state) or VMState(vm.prior_state)
         return vm
 
 

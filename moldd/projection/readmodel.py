@@ -321,7 +321,7 @@ class ReadModel:
         holds both to the same results). The cyclic garbage collector is paused meanwhile: the fold makes
         no cycles, and each of its passes would walk the whole model."""
         global _last_at, _last_text
-        new, cls, decode, iso = _new_tuple, FoldEvent, decode_payload, iso_us
+        new, cls, loads, decode_error, iso = _new_tuple, FoldEvent, _orjson_loads, _OrjsonDecodeError, iso_us
         vm_handlers, handlers, vms, track = _VM_HANDLERS, _HANDLERS, self.vms, self._track_job
         collecting = gc.isenabled()
         gc.disable()
@@ -330,7 +330,10 @@ class ReadModel:
             for pos, sid, sv, et, schema, at, actor, corr, payload in rows:
                 if pos <= last:
                     continue
-                data = decode(payload)
+                try:
+                    data = loads(payload)  # decode_payload, inlined
+                except decode_error:
+                    data = json.loads(payload)
                 if schema < current.get(et, 0):
                     _, data = upcast(et, schema, data)
                 ev = new(cls, (pos, sid, sv, et, at, actor, corr, data))
