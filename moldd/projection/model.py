@@ -117,6 +117,10 @@ class _Viewed:
 
     __hash__ = None  # type: ignore[assignment]  # mutable records, compared by value (as dataclasses are)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copied and pickled as the record class with its field values (not the viewed twin, nor its view)."""
+        return (self._PLAIN, self._VALUES(self))
+
 
 _set = object.__setattr__
 

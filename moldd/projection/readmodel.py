@@ -4,7 +4,6 @@ by the daemon or replayed by ``moldd-audit state``; times come from the events, 
 from __future__ import annotations
 
 import gc
-import json
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,6 +13,8 @@ from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
+from events.canonical import loads as canonical_loads
+from events.canonical import may_have_long_int
 from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import HostHealth, down_cause
 from moldd.domain.states import TRANSIENT, PowerState, VMState
@@ -139,12 +140,8 @@ _new_tuple = tuple.__new__
 
 
 def decode_payload(data: bytes | str) -> Any:
-    """A stored payload decoded, as ``events.canonical.loads`` decodes it (orjson first: the same values for
-    every canonical JSON it accepts; what it refuses, e.g. integers beyond 64 bits, goes to the general decoder)."""
-    try:
-        return _orjson_loads(data)
-    except _OrjsonDecodeError:
-        return json.loads(data)  # what events.canonical.loads falls back to, and raises what it raises
+    """A stored payload decoded: ``events.canonical.loads`` (orjson where it gives the same values)."""
+    return canonical_loads(data)
 
 
 # Fields a `vm.updated` / `vm.settings.changed` event may set directly on the VM record.
@@ -321,7 +318,8 @@ class ReadModel:
         holds both to the same results). The cyclic garbage collector is paused meanwhile: the fold makes
         no cycles, and each of its passes would walk the whole model."""
         global _last_at, _last_text
-        new, cls, loads, decode_error, iso = _new_tuple, FoldEvent, _orjson_loads, _OrjsonDecodeError, iso_us
+        new, cls, iso = _new_tuple, FoldEvent, iso_us
+        loads, decode_error, long_int = _orjson_loads, _OrjsonDecodeError, may_have_long_int
         vm_handlers, handlers, vms, track = _VM_HANDLERS, _HANDLERS, self.vms, self._track_job
         collecting = gc.isenabled()
         gc.disable()
@@ -330,10 +328,13 @@ class ReadModel:
             for pos, sid, sv, et, schema, at, actor, corr, payload in rows:
                 if pos <= last:
                     continue
-                try:
-                    data = loads(payload)  # decode_payload, inlined
-                except decode_error:
-                    data = json.loads(payload)
+                if type(payload) is bytes and long_int(payload) is None:  # canonical_loads, inlined
+                    try:
+                        data = loads(payload)
+                    except decode_error:
+                        data = canonical_loads(payload)
+                else:
+                    data = canonical_loads(payload)
                 if schema < current.get(et, 0):
                     _, data = upcast(et, schema, data)
                 ev = new(cls, (pos, sid, sv, et, at, actor, corr, data))
