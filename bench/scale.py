@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import multiprocessing
 import os
@@ -57,6 +58,9 @@ async def _async_child(root: Path, conn: Any) -> None:
             await daemon.async_start()
             conn.send({"ready_s": time.perf_counter() - t0, "rss": rss_mib(), "socket": str(config.socket)})
         elif msg == "rss":
+            conn.send({"rss": rss_mib()})
+        elif msg == "trim":  # what of the RSS is freed memory glibc still holds (fragments between live blocks)
+            ctypes.CDLL(None).malloc_trim(0)
             conn.send({"rss": rss_mib()})
         elif msg == "stop":
             t0 = time.perf_counter()
@@ -124,6 +128,8 @@ def run_once(log: Path, n_vms: int, args: argparse.Namespace, r: dict[str, list[
                         r["list_all_mib"].append(size / 2**20)
                     parent.send("rss")
                     r["rss_after_lists_mib"].append(parent.recv()["rss"])
+                    parent.send("trim")
+                    r["rss_after_lists_trimmed_mib"].append(parent.recv()["rss"])
                 parent.send("stop")
                 r[f"stop_{phase}_s"].append(parent.recv()["stop_s"])
                 parent.send("exit")
@@ -158,7 +164,7 @@ def main() -> None:
                   f"(built in {time.perf_counter() - t0:.1f} s, not timed)", flush=True)  # fmt: skip
             r: dict[str, list[float]] = {k: [] for k in (
                 "ready_no_snapshot_s", "rss_after_start_no_snapshot_mib", "page100_ms", "list_all_ms",
-                "list_all_mib", "rss_after_lists_mib", "stop_no_snapshot_s", "ready_from_snapshot_s",
+                "list_all_mib", "rss_after_lists_mib", "rss_after_lists_trimmed_mib", "stop_no_snapshot_s", "ready_from_snapshot_s",
                 "rss_after_start_from_snapshot_mib", "stop_from_snapshot_s")}  # fmt: skip
             for i in range(args.runs):
                 run_once(log, n_vms, args, r)
@@ -167,6 +173,7 @@ def main() -> None:
         print(f"  ready, from snapshot:      {fmt(r['ready_from_snapshot_s'], ' s', 2)}")
         print(f"  RSS after start (no snap): {fmt(r['rss_after_start_no_snapshot_mib'], ' MiB')}")
         print(f"  RSS after {args.list_calls} + {args.all_calls} lists: {fmt(r['rss_after_lists_mib'], ' MiB')}")
+        print(f"  ... then malloc_trim(0):   {fmt(r['rss_after_lists_trimmed_mib'], ' MiB')}")
         print(f"  RSS after start (snap):    {fmt(r['rss_after_start_from_snapshot_mib'], ' MiB')}")
         print(f"  page of 100 (median call): {fmt(r['page100_ms'], ' ms', 2)}")
         if r["list_all_ms"]:

@@ -21,7 +21,7 @@ from moldd import systemd
 from moldd.app import groups, hostops, lifecycle, queries  # noqa: F401  (register verbs)
 from moldd.app.bus import SYSTEM
 from moldd.app.hosts import HostManager
-from moldd.app.projector import Projector
+from moldd.app.projector import Projector, release_freed_memory
 from moldd.app.service import App
 from moldd.config import Config, ConfigError, check_environment, load_config
 from moldd.domain.errors import InternalError
@@ -208,6 +208,7 @@ class Daemon:
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
+        release_freed_memory()  # what the restore decoded and dropped (snapshot JSON, batches of rows)
 
     async def async_act(self) -> None:
         """Take charge of the hosts (at start, or when elected): record and connect every host, resync it

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import inspect
 import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import structlog
@@ -221,6 +222,7 @@ class Projector:
             log.exception("snapshot_failed", position=self.model.position)
         took = time.monotonic() - t0
         self._next_snapshot_at = time.monotonic() + took / SNAPSHOT_CPU_SHARE
+        release_freed_memory()  # the encoding's many small buffers
 
     async def async_snapshot(self) -> None:
         """Seal and write a snapshot of the model as it is now (nothing when nothing but the last seal happened
@@ -246,6 +248,25 @@ class Projector:
         )
         self._sealed_at = max(self._sealed_at, sealed_at)
         self.snapshot_position = max(self.snapshot_position, position)
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing): freed memory
+    between live blocks otherwise stays in the process after a burst (a start-up, a snapshot). Some
+    milliseconds for a heap of a few hundred MiB."""
+    trim = _MALLOC_TRIM
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 @contextlib.contextmanager
