@@ -368,5 +368,11 @@ class SQLiteEventStore(EventStore):
         )
         return tuple(rows[0]) if rows else None
 
+    async def async_release_memory(self) -> None:
+        """SQLite's ``shrink_memory``: the connection's page cache (up to ``cache_size``) is freed; what is
+        needed again is read again."""
+        if not self._closed:
+            await self._conn.execute("PRAGMA shrink_memory")
+
     async def _async_close_backend(self) -> None:
         await self._conn.close()

@@ -116,6 +116,11 @@ class EventStore(abc.ABC):
     async def _async_close_backend(self) -> None:
         return None
 
+    async def async_release_memory(self) -> None:
+        """Give back what the backend caches and can read again (after a bulk read: a replay at start-up fills
+        the page cache with the whole log). Nothing by default."""
+        return None
+
     # ---- appends ---------------------------------------------------------------------------------------
     def _prepare(
         self, stream_id: str, events: Sequence[NewEvent], command_id: str | None

@@ -113,6 +113,7 @@ class Projector:
                 await asyncio.wait({pending})  # its end is not ours to raise; our own cancellation still propagates
                 if not pending.cancelled():
                     pending.exception()  # retrieved (not reported as "never retrieved")
+        await self.store.async_release_memory()  # the page cache the replay filled (~16 MiB for SQLite)
         log.info("projection_restored", position=self.model.position, vms=len(self.model.vms))
 
     def start(self) -> None:
