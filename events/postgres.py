@@ -330,7 +330,8 @@ class PostgresEventStore(EventStore):
         self._sql_since = (
             f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
         )
-        self._sql_append = f"SELECT {s}.append_group({', '.join(f'${i}' for i in range(1, 22))})"
+        self._sql_begin = "BEGIN; SELECT set_config('events.epoch', "
+        self._notify_channel = quote_ident(self.channel)
 
     @classmethod
     async def async_open(
@@ -448,21 +449,23 @@ class PostgresEventStore(EventStore):
             await self._async_commit_once(rows, commands)
 
     async def _async_commit_once(self, rows: list[Row], commands: list[CommandRow]) -> None:
+        conn: asyncpg.Connection | None = None
         try:
             conn = await self._async_write_conn()
-            columns = list(zip(*rows, strict=True))
-            cmd_columns: list[Any] = (
-                list(zip(*commands, strict=True)) if commands else [()] * len(COMMAND_NAMES)
-            )
-            await conn.execute(
-                self._sql_append,
-                "" if self._epoch is None else str(self._epoch),
-                self.channel,
-                rows[-1][0],
-                *columns,
-                *cmd_columns,
-            )
+            await self._async_copy_group(conn, rows, commands)
         except BaseException as exc:
+            if (
+                isinstance(exc, asyncpg.PostgresError)
+                and not connection_lost(exc)
+                and conn is not None
+                and not conn.is_closed()
+                and conn.is_in_transaction()
+            ):
+                # a refused group (fenced, duplicate) on a live connection: end its transaction
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    await self._async_drop_write_conn()
             fenced = _fenced(exc)
             if fenced is not None:
                 raise fenced from exc
@@ -477,6 +480,19 @@ class PostgresEventStore(EventStore):
                 if await self._async_was_committed(rows):
                     return
             raise
+
+    async def _async_copy_group(self, conn: asyncpg.Connection, rows: list[Row], commands: list[CommandRow]) -> None:
+        """One group, one transaction: BEGIN and the fencing epoch (one round trip), the rows by binary COPY
+        (one more: no per-row statement, no arrays to encode), the command ids likewise, then NOTIFY and COMMIT
+        together. Every literal in the SQL is an integer or the log's own channel name."""
+        epoch = "" if self._epoch is None else str(int(self._epoch))
+        await conn.execute(self._sql_begin + f"'{epoch}', true)")
+        await conn.copy_records_to_table("events", records=rows, columns=COLUMN_NAMES, schema_name=self.schema)
+        if commands:
+            await conn.copy_records_to_table(
+                "commands", records=commands, columns=COMMAND_NAMES, schema_name=self.schema
+            )
+        await conn.execute(f"NOTIFY {self._notify_channel}, '{int(rows[-1][0])}'; COMMIT")
 
     async def _async_was_committed(self, rows: list[Row]) -> bool:
         """After a COMMIT on a lost connection: is its first row stored with its hash? (Unknown: raise.)"""
