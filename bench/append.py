@@ -1,7 +1,7 @@
 """Durable appends, side by side in one run: the physical floors, a fair naive baseline, moldd's group-commit
 writer and the ``eventsourcing`` library, sequential (one appender) and concurrent (``--appenders``, 64).
 
-    python bench/append.py [--events N] [--runs 3] [--store sqlite] [--dir PATH] [--skip-peer]
+    python bench/append.py [--events N] [--runs 3] [--store sqlite|postgres] [--dir PATH] [--skip-peer]
 
 Every contender writes the same kind of event (a ~50-byte JSON payload on one of 64 streams) durably: SQLite in
 WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append returns).
@@ -15,6 +15,8 @@ WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append ret
   Concurrent: ``--appenders`` threads, each with its own connection, reading the head inside its transaction.
 - ``moldd``: ``SQLiteEventStore.async_append`` (the store chosen with ``--store``), one await per event;
   sequential = one appender awaiting each append; concurrent = ``--appenders`` coroutines (group commit).
+- ``moldd postgres`` (``--store postgres``): the same moldd rows on PostgreSQL as well, in the same runs, beside
+  moldd on SQLite (``PostgresSide``: a throw-away server, ``fsync=on``, ``synchronous_commit=on``).
 - ``eventsourcing`` (optional ``bench`` extra): its SQLite recorder (WAL; ``synchronous=FULL`` set here), one
   ``Application.save`` per event; concurrent = ``--appenders`` threads. Skipped if the package is missing.
 
@@ -26,6 +28,7 @@ The last line is a JSON object of the medians.
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import json
 import os
@@ -191,6 +194,31 @@ def _run_moldd(opener: StoreOpener, directory: Path, run: int, n: int, appenders
     return asyncio.run(moldd(opener, directory, run, n, appenders))
 
 
+# ---------------------------------------------------------------------------------------------- postgres
+class PostgresSide:
+    """``--store postgres``: moldd's group-commit writer on PostgreSQL too, beside SQLite in every run (issue 14).
+    A throw-away server (moldd.testing.pgserver: initdb + pg_ctl, Unix socket, ``fsync=on``,
+    ``synchronous_commit=on``: every COMMIT is flushed before its appenders are answered); a fresh schema per run.
+    Its bytes/event are this process's only (the server's WAL is written by other processes)."""
+
+    def __init__(self) -> None:
+        from moldd.testing.pgserver import PgServer
+
+        self.server = PgServer(fsync=True).start()
+        atexit.register(self.server.stop)  # also when a run fails (stop is idempotent)
+        self.durability = (
+            f"synchronous_commit={self.server.psql('SHOW synchronous_commit')}, fsync={self.server.psql('SHOW fsync')}"
+        )
+
+    async def open(self, directory: Path, run: int) -> EventStore:
+        from events.postgres import PostgresEventStore
+
+        return await PostgresEventStore.async_open(self.server.dsn(), schema=f"bench{run}")
+
+    def close(self) -> None:
+        self.server.stop()
+
+
 # ---------------------------------------------------------------------------------------------- peer
 def peer_available() -> bool:
     try:
@@ -263,7 +291,7 @@ def main() -> None:
     ap.add_argument("--naive-events", type=int, default=None, help="events per naive/peer run (default N/10)")
     ap.add_argument("--appenders", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--store", choices=sorted(STORES), default="sqlite")
+    ap.add_argument("--store", choices=sorted({*STORES, "postgres"}), default="sqlite")
     ap.add_argument("--dir", type=Path, default=None, help="directory for the logs (default: a temporary one)")
     ap.add_argument("--skip-peer", action="store_true", help="do not run the eventsourcing library")
     args = ap.parse_args()
@@ -272,7 +300,8 @@ def main() -> None:
     n_seq = args.seq_events or max(500, n // 10)
     n_naive = args.naive_events or max(500, n // 10)
     c = args.appenders
-    opener = STORES[args.store]
+    pg_side = PostgresSide() if args.store == "postgres" and "postgres" not in STORES else None
+    opener = STORES["sqlite"] if pg_side is not None else STORES[args.store]
     results: dict[str, list[float]] = {}
 
     def record(key: str, eps: float, bpe: float) -> None:
@@ -295,12 +324,18 @@ def main() -> None:
                 record(f"naive_{mode}", *measured(partial(naive, tmp / f"naive-{tag}.db", n_naive, k), n_naive))
                 slot = run * 2 + (mode == "conc")
                 record(f"moldd_{mode}", *measured(partial(_run_moldd, opener, tmp, slot, m, k), m))
+                if pg_side is not None:
+                    record(f"moldd_pg_{mode}", *measured(partial(_run_moldd, pg_side.open, tmp, slot, m, k), m))
                 if with_peer:
                     record(f"peer_{mode}", *measured(partial(peer, tmp / f"peer-{tag}.db", n_naive, k), n_naive))
             for f in tmp.iterdir():
                 f.unlink()
             print(f"  run {run + 1}/{args.runs} done", flush=True)
         rows = [("naive", "naive: sqlite3, 1 txn+fsync/event"), ("moldd", f"moldd {args.store} group commit")]
+        if pg_side is not None:
+            pg_side.close()
+            rows = [rows[0], ("moldd", "moldd sqlite group commit"), ("moldd_pg", "moldd postgres group commit")]
+            print(f"postgres: {pg_side.durability}; its B/event are the client's only")
         if with_peer:
             rows.append(("peer", "eventsourcing 1 save/event"))
         elif not args.skip_peer:
@@ -317,6 +352,10 @@ def main() -> None:
             ratio = [m / b for m, b in zip(results[f"moldd_{mode}_eps"], results[f"naive_{mode}_eps"], strict=True)]
             results[f"ratio_naive_{mode}"] = ratio
             print(f"ratio moldd / naive, {mode}: {fmt(ratio, 'x', 2)}")
+            if pg_side is not None:
+                pr = [p / q for p, q in zip(results[f"moldd_pg_{mode}_eps"], results[f"moldd_{mode}_eps"], strict=True)]
+                results[f"ratio_pg_to_sqlite_{mode}"] = pr
+                print(f"ratio moldd postgres / moldd sqlite, {mode}: {fmt(pr, 'x', 2)}")
             if with_peer:
                 pr = [m / b for m, b in zip(results[f"moldd_{mode}_eps"], results[f"peer_{mode}_eps"], strict=True)]
                 results[f"ratio_peer_{mode}"] = pr
