@@ -28,8 +28,8 @@ The last line is a JSON object of the medians.
 from __future__ import annotations
 
 import argparse
-import atexit
 import asyncio
+import atexit
 import json
 import os
 import sqlite3

@@ -31,9 +31,9 @@ from typing import Any
 
 import asyncpg
 
-from .chain import genesis_hash
+from .chain import check_rows, genesis_hash
 from .envelope import AppendResult, StoredEvent
-from .errors import EventLogError, FencedError, NotALogError
+from .errors import EventLogError, FencedError, LogIntegrityError, NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row, command_from_rows
@@ -405,11 +405,43 @@ class PostgresEventStore(EventStore):
         )
         return None if row is None else (int(row[0]), str(row[1]), int(row[2]))
 
+    @property
+    def head_is_current(self) -> bool:
+        """False when this process's writer has to reload the head before its next group (it took over, or a
+        COMMIT's outcome was unknown): `async_head` may then be older than the stored head."""
+        return not self._writer.stale
+
     async def async_stored_head(self) -> tuple[int, bytes]:
         """The head as stored (the writer's head is only this process's view)."""
         self._check_open()
         pos, h, _ = await self._async_load_head()
         return pos, h
+
+    async def async_verify_range(
+        self, after_position: int, after_hash: bytes, to_position: int | None = None, *, page: int = 5000
+    ) -> tuple[int, bytes]:
+        """Recompute the stored rows after `after_position` (whose hash `after_hash` the caller vouches for: the
+        genesis hash, a signed checkpoint, a sealed snapshot, an earlier call) up to `to_position` (default: the
+        end), a page at a time, the hashing on a thread. Returns (last position, its hash); raises
+        LogIntegrityError at the first row that does not follow, link or hash, or if the log ends before
+        `to_position`. What the daemon runs at start and before it signs (events.verify_chain_range on a file)."""
+        self._check_open()
+        end = 2**62 if to_position is None else to_position
+        position, last = after_position, after_hash
+        while position < end:
+            rows = await self._async_q("fetch", self._sql_position, position + 1, end, page)
+            if not rows:
+                break
+            position, last = await asyncio.to_thread(check_rows, rows, position, last)
+            if len(rows) < page:
+                break
+        if to_position is not None and position < to_position:
+            raise LogIntegrityError(
+                f"the log ends at position {position}, before position {to_position}",
+                position=position + 1,
+                kind="truncated",
+            )
+        return position, last
 
     # ---- backend hooks -------------------------------------------------------------------------------------
     async def _async_q(self, method: str, sql: str, *args: Any) -> Any:
@@ -481,7 +513,9 @@ class PostgresEventStore(EventStore):
                     return
             raise
 
-    async def _async_copy_group(self, conn: asyncpg.Connection, rows: list[Row], commands: list[CommandRow]) -> None:
+    async def _async_copy_group(
+        self, conn: asyncpg.Connection, rows: list[Row], commands: list[CommandRow]
+    ) -> None:
         """One group, one transaction: BEGIN and the fencing epoch (one round trip), the rows by binary COPY
         (one more: no per-row statement, no arrays to encode), the command ids likewise, then NOTIFY and COMMIT
         together. Every literal in the SQL is an integer or the log's own channel name."""
