@@ -197,12 +197,12 @@ def _run_moldd(opener: StoreOpener, directory: Path, run: int, n: int, appenders
 # ---------------------------------------------------------------------------------------------- postgres
 class PostgresSide:
     """``--store postgres``: moldd's group-commit writer on PostgreSQL too, beside SQLite in every run (issue 14).
-    A throw-away server (moldd.testing.pgserver: initdb + pg_ctl, Unix socket, ``fsync=on``,
+    A throw-away server (moldlab.testing.pgserver: initdb + pg_ctl, Unix socket, ``fsync=on``,
     ``synchronous_commit=on``: every COMMIT is flushed before its appenders are answered); a fresh schema per run.
     Its bytes/event are this process's only (the server's WAL is written by other processes)."""
 
     def __init__(self) -> None:
-        from moldd.testing.pgserver import PgServer
+        from moldlab.testing.pgserver import PgServer
 
         self.server = PgServer(fsync=True).start()
         atexit.register(self.server.stop)  # also when a run fails (stop is idempotent)

@@ -23,9 +23,9 @@ from events.chain import encode_fields, genesis_hash, link_hash
 from events.copy import verify_target
 from moldd.audit.checkpoint import keygen
 from moldd.cli.audit import main as audit_main
-from moldd.testing.cluster import FAST
-from moldd.testing.harness import Client, running_daemon
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.cluster import FAST
+from moldlab.testing.harness import Client, running_daemon
+from moldlab.testing.pgserver import PgServer
 
 pytestmark = [pytest.mark.libvirt]
 _n = itertools.count(1)
