@@ -452,6 +452,20 @@ def test_python_m_events_copy_and_verify_on_a_dsn(pg_server: PgServer, tmp_path:
         timeout=60,
     )
     assert r.returncode == 0 and "INTACT" in r.stdout, r.stdout + r.stderr
+    # sign the PostgreSQL log's head, then verify it against that checkpoint
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "events", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    assert run("keygen", str(tmp_path / "keys")).returncode == 0
+    out = tmp_path / "checkpoints.jsonl"
+    r = run("checkpoint", pg_server.dsn(), "--schema", schema, "--key", str(tmp_path / "keys" / "checkpoint-ed25519.key"),
+            "--out", str(out))  # fmt: skip
+    assert r.returncode == 0 and "position 61" in r.stdout, r.stdout + r.stderr
+    r = run("verify", pg_server.dsn(), "--schema", schema, "--checkpoints", str(out), "--public-key",
+            str(tmp_path / "keys" / "checkpoint-ed25519.pub"))  # fmt: skip
+    assert r.returncode == 0 and "INTACT" in r.stdout, r.stdout + r.stderr
 
 
 async def test_verify_range_recomputes_pages_and_names_the_first_forged_row(pg_server: PgServer) -> None:
