@@ -198,3 +198,37 @@ async def test_a_row_changed_in_postgresql_under_the_running_leader_is_never_sig
         assert not await d.async_checkpoint_now()
         assert config.checkpoints.file.read_text().splitlines() == lines
         assert d.integrity_error is not None and not d.healthy()
+
+
+async def test_a_snapshot_forged_in_postgresql_is_ignored_and_the_log_is_folded(
+    make_config: Any, pg_server: PgServer, tmp_path: Path
+) -> None:
+    keygen(tmp_path / "moldd" / "keys")  # snapshots are sealed with the checkpoint key, as on SQLite
+    config, schema = pg_config(make_config, pg_server, checkpoints=True)
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        await wait_acting(d, client)
+        ha = await client.job(
+            "deployVirtualMachine", template="tiny", offering="small", startvm=False, ha=True, displayname="Real"
+        )
+        before = (await client.call("listVirtualMachines"))["result"]
+        await d.projector.async_snapshot()  # the leader seals a snapshot (a standby never does)
+    # The daemon's role itself may UPDATE snapshots: edit it (rename, a phantom VM, HA off).
+    conn = await asyncpg.connect(pg_server.dsn())
+    try:
+        state = await conn.fetchval(f"SELECT state FROM \"{schema}\".snapshots WHERE name = 'moldd.readmodel'")
+        s = json.loads(state)
+        vm = s["vms"][ha["vm"]]
+        assert vm["ha_enabled"] is True
+        s["vms"]["vm-phantom"] = dict(vm, name="vm-phantom", display_name="Phantom", internal_name="i-2-99-VM", id=99)
+        vm["display_name"], vm["ha_enabled"] = "Renamed", False
+        await conn.execute(
+            f"UPDATE \"{schema}\".snapshots SET state = $1 WHERE name = 'moldd.readmodel'", canonical_json(s)
+        )
+    finally:
+        await conn.close()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        await wait_acting(d)
+        after = (await client.call("listVirtualMachines"))["result"]
+        assert after == before  # the daemon folded the log, not the forged snapshot
+        assert "vm-phantom" not in d.app.model.vms and d.app.model.vms[ha["vm"]].ha_enabled
+        assert d.integrity_error is None
