@@ -27,7 +27,7 @@ import structlog
 
 from events import NewEvent, StoredEvent
 from events.leader import LEADER, Leadership, Timings
-from moldd.cluster_secrets import API, HMAC_KEY, SETTINGS, SharedSecrets, local_secrets
+from moldd.cluster_secrets import API, HMAC_KEY, SETTINGS, SETTINGS_KEY, SharedSecrets, local_secrets
 from moldd.domain.errors import InternalError, NotLeader
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class ClusterRole:
             local_secrets, secrets_path(cfg), cfg.database.parent / settings_secrets.FILE_NAME
         )
         await self.secrets.async_seed(local)
-        await self.secrets.async_put(SETTINGS, {HMAC_KEY: random.token_hex(32)})  # the first node's key stays
+        await self.secrets.async_put(SETTINGS_KEY, {HMAC_KEY: random.token_hex(32)})  # the first node's key stays
         self._settings_secrets = settings_secrets.SecretStore.shared_for(cfg, self.secrets)
         d.app.secrets = self._settings_secrets
         users = directory(d.app)
@@ -126,8 +126,7 @@ class ClusterRole:
         if d.app is None or self._settings_secrets is None:
             return
         loaded = await self.secrets.async_load()
-        settings = dict(loaded[SETTINGS])
-        self._settings_secrets.replace(settings.pop(HMAC_KEY), settings)
+        self._settings_secrets.replace(loaded[SETTINGS_KEY][HMAC_KEY], loaded[SETTINGS])
         directory(d.app).store.replace(loaded[API])
 
     def _reload_soon(self) -> None:

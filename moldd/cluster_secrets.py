@@ -29,9 +29,10 @@ log = structlog.get_logger("moldd.secrets")
 
 TABLE = "moldd_secrets"
 API = "api"  # API key -> secret key
-SETTINGS = "settings"  # marker id -> value, plus HMAC_KEY
-HMAC_KEY = "\x00hmac_key"  # the settings' marker key (a name no marker id can take)
-KINDS = (API, SETTINGS)
+SETTINGS = "settings"  # marker id -> value
+SETTINGS_KEY = "settings-key"  # one row, HMAC_KEY -> the key of the settings' markers (the first node's)
+HMAC_KEY = "hmac_key"
+KINDS = (API, SETTINGS, SETTINGS_KEY)
 
 
 class SecretsTableMissing(RuntimeError):
@@ -126,7 +127,7 @@ class SharedSecrets:
 
 def local_secrets(api_file: Path, settings_file: Path) -> dict[str, dict[str, str]]:
     """This node's secret files as the table's kinds (missing or unreadable files: nothing)."""
-    out: dict[str, dict[str, str]] = {API: {}, SETTINGS: {}}
+    out: dict[str, dict[str, str]] = {k: {} for k in KINDS}
     try:
         api: Any = json.loads(api_file.read_text())
         if isinstance(api, dict):
@@ -139,7 +140,7 @@ def local_secrets(api_file: Path, settings_file: Path) -> dict[str, dict[str, st
             values = data.get("values")
             values = values if isinstance(values, dict) else {}
             out[SETTINGS] = {k: v for k, v in values.items() if isinstance(k, str) and isinstance(v, str)}
-            out[SETTINGS][HMAC_KEY] = data["hmac_key"]
+            out[SETTINGS_KEY] = {HMAC_KEY: data["hmac_key"]}
     except (OSError, ValueError):
         pass
     return out
