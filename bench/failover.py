@@ -7,6 +7,7 @@ is a warm standby), one HA VM deployed through n1. Then, at the same moment, n1 
 VM's QEMU with SIGKILL, and we measure on n2:
 * death_to_first_write_s: → n2 accepts a write (createInstanceGroup, retried until not refused);
 * death_to_vm_running_s: → the VM runs again (ha.restart.succeeded in the log, new QEMU);
+* death_to_guest_ready_s: → the restarted guest prints its ready line on the serial console (TCG boot);
 and, in a second phase, the leader (now n2, with n1 restarted as standby) is SIGSTOPped:
 * pause_to_first_write_s: SIGSTOP → n1 accepts a write (bounded below by the lease: PostgreSQL ends the
   paused leader's session after lease_s).
@@ -38,7 +39,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moldd.config import ClusterConfig
-from moldlab import Lab, build_guest
+from moldlab import GUEST_READY_MARKER, Lab, build_guest
 from moldlab.testing.cluster import Node, make_nodes
 from moldlab.testing.harness import CommandFailed
 from moldlab.testing.pgserver import PgServer
@@ -63,6 +64,19 @@ async def first_write(node: Node, name: str) -> float:
             except OSError:
                 pass
             await asyncio.sleep(0.01)
+
+
+async def guest_ready_again(console: Path, offset: int) -> float:
+    """The restarted guest prints GUEST_READY_MARKER on its serial console (kernel up, acpid running)."""
+    while True:
+        try:
+            data = console.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        tail = data[offset:] if len(data) >= offset else data  # a new QEMU may have truncated the log
+        if GUEST_READY_MARKER.encode() in tail:
+            return time.monotonic()
+        await asyncio.sleep(0.05)
 
 
 async def vm_restarted(node: Node, vm: str) -> float:
@@ -137,12 +151,18 @@ async def one_run(
             assert job["status"] == "succeeded", job
             vm = await c.vm(job["vm"])
         pid = qemu_pid(lab, vm["host"], vm["internal_name"])
+        console = Path(vm["root_disk"]["path"]).parent / "console.log"
+        await asyncio.wait_for(guest_ready_again(console, 0), 300)  # the first boot is over
+        offset = console.stat().st_size
         t0 = time.monotonic()
         t0_wall_us = int(time.time() * 1e6)
         os.kill(n1.pid, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
-        write_at, running_at = await asyncio.wait_for(
-            asyncio.gather(first_write(n2, "after-kill"), vm_restarted(n2, vm["name"])), 180
+        write_at, running_at, ready_at = await asyncio.wait_for(
+            asyncio.gather(
+                first_write(n2, "after-kill"), vm_restarted(n2, vm["name"]), guest_ready_again(console, offset)
+            ),
+            300,
         )
         n1.proc.wait(10)  # type: ignore[union-attr]
         phases = await kill_phases(pg, f"failover{i}", t0_wall_us, vm["name"])
@@ -159,8 +179,10 @@ async def one_run(
         return {
             "death_to_first_write_s": write_at - t0,
             "death_to_vm_running_s": running_at - t0,
+            "death_to_guest_ready_s": ready_at - t0,
             "pause_to_first_write_s": paused_write_at - t1,
         } | phases | {
+            "phase_running_to_guest_ready_s": ready_at - running_at,
             "phase_pause_to_elected_s": paused_elected,
             "phase_pause_elected_to_write_s": paused_write_at - t1 - paused_elected,
         }

@@ -86,8 +86,9 @@ async def until_accepted(port: int, apikey: str, secret: str, command: str, **pa
             status, body = await cs_call(port, apikey, secret, command, **params)
             if status == 200:
                 return body
-            assert status in (401, 432, 503), (status, body)  # not known yet, or not the leader yet
-            await asyncio.sleep(0.05)
+            # not known yet (401), not the leader yet (432/503), or refusals throttled (429)
+            assert status in (401, 429, 432, 503), (status, body)
+            await asyncio.sleep(0.1)  # a poll of the condition
 
 
 async def log_bytes(pg: PgServer, schema: str) -> bytes:
