@@ -24,7 +24,8 @@
 
 static const char *QUERY =
     "SELECT position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
-    "causation_id, correlation_id, payload, prev_hash, hash FROM events WHERE position >= ?1 ORDER BY position";
+    "causation_id, correlation_id, payload, prev_hash, hash FROM events WHERE position >= ?1 AND position <= ?2 "
+    "ORDER BY position";
 
 /* ---- a small open-addressing map: bytes key -> int64 (last stream version, or highest schema version) ---- */
 typedef struct {
@@ -130,6 +131,8 @@ typedef struct {
     /* inputs */
     const char *uri;
     int64_t start;
+    int64_t end;
+    int check_streams; /* stream versions and time (a whole-log scan from position 1); else link + hash only */
     unsigned char prev[HASH_SIZE];
     int64_t last_ts;
     const unsigned char *tag;
@@ -189,6 +192,7 @@ static void run_scan(scan_t *sc) {
     rc = sqlite3_prepare_v2(db, QUERY, -1, &st, NULL);
     if (rc != SQLITE_OK) ANOMALY(sc->start, "cannot prepare the query");
     sqlite3_bind_int64(st, 1, sc->start);
+    sqlite3_bind_int64(st, 2, sc->end);
     ctx = EVP_MD_CTX_new();
     md = EVP_MD_fetch(NULL, "SHA256", NULL);
     if (!ctx || !md) ANOMALY(sc->start, "no SHA-256");
@@ -255,16 +259,18 @@ static void run_scan(scan_t *sc) {
         const void *h = sqlite3_column_blob(st, 12);
         if (sqlite3_column_bytes(st, 12) != HASH_SIZE || memcmp(h, digest, HASH_SIZE) != 0)
             ANOMALY(pos, "hash_mismatch");
-        /* stream version: sv must be the stream's previous version + 1 (0 before its first event) */
-        slot_t *s = map_get(&sc->streams, txt[0] ? txt[0] : (const unsigned char *)"", len[0], 0);
-        if (!s) ANOMALY(pos, "out of memory");
-        if ((uint64_t)sv != (uint64_t)s->value + 1) ANOMALY(pos, "stream_version_gap");
-        s->value = sv;
-        if (ts < sc->last_ts) ANOMALY(pos, "time_backwards");
-        sc->last_ts = ts;
-        slot_t *t = map_get(&sc->types, txt[1] ? txt[1] : (const unsigned char *)"", len[1], -1);
-        if (!t) ANOMALY(pos, "out of memory");
-        if (schv > t->value) t->value = schv;
+        if (sc->check_streams) {
+            /* stream version: sv must be the stream's previous version + 1 (0 before its first event) */
+            slot_t *s = map_get(&sc->streams, txt[0] ? txt[0] : (const unsigned char *)"", len[0], 0);
+            if (!s) ANOMALY(pos, "out of memory");
+            if ((uint64_t)sv != (uint64_t)s->value + 1) ANOMALY(pos, "stream_version_gap");
+            s->value = sv;
+            if (ts < sc->last_ts) ANOMALY(pos, "time_backwards");
+            sc->last_ts = ts;
+            slot_t *t = map_get(&sc->types, txt[1] ? txt[1] : (const unsigned char *)"", len[1], -1);
+            if (!t) ANOMALY(pos, "out of memory");
+            if (schv > t->value) t->value = schv;
+        }
         while (wi < sc->n_wanted && sc->wanted[wi] < pos) wi++;
         if (wi < sc->n_wanted && sc->wanted[wi] == pos) {
             memcpy(sc->wanted_hashes[wi], h, HASH_SIZE);
@@ -287,17 +293,19 @@ done:
 }
 
 PyDoc_STRVAR(scan_doc,
-             "scan(uri, start, prev_hash, last_ts, tag, wanted) -> tuple\n\n"
+             "scan(uri, start, end, prev_hash, last_ts, tag, wanted, check_streams) -> tuple\n\n"
              "('clean', count, next_position, head_hash, last_ts, {stream_id: version}, {event_type: max schema "
              "version}, {position: hash}) or ('anomaly', position, why): see events/verify.py.");
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     const char *uri;
-    long long start, last_ts;
+    long long start, end, last_ts;
+    int check_streams;
     Py_buffer prev, tag;
     PyObject *wanted_obj;
     (void)self;
-    if (!PyArg_ParseTuple(args, "sLy*Ly*O", &uri, &start, &prev, &last_ts, &tag, &wanted_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "sLLy*Ly*Op", &uri, &start, &end, &prev, &last_ts, &tag, &wanted_obj,
+                          &check_streams)) return NULL;
     PyObject *result = NULL;
     scan_t sc;
     memset(&sc, 0, sizeof sc);
@@ -331,6 +339,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     }
     sc.uri = uri;
     sc.start = start;
+    sc.end = end;
+    sc.check_streams = check_streams;
     memcpy(sc.prev, prev.buf, HASH_SIZE);
     sc.last_ts = last_ts;
     sc.tag = tag.buf;

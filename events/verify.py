@@ -26,7 +26,17 @@ from .checkpoint import Checkpoint, load_public_key, parse_checkpoints
 from .errors import CheckpointError, LogIntegrityError, NotALogError
 from .upcast import KnownTypes, known_versions
 
+_accelerator: Any
+try:  # the optional C scan (events/_chainscan.c, built by setup.py); see _fast_scan
+    from . import _chainscan as _accelerator
+except ImportError:  # pragma: no cover - not built: the pure-Python scan does everything
+    _accelerator = None
+
+ACCELERATOR: Any = None if os.environ.get("EVENTS_VERIFY_PURE_PYTHON") else _accelerator
+"""The C scan used to prove a log clean quickly, or None (not built, or EVENTS_VERIFY_PURE_PYTHON=1 set):
+reports are identical either way, as the C scan never reports; it only vouches for rows it found clean."""
 MAX_ISSUES = 1000
+_NO_END = 2**62
 FETCH = 20_000
 COLUMNS = (
     "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
@@ -149,6 +159,7 @@ class ReadOnlyLog(sqlite3.Connection):
     `wal_lost_commits` (commit frames SQLite discarded as invalid: committed data it will not show)."""
 
     copy_dir: str | None = None
+    uri: str | None = None  # how to open the same bytes again, read-only (the C scan opens its own connection)
     wal_frames: int = 0
     wal_valid_frames: int = 0
     wal_lost_commits: int = 0
@@ -234,12 +245,14 @@ def open_readonly(path: str | Path) -> ReadOnlyLog:
                     probe.close()
             conn = sqlite3.connect(str(target), isolation_level=None, factory=ReadOnlyLog)
             conn.copy_dir, copy_dir = copy_dir, None
+            conn.uri = _sqlite_uri(target, "mode=ro")
             conn.execute("PRAGMA query_only = ON")
             conn.wal_frames = len(frames)
             conn.wal_valid_frames = valid
             conn.wal_lost_commits = sum(1 for c in frames[valid:] if c)
         else:
             conn = sqlite3.connect(_sqlite_uri(p, "immutable=1"), uri=True, factory=ReadOnlyLog)
+            conn.uri = _sqlite_uri(p, "immutable=1")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         conn.schema_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.DatabaseError as exc:
@@ -304,7 +317,7 @@ class _Scan:
         self.expected = 1
         self.prev = genesis_hash(log_id)
         self.last_ts = -(2**63)
-        self.versions: dict[str, int] = {}
+        self.versions: dict[Any, int] = {}  # stream id (str; bytes after the C scan) -> last version
         self.known = known
         self.wanted = wanted
         self.hashes: dict[int, bytes] = {}
@@ -332,6 +345,35 @@ def _scan_out_of_range(conn: sqlite3.Connection, st: _Scan) -> None:
         st.issue(
             pos, "position_out_of_range", f"a row at position {pos}: positions start at 1 (inserted row)"
         )
+
+
+def _fast_scan(conn: sqlite3.Connection, st: _Scan) -> bool:
+    """Run the C scan over the whole log; True if it found nothing _scan_rows would report (no issue, no
+    warning) and `st` now holds what _scan_rows would have left in it (counts, head, last time, streams, the
+    hashes at checkpointed positions). False (st untouched) if there is no C scan, or if it stopped at a row
+    that _scan_rows must examine: the caller then runs _scan_rows from the start, which writes the report."""
+    uri = getattr(conn, "uri", None)
+    if ACCELERATOR is None or uri is None or st.count or st.expected != 1:
+        return False
+    out = ACCELERATOR.scan(uri, st.expected, _NO_END, st.prev, st.last_ts, TAG, sorted(st.wanted), True)
+    if out[0] != "clean":
+        return False
+    _, count, nxt, head, last_ts, versions, types, hashes = out
+    if st.known is not None:
+        for et, top in types.items():
+            cv = st.known.get(et.decode("utf-8", "surrogateescape"))
+            if cv is None or top > cv:
+                return False  # a warning to write: _scan_rows writes it
+    if count:
+        st.first = st.expected
+        st.last = nxt - 1
+    st.count = count
+    st.expected = nxt
+    st.prev = head
+    st.last_ts = last_ts
+    st.versions = versions
+    st.hashes.update(hashes)
+    return True
 
 
 def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any, ...]], None] | None) -> None:
@@ -567,7 +609,19 @@ def verify_chain_range(
     """Recompute the rows after `after_position` (whose hash `after_hash` the caller vouches for: the genesis
     hash, a signed checkpoint, a sealed snapshot, or an earlier call) up to `to_position` (default: the end).
     Returns (last position, its hash); raises LogIntegrityError at the first row that does not link, hash or
-    follow. The incremental check a daemon runs at start and before it signs."""
+    follow. The incremental check a daemon runs at start and before it signs.
+
+    The C scan (if built) vouches for a clean range; a range it does not vouch for is read again here, so the
+    result or the error is always this function's own."""
+    if to_position is None and ACCELERATOR is not None:
+        row = conn.execute("SELECT max(position) FROM events").fetchone()
+        top = row[0] if row and isinstance(row[0], int) else None
+    else:
+        top = to_position
+    if top is not None and top > after_position:
+        fast = _fast_range(conn, after_position, after_hash, top)
+        if fast is not None and (to_position is None or fast[0] >= to_position):
+            return fast
     sha256 = hashlib.sha256
     join = b"".join
     pack = HEADER.pack
@@ -612,6 +666,31 @@ def verify_chain_range(
     return expected - 1, prev
 
 
+def _reopen_uri(conn: sqlite3.Connection) -> str | None:
+    """A URI that opens the same database read-only (for the C scan's own connection), or None."""
+    uri = getattr(conn, "uri", None)
+    if uri is not None or conn.in_transaction:
+        return uri if isinstance(uri, str) else None
+    for _seq, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return _sqlite_uri(Path(file), "mode=ro")
+    return None
+
+
+def _fast_range(
+    conn: sqlite3.Connection, after_position: int, after_hash: bytes, to_position: int
+) -> tuple[int, bytes] | None:
+    """(last position, its hash) if the C scan found positions after_position+1..to_position all present,
+    linked and hashing right; None if it is not built or stopped at a row (verify_chain_range then decides)."""
+    uri = _reopen_uri(conn) if ACCELERATOR is not None else None
+    if uri is None or len(after_hash) != 32:
+        return None
+    out = ACCELERATOR.scan(uri, after_position + 1, to_position, after_hash, -(2**63), TAG, (), False)
+    if out[0] != "clean":
+        return None
+    return int(out[2]) - 1, bytes(out[3])
+
+
 def verify(
     path: str | Path,
     known: KnownTypes | None = None,
@@ -648,7 +727,8 @@ def verify(
             report.schema_version = conn.schema_version
             try:
                 _scan_out_of_range(conn, st)
-                _scan_rows(conn, st, on_row)
+                if on_row is not None or not _fast_scan(conn, st):
+                    _scan_rows(conn, st, on_row)
             except sqlite3.DatabaseError as exc:
                 if st.count == 0 and "no such table" in str(exc):
                     raise NotALogError(f"not an event log: {exc}") from exc
