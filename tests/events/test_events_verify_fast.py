@@ -49,6 +49,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def accelerator() -> Any:
+    if os.environ.get("EVENTS_VERIFY_PURE_PYTHON"):
+        pytest.skip("EVENTS_VERIFY_PURE_PYTHON is set: the C scan is off")
     if ev.ACCELERATOR is None:
         pytest.fail(
             "events._chainscan is not built (or EVENTS_VERIFY_PURE_PYTHON is set): build it with scripts/install.sh "
@@ -201,8 +203,6 @@ def forge(base: Path, tmp: Path, edit: str, position: int, *, keep_wal: bool = F
 
 def test_the_accelerator_is_built() -> None:
     """scripts/install.sh builds it (pip install -e . runs setup.py); without it verify is about 4x slower."""
-    if os.environ.get("EVENTS_VERIFY_PURE_PYTHON"):
-        pytest.skip("EVENTS_VERIFY_PURE_PYTHON is set")
     accelerator()
 
 
@@ -361,3 +361,51 @@ def test_the_cli_prints_the_same_with_and_without_the_c_scan(
             assert fast.returncode == (0 if log == path else 1)
             if extra == ["--json"]:
                 assert json.loads(fast.stdout)["events_checked"] == N
+
+
+def test_verify_chain_range_on_a_live_log_is_vouched_for_by_the_c_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's case (moldd/integrity.py): its own WAL-mode file, open by the store, read through a plain
+    mode=ro connection; the C scan opens the file again by its name and must see the same rows."""
+    import asyncio
+
+    from events import NewEvent, SQLiteEventStore
+
+    path = tmp_path / "live.db"
+    calls: list[str] = []
+    real = accelerator()
+
+    class Spy:
+        @staticmethod
+        def scan(*args: Any) -> tuple[Any, ...]:
+            out: tuple[Any, ...] = real.scan(*args)
+            calls.append(out[0])
+            return out
+
+    monkeypatch.setattr(ev, "ACCELERATOR", Spy)
+
+    async def run() -> None:
+        store = await SQLiteEventStore.async_open(path)
+        try:
+            for i in range(40):
+                await store.async_append(f"s-{i % 4}", [NewEvent("t.x", {"i": i, "é": "ü" * i})])
+            head = await store.async_head()
+            conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+            try:
+                log_id = ev.read_log_id(conn)
+                fast = ev.verify_chain_range(conn, 0, genesis_hash(log_id))
+                mid = bytes(conn.execute("SELECT hash FROM events WHERE position = 10").fetchone()[0])
+                fast_part = ev.verify_chain_range(conn, 10, mid, 30)
+                with monkeypatch.context() as m:
+                    m.setattr(ev, "ACCELERATOR", None)
+                    slow = ev.verify_chain_range(conn, 0, genesis_hash(log_id))
+                    slow_part = ev.verify_chain_range(conn, 10, mid, 30)
+            finally:
+                conn.close()
+            assert fast == slow == (head[0], head[1]) and fast_part == slow_part and fast_part[0] == 30
+        finally:
+            await store.async_close()
+
+    asyncio.run(run())
+    assert calls == ["clean", "clean"]
