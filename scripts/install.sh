@@ -26,4 +26,4 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -c 'import events._chainscan' 2>/dev/null \
     || echo "warning: events._chainscan (the C scan of events.verify) was not built: verify runs in pure Python" >&2
-$SUDO .venv/bin/python -m moldd.lab prepare
+$SUDO .venv/bin/python -m moldlab prepare
