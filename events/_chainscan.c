@@ -42,13 +42,24 @@ typedef struct {
 } map_t;
 
 static uint64_t hash_bytes(const unsigned char *p, int n) {
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (int i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 1099511628211ULL;
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+        p += 8;
+        n -= 8;
     }
+    uint64_t w = 0;
+    if (n > 0) memcpy(&w, p, (size_t)n);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
     return h ^ (h >> 29);
 }
+
+/* Keys crafted to collide (a forged log can hold any stream ids) must not make the scan quadratic: past this
+ * many probes map_get gives up and the caller leaves the log to the Python scan (whose dict is SipHash'd). */
+#define MAX_PROBES 512
 
 static int map_init(map_t *m, size_t cap) {
     m->slots = calloc(cap, sizeof(slot_t));
@@ -81,13 +92,15 @@ static int map_grow(map_t *m) {
     return 0;
 }
 
-/* The slot of `key` (created with value `absent` if new); NULL if out of memory. */
+/* The slot of `key` (created with value `absent` if new); NULL if out of memory or too many collisions. */
 static slot_t *map_get(map_t *m, const unsigned char *key, int len, int64_t absent) {
     uint64_t h = hash_bytes(key, len);
     size_t j = h & (m->cap - 1);
+    int probes = 0;
     while (m->slots[j].key) {
         slot_t *s = &m->slots[j];
         if (s->hash == h && s->len == len && memcmp(s->key, key, (size_t)len) == 0) return s;
+        if (++probes > MAX_PROBES) return NULL;
         j = (j + 1) & (m->cap - 1);
     }
     if ((m->used + 1) * 2 > m->cap) {
@@ -262,13 +275,13 @@ static void run_scan(scan_t *sc) {
         if (sc->check_streams) {
             /* stream version: sv must be the stream's previous version + 1 (0 before its first event) */
             slot_t *s = map_get(&sc->streams, txt[0] ? txt[0] : (const unsigned char *)"", len[0], 0);
-            if (!s) ANOMALY(pos, "out of memory");
+            if (!s) ANOMALY(pos, "out of memory or too many hash collisions");
             if ((uint64_t)sv != (uint64_t)s->value + 1) ANOMALY(pos, "stream_version_gap");
             s->value = sv;
             if (ts < sc->last_ts) ANOMALY(pos, "time_backwards");
             sc->last_ts = ts;
             slot_t *t = map_get(&sc->types, txt[1] ? txt[1] : (const unsigned char *)"", len[1], -1);
-            if (!t) ANOMALY(pos, "out of memory");
+            if (!t) ANOMALY(pos, "out of memory or too many hash collisions");
             if (schv > t->value) t->value = schv;
         }
         while (wi < sc->n_wanted && sc->wanted[wi] < pos) wi++;

@@ -409,3 +409,41 @@ def test_verify_chain_range_on_a_live_log_is_vouched_for_by_the_c_scan(
 
     asyncio.run(run())
     assert calls == ["clean", "clean"]
+
+
+def _colliding_ids(count: int) -> list[bytes]:
+    """16-byte stream ids with the same 64-bit hash in the C scan's map (its hash_bytes, reproduced here)."""
+    mask = 2**64 - 1
+
+    def block(h: int, w: int) -> int:
+        h = ((h ^ w) * 0xFF51AFD7ED558CCD) & mask
+        return h ^ (h >> 32)
+
+    out = []
+    for i in range(count):
+        w1 = int.from_bytes(hashlib.sha256(b"%d" % i).digest()[:8], "little")
+        h1 = block(0x9E3779B97F4A7C15 ^ 16, w1)
+        w2 = h1 ^ 0x0123456789ABCDEF  # the state entering the last mix is this constant for every id
+        out.append(w1.to_bytes(8, "little") + w2.to_bytes(8, "little"))
+    return out
+
+
+def test_stream_ids_crafted_to_collide_do_not_slow_the_scan_down(
+    base: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forged log whose 1,500 stream ids all share one hash: the C scan gives up after a bounded number of
+    probes (no quadratic time) and the Python scan (SipHash'd dict) writes the same report as ever."""
+    path, _, _ = base
+    forged = drop_triggers_copy(path, tmp_path / "collide.db")
+    with sqlite3.connect(forged) as conn:
+        for pos, sid in zip(range(1, N + 1), _colliding_ids(N), strict=True):
+            conn.execute(
+                "UPDATE events SET stream_id = CAST(? AS TEXT), stream_version = 1 WHERE position = ?",
+                (sid, pos),
+            )
+    rechain(forged, 1)
+    verdict = c_verdict(forged)
+    assert verdict[0] == "anomaly" and "collisions" in verdict[2], verdict
+    assert 512 < verdict[1] < N  # it stopped once a probe sequence passed its bound
+    fast, slow = both(monkeypatch, lambda: ev.verify(forged))
+    assert fast.to_dict() == slow.to_dict() and fast.exit_code == 0 and fast.streams == N
