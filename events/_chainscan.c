@@ -33,6 +33,8 @@ typedef struct {
     char *key; /* NULL = empty slot */
     int len;
     int64_t value;
+    int64_t first; /* (a later range) the stream's first version in the range, checked at the seam */
+    int fresh;     /* created by this lookup */
 } slot_t;
 
 typedef struct {
@@ -115,18 +117,20 @@ static slot_t *map_get(map_t *m, const unsigned char *key, int len, int64_t abse
     s->key = copy;
     s->len = len;
     s->value = absent;
+    s->first = absent;
+    s->fresh = 1;
     m->used++;
     return s;
 }
 
-static PyObject *map_to_dict(map_t *m) {
+static PyObject *map_to_dict(map_t *m, int firsts) {
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     for (size_t i = 0; i < m->cap; i++) {
         slot_t *s = &m->slots[i];
         if (!s->key) continue;
         PyObject *k = PyBytes_FromStringAndSize(s->key, s->len);
-        PyObject *v = PyLong_FromLongLong(s->value);
+        PyObject *v = PyLong_FromLongLong(firsts ? s->first : s->value);
         if (!k || !v || PyDict_SetItem(d, k, v) < 0) {
             Py_XDECREF(k);
             Py_XDECREF(v);
@@ -145,7 +149,8 @@ typedef struct {
     const char *uri;
     int64_t start;
     int64_t end;
-    int check_streams; /* stream versions and time (a whole-log scan from position 1); else link + hash only */
+    int check_streams; /* 0: link + hash only; 1: also stream versions and time, from position 1; 2: the same
+                          for a later range, each stream's first version and the first time kept for the seam */
     unsigned char prev[HASH_SIZE];
     int64_t last_ts;
     const unsigned char *tag;
@@ -154,6 +159,7 @@ typedef struct {
     size_t n_wanted;
     /* outputs */
     int64_t count;
+    int64_t first_ts;
     int64_t expected; /* the next position */
     int64_t anomaly_position;
     const char *anomaly; /* NULL = clean */
@@ -276,8 +282,13 @@ static void run_scan(scan_t *sc) {
             /* stream version: sv must be the stream's previous version + 1 (0 before its first event) */
             slot_t *s = map_get(&sc->streams, txt[0] ? txt[0] : (const unsigned char *)"", len[0], 0);
             if (!s) ANOMALY(pos, "out of memory or too many hash collisions");
-            if ((uint64_t)sv != (uint64_t)s->value + 1) ANOMALY(pos, "stream_version_gap");
+            if (s->fresh && sc->check_streams == 2)
+                s->first = sv; /* the stream's first event in this range: the caller checks it at the seam */
+            else if ((uint64_t)sv != (uint64_t)s->value + 1)
+                ANOMALY(pos, "stream_version_gap");
+            s->fresh = 0;
             s->value = sv;
+            if (sc->count == 0) sc->first_ts = ts;
             if (ts < sc->last_ts) ANOMALY(pos, "time_backwards");
             sc->last_ts = ts;
             slot_t *t = map_get(&sc->types, txt[1] ? txt[1] : (const unsigned char *)"", len[1], -1);
@@ -308,7 +319,8 @@ done:
 PyDoc_STRVAR(scan_doc,
              "scan(uri, start, end, prev_hash, last_ts, tag, wanted, check_streams) -> tuple\n\n"
              "('clean', count, next_position, head_hash, last_ts, {stream_id: version}, {event_type: max schema "
-             "version}, {position: hash}) or ('anomaly', position, why): see events/verify.py.");
+             "version}, {position: hash}, {stream_id: first version in the range} (check_streams=2), first_ts) "
+             "or ('anomaly', position, why): see events/verify.py.");
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     const char *uri;
@@ -317,13 +329,17 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer prev, tag;
     PyObject *wanted_obj;
     (void)self;
-    if (!PyArg_ParseTuple(args, "sLLy*Ly*Op", &uri, &start, &end, &prev, &last_ts, &tag, &wanted_obj,
+    if (!PyArg_ParseTuple(args, "sLLy*Ly*Oi", &uri, &start, &end, &prev, &last_ts, &tag, &wanted_obj,
                           &check_streams)) return NULL;
     PyObject *result = NULL;
     scan_t sc;
     memset(&sc, 0, sizeof sc);
     PyObject *wanted_seq = NULL;
     int64_t *wanted = NULL;
+    if (check_streams < 0 || check_streams > 2) {
+        PyErr_SetString(PyExc_ValueError, "check_streams must be 0, 1 or 2");
+        goto out;
+    }
     if (prev.len != HASH_SIZE) {
         PyErr_SetString(PyExc_ValueError, "prev_hash must be 32 bytes");
         goto out;
@@ -356,6 +372,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     sc.check_streams = check_streams;
     memcpy(sc.prev, prev.buf, HASH_SIZE);
     sc.last_ts = last_ts;
+    sc.first_ts = last_ts;
     sc.tag = tag.buf;
     sc.tag_len = (size_t)tag.len;
     sc.wanted = wanted;
@@ -365,8 +382,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         result = Py_BuildValue("(sLs)", "anomaly", (long long)sc.anomaly_position, sc.anomaly);
         goto out;
     }
-    PyObject *streams = map_to_dict(&sc.streams);
-    PyObject *types = streams ? map_to_dict(&sc.types) : NULL;
+    PyObject *streams = map_to_dict(&sc.streams, 0);
+    PyObject *firsts = streams ? (check_streams == 2 ? map_to_dict(&sc.streams, 1) : PyDict_New()) : NULL;
+    PyObject *types = firsts ? map_to_dict(&sc.types, 0) : NULL;
     PyObject *hashes = types ? PyDict_New() : NULL;
     for (Py_ssize_t i = 0; hashes && i < nw; i++) {
         if (!sc.wanted_found[i]) continue;
@@ -377,10 +395,11 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         Py_XDECREF(v);
     }
     if (hashes)
-        result = Py_BuildValue("(sLLy#LOOO)", "clean", (long long)sc.count, (long long)sc.expected,
+        result = Py_BuildValue("(sLLy#LOOOOL)", "clean", (long long)sc.count, (long long)sc.expected,
                                (const char *)sc.prev, (Py_ssize_t)HASH_SIZE, (long long)sc.last_ts, streams, types,
-                               hashes);
+                               hashes, firsts, (long long)sc.first_ts);
     Py_XDECREF(streams);
+    Py_XDECREF(firsts);
     Py_XDECREF(types);
     Py_XDECREF(hashes);
 out:

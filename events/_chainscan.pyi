@@ -11,6 +11,6 @@ def scan(
     last_ts: int,
     tag: bytes,
     wanted: Sequence[int],
-    check_streams: bool,
+    check_streams: int,
     /,
 ) -> tuple[Any, ...]: ...

@@ -48,6 +48,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return path, pub, cps
 
 
+@pytest.fixture(autouse=True)
+def split_small_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify splits logs of SPLIT_AT rows or more in two ranges scanned at once: here, these small logs too, so
+    the seam (the middle row, N // 2) is attacked like the start and the end."""
+    monkeypatch.setattr(ev, "SPLIT_AT", 100)
+
+
 def accelerator() -> Any:
     if os.environ.get("EVENTS_VERIFY_PURE_PYTHON"):
         pytest.skip("EVENTS_VERIFY_PURE_PYTHON is set: the C scan is off")
@@ -78,6 +85,16 @@ def c_verdict(path: Path) -> tuple[Any, ...]:
             conn.uri, 1, 2**62, genesis_hash(log_id), -(2**63), TAG, [], True
         )
         return out
+    finally:
+        conn.close()
+
+
+def fast_verdict(path: Path) -> bool:
+    """Whether verify's C scan (split at the seam on two CPUs) vouches for the whole log."""
+    conn = ev.open_readonly(path)
+    try:
+        st = ev._Scan(ev.read_log_id(conn), None, set())
+        return bool(ev._fast_scan(conn, st))
     finally:
         conn.close()
 
@@ -211,33 +228,36 @@ def test_an_intact_log_is_vouched_for_by_the_c_scan_with_the_same_report(
 ) -> None:
     path, pub, cps = base
     assert c_verdict(path)[:3] == ("clean", N, N + 1)
-    calls: list[str] = []
+    calls: list[tuple[str, int, int]] = []
     real = accelerator()
 
     class Spy:
         @staticmethod
         def scan(*args: Any) -> tuple[Any, ...]:
             out: tuple[Any, ...] = real.scan(*args)
-            calls.append(out[0])
+            calls.append((out[0], args[1], args[-1]))  # (verdict, first position, mode)
             return out
 
     monkeypatch.setattr(ev, "ACCELERATOR", Spy)
     fast, slow = both(monkeypatch, lambda: ev.verify(path, checkpoints=cps, public_key=pub))
-    assert calls == ["clean"]  # the fast report really came from the C scan
+    assert sorted(calls) == [("clean", 1, 1), ("clean", N // 2 + 1, 2)]  # from the C scan, in two halves
     assert fast.to_dict() == slow.to_dict() and fast.render() == slow.render()
     assert fast.exit_code == 0 and fast.events_checked == N and fast.checkpoints_valid == 2
     assert fast.newest_checkpoint_position == N and fast.unsealed_tail == 0
 
 
-@pytest.mark.parametrize("where", ["start", "middle", "end"])
+@pytest.mark.parametrize("where", ["start", "before_seam", "seam", "after_seam", "end"])
 @pytest.mark.parametrize("edit", sorted(EDITS))
 def test_every_forgery_gives_the_same_report_with_and_without_the_c_scan(
     base: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str, where: str
 ) -> None:
     path, pub, cps = base
-    position = {"start": 1, "middle": N // 2, "end": N}[where]
+    position = {"start": 1, "before_seam": N // 2 - 1, "seam": N // 2, "after_seam": N // 2 + 1, "end": N}[
+        where
+    ]
     forged = forge(path, tmp_path, edit, position)
     verdict = c_verdict(forged)
+    vouched = fast_verdict(forged)
     for kwargs in ({}, {"checkpoints": cps, "public_key": pub}):
         fast, slow = both(monkeypatch, lambda kw=kwargs: ev.verify(forged, **kw))
         assert fast.to_dict() == slow.to_dict(), (edit, where, kwargs)
@@ -249,6 +269,7 @@ def test_every_forgery_gives_the_same_report_with_and_without_the_c_scan(
         else:  # the C scan stops exactly where the Python row scan has something to report
             found = {i.kind for i in slow.issues} & ROW_SCAN_KINDS
             assert verdict[0] == ("anomaly" if found else "clean"), (verdict, slow.render())
+            assert vouched == (not found), slow.render()  # the same verdict from the two ranges joined
 
 
 @pytest.mark.parametrize("edit", ["payload_byte", "deleted", "actor_not_utf8_rechained", "time_backwards"])
@@ -292,8 +313,8 @@ def test_event_types_against_a_registry_give_the_same_warnings(
         assert fast.to_dict() == slow.to_dict() and fast.types_checked
         assert bool(fast.warnings) == (known is not types)
     assert (
-        calls == ["clean"] * 3
-    )  # all three vouched clean by C; the two registries' warnings come from Python
+        calls == ["clean"] * 6
+    )  # each vouched clean by C (two halves); the two registries' warnings from Python
 
 
 @pytest.mark.parametrize(
