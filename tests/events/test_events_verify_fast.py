@@ -219,7 +219,7 @@ def forge(base: Path, tmp: Path, edit: str, position: int, *, keep_wal: bool = F
 
 
 def test_the_accelerator_is_built() -> None:
-    """scripts/install.sh builds it (pip install -e . runs setup.py); without it verify is about 4x slower."""
+    """scripts/install.sh builds it (pip install -e . runs setup.py); without it verify is several times slower."""
     accelerator()
 
 
