@@ -23,7 +23,7 @@ import aiosqlite
 
 from .chain import genesis_hash
 from .envelope import AppendResult, StoredEvent
-from .errors import NotALogError
+from .errors import EventLogError, NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row, command_from_rows
@@ -36,8 +36,12 @@ async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., _T], *args: A
     execute = cast(Callable[..., Awaitable[_T]], conn._execute)
     return await execute(fn, *args)
 
-SCHEMA_VERSION = 2
-"""1: events + commands tables. 2: idempotency from events.command_id (index), REPLACE refused by triggers."""
+SCHEMA_VERSION = 3
+"""1: events + commands tables. 2: idempotency from events.command_id (index), REPLACE refused by triggers.
+3: no index on recorded_at (it cost every commit a page; reads by time search the position order instead,
+since recorded_at never goes backwards along the chain)."""
+REPLACE_TRIGGERS_SINCE = 2
+"""The schema version that added the *_no_replace triggers (a log older than that lacks them until opened)."""
 FILE_MODE = 0o600
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 FORMAT = "events.log"
@@ -79,7 +83,6 @@ SCHEMA = [
         hash BLOB NOT NULL,
         UNIQUE (stream_id, stream_version)
     )""",
-    "CREATE INDEX events_recorded_at ON events (recorded_at)",
     "CREATE INDEX events_command_id ON events (command_id) WHERE command_id IS NOT NULL",
     """CREATE TABLE commands (
         command_id TEXT PRIMARY KEY,
@@ -122,6 +125,10 @@ MIGRATE_1_TO_2 = [
     "CREATE INDEX IF NOT EXISTS events_command_id ON events (command_id) WHERE command_id IS NOT NULL",
     *TRIGGERS,
 ]
+MIGRATE_2_TO_3 = [
+    # every commit wrote a page of this index; async_read_since searches the position order instead
+    "DROP INDEX IF EXISTS events_recorded_at",
+]
 
 
 def migrate(conn: sqlite3.Connection) -> str:
@@ -151,6 +158,9 @@ def migrate(conn: sqlite3.Connection) -> str:
         # version 1 -> 2, and put back any trigger that was dropped (IF NOT EXISTS: no write when all are there)
         for stmt in MIGRATE_1_TO_2:
             conn.execute(stmt)
+        if version < 3:
+            for stmt in MIGRATE_2_TO_3:
+                conn.execute(stmt)
         if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -208,6 +218,16 @@ def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow
     a group's COMMIT waiting for the GIL."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # the group must start right after the stored head: a group the writer chained onto an earlier one
+        # whose COMMIT failed (pipelining) is refused here, never written with a gap before it
+        stored = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+        if rows and rows[0][0] != stored + 1:
+            raise EventLogError(
+                f"refusing a group that starts at position {rows[0][0]}: the log's head is {stored} (an earlier "
+                "group failed, or another process wrote the log); nothing of it was written",
+                field="log",
+                code="head_moved",
+            )
         # command ids live in the chained rows (no `commands` row)
         for i in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[i : i + INSERT_CHUNK]
@@ -237,6 +257,25 @@ def _lookup(
     return versions, found
 
 
+
+
+def _first_recorded_at_or_after(conn: sqlite3.Connection, us: int) -> int:
+    """The first position whose recorded_at is >= `us` (past the head if none), by binary search of the position
+    order: the writer never lets recorded_at go backwards along the chain (verify checks it), so the log is
+    sorted by time too and needs no index of its own for it."""
+    lo_hi = conn.execute("SELECT min(position), max(position) FROM events").fetchone()
+    if lo_hi[0] is None:
+        return 1
+    lo, hi = int(lo_hi[0]), int(lo_hi[1]) + 1  # answer in [lo, hi]; hi = past the head
+    at = "SELECT position, recorded_at FROM events WHERE position >= ? ORDER BY position LIMIT 1"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        pos, recorded = conn.execute(at, (mid,)).fetchone()  # `mid` <= max(position): a row exists
+        if recorded >= us:
+            hi = mid
+        else:
+            lo = pos + 1
+    return lo
 
 
 def create_private(path: Path, mode: int) -> None:
@@ -323,6 +362,10 @@ class SQLiteEventStore(EventStore):
             subscriber_queue_limit=subscriber_queue_limit,
         )
 
+    writer_pipeline_depth = 2
+    """The writer plans the next group while this one commits: commits run in order on the connection's
+    thread, and _commit refuses a group that does not start right after the stored head."""
+
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
         await _in_thread(self._conn, _commit, self._conn._conn, rows, commands)
 
@@ -350,8 +393,11 @@ class SQLiteEventStore(EventStore):
             sql = f"SELECT {COLUMNS} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
             params = (start, 2**62 if end is None else end, lim)
         else:
-            sql = f"SELECT {COLUMNS} FROM events WHERE recorded_at >= ? ORDER BY position LIMIT ?"
-            params = (start, lim)
+            first = await _in_thread(self._conn, _first_recorded_at_or_after, self._conn._conn, start)
+            # (recorded_at filters too: on a log whose times went backwards, which verify reports, nothing
+            # earlier than `start` is served)
+            sql = f"SELECT {COLUMNS} FROM events WHERE position >= ? AND recorded_at >= ? ORDER BY position LIMIT ?"
+            params = (first, start, lim)
         rows: list[Row] = list(await self._conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
         return rows
 
