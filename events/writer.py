@@ -95,7 +95,6 @@ class GroupWriter:
     """Owns the write-side caches (head, stream versions, recent commands) and the writer task."""
 
     RECENT_COMMANDS = 4096
-    SPLIT = True
 
     def __init__(
         self,
@@ -126,6 +125,8 @@ class GroupWriter:
         self._pending_versions: dict[str, tuple[int, _Plan]] = {}
         self._pending_commands: dict[str, tuple[AppendResult, _Plan]] = {}
         self._poisoned: BaseException | None = None  # a COMMIT failed: what is in flight behind it fails too
+        self._commit_s: float | None = None  # moving average of a COMMIT's duration (hand-over to outcome)
+        self._idle_since: float | None = None  # when the last COMMIT ended with nothing else in flight
         # requests waiting for the writer (None = stop); the writer sleeps on _wakeup when it is empty
         self._queue: deque[AppendRequest | None] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -209,10 +210,11 @@ class GroupWriter:
                     else:
                         await wakeup
                     continue
-                # With pipelining and nothing in flight, take half of what waits: the other half is planned
-                # while this half commits (appenders that all wait for one group would otherwise never
-                # overlap their work with a COMMIT).
-                take = len(queue) if self._depth == 1 or inflight or not self.SPLIT else (len(queue) + 1) // 2
+                take = len(queue)
+                if self._depth > 1 and not inflight and self._split_pays():
+                    # take half of what waits: the other half is planned while this half commits (appenders
+                    # that all wait for one group would otherwise never overlap their work with a COMMIT)
+                    take = (take + 1) // 2
                 group: list[AppendRequest] = []
                 n = 0
                 while queue and (not group or (n < self._max_group_events and len(group) < take)):
@@ -403,8 +405,20 @@ class GroupWriter:
             while self._inflight:
                 self._settle_oldest()
 
+    def _split_pays(self) -> bool:
+        """Whether splitting the waiting requests into two pipelined groups should pay: when the COMMIT thread
+        sat idle since the last COMMIT ended (appenders and planning on this thread) for at least half as long
+        as a COMMIT takes. When COMMITs dominate (a slow fsync), one bigger group pays one fsync, not two."""
+        if self._idle_since is None or self._commit_s is None:
+            return False
+        return time.perf_counter() - self._idle_since >= self._commit_s / 2
+
     def _settle_oldest(self) -> None:
         item = self._inflight.popleft()
+        now = time.perf_counter()
+        took = now - item.started
+        self._commit_s = took if self._commit_s is None else 0.8 * self._commit_s + 0.2 * took
+        self._idle_since = None if self._inflight else now
         plan, commit = item.plan, item.commit
         try:
             ok = self._settle(plan, commit)
@@ -418,7 +432,7 @@ class GroupWriter:
                 self._poisoned = None
         if self.on_commit is not None and commit.done():
             try:
-                self.on_commit(len(plan.rows), time.perf_counter() - item.started, ok)
+                self.on_commit(len(plan.rows), took, ok)
             except Exception:  # a metrics bug must not stop the writer
                 pass
 
