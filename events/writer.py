@@ -386,7 +386,7 @@ class GroupWriter:
         """Hand the group's COMMIT to the backend (a task of its own: cancelling the writer cannot stop it) and
         plan further groups on top of it."""
         commit = asyncio.ensure_future(self._backend._async_commit(plan.rows, plan.command_rows))
-        self._inflight.append(_InFlight(plan, commit, time.perf_counter()))
+        self._inflight.append(_InFlight(plan, commit, time.perf_counter(), not self._inflight))
         for sid, version in plan.staged.items():
             self._pending_versions[sid] = (version, plan)
         for req, result in plan.accepted:
@@ -406,18 +406,20 @@ class GroupWriter:
                 self._settle_oldest()
 
     def _split_pays(self) -> bool:
-        """Whether splitting the waiting requests into two pipelined groups should pay: when the COMMIT thread
-        sat idle since the last COMMIT ended (appenders and planning on this thread) for at least half as long
-        as a COMMIT takes. When COMMITs dominate (a slow fsync), one bigger group pays one fsync, not two."""
+        """Whether splitting the waiting requests into two pipelined groups should pay: when the backend sat
+        idle since the last COMMIT ended (while appenders and planning ran on this thread) for longer than a
+        COMMIT alone takes, overlapping the two halves saves more than the second COMMIT costs. When COMMITs
+        dominate (a slow fsync), one bigger group pays one COMMIT, not two."""
         if self._idle_since is None or self._commit_s is None:
             return False
-        return time.perf_counter() - self._idle_since >= self._commit_s / 2
+        return time.perf_counter() - self._idle_since > self._commit_s
 
     def _settle_oldest(self) -> None:
         item = self._inflight.popleft()
         now = time.perf_counter()
         took = now - item.started
-        self._commit_s = took if self._commit_s is None else 0.8 * self._commit_s + 0.2 * took
+        if item.solo and not self._inflight:  # a COMMIT that did not queue behind or beside another one
+            self._commit_s = took if self._commit_s is None else 0.8 * self._commit_s + 0.2 * took
         self._idle_since = None if self._inflight else now
         plan, commit = item.plan, item.commit
         try:
@@ -504,6 +506,7 @@ class _InFlight:
     plan: _Plan
     commit: asyncio.Future[None]
     started: float
+    solo: bool  # nothing else was in flight when it was handed over
 
 
 def _fail(requests: Iterable[AppendRequest], exc: BaseException) -> None:
