@@ -202,11 +202,34 @@ INSERT_CHUNK = 256
 _INSERT_SQL: dict[int, str] = {}
 
 
+_INSERT_AFTER_SQL: dict[int, str] = {}
+
+
 def _insert_sql(n: int) -> str:
     sql = _INSERT_SQL.get(n)
     if sql is None:
         sql = _INSERT_SQL[n] = f"INSERT INTO events ({COLUMNS}) VALUES " + ",".join([_ROW_PARAMS] * n)
     return sql
+
+
+def _insert_after_sql(n: int) -> str:
+    """n rows in one statement, inserted only if the stored head is the last parameter (else none)."""
+    sql = _INSERT_AFTER_SQL.get(n)
+    if sql is None:
+        sql = _INSERT_AFTER_SQL[n] = (
+            f"INSERT INTO events ({COLUMNS}) SELECT * FROM (VALUES " + ",".join([_ROW_PARAMS] * n) + ") "
+            "WHERE (SELECT coalesce(max(position), 0) FROM events) = ?"
+        )
+    return sql
+
+
+def _head_moved(first: int, stored: int) -> EventLogError:
+    return EventLogError(
+        f"refusing a group that starts at position {first}: the log's head is {stored} (an earlier group "
+        "failed, or another process wrote the log); nothing of it was written",
+        field="log",
+        code="head_moved",
+    )
 
 
 def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow]) -> None:
@@ -215,19 +238,27 @@ def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow
     The rows go in as multi-row INSERTs (one statement per INSERT_CHUNK rows), not one statement per row:
     the sqlite3 module takes the GIL back after every statement step, and while the event loop's thread runs
     Python that wait is up to the interpreter's switch interval (5 ms), so a per-row executemany spent most of
-    a group's COMMIT waiting for the GIL."""
+    a group's COMMIT waiting for the GIL.
+
+    The group must start right after the stored head: a group the writer chained onto an earlier one whose
+    COMMIT failed (pipelining) is refused, never written with a gap before it. A group of up to INSERT_CHUNK
+    rows is one statement (its own transaction: atomic, fsynced at its end under synchronous=FULL) that
+    checks the head itself; a bigger one is an explicit transaction of several.
+    """
+    if not rows:
+        return
+    first = rows[0][0]
+    if len(rows) <= INSERT_CHUNK and not conn.in_transaction:
+        cur = conn.execute(_insert_after_sql(len(rows)), [*(v for row in rows for v in row), first - 1])
+        if cur.rowcount != len(rows):  # 0: the head check failed and nothing was inserted
+            stored = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            raise _head_moved(first, stored)
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        # the group must start right after the stored head: a group the writer chained onto an earlier one
-        # whose COMMIT failed (pipelining) is refused here, never written with a gap before it
-        stored = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
-        if rows and rows[0][0] != stored + 1:
-            raise EventLogError(
-                f"refusing a group that starts at position {rows[0][0]}: the log's head is {stored} (an earlier "
-                "group failed, or another process wrote the log); nothing of it was written",
-                field="log",
-                code="head_moved",
-            )
+        stored = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        if first != stored + 1:
+            raise _head_moved(first, stored)
         # command ids live in the chained rows (no `commands` row)
         for i in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[i : i + INSERT_CHUNK]

@@ -191,9 +191,25 @@ async def test_the_commit_refuses_a_group_that_does_not_start_after_the_stored_h
         with pytest.raises(EventLogError) as info:
             _commit(conn, [tuple(row)], [])
         assert info.value.code == "head_moved" and not conn.in_transaction
+        big = [(position + i, *row[1:]) for i in range(600)]  # more rows than one statement takes
+        with pytest.raises(EventLogError) as info:
+            _commit(conn, big, [])
+        assert info.value.code == "head_moved" and not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1
     conn.close()
     assert first.last_position == 1
+
+
+async def test_a_group_bigger_than_one_insert_statement_is_one_transaction(tmp_path: Path) -> None:
+    store = await _open(tmp_path)
+    try:
+        small = await store.async_append("s", [ev(i=0)])
+        big = await store.async_append("s", [ev(i=i) for i in range(1, 601)], expected_version=1)
+        assert big.last_position == 601 and big.events[0].prev_hash == small.events[0].hash
+        assert [e.payload["i"] for e in await store.async_read_stream("s")] == list(range(601))
+    finally:
+        await store.async_close()
+    assert verify(tmp_path / "log.db").exit_code == 0
 
 
 def await_row(conn: sqlite3.Connection, position: int) -> tuple[Any, ...]:
