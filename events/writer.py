@@ -9,7 +9,8 @@ duplicates of, or in conflict with, another request of the group) and leaves the
 fails with StoreClosedError instead of waiting forever.
 
 Pipelining (a backend with ``writer_pipeline_depth`` = 2, e.g. SQLite, whose commits run in order on one
-thread): the writer plans and hands over group N+1 (checks, chain, SHA-256) while group N's COMMIT runs.
+thread): requests that arrive while group N's COMMIT runs are planned (checks, chain, SHA-256) and handed over
+as group N+1 at once, not after N's COMMIT.
 Group N+1 is chained onto N's uncommitted head, so its requests that depend on group N (a retried command id
 of N, a conflict with a version N writes) stand or fall with N, exactly like requests of one group; and if
 N's COMMIT fails, N+1 fails with it (the backend refuses a group that does not start right after its stored
@@ -125,8 +126,6 @@ class GroupWriter:
         self._pending_versions: dict[str, tuple[int, _Plan]] = {}
         self._pending_commands: dict[str, tuple[AppendResult, _Plan]] = {}
         self._poisoned: BaseException | None = None  # a COMMIT failed: what is in flight behind it fails too
-        self._commit_s: float | None = None  # moving average of a COMMIT's duration (hand-over to outcome)
-        self._idle_since: float | None = None  # when the last COMMIT ended with nothing else in flight
         # requests waiting for the writer (None = stop); the writer sleeps on _wakeup when it is empty
         self._queue: deque[AppendRequest | None] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -210,14 +209,12 @@ class GroupWriter:
                     else:
                         await wakeup
                     continue
-                take = len(queue)
-                if self._depth > 1 and not inflight and self._split_pays():
-                    # take half of what waits: the other half is planned while this half commits (appenders
-                    # that all wait for one group would otherwise never overlap their work with a COMMIT)
-                    take = (take + 1) // 2
+                # Everything that waits goes into one group. (Splitting it in two pipelined halves, so that the
+                # second is planned while the first commits, measured slower: twice the COMMITs, and SQLite's
+                # thread then waits for the GIL while this thread plans.)
                 group: list[AppendRequest] = []
                 n = 0
-                while queue and (not group or (n < self._max_group_events and len(group) < take)):
+                while queue and (not group or n < self._max_group_events):
                     req = queue.popleft()
                     if req is None:
                         stop = True
@@ -386,7 +383,7 @@ class GroupWriter:
         """Hand the group's COMMIT to the backend (a task of its own: cancelling the writer cannot stop it) and
         plan further groups on top of it."""
         commit = asyncio.ensure_future(self._backend._async_commit(plan.rows, plan.command_rows))
-        self._inflight.append(_InFlight(plan, commit, time.perf_counter(), not self._inflight))
+        self._inflight.append(_InFlight(plan, commit, time.perf_counter()))
         for sid, version in plan.staged.items():
             self._pending_versions[sid] = (version, plan)
         for req, result in plan.accepted:
@@ -405,22 +402,9 @@ class GroupWriter:
             while self._inflight:
                 self._settle_oldest()
 
-    def _split_pays(self) -> bool:
-        """Whether splitting the waiting requests into two pipelined groups should pay: when the backend sat
-        idle since the last COMMIT ended (while appenders and planning ran on this thread) for longer than a
-        COMMIT alone takes, overlapping the two halves saves more than the second COMMIT costs. When COMMITs
-        dominate (a slow fsync), one bigger group pays one COMMIT, not two."""
-        if self._idle_since is None or self._commit_s is None:
-            return False
-        return time.perf_counter() - self._idle_since > self._commit_s
-
     def _settle_oldest(self) -> None:
         item = self._inflight.popleft()
-        now = time.perf_counter()
-        took = now - item.started
-        if item.solo and not self._inflight:  # a COMMIT that did not queue behind or beside another one
-            self._commit_s = took if self._commit_s is None else 0.8 * self._commit_s + 0.2 * took
-        self._idle_since = None if self._inflight else now
+        took = time.perf_counter() - item.started
         plan, commit = item.plan, item.commit
         try:
             ok = self._settle(plan, commit)
@@ -506,7 +490,6 @@ class _InFlight:
     plan: _Plan
     commit: asyncio.Future[None]
     started: float
-    solo: bool  # nothing else was in flight when it was handed over
 
 
 def _fail(requests: Iterable[AppendRequest], exc: BaseException) -> None:

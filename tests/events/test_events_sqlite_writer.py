@@ -305,37 +305,3 @@ async def test_a_schema_2_log_written_by_the_previous_store_is_migrated_and_goes
     conn.close()
     report = verify(path)
     assert report.exit_code == 0 and report.events_checked == 23, report.render()
-
-
-async def test_waiting_requests_are_split_only_when_the_backend_sat_idle_longer_than_a_commit(
-    tmp_path: Path,
-) -> None:
-    store = await _open(tmp_path)
-    try:
-        w = store._writer
-        assert not w._split_pays()  # no COMMIT measured yet
-        await store.async_append("s", [ev()])
-        assert w._commit_s is not None and w._idle_since is not None
-        w._idle_since -= w._commit_s / 2
-        assert not w._split_pays()  # idle for half a COMMIT: one bigger group
-        w._idle_since -= w._commit_s
-        assert w._split_pays()  # idle for longer than a COMMIT: two overlapped halves
-        # split: the second half is planned while the first commits, both land in order
-        gate = asyncio.Event()
-        real = store._async_commit
-
-        async def held(rows: Any, commands: Any) -> None:
-            await gate.wait()
-            await real(rows, commands)
-
-        store._async_commit = held  # type: ignore[method-assign]
-        commits: list[int] = []
-        w.on_commit = lambda n, s, ok: commits.append(n)
-        tasks = [asyncio.create_task(store.async_append(f"s-{i}", [ev(i=i)])) for i in range(8)]
-        await asyncio.sleep(0.05)
-        gate.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
-        assert commits == [4, 4] and [r.last_position for r in results] == list(range(2, 10))
-    finally:
-        await store.async_close()
-    assert verify(tmp_path / "log.db").exit_code == 0
