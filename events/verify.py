@@ -587,13 +587,13 @@ def _check_wal(conn: ReadOnlyLog, st: _Scan, report: VerifyReport) -> None:
 
 
 def _check_schema_objects(conn: sqlite3.Connection, st: _Scan) -> None:
-    from .sqlite import SCHEMA_VERSION, TRIGGER_NAMES
+    from .sqlite import REPLACE_TRIGGERS_SINCE, TRIGGER_NAMES
 
     have = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
     missing = sorted(TRIGGER_NAMES - have)
     if missing:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        old = version < SCHEMA_VERSION and missing == sorted(n for n in missing if n.endswith("_no_replace"))
+        old = version < REPLACE_TRIGGERS_SINCE and missing == sorted(n for n in missing if n.endswith("_no_replace"))
         st.warn(
             None,
             "triggers_missing" if not old else "old_schema",
