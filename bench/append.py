@@ -20,9 +20,10 @@ WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append ret
 - ``eventsourcing`` (optional ``bench`` extra): its SQLite recorder (WAL; ``synchronous=FULL`` set here), one
   ``Application.save`` per event; concurrent = ``--appenders`` threads. Skipped if the package is missing.
 
-For every contender: events/s and the bytes handed to ``write()`` per event (``wchar`` of /proc/self/io: WAL
-frames, checkpoints, everything), min/median/max of ``--runs`` runs. The load average is printed first and last.
-The last line is a JSON object of the medians.
+For every contender: events/s, the bytes handed to ``write()`` per event (``wchar`` of /proc/self/io: WAL
+frames, checkpoints, everything) and the CPU per event of this process (user + system, every thread: the event
+loop and SQLite's), min/median/max of ``--runs`` runs. The load average is printed first and last. The last line
+is a JSON object of the medians.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt, footer, header, medians, proc_io
+from bench.common import cpu_s, fmt, footer, header, medians, proc_io
 from events import EventStore, NewEvent, SQLiteEventStore
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
@@ -277,11 +278,12 @@ def peer(path: Path, n: int, appenders: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def measured(fn: Callable[[], float], n: int) -> tuple[float, float]:
-    """(events/s, bytes handed to write() per event) of one run."""
+def measured(fn: Callable[[], float], n: int) -> tuple[float, float, float]:
+    """(events/s, bytes handed to write() per event, µs of this process's CPU per event) of one run."""
     io0 = proc_io()["wchar"]
+    cpu0 = cpu_s()
     eps = fn()
-    return eps, (proc_io()["wchar"] - io0) / n
+    return eps, (proc_io()["wchar"] - io0) / n, (cpu_s() - cpu0) / n * 1e6
 
 
 def main() -> None:
@@ -304,9 +306,10 @@ def main() -> None:
     opener = STORES["sqlite"] if pg_side is not None else STORES[args.store]
     results: dict[str, list[float]] = {}
 
-    def record(key: str, eps: float, bpe: float) -> None:
+    def record(key: str, eps: float, bpe: float, cpu_us: float) -> None:
         results.setdefault(f"{key}_eps", []).append(eps)
         results.setdefault(f"{key}_bytes_per_event", []).append(bpe)
+        results.setdefault(f"{key}_cpu_us_per_event", []).append(cpu_us)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp_s:
         tmp = Path(tmp_s)
@@ -344,7 +347,9 @@ def main() -> None:
             for mode, k in (("seq", 1), ("conc", c)):
                 r = results[f"{key}_{mode}_eps"]
                 b = results[f"{key}_{mode}_bytes_per_event"]
-                print(f"{label:38s} {k:3d} appender(s): {fmt(r, ' ev/s')}; {fmt(b, ' B/event')}")
+                u = results[f"{key}_{mode}_cpu_us_per_event"]
+                print(f"{label:38s} {k:3d} appender(s): {fmt(r, ' ev/s')}; {fmt(b, ' B/event')}; "
+                      f"CPU {fmt(u, ' µs/event')}")  # fmt: skip
         best = [max(a, b) for a, b in zip(results["naive_seq_eps"], results["naive_conc_eps"], strict=True)]
         results["ratio_conc_vs_best_naive"] = [m / b for m, b in zip(results["moldd_conc_eps"], best, strict=True)]
         print(f"ratio moldd {c} appenders / naive's best mode: {fmt(results['ratio_conc_vs_best_naive'], 'x', 2)}")
