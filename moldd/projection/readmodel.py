@@ -328,7 +328,7 @@ class ReadModel:
             for pos, sid, sv, et, schema, at, actor, corr, payload in rows:
                 if pos <= last:
                     continue
-                if type(payload) is bytes and long_int(payload) is None:  # canonical_loads, inlined
+                if type(payload) is bytes and not long_int(payload):  # canonical_loads, inlined
                     try:
                         data = loads(payload)
                     except decode_error:
