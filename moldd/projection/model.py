@@ -285,9 +285,6 @@ class Captured:
         return cls(kind._FIELDS, {k: values(r) for k, r in records.items()})
 
     def record(self, name: str) -> dict[str, Any]:
-        """The record as ``to_dict()`` gives it (states as their plain values)."""
-        out = dict(zip(self.fields, self.rows[name], strict=True))
-        for key, value in out.items():
-            if isinstance(value, Enum):
-                out[key] = value.value
-        return out
+        """The record's fields as a dict (states as ``VMState`` members, which JSON encoders write as their
+        values: the same JSON as ``to_dict()``'s)."""
+        return dict(zip(self.fields, self.rows[name], strict=True))
