@@ -336,7 +336,13 @@ def _server_process(
     log_file = open(Path(root) / "server.log", "a", buffering=1)
     os.dup2(log_file.fileno(), 2)
     sys.stderr = log_file
-    asyncio.run(_async_server(fake, Path(root), n_vms, gc_freeze, profile, conn))
+    factory = None
+    if os.environ.get("MOLDD_BENCH_LOOP") == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_async_server(fake, Path(root), n_vms, gc_freeze, profile, conn))
 
 
 async def _async_populate(path: str, n_vms: int) -> None:

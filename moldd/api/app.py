@@ -57,7 +57,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse."""
+    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse.
+
+    The kernel fixes a connection's credentials (and groups) at ``connect()``, so the answer is kept on the
+    connection (:class:`~moldd.api.protocol.JsonRequestHandler`) until the policy's look-up it came from
+    expires: the next requests on a keep-alive connection skip the ``getsockopt`` calls and the look-up."""
+    policy = request.app[ACCESS_KEY]
+    conn = request.protocol
+    kept = getattr(conn, "identity", None)
+    if kept is not None and kept[0] is policy and policy.now() < kept[1]:
+        request[ACTOR_KEY] = kept[2]
+        return await handler(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     try:
         if sock is None or sock.family != socket.AF_UNIX:
@@ -65,7 +75,10 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
         creds = peer_creds(sock)
     except OSError:
         raise PermissionDenied("moldd answers only local clients on its Unix socket") from None
-    request[ACTOR_KEY] = await request.app[ACCESS_KEY].async_actor_for(creds, sock)
+    actor = await policy.async_actor_for(creds, sock)
+    request[ACTOR_KEY] = actor
+    if hasattr(conn, "identity"):
+        conn.identity = (policy, policy.valid_until(creds), actor)
     return await handler(request)
 
 
@@ -94,6 +107,7 @@ def make_app(
     app[BUS_KEY] = bus
     app[ACCESS_KEY] = access if access is not None else AccessPolicy(None)
     app[SETTINGS_KEY] = settings if settings is not None else ApiSettings()
+    app[handlers.VERBS_KEY] = []
     app.cleanup_ctx.append(_closing_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_post("/v1/command", handlers.async_command)

@@ -86,6 +86,8 @@ class JsonRequestHandler(RequestHandler):
         self._body: StreamReader | None = None
         self._cut = False  # timed out: the reply is sent, input is discarded until the connection closes
         self.lost = asyncio.Event()  # set when the connection is gone (a long-lived handler can stop at once)
+        # (access policy, valid until, Actor) of the peer: see moldd.api.app.identity_middleware
+        self.identity: tuple[Any, float, Any] | None = None
 
     # -- timeouts -------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
