@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
 from aiohttp import web
@@ -134,7 +134,7 @@ class JsonRequestHandler(RequestHandler):
             )
             # Shut the write side and drop what still comes for a moment: closing with unread input would
             # reset the connection before the client reads the reply.
-            if isinstance(transport, asyncio.Transport) and transport.can_write_eof():
+            if _is_stream(transport) and transport.can_write_eof():
                 transport.write_eof()
                 asyncio.get_running_loop().call_later(1.0, self.force_close)
                 return
@@ -183,6 +183,13 @@ class JsonRequestHandler(RequestHandler):
         return resp
 
 
+def _is_stream(transport: asyncio.BaseTransport) -> TypeGuard[asyncio.Transport]:
+    """A stream transport, whether asyncio's or uvloop's (whose classes are not ``asyncio.Transport``)."""
+    return isinstance(transport, asyncio.Transport) or (
+        hasattr(transport, "write") and hasattr(transport, "can_write_eof")
+    )
+
+
 class _Refused(asyncio.Protocol):
     """A connection over ``max_connections``: one JSON 503, then the write side is shut and what the client
     still sends is discarded until it closes (closing with its request unread would reset the connection before
@@ -193,7 +200,7 @@ class _Refused(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not isinstance(transport, asyncio.Transport):
+        if not _is_stream(transport):
             raise TypeError(f"a stream transport is needed, not {type(transport).__name__}")
         self.transport = transport
         transport.write(
