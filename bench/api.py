@@ -253,7 +253,7 @@ NODE_XML = """<node>
 def write_bench_config(root: Path, n_vms: int) -> Path:
     """A daemon config: two test-driver hosts with room for ``n_vms`` under the N-1 rule, one offering and a
     real qcow2 template. Log level is the daemon's default (info), written to a file as in production."""
-    from moldd.testing.harness import write_template
+    from moldlab.testing.harness import write_template
 
     template = write_template(root / "images" / "tiny.qcow2")
     lines = [
@@ -347,7 +347,7 @@ def _server_process(
 
 async def _async_populate(path: str, n_vms: int) -> None:
     """Deploy ``n_vms`` VMs through the API (not started), 16 at a time, a quarter in each group or none."""
-    from moldd.testing.harness import Client
+    from moldlab.testing.harness import Client
 
     async with Client(path) as c:
         for g in GROUPS:

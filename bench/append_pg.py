@@ -4,7 +4,7 @@ group-commit writer, the same events, on each store.
     python bench/append_pg.py --events N [--runs R]
 
 SQLite: WAL + synchronous=FULL in a temporary directory. PostgreSQL: a throw-away server started here
-(moldd.testing.pgserver: initdb + pg_ctl as an unprivileged user, Unix socket, fsync=on,
+(moldlab.testing.pgserver: initdb + pg_ctl as an unprivileged user, Unix socket, fsync=on,
 synchronous_commit=on: every COMMIT is flushed before the appenders are answered), its data directory in /tmp.
 Each run writes a fresh log. The last line is a JSON object (events/s per store: min/median/max of the runs).
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from events import EventStore, NewEvent, SQLiteEventStore
 from events.postgres import PostgresEventStore
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.pgserver import PgServer
 
 APPENDERS = 64
 

@@ -30,10 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moldd.lab import Lab, build_guest
-from moldd.testing.cluster import Node, make_nodes
-from moldd.testing.harness import CommandFailed
-from moldd.testing.pgserver import PgServer
+from moldlab import Lab, build_guest
+from moldlab.testing.cluster import Node, make_nodes
+from moldlab.testing.harness import CommandFailed
+from moldlab.testing.pgserver import PgServer
 
 CACHE = Path(os.environ.get("MOLDD_LAB_CACHE") or Path(__file__).resolve().parent.parent / ".lab" / "cache")
 

@@ -42,9 +42,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moldd.lab import Lab, build_guest
 from moldd.logging import configure_logging
-from moldd.testing.harness import Client, running_daemon, write_config
+from moldlab import Lab, build_guest
+from moldlab.testing.harness import Client, running_daemon, write_config
 
 CACHE = Path(os.environ.get("MOLDD_LAB_CACHE", Path(__file__).resolve().parent.parent / ".lab" / "cache"))
 READY = "MOLDD-GUEST-READY"

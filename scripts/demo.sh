@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 # libvirtd hosts in private mount namespaces need root
 [ "$(id -u)" -eq 0 ] || exec sudo "$0" "$@"
 scripts/install.sh
-exec .venv/bin/python -m moldd.demo --root var/demo "$@"
+exec .venv/bin/python -m moldlab.demo --root var/demo "$@"

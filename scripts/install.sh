@@ -23,4 +23,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
-$SUDO .venv/bin/python -m moldd.lab prepare
+$SUDO .venv/bin/python -m moldlab prepare

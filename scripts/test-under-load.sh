@@ -6,7 +6,7 @@
 #   HOGS=6 scripts/test-under-load.sh tests/daemon/test_lifecycle.py -k console
 #
 # Does not install anything (run scripts/install.sh first); pytest's per-test timeout is raised (the hogs slow
-# every guest), the tests' own limits stretch with the load (moldd.testing.load).
+# every guest), the tests' own limits stretch with the load (moldlab.testing.load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || exec sudo -E "$0" "$@"

@@ -1,11 +1,11 @@
-"""Shared pytest fixtures.  Lab fixtures (real libvirtd + QEMU): see moldd/lab.
+"""Shared pytest fixtures.  Lab fixtures (real libvirtd + QEMU): see moldlab.
 
 * ``libvirt_events``: libvirt's default event loop, registered once per session, run in a thread
   (needed for domain events and connection keepalive; must precede the connections that use them).
 * ``guest_image``: the tiny real Linux guest, cached in ``$MOLDD_LAB_CACHE`` or ``<repo>/.lab/cache``.
 * ``lab``: 2 lab hosts for the whole session (stopped at the end); a test that kills/freezes a host
   must leave it running again (``lab_healthy`` does that after each test that uses it).
-* ``wait_events`` / :class:`moldd.lab.events.LifecycleRecorder`: wait for lifecycle events.
+* ``wait_events`` / :class:`moldlab.events.LifecycleRecorder`: wait for lifecycle events.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _import_real_libvirt() -> None:
 
 _import_real_libvirt()
 
-from moldd.lab import GuestImage, Lab  # noqa: E402  (after the real libvirt is in sys.modules)
+from moldlab import GuestImage, Lab  # noqa: E402  (after the real libvirt is in sys.modules)
 
 
 def lab_cache_dir() -> Path:
@@ -48,14 +48,14 @@ def lab_cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def libvirt_events() -> None:
-    from moldd.lab.events import ensure_default_event_loop
+    from moldlab.events import ensure_default_event_loop
 
     ensure_default_event_loop()
 
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
-    from moldd.lab import build_guest
+    from moldlab import build_guest
 
     return build_guest(lab_cache_dir())
 
@@ -91,9 +91,9 @@ def wait_events() -> Callable[..., list[tuple[int, int]]]:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Any]:
-    """A real PostgreSQL server for the session (moldd.testing.pgserver: initdb + pg_ctl as `nobody`, Unix
+    """A real PostgreSQL server for the session (moldlab.testing.pgserver: initdb + pg_ctl as `nobody`, Unix
     socket in its own temporary directory). fsync is off: tests check behaviour, not power-loss durability."""
-    from moldd.testing.pgserver import PgServer
+    from moldlab.testing.pgserver import PgServer
 
     with PgServer(fsync=False) as pg:
         yield pg

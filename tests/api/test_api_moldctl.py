@@ -17,7 +17,7 @@ import pytest
 from moldd.api import ApiServer
 from moldd.cli import moldctl
 from moldd.cli.moldctl import COMMANDS, build_parser, command_args, format_table, parse_pairs, parse_value
-from moldd.testing.load import scaled
+from moldlab.testing.load import scaled
 from tests.api.conftest import FakeBus
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moldd import systemd
-from moldd.testing.load import scaled
+from moldlab.testing.load import scaled
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from moldd.cli.audit import main as audit_main
-from moldd.testing.harness import Client, running_daemon, write_config
+from moldlab.testing.harness import Client, running_daemon, write_config
 from tests.daemon.conftest import *  # noqa: F403  (clean_lab, make_config, config, daemon, client, ...)
 from tests.daemon.conftest import wipe_lab
 

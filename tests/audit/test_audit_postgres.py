@@ -10,7 +10,7 @@ from typing import Any
 
 from events.copy import async_copy
 from moldd.cli.audit import main as audit_main
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.pgserver import PgServer
 from tests.audit.conftest import RecordedLog
 
 

@@ -12,8 +12,8 @@ import libvirt
 import pytest
 
 from moldd.cli.audit import main as audit
-from moldd.lab import domain_xml
-from moldd.testing.harness import Client, running_daemon
+from moldlab import domain_xml
+from moldlab.testing.harness import Client, running_daemon
 
 pytestmark = pytest.mark.libvirt
 

@@ -10,7 +10,7 @@ import pytest
 
 from moldd.audit.state import state_at
 from moldd.cli.audit import main as audit
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 from tests.audit.conftest import RecordedLog
 
 pytestmark = pytest.mark.libvirt

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cs import CloudStack
 
-from moldd.testing.harness import Client, running_daemon
+from moldlab.testing.harness import Client, running_daemon
 from tests.daemon.conftest import clean_lab, make_config  # noqa: F401  (fixtures)
 
 
@@ -32,8 +32,8 @@ class CsLab:
         import time
         from pathlib import Path
 
-        from moldd.lab import GUEST_READY_MARKER
-        from moldd.testing.load import scaled
+        from moldlab import GUEST_READY_MARKER
+        from moldlab.testing.load import scaled
 
         vm = (await self.client.call("listVirtualMachines", id=vm_id))["result"]["virtualmachine"][0]
         log = Path(vm["root_disk"]["path"]).parent / "console.log"

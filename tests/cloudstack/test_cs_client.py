@@ -182,7 +182,7 @@ async def test_cs_over_tls_and_old_tls_refused(make_config: Any, tmp_path: Any) 
     import ssl
     import subprocess
 
-    from moldd.testing.harness import Client, running_daemon
+    from moldlab.testing.harness import Client, running_daemon
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
@@ -223,7 +223,7 @@ async def test_cs_over_tls_and_old_tls_refused(make_config: Any, tmp_path: Any) 
 
 async def test_zone_per_cluster_and_deploy_lands_in_the_zone(make_config: Any) -> None:
     from moldd.config import load_config
-    from moldd.testing.harness import Client, running_daemon
+    from moldlab.testing.harness import Client, running_daemon
 
     config = make_config(daemon={"tolerated_host_failures": 0}, sections={"cloudstack": {"port": 0}})
     text = config.path.read_text()

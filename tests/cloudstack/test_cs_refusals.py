@@ -16,7 +16,7 @@ from cs import CloudStackApiException
 from moldd.api.cloudstack.signing import sign
 from moldd.app.bus import Actor
 from moldd.domain.errors import PermissionDenied
-from moldd.testing.harness import Client, running_daemon
+from moldlab.testing.harness import Client, running_daemon
 from tests.cloudstack.conftest import CsLab
 
 pytestmark = pytest.mark.libvirt

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cs import CloudStack
 
-from moldd.testing.harness import Client, CommandFailed, running_daemon
+from moldlab.testing.harness import Client, CommandFailed, running_daemon
 
 pytestmark = pytest.mark.libvirt
 

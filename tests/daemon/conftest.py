@@ -9,7 +9,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client, running_daemon, write_config
+from moldlab.testing.harness import Client, running_daemon, write_config
 
 
 def wipe_lab(lab: Any) -> None:

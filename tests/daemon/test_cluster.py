@@ -15,9 +15,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from moldd.testing.cluster import Node, make_nodes
-from moldd.testing.harness import CommandFailed
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.cluster import Node, make_nodes
+from moldlab.testing.harness import CommandFailed
+from moldlab.testing.pgserver import PgServer
 from tests.daemon.test_ha import qemu_pid, running_copies
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]

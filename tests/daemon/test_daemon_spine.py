@@ -15,9 +15,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client, running_daemon
-from moldd.testing.load import scaled
-from moldd.testing.loopwatch import LoopWatch
+from moldlab.testing.harness import Client, running_daemon
+from moldlab.testing.load import scaled
+from moldlab.testing.loopwatch import LoopWatch
 from tests.daemon.test_ha import qemu_pid
 
 pytestmark = pytest.mark.libvirt

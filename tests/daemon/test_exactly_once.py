@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 
 pytestmark = pytest.mark.libvirt
 
@@ -118,7 +118,7 @@ async def test_reused_id_for_another_command_is_refused(client: Client, clean_la
 
 
 async def test_binding_is_read_back_from_the_log_after_restart(make_config: Any, clean_lab: Any) -> None:
-    from moldd.testing.harness import running_daemon
+    from moldlab.testing.harness import running_daemon
 
     config = make_config()
     async with running_daemon(config) as d, Client(d.config.socket) as client:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from events import NewEvent, SQLiteEventStore
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 

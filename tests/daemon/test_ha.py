@@ -13,7 +13,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client, CommandFailed, running_daemon
+from moldlab.testing.harness import Client, CommandFailed, running_daemon
 
 pytestmark = pytest.mark.libvirt
 

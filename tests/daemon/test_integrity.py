@@ -18,7 +18,7 @@ from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
 from moldd.audit.checkpoint import keygen
 from moldd.cli.audit import main as audit_main
-from moldd.testing.harness import Client, running_daemon
+from moldlab.testing.harness import Client, running_daemon
 
 COLUMNS = (
     "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
@@ -177,7 +177,7 @@ RLO = "\u202e"
 
 
 async def test_control_and_format_characters_are_refused_in_names_and_ids(make_config: Any) -> None:
-    from moldd.testing.harness import CommandFailed
+    from moldlab.testing.harness import CommandFailed
 
     config = make_config()
     async with running_daemon(config) as d, Client(d.config.socket) as client:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from moldd.testing.harness import Client, CommandFailed
-from moldd.testing.load import scaled
+from moldlab.testing.harness import Client, CommandFailed
+from moldlab.testing.load import scaled
 from tests.daemon.conftest import domain_state
 
 pytestmark = pytest.mark.libvirt
@@ -139,7 +139,7 @@ async def test_blank_vm_boots_its_iso_from_an_empty_root_disk(client: Client, cl
 async def test_destroyed_vm_is_expunged_by_the_sweeper_after_the_delay(make_config: Any) -> None:
     import asyncio
 
-    from moldd.testing.harness import running_daemon
+    from moldlab.testing.harness import running_daemon
 
     config = make_config(daemon={"expunge_delay_s": 1, "expunge_sweep_s": 0.2})
     async with running_daemon(config) as d, Client(d.config.socket) as client:

@@ -14,7 +14,7 @@ import pytest
 
 from moldd.domain.errors import MolddError, Unavailable
 from moldd.domain.states import Action, VMState, is_allowed
-from moldd.testing.harness import Client, running_daemon
+from moldlab.testing.harness import Client, running_daemon
 from tests.daemon.test_ha import deploy_ha, qemu_pid, running_copies, wait_event
 
 pytestmark = pytest.mark.libvirt

@@ -16,8 +16,8 @@ import libvirt
 import pytest
 
 from moldd.config import load_config
-from moldd.testing.harness import Client, CommandFailed, running_daemon
-from moldd.testing.load import scaled
+from moldlab.testing.harness import Client, CommandFailed, running_daemon
+from moldlab.testing.load import scaled
 from tests.daemon.conftest import domain_state
 
 pytestmark = pytest.mark.libvirt

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moldd.testing.harness import Client, CommandFailed
+from moldlab.testing.harness import Client, CommandFailed
 
 pytestmark = pytest.mark.libvirt
 

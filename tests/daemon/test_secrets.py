@@ -13,7 +13,7 @@ from typing import Any
 
 from moldd.cli.audit import main as audit_main
 from moldd.config import load_config
-from moldd.testing.harness import Client, running_daemon
+from moldlab.testing.harness import Client, running_daemon
 
 VNC_1, VNC_2 = "Vq7zK1xP", "Wr8yJ2wQ"
 IPMI_1, IPMI_2 = "IpmiS3cretX", "PduT0kenY9"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 
 pytestmark = pytest.mark.libvirt
 

@@ -9,7 +9,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 from tests.daemon.conftest import domain_state
 from tests.daemon.test_operations import daemon_with, deploy, etype, idx, refused
 

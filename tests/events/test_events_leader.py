@@ -18,7 +18,7 @@ import pytest
 from events import FencedError, NewEvent
 from events.leader import LEADER, STANDBY, Leadership, Timings
 from events.postgres import PostgresEventStore
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.pgserver import PgServer
 from tests.events.test_events_store_postgres import new_schema
 
 FAST = Timings(lease_s=2.0, heartbeat_s=0.3, fence_after_s=1.2, retry_s=0.2)

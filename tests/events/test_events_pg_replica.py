@@ -13,7 +13,7 @@ import pytest
 from events import AppendResult, NewEvent
 from events.copy import verify_target
 from events.postgres import PostgresEventStore
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.pgserver import PgServer
 
 pytestmark = pytest.mark.slow
 

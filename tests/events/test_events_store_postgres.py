@@ -21,7 +21,7 @@ from events import (
     verify,
 )
 from events.postgres import PostgresEventStore, async_claim_epoch, grant_statements
-from moldd.testing.pgserver import PgServer
+from moldlab.testing.pgserver import PgServer
 from tests.events.store_contract import StoreContract, ev, hold_writer_before_commit
 
 _schemas = itertools.count(1)

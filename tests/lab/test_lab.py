@@ -16,10 +16,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from moldd.lab import GUEST_READY_MARKER, GuestImage, Lab, LabHost, domain_xml
-from moldd.lab.events import LifecycleRecorder
-from moldd.lab.hosts import host_processes, pid_alive
-from moldd.testing.load import scaled
+from moldlab import GUEST_READY_MARKER, GuestImage, Lab, LabHost, domain_xml
+from moldlab.events import LifecycleRecorder
+from moldlab.hosts import host_processes, pid_alive
+from moldlab.testing.load import scaled
 
 pytestmark = pytest.mark.libvirt
 
@@ -38,7 +38,7 @@ RESUMED_MIGRATED = (E.VIR_DOMAIN_EVENT_RESUMED, E.VIR_DOMAIN_EVENT_RESUMED_MIGRA
 
 
 def test_event_table_numbers_match_libvirt_constants() -> None:
-    """The numbers in /work/shared/libvirt-lab.md's event table (and moldd.lab.events' docstring)."""
+    """The numbers in /work/shared/libvirt-lab.md's event table (and moldlab.events' docstring)."""
     assert RESUMED_UNPAUSED == (4, 0)
     assert STARTED_BOOTED == (2, 0)
     assert SHUTDOWN_GUEST == (6, 1)
@@ -321,12 +321,12 @@ def test_fence_kills_only_that_hosts_guests(lab_healthy: Lab, guest_image: Guest
         # the standalone fencing command, as configured in moldd
         c = Guest(h0, c0, guest_image, _name("fc"))
         assert len(h0.qemu_pids()) == 2 and c.dom.isActive()
-        res = subprocess.run([sys.executable, "-m", "moldd.lab.fence", "--host-dir", str(h0.dir)],
+        res = subprocess.run([sys.executable, "-m", "moldlab.fence", "--host-dir", str(h0.dir)],
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stdout + res.stderr
         assert '"killed": 2' in res.stdout and '"survivors": []' in res.stdout
         assert h0.qemu_pids() == [] and h0.is_running()
-        res = subprocess.run([sys.executable, "-m", "moldd.lab.fence", "--host-dir", str(h0.dir / "nope")],
+        res = subprocess.run([sys.executable, "-m", "moldlab.fence", "--host-dir", str(h0.dir / "nope")],
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 2
     finally:
@@ -344,7 +344,7 @@ def test_fence_power_off_and_lab_stop_leave_nothing(tmp_path: Path, libvirt_even
         finally:
             c.close()
         assert len(h.qemu_pids()) == 1
-        res = subprocess.run([sys.executable, "-m", "moldd.lab.fence", "--host-dir", str(h.dir),
+        res = subprocess.run([sys.executable, "-m", "moldlab.fence", "--host-dir", str(h.dir),
                               "--power-off"], capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stdout + res.stderr
         assert host_processes(h.dir) == {}

@@ -1,8 +1,8 @@
-"""moldd.lab.setup: the qemu.conf edit is idempotent and keeps the rest of the file (no libvirt needed)."""
+"""moldlab.setup: the qemu.conf edit is idempotent and keeps the rest of the file (no libvirt needed)."""
 
 from __future__ import annotations
 
-from moldd.lab.setup import QEMU_CONF_SETTINGS, set_conf_values
+from moldlab.setup import QEMU_CONF_SETTINGS, set_conf_values
 
 
 def test_set_conf_values_replaces_in_place_and_keeps_other_lines() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.host import HostConnection
-from moldd.testing.recorder import Recorder
+from moldlab.testing.recorder import Recorder
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from moldd.domain.errors import NotFound, OperationFailed, Unavailable
 from moldd.libvirt.bridge import LibvirtBridge, translate_error
-from moldd.testing.loopwatch import LoopWatch
+from moldlab.testing.loopwatch import LoopWatch
 
 
 def _err(code: int, domain: int, msg: str) -> libvirt.libvirtError:

@@ -11,8 +11,8 @@ from moldd.domain.errors import NotFound, OperationFailed, Unavailable
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.host import DomainInfo, HostConnection
 from moldd.libvirt.xml import DomainSpec, build_domain_xml
-from moldd.testing.loopwatch import LoopWatch
-from moldd.testing.recorder import Recorder
+from moldlab.testing.loopwatch import LoopWatch
+from moldlab.testing.recorder import Recorder
 
 URI = "test:///default"
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from moldd.testing.loopwatch import LoopWatch
+from moldlab.testing.loopwatch import LoopWatch
 
 
 def _burn_cpu(seconds: float) -> None:

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from moldd.domain.errors import NotFound, OperationFailed, Unavailable, ValidationError
-from moldd.lab import GUEST_READY_MARKER, GuestImage
 from moldd.libvirt import storage
 from moldd.libvirt.host import HostConnection
 from moldd.libvirt.xml import DomainSpec, build_domain_xml
-from moldd.testing.load import scaled
-from moldd.testing.loopwatch import LoopWatch
-from moldd.testing.recorder import Recorder
+from moldlab import GUEST_READY_MARKER, GuestImage
+from moldlab.testing.load import scaled
+from moldlab.testing.loopwatch import LoopWatch
+from moldlab.testing.recorder import Recorder
 
 pytestmark = pytest.mark.libvirt
 

@@ -8,7 +8,7 @@ import pytest
 
 from moldd.domain.errors import OperationFailed, ValidationError
 from moldd.libvirt import storage
-from moldd.testing.loopwatch import LoopWatch
+from moldlab.testing.loopwatch import LoopWatch
 
 MiB = 1 << 20
 

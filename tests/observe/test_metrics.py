@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moldd.testing.harness import Client, CommandFailed
+from moldlab.testing.harness import Client, CommandFailed
 from tests.daemon.test_ha import deploy_ha, qemu_pid, wait_event
 from tests.observe.conftest import get
 

@@ -12,7 +12,7 @@ import pytest
 
 from moldd.cli import moldctl
 from moldd.cli.moldctl import ProgressBar, progress_of
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 from tests.observe.conftest import get
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 from tests.observe.conftest import get
 
 pytestmark = pytest.mark.libvirt

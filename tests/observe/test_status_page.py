@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from moldd.testing.harness import Client
+from moldlab.testing.harness import Client
 from tests.daemon.test_ha import deploy_ha, qemu_pid, wait_event
 from tests.observe.browser import chromium, chromium_path, forward_tcp_to_unix, open_page
 

@@ -1,10 +1,10 @@
 """Standalone fencing command for lab hosts (usable as moldd's configured fencing command).
 
-    python -m moldd.lab.fence --host-dir DIR [--power-off] [--timeout S]
+    python -m moldlab.fence --host-dir DIR [--power-off] [--timeout S]
 
 Kills (SIGKILL) every QEMU process of the lab host whose private directory is ``DIR`` — what an IPMI
 power-off does to that host's guests — and with ``--power-off`` its libvirtd as well.  Processes are
-identified by their mount namespace's ``/run/libvirt`` being ``DIR/run`` (see :mod:`moldd.lab.hosts`),
+identified by their mount namespace's ``/run/libvirt`` being ``DIR/run`` (see :mod:`moldlab.hosts`),
 so it also finds QEMUs orphaned after libvirtd died, and works from any process (no Lab object needed).
 
 Exit status: 0 when, afterwards, no QEMU (and with ``--power-off`` no libvirtd) of that host is alive;
@@ -19,11 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-from moldd.lab.hosts import kill_host_processes
+from moldlab.hosts import kill_host_processes
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moldd.lab.fence", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moldlab.fence", description=__doc__.split("\n\n")[0])
     ap.add_argument("--host-dir", required=True, type=Path, help="the lab host's private directory")
     ap.add_argument("--power-off", action="store_true", help="also kill the host's libvirtd")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the processes to die")

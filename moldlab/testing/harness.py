@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from moldd.config import Config, load_config
-from moldd.testing.load import scaled
+from moldlab.testing.load import scaled
 
 
 def write_template(path: Path, size: str = "64M") -> Path:
@@ -79,7 +79,7 @@ def write_config(
             'cluster = "c1"',
             f"max_vms = {max_vms}",
             f'migration_uri = "{host.migrate_uri()}"',
-            f'fence_command = ["python3", "-m", "moldd.lab.fence", "--host-dir", "{host.dir}"]',
+            f'fence_command = ["python3", "-m", "moldlab.fence", "--host-dir", "{host.dir}"]',
             "",
         ]
     lines += [

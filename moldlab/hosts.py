@@ -41,7 +41,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from moldd.lab.setup import prepare_host
+from moldlab.setup import prepare_host
 
 LIBVIRTD = "/usr/sbin/libvirtd"
 PRIVATE_DIRS: dict[str, str] = {
@@ -85,7 +85,7 @@ class LabError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# process identification (shared with moldd.lab.fence)
+# process identification (shared with moldlab.fence)
 
 
 def _proc_comm(pid: int) -> str:
@@ -365,7 +365,7 @@ class LabHost:
         """Start libvirtd and wait until ``libvirt.open(uri).getHostname()`` works."""
         import libvirt
 
-        from moldd.lab.reaper import ensure_reaper
+        from moldlab.reaper import ensure_reaper
 
         ensure_reaper()
 

@@ -1,4 +1,4 @@
-"""``python -m moldd.lab prepare`` / ``python -m moldd.lab up --root DIR --hosts N``.
+"""``python -m moldlab prepare`` / ``python -m moldlab up --root DIR --hosts N``.
 
 ``up`` prepares the machine, builds the guest (cache: ``$MOLDD_LAB_CACHE`` or ``<root>/cache``), starts N
 hosts, prints one JSON document (hosts, URIs, guest kernel/initrd) on stdout, writes it to
@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from moldd.lab.guest import build_guest
-from moldd.lab.hosts import Lab
-from moldd.lab.setup import prepare_host
+from moldlab.guest import build_guest
+from moldlab.hosts import Lab
+from moldlab.setup import prepare_host
 
 
 def _up(root: Path, n_hosts: int, cache: Path | None, name_prefix: str) -> int:
@@ -52,7 +52,7 @@ def _up(root: Path, n_hosts: int, cache: Path | None, name_prefix: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moldd.lab")
+    ap = argparse.ArgumentParser(prog="python -m moldlab")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("prepare", help="prepare this machine (users, /etc/libvirt/qemu.conf, dirs); idempotent")
     up = sub.add_parser("up", help="start N libvirtd hosts and stay in the foreground")

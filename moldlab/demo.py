@@ -1,4 +1,4 @@
-"""``python -m moldd.demo --root DIR``: two real local libvirtd hosts, the tiny lab guest as a template, and moldd
+"""``python -m moldlab.demo --root DIR``: two real local libvirtd hosts, the tiny lab guest as a template, and moldd
 serving a demo config, all in the foreground until Ctrl-C (everything it started is stopped on the way out)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 from moldd.daemon import async_main
-from moldd.lab import Lab, build_guest
 from moldd.logging import configure_logging
-from moldd.testing.harness import write_config
+from moldlab import Lab, build_guest
+from moldlab.testing.harness import write_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moldd.demo")
+    parser = argparse.ArgumentParser(prog="moldlab.demo")
     parser.add_argument("--root", type=Path, default=Path("var/demo"))
     parser.add_argument("--hosts", type=int, default=2)
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from moldd.testing.harness import Client, write_config
+from moldlab.testing.harness import Client, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"lease_s": 2.0, "heartbeat_s": 0.3, "fence_after_s": 1.2}

@@ -11,7 +11,7 @@ from typing import Any
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.libvirt.events import DomainEvent, HostLinkEvent
 from moldd.libvirt.host import HostConnection
-from moldd.testing.load import scaled
+from moldlab.testing.load import scaled
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Idempotent preparation of this machine for lab libvirtd hosts (``python -m moldd.lab prepare``).
+"""Idempotent preparation of this machine for lab libvirtd hosts (``python -m moldlab prepare``).
 
 What a fresh Debian 12 machine (packages installed, no systemd, no ``libvirt-daemon-system``) needs,
 all verified here:
@@ -79,7 +79,7 @@ def set_conf_values(text: str, settings: dict[str, str]) -> str:
     if missing:
         if out and out[-1].strip():
             out.append("")
-        out.append("# set by moldd.lab.setup")
+        out.append("# set by moldlab.setup")
         out.extend(f"{k} = {settings[k]}" for k in missing)
     return "\n".join(out) + "\n"
 
@@ -87,7 +87,7 @@ def set_conf_values(text: str, settings: dict[str, str]) -> str:
 def prepare_host(verbose: bool = False) -> list[str]:
     """Make this machine ready for lab hosts.  Idempotent; returns what it changed."""
     if os.geteuid() != 0:
-        raise PermissionError("moldd.lab prepare needs root (useradd, /etc/libvirt, mount namespaces)")
+        raise PermissionError("moldlab prepare needs root (useradd, /etc/libvirt, mount namespaces)")
     changed: list[str] = []
     if _ensure_group("kvm"):
         changed.append("groupadd -r kvm")
