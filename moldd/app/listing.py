@@ -18,11 +18,14 @@ from typing import Any
 
 import orjson
 
-MAX_ENTRIES = 64
-"""Distinct lists kept for one position (queries with other filters or pages build theirs again)."""
+MAX_ENTRIES = 1024
+"""Distinct lists kept for one position (every page of 100 of 100,000 VMs; a list holds references only)."""
 MAX_ENCODED_ITEMS = 1000
-"""A list's own spliced JSON is kept up to this many items (a page): a list of every VM keeps only its views
-(whose JSON each VM caches), so the cache does not hold a second copy of every VM's JSON."""
+"""Longer lists (every VM) are never encoded as a whole: see :meth:`ViewList.encoded_json`."""
+MAX_ENCODED_BYTES = 4 << 20
+"""The lists' own spliced JSON kept for one position, in bytes: the pages read most since the last event are
+encoded once; past this the cache holds only the lists of views (whose JSON each VM caches), not a second copy
+of every VM's JSON."""
 
 
 def _view_json(view: Any) -> Any:
@@ -34,19 +37,27 @@ def _view_json(view: Any) -> Any:
 
 class ViewList(list[Any]):
     """A list of read-model views (``moldd.projection.model.View``), shared read-only like the views themselves:
-    do not modify. ``encoded_json()`` is its JSON as an ``orjson.Fragment``."""
+    do not modify. ``encoded_json()`` is its JSON as an ``orjson.Fragment``, kept while its cache's byte budget
+    allows."""
 
-    __slots__ = ("_json",)
+    __slots__ = ("_budget", "_json")
+    _budget: ListCache | None
 
-    def encoded_json(self) -> orjson.Fragment:
+    def encoded_json(self) -> orjson.Fragment | list[Any]:
+        """The list's JSON, kept once encoded while its cache's budget allows; past it (or for a list longer
+        than MAX_ENCODED_ITEMS) a plain list of the views, which the encoder splices view by view without an
+        intermediate copy of the whole."""
         try:
             return self._json
         except AttributeError:
             pass
-        fragment = orjson.Fragment(orjson.dumps(list(self), default=_view_json, option=orjson.OPT_PASSTHROUGH_SUBCLASS))
-        if len(self) <= MAX_ENCODED_ITEMS:
-            self._json: orjson.Fragment = fragment
-        return fragment
+        budget = getattr(self, "_budget", None)
+        if budget is None or len(self) > MAX_ENCODED_ITEMS or budget.encoded_bytes >= MAX_ENCODED_BYTES:
+            return list(self)
+        raw = orjson.dumps(list(self), default=_view_json, option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+        budget.encoded_bytes += len(raw)
+        self._json: orjson.Fragment = orjson.Fragment(raw)
+        return self._json
 
 
 class ListCache:
@@ -57,6 +68,7 @@ class ListCache:
         self.entries: dict[Hashable, Any] = {}
         self.hits = 0
         self.misses = 0
+        self.encoded_bytes = 0  # JSON kept by this cache's lists (MAX_ENCODED_BYTES)
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
         entries = self.entries
@@ -85,6 +97,9 @@ def cache_for(model: Any) -> ListCache:
     return cache
 
 
-def view_list(vms: Iterable[Any]) -> ViewList:
-    """The views of ``vms`` (read-model objects with ``view()``), in order."""
-    return ViewList([v.view() for v in vms])
+def view_list(vms: Iterable[Any], cache: ListCache | None = None) -> ViewList:
+    """The views of ``vms`` (read-model objects with ``view()``), in order; its JSON is kept within ``cache``'s
+    byte budget (not at all without one)."""
+    views = ViewList([v.view() for v in vms])
+    views._budget = cache
+    return views

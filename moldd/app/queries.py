@@ -52,7 +52,7 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
     def build() -> tuple[int, ViewList]:
         matches: list[VM] = cache.get(filters, matching)
         shown = matches[(page - 1) * pagesize : page * pagesize] if pagesize is not None else matches
-        return len(matches), view_list(shown)
+        return len(matches), view_list(shown, cache)
 
     count, views = cache.get((*filters, page, pagesize), build)
     # Shared read-only views: the reply is encoded at once and each VM's JSON is cached until it changes.
