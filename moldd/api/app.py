@@ -32,8 +32,10 @@ _HTTP_CODES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as ``{"ok": false, "error": {code, message, field}}``; tracebacks stay in the log."""
+    """Every failure leaves as ``{"ok": false, "error": {code, message, field}}``; tracebacks stay in the log.
+    The peer's identity is settled inside it (:func:`async_identify`): one middleware frame per request."""
     try:
+        await async_identify(request)
         return await handler(request)
     except MolddError as err:
         return handlers.error_response(err)
@@ -55,8 +57,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
-@web.middleware
-async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def async_identify(request: web.Request) -> None:
     """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse.
 
     The kernel fixes a connection's credentials (and groups) at ``connect()``, so the answer is kept on the
@@ -67,7 +68,7 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
     kept = getattr(conn, "identity", None)
     if kept is not None and kept[0] is policy and policy.now() < kept[1]:
         request[ACTOR_KEY] = kept[2]
-        return await handler(request)
+        return
     sock = request.transport.get_extra_info("socket") if request.transport else None
     try:
         if sock is None or sock.family != socket.AF_UNIX:
@@ -79,7 +80,6 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
     request[ACTOR_KEY] = actor
     if hasattr(conn, "identity"):
         conn.identity = (policy, policy.valid_until(creds), actor)
-    return await handler(request)
 
 
 async def _closing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -101,7 +101,7 @@ def make_app(
 ) -> web.Application:
     """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
     app = web.Application(
-        middlewares=[error_middleware, identity_middleware],
+        middlewares=[error_middleware],
         client_max_size=(settings or ApiSettings()).max_body_bytes + 1,
     )
     app[BUS_KEY] = bus

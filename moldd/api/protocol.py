@@ -86,16 +86,16 @@ class JsonRequestHandler(RequestHandler):
         self._body: StreamReader | None = None
         self._cut = False  # timed out: the reply is sent, input is discarded until the connection closes
         self.lost = asyncio.Event()  # set when the connection is gone (a long-lived handler can stop at once)
-        # (access policy, valid until, Actor) of the peer: see moldd.api.app.identity_middleware
+        # (access policy, valid until, Actor) of the peer: see moldd.api.app.async_identify
         self.identity: tuple[Any, float, Any] | None = None
 
     # -- timeouts -------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self._cut:
             return
-        loop = asyncio.get_running_loop()
-        if self._header_timer is None and self._body is None and data:
-            self._header_timer = loop.call_later(self._limits.header_timeout_s, self._on_header_timeout)
+        # The header clock starts at a request's first byte. A request that arrives whole in one read (the
+        # usual case) needs no timer at all; one whose head is still incomplete after this read gets it now.
+        starts = self._header_timer is None and self._body is None and bool(data)
         before = self._request_count
         super().data_received(data)
         if self._request_count > before:
@@ -103,7 +103,13 @@ class JsonRequestHandler(RequestHandler):
             payload = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
             if payload is not EMPTY_PAYLOAD and not payload.is_eof():
                 self._body = payload
-                self._body_timer = loop.call_later(self._limits.body_timeout_s, self._on_body_timeout)
+                self._body_timer = asyncio.get_running_loop().call_later(
+                    self._limits.body_timeout_s, self._on_body_timeout
+                )
+        elif starts and not self._cut:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self._limits.header_timeout_s, self._on_header_timeout
+            )
         if self._body is not None and self._body.is_eof():
             self._cancel_body_timer()
 
