@@ -588,6 +588,16 @@ def _reason(err: Any) -> str:
 
 def parse_config(doc: dict[str, Any], file: Path) -> Config:
     """Validate a parsed TOML document; the first problem is raised as ``ConfigError`` (file, key, reason)."""
+    _check_shape(doc, file)
+    try:
+        return Config.model_validate(_model_data(doc, file), context={"base": file.parent})
+    except ValidationError as exc:
+        raise _config_error(exc, file) from None
+
+
+def _check_shape(doc: dict[str, Any], file: Path) -> None:
+    """The document's outline, before its values: known sections of the right kind (table or array of tables),
+    known ``[daemon]`` keys, at least one host."""
     sections = Config.sections()
     for key, value in doc.items():
         if key not in sections:
@@ -597,37 +607,41 @@ def parse_config(doc: dict[str, Any], file: Path) -> Config:
                 raise ConfigError(file, key, f"must be an array of tables ([[{key}]])")
         elif not isinstance(value, dict):
             raise ConfigError(file, key, f"must be a table ([{key}])")
-    daemon = doc.get("daemon", {})
-    for key in daemon:
+    for key in doc.get("daemon", {}):
         if key not in DaemonConfig.model_fields:
             known = ", ".join(sorted(DaemonConfig.model_fields))
             raise ConfigError(file, f"daemon.{key}", f"unknown key (known: {known})")
     if not doc.get("hosts"):
         raise ConfigError(file, "hosts", "at least one [[hosts]] entry is required")
+
+
+def _model_data(doc: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The document as ``Config``'s fields: ``[daemon]`` keys at the top; a PostgreSQL ``database`` is a DSN."""
+    daemon = doc.get("daemon", {})
     data = {**daemon, **{k: v for k, v in doc.items() if k != "daemon"}, "path": file}
     db = daemon.get("database")
     if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
         data.pop("database")  # the log on PostgreSQL: `database` keeps its (unused) default
         data["database_dsn"] = db
-    try:
-        return Config.model_validate(data, context={"base": file.parent})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        if loc and loc[0] in DaemonConfig.model_fields:
-            loc = ("daemon", *loc)
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, _KeyedError):
-            loc = (*loc, *inner.key.replace("[", ".[").split(".")) if loc else (inner.key,)
-            loc = tuple(p for p in loc if p != "")
-        key = _dotted(loc).replace(".[", "[") or "-"
-        if not isinstance(inner, _KeyedError) and err["type"] == "extra_forbidden" and len(loc) > 1:
-            parent = loc[:-1]
-            model = _model_at(parent)
-            if model is not None:
-                return_reason = f"unknown key (known: {', '.join(sorted(model.model_fields))})"
-                raise ConfigError(file, key, return_reason) from None
-        raise ConfigError(file, key, _reason(err)) from None
+    return data
+
+
+def _config_error(exc: ValidationError, file: Path) -> ConfigError:
+    """pydantic's first error as the TOML key at fault (``daemon.x``, ``hosts[0].uri``) and a reason."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    if loc and loc[0] in DaemonConfig.model_fields:
+        loc = ("daemon", *loc)
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, _KeyedError):
+        loc = (*loc, *inner.key.replace("[", ".[").split(".")) if loc else (inner.key,)
+        loc = tuple(p for p in loc if p != "")
+    key = _dotted(loc).replace(".[", "[") or "-"
+    if not isinstance(inner, _KeyedError) and err["type"] == "extra_forbidden" and len(loc) > 1:
+        model = _model_at(loc[:-1])
+        if model is not None:
+            return ConfigError(file, key, f"unknown key (known: {', '.join(sorted(model.model_fields))})")
+    return ConfigError(file, key, _reason(err))
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -15,7 +15,7 @@ async def create_group(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"name", "description"})
     name = validate_group_name(a.raw("name"), field="name")
     description = a.text("description", "", max_len=1024, multiline=True)
-    async with app.locks[f"group-{name}"]:
+    async with app.claim(f"group-{name}"):
         if name in app.model.groups:
             raise Conflict(f"VM group {name!r} already exists", field="name")
         stream = f"group-{name}"
@@ -51,12 +51,12 @@ async def delete_group(app: App, cmd: Command) -> CommandReply:
     # CloudStack's deleteInstanceGroup takes the VMs out of the group; moldd's own API asks for that
     # explicitly (ungroup=true) and otherwise refuses to delete a group that still holds VMs.
     ungroup = a.boolean("ungroup", False)
-    async with app.locks[f"group-{name}"]:
+    async with app.claim(f"group-{name}"):
         if name not in app.model.groups:
             raise NotFound(f"no VM group {name!r}", field="name")
         members = [v.name for v in app.model.vms.values() if v.group == name and v.state != "Expunged"]
         for member in members if ungroup else ():
-            async with app.locks[member]:
+            async with app.claim(member):
                 await app.async_append(
                     f"vm-{member}",
                     [NewEvent("vm.updated", {"changes": {"group": None}, "reason": f"group {name} deleted"},

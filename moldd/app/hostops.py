@@ -16,7 +16,7 @@ async def confirm_host_fenced(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"host", "reason"}, {"id": "host", "hostid": "host", "name": "host"})
     name = a.text("host")
     reason = a.text("reason", "operator confirmed the host is powered off", max_len=500, multiline=True)
-    async with app.locks[f"host-{name}"]:
+    async with app.claim(f"host-{name}"):
         host = app.model.hosts.get(name)
         if host is None:
             raise NotFound(f"no host {name!r}", field="host")

@@ -7,7 +7,8 @@ import contextlib
 import dataclasses
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,11 +20,13 @@ from moldd.app.bus import SYSTEM, Actor, CommandReply
 from moldd.app.capacity import async_note_capacity
 from moldd.app.placement import place_existing, place_new_vm, place_returning_vm
 from moldd.app.secrets import protect_details
-from moldd.app.service import App, Command, verb
+from moldd.app.service import App, Command, catalog_item, verb
 from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import domain_spec, root_disk_path, vm_dir
+from moldd.config import Config, IsoConfig, OfferingConfig, TemplateConfig
+from moldd.domain.capacity import HostLoad
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError, present
-from moldd.domain.ha import blame_elsewhere, parse_policy
+from moldd.domain.ha import RestartPolicy, blame_elsewhere, parse_policy
 from moldd.domain.ids import is_uuid
 from moldd.domain.names import (
     generate_vm_name,
@@ -49,7 +52,7 @@ def err(exc: MolddError) -> dict[str, Any]:
 
 def hostname_taken(app: App, hostname: str, *, except_vm: str | None = None) -> bool:
     return any(
-        v.hostname == hostname and v.name != except_vm and v.state not in ("Expunged",)
+        v.hostname == hostname and v.name != except_vm and v.state != VMState.EXPUNGED
         for v in app.model.vms.values()
     )
 
@@ -71,21 +74,41 @@ DEPLOY_ALIASES = {
 }
 
 
-@verb("deployVirtualMachine")
-async def deploy(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, DEPLOY_ARGS, DEPLOY_ALIASES)
-    cfg = app.config
-    offering = app.catalog("offering", a.text("offering"))
+@dataclass(frozen=True)
+class DeployRequest:
+    """A ``deployVirtualMachine`` request, parsed: catalog items found, every value validated."""
+
+    offering: OfferingConfig
+    template: TemplateConfig | None  # exactly one of template and iso
+    iso: IsoConfig | None
+    size_gb: int | None
+    display_name: str | None
+    hostname: str | None
+    group: str | None
+    ha: bool
+    policy: RestartPolicy
+    priority: int
+    details: dict[str, Any]
+    start: bool
+    description: str
+    os_type: str
+    host: str | None  # a host asked for by name
+    cluster: str | None  # CloudStack's zone
+
+
+def parse_deploy(cfg: Config, raw: Mapping[str, Any]) -> DeployRequest:
+    """Parse: the args of ``deployVirtualMachine``, catalog names (or stable ids) resolved; a refusal names the
+    field."""
+    a = Args(raw, DEPLOY_ARGS, DEPLOY_ALIASES)
+    offering = catalog_item(cfg, "offering", a.text("offering"))
     template_name, iso_name = a.text("template", None), a.text("iso", None)
     if (template_name is None) == (iso_name is None):
         raise ValidationError(
             "give either template (deploy from a template) or iso (a blank VM that boots the ISO)",
             field="template",
         )
-    template = app.catalog("template", template_name) if template_name else None
-    iso = app.catalog("iso", iso_name) if iso_name else None
-    # the catalog also knows an item by its stable id: the log records the name
-    template_name, iso_name = (template.name if template else None), (iso.name if iso else None)
+    template = catalog_item(cfg, "template", template_name) if template_name else None
+    iso = catalog_item(cfg, "iso", iso_name) if iso_name else None
     size_gb = a.integer("rootdisksize", None, min=1, max=4096)
     if iso is not None and size_gb is None:
         raise ValidationError(
@@ -94,8 +117,6 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     display = validate_display_name(a.raw("displayname"), field="displayname") if "displayname" in a else None
     hostname = validate_hostname(a.raw("hostname")) if "hostname" in a else None
     group = validate_group_name(a.raw("group")) if "group" in a else None
-    if group is not None and group not in app.model.groups:
-        raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
     ha = a.boolean("ha", False)
     policy = parse_policy(a.raw("hapolicy", cfg.ha.default_policy))
     priority = a.integer("hapriority", 0, min=0, max=100)
@@ -105,51 +126,71 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
     os_type = a.text(
         "ostype", template.os_type if template else (iso.os_type if iso else "Other"), max_len=64
     )
-    requested_host = a.text("host", None)
-    if requested_host is not None and is_uuid(requested_host):
-        requested_host = app.catalog("host", requested_host, "host").name
-    cluster = a.text("cluster", None)  # CloudStack's zone
-    if details:
-        settings_cluster = app.catalog("host", requested_host).cluster if requested_host else cluster
-        await async_check_settings(app, details, template=template_name, cluster=settings_cluster)
+    host = a.text("host", None)
+    if host is not None and is_uuid(host):
+        host = catalog_item(cfg, "host", host, "host").name
+    return DeployRequest(
+        offering, template, iso, size_gb, display, hostname, group, ha, policy, priority, details, start,
+        description, os_type, host, a.text("cluster", None),
+    )  # fmt: skip
 
+
+def deploy_payload(
+    cfg: Config, req: DeployRequest, *, name: str, vm_id: int, vm_uuid: str, host: HostLoad, details: dict[str, Any]
+) -> dict[str, Any]:
+    """Decide: the ``vm.deploy.requested`` payload of a VM called ``name`` placed on ``host`` (``details`` as
+    they go into the log: secrets protected)."""
+    display = req.display_name or name
+    return {
+        "name": name,
+        "id": vm_id,
+        "internal_name": internal_name(
+            cfg.internal_name_pattern,
+            account=cfg.account,
+            vm_id=vm_id,
+            instance=cfg.instance_suffix,
+            display_name=display,
+            append_display_name=cfg.append_display_name,
+        ),
+        "uuid": vm_uuid,
+        "display_name": display,
+        "hostname": req.hostname or name,
+        "group": req.group,
+        "description": req.description,
+        "os_type": req.os_type,
+        "host": host.name,
+        "cluster": host.cluster,
+        "ha_enabled": req.ha,
+        "ha_policy": str(req.policy),
+        "ha_priority": req.priority,
+        "offering": req.offering.model_dump(),
+        # the catalog also knows an item by its stable id: the log records the name
+        "template": req.template.name if req.template else None,
+        "iso": req.iso.name if req.iso else None,
+        "root_disk": {"size_gb": req.size_gb},
+        "details": details,
+        "start": req.start,
+    }
+
+
+@verb("deployVirtualMachine")
+async def deploy(app: App, cmd: Command) -> CommandReply:
+    req = parse_deploy(app.config, cmd.args)
+    if req.group is not None and req.group not in app.model.groups:
+        raise NotFound(f"no VM group {req.group!r}: create it with createInstanceGroup", field="group")
+    if req.details:
+        settings_cluster = app.catalog("host", req.host).cluster if req.host else req.cluster
+        template = req.template.name if req.template else None
+        await async_check_settings(app, req.details, template=template, cluster=settings_cluster)
     async with app.placement_lock:
-        host = place_new_vm(cfg, app.model, requested_host, reserved=app.migrations, cluster=cluster)
+        host = place_new_vm(app.config, app.model, req.host, reserved=app.migrations, cluster=req.cluster)
         name = generate_vm_name(set(app.model.vms))
-        hostname = hostname or name
-        if hostname_taken(app, hostname):
-            raise Conflict(f"hostname {hostname!r} is already used by another VM", field="hostname")
-        display = display or name
-        vm_id = app.model.next_vm_id
-        payload = {
-            "name": name,
-            "id": vm_id,
-            "internal_name": internal_name(
-                cfg.internal_name_pattern,
-                account=cfg.account,
-                vm_id=vm_id,
-                instance=cfg.instance_suffix,
-                display_name=display,
-                append_display_name=cfg.append_display_name,
-            ),
-            "uuid": str(uuid.uuid4()),
-            "display_name": display,
-            "hostname": hostname,
-            "group": group,
-            "description": description,
-            "os_type": os_type,
-            "host": host.name,
-            "cluster": host.cluster,
-            "ha_enabled": ha,
-            "ha_policy": str(policy),
-            "ha_priority": priority,
-            "offering": offering.model_dump(),
-            "template": template_name,
-            "iso": iso_name,
-            "root_disk": {"size_gb": size_gb},
-            "details": protect_details(app.secrets, details),
-            "start": start,
-        }
+        if hostname_taken(app, req.hostname or name):
+            raise Conflict(f"hostname {req.hostname or name!r} is already used by another VM", field="hostname")
+        payload = deploy_payload(
+            app.config, req, name=name, vm_id=app.model.next_vm_id, vm_uuid=str(uuid.uuid4()), host=host,
+            details=protect_details(app.secrets, req.details),
+        )  # fmt: skip
         ev = NewEvent(
             "vm.deploy.requested", payload, actor=str(cmd.actor), causation_id=cmd.id, correlation_id=cmd.id
         )
@@ -159,7 +200,7 @@ async def deploy(app: App, cmd: Command) -> CommandReply:
         await async_note_capacity(app, host.cluster, cmd, name)
     except MolddError as exc:  # a warning must never fail the deploy it follows
         log.warning("capacity_warning_failed", reason=exc.message)
-    app.spawn_job(cmd.id, name, async_run_deploy(app, name, cmd, start))
+    app.spawn_job(cmd.id, name, async_run_deploy(app, name, cmd, req.start))
     return app.job_reply(cmd.id, app.model.vms[name], res.last_position)
 
 
@@ -237,8 +278,8 @@ async def start_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
     target = a.text("host", None)
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(vm.state, Action.START)
         if target is not None:
             target = app.catalog("host", target).name  # a name or its stable id
@@ -269,10 +310,10 @@ async def stop_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
-    vm, res = await app.async_accept(
-        cmd, vm, Action.STOP, "vm.stop.requested", lambda v: {"forced": forced, "host": v.host},
-        checker=lambda v: check_stop(VMState(v.state), ha_restart_pending=v.ha_status == "pending"),
-    )  # fmt: skip
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check_stop(VMState(vm.state), ha_restart_pending=vm.ha_status == "pending")
+        res = await app.async_record(vm, "vm.stop.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True)
     app.spawn_job(cmd.id, vm.name, async_stop_job(app, vm.name, forced, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -323,9 +364,10 @@ async def reboot_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "forced"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     forced = a.boolean("forced", False)
-    vm, res = await app.async_accept(
-        cmd, vm, Action.REBOOT, "vm.reboot.requested", lambda v: {"forced": forced, "host": v.host}
-    )
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.REBOOT)
+        res = await app.async_record(vm, "vm.reboot.requested", {"forced": forced, "host": vm.host}, cmd=cmd, first=True)
     app.spawn_job(cmd.id, vm.name, _async_reboot_job(app, vm.name, forced, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -397,15 +439,14 @@ async def destroy_vm(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     expunge = a.boolean("expunge", False)
     forced = a.boolean("forced", False)
-    # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
-    decided: dict[str, Any] = {}
-
-    def payload(v: VM) -> dict[str, Any]:
-        decided["expunge"] = expunge or v.state == VMState.ERROR  # decided on the state as checked
-        return {"expunge": decided["expunge"], "forced": forced, "host": v.host}
-
-    vm, res = await app.async_accept(cmd, vm, Action.DESTROY, "vm.destroy.requested", payload)
-    expunge = decided["expunge"]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.DESTROY)
+        # CloudStack: Error + DestroyRequested -> Expunging (an Error VM is not kept for recovery)
+        expunge = expunge or vm.state == VMState.ERROR
+        res = await app.async_record(
+            vm, "vm.destroy.requested", {"expunge": expunge, "forced": forced, "host": vm.host}, cmd=cmd, first=True
+        )
     app.spawn_job(cmd.id, vm.name, _async_destroy_job(app, vm.name, expunge, cmd, forced=forced))
     return app.job_reply(cmd.id, vm, res.last_position)
 
@@ -455,20 +496,18 @@ async def async_expunge_now(
 async def recover_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    # A recovered VM counts again (a Destroyed one does not): it needs room like a deploy does.
-    placed: dict[str, Any] = {}
-
-    def checker(v: VM) -> None:
-        check(VMState(v.state), Action.RECOVER)
-        host = place_returning_vm(
-            app.config, app.model, v.name, current=v.host, cluster=v.cluster, reserved=app.migrations
-        )
-        placed.update(host=host.name, cluster=host.cluster)
-
-    async with app.placement_lock:
-        vm, res = await app.async_accept(
-            cmd, vm, Action.RECOVER, "vm.recovered", lambda v: dict(placed), checker=checker
-        )
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.RECOVER)
+        # A recovered VM counts again (a Destroyed one does not): it needs room like a deploy does. The VM's lock
+        # first, then the placement lock, as every other verb takes them.
+        async with app.placement_lock:
+            host = place_returning_vm(
+                app.config, app.model, vm.name, current=vm.host, cluster=vm.cluster, reserved=app.migrations
+            )
+            res = await app.async_record(
+                vm, "vm.recovered", {"host": host.name, "cluster": host.cluster}, cmd=cmd, first=True
+            )
     return CommandReply(result={"vm": app.model.vms[vm.name].to_dict()}, position=res.last_position)
 
 
@@ -476,15 +515,18 @@ async def recover_vm(app: App, cmd: Command) -> CommandReply:
 async def expunge_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    vm, res = await app.async_accept(cmd, vm, Action.EXPUNGE, "vm.expunge.requested", lambda v: {})
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        check(VMState(vm.state), Action.EXPUNGE)
+        res = await app.async_record(vm, "vm.expunge.requested", {}, cmd=cmd, first=True)
     app.spawn_job(cmd.id, vm.name, async_expunge_now(app, vm.name, cmd=cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
 async def _async_retry_expunge(app: App, name: str) -> None:
-    async with app.locks[name]:
-        current = app.model.vms[name]
-        if current.state != "Expunging" or current.job:
+    async with app.claim(name) as claim:
+        current = claim.vm
+        if current.state != VMState.EXPUNGING or current.job:
             return
         job = f"expunge-{name}-{current.version}"
         await app.async_record(current, "vm.expunge.requested", {"reason": "retry of a failed expunge"}, job=job,
@@ -499,14 +541,14 @@ async def async_sweep_expunged(app: App, interval_s: float = 10.0) -> None:
         try:
             now = datetime.now(UTC).isoformat()
             for vm in list(app.model.vms.values()):
-                if vm.state == "Expunging" and not vm.job and not app.busy(vm.name):
+                if vm.state == VMState.EXPUNGING and not vm.job and not app.busy(vm.name):
                     await _async_retry_expunge(app, vm.name)  # a failed expunge stays Expunging: retried here
                     continue
-                if vm.state != "Destroyed" or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
+                if vm.state != VMState.DESTROYED or not vm.expunge_at or vm.expunge_at > now or app.busy(vm.name):
                     continue
-                async with app.locks[vm.name]:
-                    current = app.model.vms[vm.name]
-                    if current.state != "Destroyed" or not current.expunge_at or current.expunge_at > now:
+                async with app.claim(vm.name) as claim:
+                    current = claim.vm
+                    if current.state != VMState.DESTROYED or not current.expunge_at or current.expunge_at > now:
                         continue  # recovered (or expunged) meanwhile
                     job = f"expunge-{vm.name}-{current.version}"
                     await app.async_record(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
-from collections.abc import Coroutine
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from moldd.app.secrets import SecretStore, protect_details
 from moldd.app.service import App, Command, verb
 from moldd.app.settings_check import async_check_settings
 from moldd.app.specs import console_log_path, domain_spec, root_disk_path
+from moldd.config import HostConfig
+from moldd.domain.capacity import HostLoad
 from moldd.domain.errors import (
     CapacityError,
     Conflict,
@@ -51,27 +55,6 @@ OFFERING_ALIASES = {"serviceofferingid": "offering", "serviceoffering": "offerin
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
-async def async_claim(app: App, name: str) -> asyncio.Lock:
-    """Take the VM's lock; hand it to :func:`spawn_locked` (or release it if the command is refused)."""
-    lock = app.locks[name]
-    await lock.acquire()
-    return lock
-
-
-def spawn_locked(
-    app: App, cmd: Command, name: str, lock: asyncio.Lock, coro: Coroutine[Any, Any, Any]
-) -> None:
-    """Run ``coro`` as the command's job; the VM's lock is released when it ends."""
-
-    async def run() -> None:
-        try:
-            await coro
-        finally:
-            lock.release()
-
-    app.spawn_job(cmd.id, name, run())
-
-
 def state_of(vm: VM) -> VMState:
     return VMState(vm.state)
 
@@ -158,56 +141,88 @@ async def _async_live_description(app: App, name: str, text: str) -> None:
         log.warning("description_not_applied", vm=name, reason=exc.message)
 
 
-@verb("updateVirtualMachine")
-async def update_vm(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, EDIT_ARGS, EDIT_ALIASES)
+NOT_GIVEN: Any = object()
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """An ``updateVirtualMachine`` request, parsed: every value validated, nothing checked against the VM yet."""
+
+    key: Any  # the VM, as the client named it
+    rename_to: Any  # "name" given beside "id": refused unless it is the VM's own name (NOT_GIVEN: absent)
+    changes: dict[str, Any]  # VM field -> new value (hostname aside: it is checked against the other VMs)
+    hostname: str | None
+    details: dict[str, Any] | None  # advanced settings to change
+
+
+def parse_edit(raw: Mapping[str, Any]) -> EditRequest:
+    """Parse: the args of ``updateVirtualMachine``; a refusal names the field."""
+    a = Args(raw, EDIT_ARGS, EDIT_ALIASES)
     if "vmname" in a:
         raise ValidationError(
             "the VM name (ID) is immutable; change displayname or hostname instead", field="vmname"
         )
-    key = a.raw("id") if "id" in a else a.raw("name")
-    vm = app.get_vm({"id": key})
-    if "id" in a and "name" in a and a.raw("name") != vm.name:
+    changes: dict[str, Any] = {}
+    fields: list[tuple[str, str, Callable[[Any], Any]]] = [
+        ("displayname", "display_name", validate_display_name),
+        ("hostname", "hostname", validate_hostname),
+        ("group", "group", lambda g: None if g in (None, "") else validate_group_name(g)),
+        ("ha", "ha_enabled", lambda _: a.boolean("ha")),
+        ("hapolicy", "ha_policy", lambda p: str(parse_policy(p))),
+        ("hapriority", "ha_priority", lambda _: a.integer("hapriority", min=0, max=100)),
+        ("ostype", "os_type", lambda _: a.text("ostype", max_len=64)),
+        ("description", "description", lambda _: a.text("description", max_len=1024, multiline=True)),
+    ]
+    for arg, field_name, parse in fields:
+        if arg in a:
+            changes[field_name] = parse(a.raw(arg))
+    hostname = changes.pop("hostname", None)
+    return EditRequest(
+        key=a.raw("id") if "id" in a else a.raw("name"),
+        rename_to=a.raw("name") if "id" in a and "name" in a else NOT_GIVEN,
+        changes=changes,
+        hostname=hostname,
+        details=a.mapping("details") if "details" in a else None,
+    )
+
+
+def check_edit_target(vm: VM, req: EditRequest, groups: Container[str]) -> None:
+    """Decide, before the VM's lock: what the request names must exist and the VM name stays as it is."""
+    if req.rename_to is not NOT_GIVEN and req.rename_to != vm.name:
         raise ValidationError(
-            f"the VM name {vm.name!r} is immutable (asked to rename it to {a.raw('name')!r}); "
+            f"the VM name {vm.name!r} is immutable (asked to rename it to {req.rename_to!r}); "
             "change displayname or hostname instead",
             field="name",
         )
-    changes: dict[str, Any] = {}
-    if "displayname" in a:
-        changes["display_name"] = validate_display_name(a.raw("displayname"))
-    hostname = validate_hostname(a.raw("hostname")) if "hostname" in a else None
-    if "group" in a:
-        group = a.raw("group")
-        if group in (None, ""):
-            changes["group"] = None
-        else:
-            changes["group"] = validate_group_name(group)
-            if group not in app.model.groups:
-                raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
-    if "ha" in a:
-        changes["ha_enabled"] = a.boolean("ha")
-    if "hapolicy" in a:
-        changes["ha_policy"] = str(parse_policy(a.raw("hapolicy")))
-    if "hapriority" in a:
-        changes["ha_priority"] = a.integer("hapriority", min=0, max=100)
-    if "ostype" in a:
-        changes["os_type"] = a.text("ostype", max_len=64)
-    if "description" in a:
-        changes["description"] = a.text("description", max_len=1024, multiline=True)
-    details = a.mapping("details") if "details" in a else None
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        if changes or hostname is not None:
-            check(state_of(vm), Action.EDIT)
-        if details is not None:
-            check(state_of(vm), Action.SETTINGS)
+    group = req.changes.get("group")
+    if group is not None and group not in groups:
+        raise NotFound(f"no VM group {group!r}: create it with createInstanceGroup", field="group")
+
+
+def decide_edit(vm: VM, req: EditRequest, *, hostname_taken: bool) -> dict[str, Any]:
+    """Decide, under the VM's lock: the fields that change (VM field -> new value); raises to refuse."""
+    if req.changes or req.hostname is not None:
+        check(state_of(vm), Action.EDIT)
+    if req.details is not None:
+        check(state_of(vm), Action.SETTINGS)
+    changes = dict(req.changes)
+    if req.hostname is not None:
+        if hostname_taken:
+            raise Conflict(f"hostname {req.hostname!r} is already used by another VM", field="hostname")
+        changes["hostname"] = req.hostname
+    return {k: v for k, v in changes.items() if getattr(vm, k) != v}
+
+
+@verb("updateVirtualMachine")
+async def update_vm(app: App, cmd: Command) -> CommandReply:
+    req = parse_edit(cmd.args)
+    vm = app.get_vm({"id": req.key})
+    check_edit_target(vm, req, app.model.groups)
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         async with app.placement_lock:  # hostnames are unique: check and record under one lock
-            if hostname is not None:
-                if hostname_taken(app, hostname, except_vm=vm.name):
-                    raise Conflict(f"hostname {hostname!r} is already used by another VM", field="hostname")
-                changes["hostname"] = hostname
-            changed = {k: v for k, v in changes.items() if getattr(vm, k) != v}
+            taken = req.hostname is not None and hostname_taken(app, req.hostname, except_vm=vm.name)
+            changed = decide_edit(vm, req, hostname_taken=taken)
             events = []
             if changed:
                 events.append(
@@ -219,7 +234,7 @@ async def update_vm(app: App, cmd: Command) -> CommandReply:
                         correlation_id=cmd.id,
                     )
                 )
-            settings = settings_event(vm, details, cmd, app.secrets) if details is not None else None
+            settings = settings_event(vm, req.details, cmd, app.secrets) if req.details is not None else None
             if settings is not None:
                 await async_check_settings(
                     app, settings.payload["details"], template=vm.template, cluster=vm.cluster
@@ -244,8 +259,8 @@ async def update_settings(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "details"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     details = a.mapping("details")
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.SETTINGS)
         ev = settings_event(vm, details, cmd, app.secrets)
         if ev is None:
@@ -266,8 +281,8 @@ async def change_offering(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "offering"}, VM_ALIASES | OFFERING_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     new = offering_named(app, a.text("offering"))
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.CHANGE_OFFERING)
         if vm.offering.get("name") == new["name"]:
             raise ValidationError(f"the VM already uses offering {new['name']!r}", field="offering")
@@ -286,9 +301,8 @@ async def scale_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "offering"}, VM_ALIASES | OFFERING_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
     new = offering_named(app, a.text("offering"))
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.SCALE)
         conn = app.hosts.conn(vm.host)
         max_vcpus, max_mem = live_maxima(await conn.async_get_xml(vm.internal_name))
@@ -301,12 +315,7 @@ async def scale_vm(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )  # fmt: skip
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(
-        app, cmd, vm.name, lock, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd)
-    )
+        claim.keep_for_job(cmd.id, _async_scale_job(app, vm.name, new, plan.vcpus, plan.memory_mib, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -370,9 +379,8 @@ async def resize_volume(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     size = a.integer("size", min=1, max=4096)
     shrink_ok = a.boolean("shrinkok", False)
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.RESIZE)
         current = float(vm.root_disk.get("size_gb") or 0)
         shrink = check_resize(current, size, shrink_ok=shrink_ok, snapshots=len(vm.snapshots))
@@ -387,10 +395,7 @@ async def resize_volume(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_resize_job(app, vm.name, size, shrink, current, cmd))
+        claim.keep_for_job(cmd.id, _async_resize_job(app, vm.name, size, shrink, current, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -427,54 +432,69 @@ async def _async_resize_job(
 PROGRESS_EVERY_S = 1.0
 
 
+class MigrationKind(StrEnum):
+    LIVE = "live"  # a running VM: libvirt copies it over while it runs
+    OFFLINE = "offline"  # a stopped VM: forgotten on the old host, defined on the new one at its next start
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def decide_migration(vm: VM, dest: HostConfig) -> MigrationKind:
+    """Decide, under the VM's lock: whether ``vm`` may move to ``dest`` and how; raises to refuse."""
+    state = state_of(vm)
+    live = state is VMState.RUNNING
+    check(state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE)
+    if dest.name == vm.host:
+        raise ValidationError(f"the VM is already on host {dest.name!r}", field="host")
+    if vm.cluster is not None and dest.cluster != vm.cluster:
+        raise ValidationError(
+            f"host {dest.name!r} is in cluster {dest.cluster!r} and the VM in {vm.cluster!r}: "
+            "a VM migrates only within its cluster",
+            field="host",
+        )
+    if vm.snapshots:
+        raise InvalidState(
+            f"the VM has {len(vm.snapshots)} VM snapshot(s), which libvirt cannot move with it: delete them first",
+            field="id",
+        )
+    return MigrationKind.LIVE if live else MigrationKind.OFFLINE
+
+
+def check_destination_room(load: HostLoad) -> None:
+    """Decide, under the placement lock: the destination is up and has a free slot."""
+    if not load.up:
+        raise CapacityError(f"host {load.name!r} is not up", field="host")
+    if load.vms >= load.max_vms:
+        raise CapacityError(f"host {load.name!r} is full: {load.vms} of {load.max_vms} VMs", field="host")
+
+
 @verb("migrateVirtualMachine")
 async def migrate_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "host"}, VM_ALIASES | {"hostid": "host"})
     vm = app.get_vm({"id": a.raw("id")})
     dest = app.catalog("host", a.text("host"))  # a name or its stable id
     in_flight = app.migrations  # destinations of running migrations: two at once cannot take a host's last slot
-    async with app.locks[vm.name]:
-        vm = app.model.vms[vm.name]
-        state = state_of(vm)
-        live = state is VMState.RUNNING
-        check(
-            state, Action.MIGRATE if live or state not in (VMState.STOPPED, VMState.CREATED) else Action.MOVE
-        )
-        if dest.name == vm.host:
-            raise ValidationError(f"the VM is already on host {dest.name!r}", field="host")
-        if vm.cluster is not None and dest.cluster != vm.cluster:
-            raise ValidationError(
-                f"host {dest.name!r} is in cluster {dest.cluster!r} and the VM in {vm.cluster!r}: "
-                "a VM migrates only within its cluster",
-                field="host",
-            )
-        if vm.snapshots:
-            raise InvalidState(
-                f"the VM has {len(vm.snapshots)} VM snapshot(s), which libvirt cannot move with it: "
-                "delete them first",
-                field="id",
-            )
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
+        kind = decide_migration(vm, dest)
         async with app.placement_lock:
             loads = host_loads(app.config, app.model, ignore_vm=vm.name, reserved=in_flight)
-            load = next(h for h in loads if h.name == dest.name)
-            if not load.up:
-                raise CapacityError(f"host {dest.name!r} is not up", field="host")
-            if load.vms >= load.max_vms:
-                raise CapacityError(f"host {dest.name!r} is full: {load.vms} of {load.max_vms} VMs", field="host")
-            if live:
+            check_destination_room(next(h for h in loads if h.name == dest.name))
+            if kind is MigrationKind.LIVE:
                 app.hosts.conn(dest.name)  # Unavailable unless connected
                 app.hosts.conn(vm.host)
             res = await app.async_record(
                 vm,
                 "vm.migrate.requested",
-                {"from": vm.host, "host": dest.name, "cluster": dest.cluster, "live": live},
+                {"from": vm.host, "host": dest.name, "cluster": dest.cluster, "live": kind is MigrationKind.LIVE},
                 cmd=cmd,
                 first=True,
             )
             in_flight[vm.name] = dest.name
     job = (
         _async_live_migrate(app, vm.name, dest.name, cmd)
-        if live
+        if kind is MigrationKind.LIVE
         else _async_move(app, vm.name, dest.name, cmd)
     )
 
@@ -519,7 +539,7 @@ async def _async_live_migrate(app: App, name: str, dest: str, cmd: Command) -> N
             domain_state = await app.hosts.conn(source).async_domain_state(vm.internal_name)
         except MolddError:
             pass
-        state = "Running" if domain_state in ("running", "paused", "blocked") else None
+        state = str(VMState.RUNNING) if domain_state in ("running", "paused", "blocked") else None
         await app.async_record(
             name,
             "vm.migrate.failed",
@@ -562,9 +582,8 @@ async def _async_move(app: App, name: str, dest: str, cmd: Command) -> None:
 async def restore_vm(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "template"}, VM_ALIASES | {"templateid": "template"})
     vm = app.get_vm({"id": a.raw("id")})
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.RESTORE)
         if vm.snapshots:
             raise InvalidState(
@@ -586,10 +605,7 @@ async def restore_vm(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_restore_job(app, vm.name, template_name, running, cmd))
+        claim.keep_for_job(cmd.id, _async_restore_job(app, vm.name, template_name, running, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -686,17 +702,13 @@ async def attach_iso(app: App, cmd: Command) -> CommandReply:
     vm = app.get_vm({"id": a.raw("id")})
     iso = app.catalog("iso", a.text("iso"))  # a name or its stable id
     iso_name = iso.name
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.ATTACH_ISO)
         if vm.iso is not None:
             raise Conflict(f"the VM already has ISO {vm.iso!r} attached: detach it first", field="iso")
         res = await app.async_record(vm, "vm.iso.attach.requested", {"iso": iso_name}, cmd=cmd, first=True)
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_cdrom_job(app, vm.name, iso_name, iso.path, cmd))
+        claim.keep_for_job(cmd.id, _async_cdrom_job(app, vm.name, iso_name, iso.path, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -704,17 +716,13 @@ async def attach_iso(app: App, cmd: Command) -> CommandReply:
 async def detach_iso(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id"}, VM_ALIASES)
     vm = app.get_vm({"id": a.raw("id")})
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.DETACH_ISO)
         if vm.iso is None:
             raise InvalidState("the VM has no ISO attached", field="iso")
         res = await app.async_record(vm, "vm.iso.detach.requested", {"iso": vm.iso}, cmd=cmd, first=True)
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_cdrom_job(app, vm.name, None, None, cmd))
+        claim.keep_for_job(cmd.id, _async_cdrom_job(app, vm.name, None, None, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 

@@ -34,7 +34,7 @@ from moldd.domain.ha import HostHealth
 from moldd.domain.ids import is_uuid, stable_uuid
 from moldd.domain.names import check_safe_text
 from moldd.domain.roles import Role, required_role
-from moldd.domain.states import Action, VMState, check
+from moldd.domain.states import VMState
 from moldd.eventtypes import cloudstack_event
 from moldd.projection.model import VM
 from moldd.projection.readmodel import ReadModel
@@ -145,6 +145,62 @@ def event_view(ev: StoredEvent) -> dict[str, Any]:
         "correlation_id": ev.correlation_id,
         "payload": ev.payload,
     }
+
+
+_CATALOG = {
+    "offering": ("service offering", "offerings"),
+    "template": ("template", "templates"),
+    "iso": ("ISO", "isos"),
+    "host": ("host", "hosts"),
+}
+
+
+def catalog_item(config: Config, kind: str, name: str, field: str | None = None) -> Any:
+    """The configured offering, template, ISO or host called ``name`` or known by its stable id
+    (moldd.domain.ids, as CloudStack clients name it); NotFound names the known ones."""
+    label, attr = _CATALOG[kind]
+    items = getattr(config, attr)
+    for item in items:
+        if item.name == name:
+            return item
+    if is_uuid(name):
+        for item in items:
+            if stable_uuid(kind, item.name) == name:
+                return item
+    known = ", ".join(i.name for i in items) or "none configured"
+    raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
+
+
+class Claim:
+    """A VM's lock held by a verb (:meth:`App.claim`)."""
+
+    def __init__(self, app: App, name: str, lock: asyncio.Lock) -> None:
+        self.app = app
+        self.name = name
+        self._lock = lock
+        self.kept = False
+
+    @property
+    def vm(self) -> VM:
+        """The VM as the read model has it now (under the lock: as the command's checks must see it)."""
+        return self.app.model.vms[self.name]
+
+    def keep_for_job(self, job_id: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` as the command's job and hand it the lock: a start or stop sent meanwhile waits for the job
+        to end, then checks again (for jobs that work on the disk or the domain of a VM whose state they keep)."""
+        if self.kept:
+            coro.close()
+            raise RuntimeError(f"the lock of {self.name} is already kept for a job")
+        lock = self._lock
+
+        async def run() -> None:
+            try:
+                await coro
+            finally:
+                lock.release()
+
+        self.app.spawn_job(job_id, self.name, run())
+        self.kept = True  # after the spawn: had it failed, the block's end releases the lock
 
 
 class App:
@@ -397,26 +453,9 @@ class App:
             self.followers -= 1
 
     # -- helpers for handlers --------------------------------------------------------------------------
-    _CATALOG = {
-        "offering": ("service offering", "offerings"),
-        "template": ("template", "templates"),
-        "iso": ("ISO", "isos"),
-        "host": ("host", "hosts"),
-    }
-
     def catalog(self, kind: str, name: str, field: str | None = None) -> Any:
-        """The configured offering, template, ISO or host called ``name``; NotFound names the known ones."""
-        label, attr = self._CATALOG[kind]
-        items = getattr(self.config, attr)
-        for item in items:
-            if item.name == name:
-                return item
-        if is_uuid(name):  # its stable id (moldd.domain.ids), as CloudStack clients name it
-            for item in items:
-                if stable_uuid(kind, item.name) == name:
-                    return item
-        known = ", ".join(i.name for i in items) or "none configured"
-        raise NotFound(f"no {label} {name!r} (known: {known})", field=field or kind)
+        """The configured offering, template, ISO or host called ``name`` (see :func:`catalog_item`)."""
+        return catalog_item(self.config, kind, name, field)
 
     def get_vm(self, args: Mapping[str, Any], field: str = "id", *, expunged: bool = False) -> VM:
         """Find a VM by its VM name, numeric id, internal name, or (if unique) display name."""
@@ -436,14 +475,14 @@ class App:
             vm = next((v for v in vms.values() if v.uuid == key), None)
         if vm is None:
             by_id = [v for v in vms.values() if str(v.id) == str(key)]
-            by_display = [v for v in vms.values() if v.display_name == key and v.state != "Expunged"]
+            by_display = [v for v in vms.values() if v.display_name == key and v.state != VMState.EXPUNGED]
             if by_id:
                 vm = by_id[0]
             elif len(by_display) == 1:
                 vm = by_display[0]
             elif len(by_display) > 1:
                 raise Conflict(f"display name {key!r} is not unique: use the VM name", field=field)
-        if vm is None or (vm.state == "Expunged" and not expunged):
+        if vm is None or (vm.state == VMState.EXPUNGED and not expunged):
             raise NotFound(f"no VM {key!r}", field=field)
         return vm
 
@@ -497,27 +536,20 @@ class App:
             f"vm-{name}", [ev], expected_version=expected, command_id=cmd.id if (first and cmd) else None
         )
 
-    async def async_accept(
-        self,
-        cmd: Command,
-        vm: VM,
-        action: Action,
-        event_type: str,
-        payload: Callable[[VM], dict[str, Any]],
-        *,
-        checker: Callable[[VM], None] | None = None,
-    ) -> tuple[VM, AppendResult]:
-        """The common front half of a VM command: under the VM's lock, check ``action`` against its current state
-        (or run ``checker``, which raises to refuse) and append the event that acknowledges ``cmd``. Returns the
-        VM as checked and the append result."""
-        async with self.locks[vm.name]:
-            vm = self.model.vms[vm.name]
-            if checker is not None:
-                checker(vm)
-            else:
-                check(VMState(vm.state), action)
-            res = await self.async_record(vm, event_type, payload(vm), cmd=cmd, first=True)
-        return vm, res
+    @contextlib.asynccontextmanager
+    async def claim(self, name: str) -> AsyncIterator[Claim]:
+        """The one lock idiom of verbs: ``async with app.claim(vm.name) as claim:`` holds the VM's lock; inside,
+        ``claim.vm`` is the VM as it is now (check against it, then append the event that acknowledges the
+        command). The lock is released when the block ends (a refusal included), unless
+        :meth:`Claim.keep_for_job` handed it to the command's job, which then holds it until it ends."""
+        lock = self.locks[name]
+        await lock.acquire()
+        claim = Claim(self, name, lock)
+        try:
+            yield claim
+        finally:
+            if not claim.kept:
+                lock.release()
 
     def spawn_job(self, job_id: str, vm: str | None, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(self._async_run_job(job_id, vm, coro), name=f"job-{job_id}")

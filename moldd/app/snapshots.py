@@ -13,7 +13,7 @@ import structlog
 from moldd.app.args import Args
 from moldd.app.bus import CommandReply
 from moldd.app.lifecycle import err
-from moldd.app.operations import async_claim, async_define_stopped, spawn_locked, state_of
+from moldd.app.operations import async_define_stopped, state_of
 from moldd.app.service import App, Command, verb
 from moldd.domain.errors import Conflict, MolddError, NotFound, ValidationError
 from moldd.domain.states import Action, VMState, check
@@ -68,9 +68,8 @@ async def create_snapshot(app: App, cmd: Command) -> CommandReply:
     memory = a.boolean("snapshotmemory", False)
     description = a.text("description", "", max_len=1024, multiline=True)
     name = validate_snapshot_name(a.raw("name")) if "name" in a else None
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check_create(state_of(vm), memory=memory, count=len(vm.snapshots), limit=app.config.max_vm_snapshots)
         if name is None:
             name = f"{vm.name}_snap_{datetime.now(UTC):%Y%m%d%H%M%S}"
@@ -85,10 +84,7 @@ async def create_snapshot(app: App, cmd: Command) -> CommandReply:
         payload = {"id": sid, "name": name, "description": description, "memory": memory,
                    "parent": vm.current_snapshot}  # fmt: skip
         res = await app.async_record(vm, "vmsnapshot.create.requested", payload, cmd=cmd, first=True)
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_create_job(app, vm.name, sid, cmd))
+        claim.keep_for_job(cmd.id, _async_create_job(app, vm.name, sid, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -139,9 +135,8 @@ async def list_snapshots(app: App, cmd: Command) -> CommandReply:
 async def revert_snapshot(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "vmsnapshotid", "name"}, SNAP_ALIASES | {"snapshot": "name"})
     vm, snap = find_snapshot(app, a)
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         snap = vm.snapshots.get(snap["id"]) or snap
         if snap.get("state") != "Ready":
             raise Conflict(
@@ -155,10 +150,7 @@ async def revert_snapshot(app: App, cmd: Command) -> CommandReply:
             cmd=cmd,
             first=True,
         )
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_revert_job(app, vm.name, snap["id"], to, cmd))
+        claim.keep_for_job(cmd.id, _async_revert_job(app, vm.name, snap["id"], to, cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 
@@ -191,9 +183,8 @@ async def _async_revert_job(app: App, name: str, sid: str, to: VMState, cmd: Com
 async def delete_snapshot(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"id", "vmsnapshotid", "name"}, SNAP_ALIASES | {"snapshot": "name"})
     vm, snap = find_snapshot(app, a)
-    lock = await async_claim(app, vm.name)
-    try:
-        vm = app.model.vms[vm.name]
+    async with app.claim(vm.name) as claim:
+        vm = claim.vm
         check(state_of(vm), Action.DELETE_SNAPSHOT)
         snap = vm.snapshots.get(snap["id"]) or snap
         if snap.get("state") not in ("Ready", "Error"):
@@ -201,10 +192,7 @@ async def delete_snapshot(app: App, cmd: Command) -> CommandReply:
         res = await app.async_record(
             vm, "vmsnapshot.delete.requested", {"id": snap["id"], "name": snap["name"]}, cmd=cmd, first=True
         )
-    except BaseException:
-        lock.release()
-        raise
-    spawn_locked(app, cmd, vm.name, lock, _async_delete_job(app, vm.name, snap["id"], cmd))
+        claim.keep_for_job(cmd.id, _async_delete_job(app, vm.name, snap["id"], cmd))
     return app.job_reply(cmd.id, vm, res.last_position)
 
 

@@ -153,7 +153,7 @@ async def create_user(app: App, cmd: Command) -> CommandReply:
     name = _user_name(a)
     role = Role.parse(a.text("role", "readonly"))
     users = directory(app)
-    async with app.locks[f"user-{name}"]:
+    async with app.claim(f"user-{name}"):
         if name in app.model.users:
             raise Conflict(f"user {name!r} already exists (revoked users keep their name)", field="username")
         apikey, secret = _new_keys()
@@ -200,7 +200,7 @@ async def register_keys(app: App, cmd: Command) -> CommandReply:
     a = Args(cmd.args, {"username"}, {"name": "username", "id": "username", "user": "username"})
     name = _user_name(a)
     users = directory(app)
-    async with app.locks[f"user-{name}"]:
+    async with app.claim(f"user-{name}"):
         old = _existing(app, name)["apikey"]
         apikey, secret = _new_keys()
         await users.store.async_change(add={apikey: secret})
@@ -227,7 +227,7 @@ async def revoke_user(app: App, cmd: Command) -> CommandReply:
     name = _user_name(a)
     reason = a.text("reason", "", max_len=1024) if "reason" in a else ""
     users = directory(app)
-    async with app.locks[f"user-{name}"]:
+    async with app.claim(f"user-{name}"):
         user = _existing(app, name)
         if user["state"] == "revoked":
             return CommandReply(result={"user": _view(user)}, position=app.model.position)

@@ -1,8 +1,10 @@
 """HA watchers: restart HA VMs that went down, move the VMs of a failed host after fencing, never start a VM twice.
 
 Fed only by the log: a projector listener sees each event after it is folded and queues work; the work itself runs
-in supervised tasks (a crashed watcher is logged, recorded and restarted; ``healthy()`` turns false meanwhile,
-which the socket's health and systemd's watchdog report). Every decision is an ``ha.*`` or ``host.health`` event
+in supervised tasks. A crash — of a watcher's loop, of a VM's HA job or of a host's handling — is logged,
+recorded (``ha.watcher_restarted``) and the watcher goes on; ``healthy()`` turns false when a watcher is dead or
+crash-loops (``CRASH_LOOP`` crashes in a row with no piece of work done in between) and true again once it does a
+piece of work without crashing. The socket's health and systemd's watchdog report it. Every decision is an ``ha.*`` or ``host.health`` event
 carrying its cause (the log position and kind of event that led to it)."""
 
 from __future__ import annotations
@@ -25,12 +27,33 @@ from moldd.domain.ha import (
     DownCause,
     HostHealth,
     RestartLimits,
-    RestartPolicy,
     evacuation_order,
     host_move_allowed,
     should_restart,
 )
 from moldd.domain.reconcile import is_on
+from moldd.domain.states import VMState
+from moldd.ha.decisions import (
+    ON_HOST_STATES,
+    SETTLED_STATES,
+    HostWork,
+    MoveCheck,
+    NextStep,
+    RestartOutcome,
+    Trigger,
+    after_attempt,
+    catch_up_host,
+    catch_up_vm,
+    host_health,
+    host_work,
+    ineligible_reason,
+    move_check,
+    needs_fencing_step,
+    parse_trigger,
+    placement_why,
+    plan_attempt,
+    waits_for_a_host,
+)
 from moldd.ha.fencing import async_fence
 from moldd.libvirt import storage
 from moldd.projection.model import VM
@@ -38,13 +61,13 @@ from moldd.projection.readmodel import ReadModel
 
 log = structlog.get_logger("moldd.ha")
 
-RESTARTABLE_CAUSES = {str(c) for c in DownCause}
-
 
 class HAManager:
     JOB_WAIT_S = 60.0
     MAX_BLOCKED = 5  # attempts in a row failed by the host / a live copy, before waiting for a host to come up
     LOCK_GRACE_S = 10.0  # how long a disk may stay locked after a fence before the fence is called a liar
+    CRASH_LOOP = 3  # crashes of one watcher in a row (no piece of work done in between) that make HA unhealthy
+    WATCHERS = ("vm-watcher", "host-watcher")
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -61,6 +84,7 @@ class HAManager:
         self.supervised: dict[str, asyncio.Task[None]] = {}
         self._unlisten: Callable[[], None] = lambda: None  # the projector listener's unsubscribe handle (start())
         self.crashes = 0
+        self.crashed_in_a_row: dict[str, int] = dict.fromkeys(self.WATCHERS, 0)  # reset by a piece of work done
         self.stats: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -71,7 +95,47 @@ class HAManager:
         self._catch_up()
 
     def healthy(self) -> bool:
-        return not self.enabled or all(not t.done() for t in self.supervised.values())
+        """False when a watcher is dead or crash-looping (see the module's docstring)."""
+        if not self.enabled:
+            return True
+        alive = all(not t.done() for t in self.supervised.values())
+        return alive and all(n < self.CRASH_LOOP for n in self.crashed_in_a_row.values())
+
+    async def _async_crashed(self, watcher: str, exc: Exception, **context: str) -> None:
+        """A crash of ``watcher`` (its loop or one piece of its work): count it, log it, record it in the log."""
+        self.crashes += 1
+        self.crashed_in_a_row[watcher] = self.crashed_in_a_row.get(watcher, 0) + 1
+        log.error("ha_watcher_crashed", watcher=watcher, in_a_row=self.crashed_in_a_row[watcher], exc_info=exc,
+                  **context)  # fmt: skip
+        with contextlib.suppress(Exception):
+            await self.app.async_append(
+                "daemon",
+                [
+                    NewEvent(
+                        "ha.watcher_restarted",
+                        {"watcher": watcher, "error": repr(exc)[:500], **context},
+                        actor="ha",
+                    )
+                ],
+            )
+
+    async def _async_work(self, watcher: str, piece: Coroutine[Any, Any, None], **context: str) -> None:
+        """One piece of ``watcher``'s work: a crash is counted and recorded (not raised), a success ends a crash
+        loop."""
+        try:
+            await piece
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._async_crashed(watcher, exc, **context)
+        else:
+            self._worked(watcher)
+
+    def _worked(self, watcher: str) -> None:
+        """``watcher`` did a piece of work without crashing: it is not crash-looping."""
+        if self.crashed_in_a_row.get(watcher):
+            log.info("ha_watcher_recovered", watcher=watcher, after=self.crashed_in_a_row[watcher])
+            self.crashed_in_a_row[watcher] = 0
 
     async def async_stop(self) -> None:
         self._unlisten()
@@ -100,19 +164,7 @@ class HAManager:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self.crashes += 1
-                    log.exception("ha_watcher_crashed", watcher=name)
-                    with contextlib.suppress(Exception):
-                        await self.app.async_append(
-                            "daemon",
-                            [
-                                NewEvent(
-                                    "ha.watcher_restarted",
-                                    {"watcher": name, "error": repr(exc)[:500]},
-                                    actor="ha",
-                                )
-                            ],
-                        )
+                    await self._async_crashed(name, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
 
@@ -124,17 +176,12 @@ class HAManager:
             return
         model = self.app.model
         for vm in model.vms.values():
-            if vm.ha_enabled and vm.state in ("Stopped", "Unknown") and vm.stop_cause in RESTARTABLE_CAUSES:
-                if vm.ha_status != "failed":
-                    self.queue.put_nowait((vm.name, vm.stop_cause or "found-stopped", vm.position))
+            if catch_up_vm(vm):
+                self.queue.put_nowait((vm.name, vm.stop_cause or "found-stopped", vm.position))
         for host in model.hosts.values():
-            if self.app.hosts.is_connected(host.name):
-                # it answers now, but the log left it Suspect/Down/Fenced/...: its "connected" event was folded
-                # before this listener was registered, so bring it back here
-                if host.health != "Up":
-                    self.host_queue.put_nowait((host.name, "connected", host.position))
-            elif host.health != "Up" or host.link == "disconnected":
-                self.host_queue.put_nowait((host.name, "check", host.position))
+            kind = catch_up_host(host_health(host.health), host.link, self.app.hosts.is_connected(host.name))
+            if kind is not None:
+                self.host_queue.put_nowait((host.name, kind, host.position))
 
     # -- the listener: runs inside the projector, after each event is folded; must not block -------------
     def _on_event(self, ev: StoredEvent, model: ReadModel) -> None:
@@ -144,7 +191,7 @@ class HAManager:
         if (t == "libvirt.domain_event" and ev.payload.get("event") == "STOPPED") or t == "vm.migrate.failed":
             vm = model.vms.get(ev.stream_id.removeprefix("vm-"))
             # The fold marks the VM Stopped (with a cause) only when moldd did not stop it itself.
-            if vm is not None and vm.state == "Stopped" and vm.down_at and vm.position == ev.position:
+            if vm is not None and vm.state == VMState.STOPPED and vm.down_at and vm.position == ev.position:
                 self.stats[f"down:{vm.name}"] = ev.recorded_at.timestamp()
                 self.queue.put_nowait((vm.name, vm.stop_cause or "other", ev.position))
         elif t == "vm.reconciled" and ev.payload.get("stop_cause"):
@@ -155,10 +202,10 @@ class HAManager:
             self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), ev.payload["kind"], ev.position))
         elif t == "host.health" and ev.payload.get("confirmed_by_operator"):
             self.host_queue.put_nowait((ev.stream_id.removeprefix("host-"), "operator-fenced", ev.position))
-        elif t == "host.health" and ev.payload.get("to") == "Up":
+        elif t == "host.health" and ev.payload.get("to") == HostHealth.UP:
             # room (or the VM's own host) is back: VMs waiting for a place try again
             for vm in model.vms.values():
-                if vm.ha_enabled and vm.ha_status == "pending" and vm.state in ("Stopped", "Unknown"):
+                if waits_for_a_host(vm):
                     self.queue.put_nowait((vm.name, "host-up", ev.position))
 
     # -- VM watcher ------------------------------------------------------------------------------------
@@ -174,11 +221,7 @@ class HAManager:
 
     async def _async_recover_vm(self, name: str, cause: str, position: int) -> None:
         try:
-            await self._async_recover_vm_inner(name, cause, position)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("ha_vm_job_crashed", vm=name)
+            await self._async_work("vm-watcher", self._async_recover_vm_inner(name, cause, position), vm=name)
         finally:
             if self.active.get(name) is asyncio.current_task():
                 self.active.pop(name, None)
@@ -186,98 +229,79 @@ class HAManager:
     async def _async_ha_event(self, vm: str, event_type: str, payload: dict[str, Any]) -> None:
         await self.app.async_append(f"vm-{vm}", [NewEvent(event_type, payload, actor="ha")])
 
-    def _eligible(self, vm: VM | None) -> str | None:
-        """Why HA must leave this VM alone now, or None when a restart is wanted."""
-        if vm is None:
-            return "no such VM"
-        if not vm.ha_enabled:
-            return "HA is disabled for this VM"
-        if vm.state not in ("Stopped", "Unknown"):
-            return f"the VM is {vm.state}"
-        if vm.stop_cause == "user":
-            return "it was stopped through moldd"
-        if vm.ha_status == "failed":
-            return "HA gave up on it (Error); stop it, then start it by hand"
-        return None
-
     async def _async_recover_vm_inner(self, name: str, cause: str, position: int) -> None:
         app = self.app
         vm = app.model.vms.get(name)
-        if self._eligible(vm) is not None or vm is None:
+        if vm is None or ineligible_reason(vm) is not None:
             return
-        down_cause = DownCause(vm.stop_cause) if vm.stop_cause in RESTARTABLE_CAUSES else DownCause.OTHER
-        try:
-            policy = RestartPolicy(vm.ha_policy)
-        except ValueError:
-            policy = RestartPolicy.ALWAYS
-        trigger = {"cause": str(down_cause), "trigger": cause, "trigger_position": position}
-        if not should_restart(vm.ha_enabled, policy, down_cause):
+        trigger = parse_trigger(vm, cause, position)
+        if not should_restart(vm.ha_enabled, trigger.policy, trigger.cause):
             await self._async_ha_event(
                 name,
                 "ha.not_restarted",
-                trigger | {"policy": str(policy), "reason": f"policy {policy} keeps a {down_cause} VM down"},
+                trigger.to_payload()
+                | {"policy": str(trigger.policy), "reason": f"policy {trigger.policy} keeps a {trigger.cause} VM down"},
             )
             return
-        elsewhere = 0  # failed attempts that were not the VM's fault (they do not use up its budget)
+        blocked = 0  # failed attempts in a row that were not the VM's fault (they do not use up its budget)
         while True:
-            vm = app.model.vms.get(name)
-            reason = self._eligible(vm)
-            if reason is not None or vm is None:
-                if reason and vm is not None and vm.ha_status == "pending":
-                    await self._async_ha_event(name, "ha.cancelled", trigger | {"reason": reason})
+            if await self._async_let_go_if_ineligible(name, trigger):
                 return
-            now = app.clock()
-            recent = self.limits.recent(vm.ha_restarts, now)
-            if recent >= self.limits.max_restarts:
+            vm = app.model.vms[name]
+            plan = plan_attempt(self.limits, vm.ha_restarts, app.clock(), blocked)
+            if plan.give_up:
                 await self._async_ha_event(
                     name,
                     "ha.gave_up",
-                    trigger
+                    trigger.to_payload()
                     | {
-                        "reason": f"{recent} restarts within {self.limits.window_s:g} s (limit {self.limits.max_restarts}): "
-                        "the VM keeps going down; fix it, then stop and start it by hand",
-                        "restarts": recent,
+                        "reason": f"{plan.recent} restarts within {self.limits.window_s:g} s (limit "
+                        f"{self.limits.max_restarts}): the VM keeps going down; fix it, then stop and start it by hand",
+                        "restarts": plan.recent,
                     },
                 )
-                log.error("ha_gave_up", vm=name, restarts=recent)
+                log.error("ha_gave_up", vm=name, restarts=plan.recent)
                 return
-            delay = max(self.limits.backoff(recent), self.limits.backoff(elsewhere))
             await self._async_ha_event(
-                name, "ha.restart.scheduled", trigger | {"attempt": recent + 1, "delay_s": delay}
+                name, "ha.restart.scheduled", trigger.to_payload() | {"attempt": plan.attempt, "delay_s": plan.delay_s}
             )
-            if delay:
-                await asyncio.sleep(delay)
-            outcome = await self._async_restart(name, trigger, recent + 1)
-            if outcome == "gone":
-                vm = app.model.vms.get(name)
-                reason = self._eligible(vm)
-                if reason is not None and vm is not None and vm.ha_status == "pending":
-                    # e.g. started by hand during the back-off: say why HA let go, so it is not left "pending"
-                    await self._async_ha_event(name, "ha.cancelled", trigger | {"reason": reason})
+            if plan.delay_s:
+                await asyncio.sleep(plan.delay_s)
+            outcome = await self._async_restart(name, trigger, plan.attempt)
+            step, blocked = after_attempt(outcome, blocked, self.MAX_BLOCKED)
+            if step is NextStep.LET_GO:
+                # e.g. started by hand during the back-off: say why HA let go, so it is not left "pending"
+                await self._async_let_go_if_ineligible(name, trigger)
                 return
-            if outcome in ("started", "waiting"):
+            if step is NextStep.DONE:
                 return
-            if outcome == "blocked":
-                elsewhere += 1
-                if elsewhere >= self.MAX_BLOCKED:
-                    await self._async_ha_event(
-                        name, "ha.waiting",
-                        trigger | {"reason": f"{elsewhere} attempts failed for reasons that are not the VM's "
-                                   "(see ha.restart.failed): waiting for a host to come back up"},
-                    )  # fmt: skip
-                    return
-                continue
-            # "failed": the ha.restart.failed event is recorded; go round (back-off grows with the count)
+            if step is NextStep.WAIT_FOR_HOST:
+                await self._async_ha_event(
+                    name, "ha.waiting",
+                    trigger.to_payload() | {"reason": f"{blocked} attempts failed for reasons that are not the VM's "
+                                            "(see ha.restart.failed): waiting for a host to come back up"},
+                )  # fmt: skip
+                return
+            # RETRY: a failure is recorded (ha.restart.failed); go round (back-off grows with the count)
 
-    async def _async_restart(self, name: str, trigger: dict[str, Any], attempt: int) -> str:
-        """One attempt. Returns started | failed | waiting (host not fenced yet) | gone (no longer eligible)."""
+    async def _async_let_go_if_ineligible(self, name: str, trigger: Trigger) -> bool:
+        """True when HA must leave the VM alone now; if HA still shows it pending, record why it lets go."""
+        vm = self.app.model.vms.get(name)
+        reason = ineligible_reason(vm)
+        if reason is None:
+            return False
+        if vm is not None and vm.ha_status == "pending":
+            await self._async_ha_event(name, "ha.cancelled", trigger.to_payload() | {"reason": reason})
+        return True
+
+    async def _async_restart(self, name: str, trigger: Trigger, attempt: int) -> RestartOutcome:
+        """One attempt: place the VM, prove no copy of it still runs elsewhere, record the start and start it."""
         app = self.app
-        async with app.locks[name]:
+        async with app.claim(name):
             vm = app.model.vms.get(name)
-            if self._eligible(vm) is not None or vm is None:
-                return "gone"
+            if vm is None or ineligible_reason(vm) is not None:
+                return RestartOutcome.GONE
             old = vm.host
-            old_state = app.model.hosts.get(old) if old else None
             async with app.placement_lock:
                 try:
                     target = place_existing(
@@ -289,56 +313,23 @@ class HAManager:
                     await self._async_ha_event(
                         name,
                         "ha.waiting",
-                        trigger | {"attempt": attempt, "reason": f"waiting for capacity: {exc.message}"},
+                        trigger.to_payload() | {"attempt": attempt, "reason": f"waiting for capacity: {exc.message}"},
                     )
-                    return "waiting"
-                why = (
-                    "its own host is up"
-                    if target.name == old
-                    else f"least loaded up host in cluster {target.cluster}"
-                )
-                if old is not None and target.name != old:
-                    # Never two copies: the old host must be fenced, or reachable and showing the domain off.
-                    health = old_state.health if old_state else "Up"
-                    if health != str(HostHealth.FENCED):
-                        if not app.hosts.is_connected(old):
-                            await self._async_ha_event(
-                                name,
-                                "ha.waiting",
-                                trigger
-                                | {
-                                    "reason": f"host {old} is {health} and not fenced: not starting it elsewhere"
-                                },
-                            )
-                            return "waiting"
-                        try:
-                            state = await app.hosts.conn(old).async_domain_state(vm.internal_name)
-                        except MolddError as exc:
-                            await self._async_ha_event(
-                                name,
-                                "ha.waiting",
-                                trigger | {"reason": f"cannot check host {old}: {exc.message}"},
-                            )
-                            return "waiting"
-                        if is_on(state):
-                            await self._async_ha_event(
-                                name, "ha.cancelled", trigger | {"reason": f"domain still {state} on {old}"}
-                            )
-                            return "gone"
-                    # Whatever the fence said: a disk still locked by another process means a copy still runs.
-                    if await self._async_fence_lied(name, vm, old, trigger):
-                        return "waiting"
+                    return RestartOutcome.WAITING
+                refused = await self._async_check_move(vm, target.name, trigger)
+                if refused is not None:
+                    return refused
                 await app.async_append(
                     f"vm-{name}",
                     [
                         NewEvent(
                             "ha.restart.started",
-                            trigger
+                            trigger.to_payload()
                             | {
                                 "host": target.name,
                                 "cluster": target.cluster,
                                 "attempt": attempt,
-                                "why": why,
+                                "why": placement_why(target.name, old, target.cluster),
                                 "from_host": old,
                             },
                             actor="ha",
@@ -354,15 +345,50 @@ class HAManager:
                 actor=HA,
                 ok_type="ha.restart.succeeded",
                 fail_type="ha.restart.failed",
-                extra={"attempt": attempt, "cause": trigger["cause"]},
+                extra={"attempt": attempt, "cause": str(trigger.cause)},
                 blame=blame,
             )
         if ok:
-            log.warning("ha_restarted", vm=name, host=target.name, cause=trigger["cause"], attempt=attempt)
-            return "started"
-        return "failed" if blame.get("counts", True) else "blocked"
+            log.warning("ha_restarted", vm=name, host=target.name, cause=str(trigger.cause), attempt=attempt)
+            return RestartOutcome.STARTED
+        return RestartOutcome.FAILED if blame.get("counts", True) else RestartOutcome.BLOCKED
 
-    async def _async_fence_lied(self, name: str, vm: VM, old: str, trigger: dict[str, Any]) -> bool:
+    async def _async_check_move(self, vm: VM, target: str, trigger: Trigger) -> RestartOutcome | None:
+        """Never two copies: before ``vm`` starts on ``target`` away from its last host, that host must be fenced,
+        or reachable and showing the domain off; and no process may still hold its disk. None when it may start,
+        else the outcome that stops this attempt (its ``ha.*`` event recorded)."""
+        app, name, old = self.app, vm.name, vm.host
+        old_state = app.model.hosts.get(old) if old else None
+        health = host_health(old_state.health if old_state else None)
+        check = move_check(old, target, health, old is not None and app.hosts.is_connected(old))
+        if check is MoveCheck.SAME_HOST or old is None:
+            return None
+        if check is MoveCheck.WAIT:
+            await self._async_ha_event(
+                name,
+                "ha.waiting",
+                trigger.to_payload() | {"reason": f"host {old} is {health} and not fenced: not starting it elsewhere"},
+            )
+            return RestartOutcome.WAITING
+        if check is MoveCheck.ASK_OLD_HOST:
+            try:
+                state = await app.hosts.conn(old).async_domain_state(vm.internal_name)
+            except MolddError as exc:
+                await self._async_ha_event(
+                    name, "ha.waiting", trigger.to_payload() | {"reason": f"cannot check host {old}: {exc.message}"}
+                )
+                return RestartOutcome.WAITING
+            if is_on(state):
+                await self._async_ha_event(
+                    name, "ha.cancelled", trigger.to_payload() | {"reason": f"domain still {state} on {old}"}
+                )
+                return RestartOutcome.GONE
+        # Whatever the fence said: a disk still locked by another process means a copy still runs.
+        if await self._async_fence_lied(name, vm, old, trigger):
+            return RestartOutcome.WAITING
+        return None
+
+    async def _async_fence_lied(self, name: str, vm: VM, old: str, trigger: Trigger) -> bool:
         """Probe the VM's disk before it starts away from ``old``: if another process still holds its lock, the
         fencing of ``old`` did not kill it. Record that on the VM, mark the host FenceFailed (an alert) and start
         nothing: a second QEMU on the same disk is what fencing exists to prevent."""
@@ -385,7 +411,7 @@ class HAManager:
             await asyncio.sleep(0.5)
         reason = f"disk {path} is still locked by another process after host {old} was fenced: the fence lied"
         await self._async_ha_event(
-            name, "ha.fence_lied", trigger | {"host": old, "disk": path, "probe": holder[-500:], "reason": reason}
+            name, "ha.fence_lied", trigger.to_payload() | {"host": old, "disk": path, "probe": holder[-500:], "reason": reason}
         )
         await self._async_set_health(old, HostHealth.FENCE_FAILED, {"cause": reason, "vm": name})
         log.error("FENCE_LIED", host=old, vm=name, disk=path, action="not starting a second copy")
@@ -408,35 +434,31 @@ class HAManager:
     async def _async_host_worker(self, host: str, inbox: asyncio.Queue[tuple[str, int]]) -> None:
         while True:
             kind, position = await inbox.get()
-            try:
-                await self._async_host_item(host, kind, position)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("ha_host_item_failed", host=host, kind=kind)
+            await self._async_work("host-watcher", self._async_host_item(host, kind, position), host=host, kind=kind)
+
+    def _host_task(self, host: str, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A host's failure handling or evacuation, run beside its worker; a crash counts as the host watcher's."""
+        return asyncio.create_task(self._async_work("host-watcher", coro, host=host, work=name), name=f"ha-{name}-{host}")
 
     async def _async_host_item(self, host: str, kind: str, position: int) -> None:
-        if kind == "connected":
+        work = host_work(kind)
+        if work is HostWork.BACK:
             await self._async_host_back(host, position)
             return
-        if kind == "operator-fenced":
+        if work is HostWork.EVACUATE:
             task = self.host_tasks.pop(host, None)
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            self.host_tasks[host] = asyncio.create_task(
-                self._async_evacuate(host), name=f"ha-evacuate-{host}"
-            )
+            self.host_tasks[host] = self._host_task(host, self._async_evacuate(host), "evacuate")
             return
         task = self.host_tasks.get(host)
         if task is None or task.done():
-            self.host_tasks[host] = asyncio.create_task(
-                self._async_host_failure(host, kind, position), name=f"ha-host-{host}"
-            )
+            self.host_tasks[host] = self._host_task(host, self._async_host_failure(host, kind, position), "host")
 
     async def _async_set_health(self, host: str, to: HostHealth, cause: dict[str, Any]) -> bool:
         state = self.app.model.hosts.get(host)
-        current = HostHealth(state.health) if state else HostHealth.UP
+        current = host_health(state.health if state else None)
         if current == to or not host_move_allowed(current, to):
             return False
         await self.app.async_append(
@@ -455,7 +477,7 @@ class HAManager:
         elif task is not None and not task.done():
             await asyncio.gather(task, return_exceptions=True)  # never interrupt a fencing in progress
         state = self.app.model.hosts.get(host)
-        if state is not None and state.health == str(HostHealth.FENCING):
+        if state is not None and host_health(state.health) is HostHealth.FENCING:
             # no fencing runs (it ended above, or a daemon restart cut it short): its outcome is unknown
             await self._async_set_health(
                 host,
@@ -463,7 +485,7 @@ class HAManager:
                 {"cause": "fencing was interrupted", "trigger_position": position},
             )
         state = self.app.model.hosts.get(host)
-        if state is not None and state.health != "Up":
+        if state is not None and host_health(state.health) is not HostHealth.UP:
             await self._async_set_health(
                 host, HostHealth.UP, {"cause": "connection re-established", "trigger_position": position}
             )
@@ -492,14 +514,10 @@ class HAManager:
             HostHealth.DOWN,
             {"cause": f"unreachable for {cfg.host_down_after_s:g} s", "trigger_position": position},
         )
-        vms = [
-            v
-            for v in app.model.vms_on(host)
-            if v.state not in ("Stopped", "Created", "Destroyed", "Expunged", "Error")
-        ]
+        vms = [v for v in app.model.vms_on(host) if v.state not in SETTLED_STATES]
         while True:
             state = app.model.hosts.get(host)
-            if state is not None and state.health in ("Down", "FenceFailed"):
+            if state is not None and needs_fencing_step(host_health(state.health)):
                 await self._async_set_health(
                     host, HostHealth.FENCING, {"cause": "host down", "vms": [v.name for v in vms]}
                 )
@@ -530,11 +548,7 @@ class HAManager:
     async def _async_evacuate(self, host: str) -> None:
         """The host is fenced: its VMs are dead. Record that, then restart the HA ones elsewhere, by priority."""
         app = self.app
-        victims = [
-            v
-            for v in app.model.vms_on(host)
-            if v.state in ("Running", "Starting", "Stopping", "Migrating", "Unknown")
-        ]
+        victims = [v for v in app.model.vms_on(host) if v.state in ON_HOST_STATES]
         order = evacuation_order([(v.name, v.ha_priority if v.ha_enabled else -1) for v in victims])
         await app.async_append(
             f"host-{host}", [NewEvent("ha.evacuation", {"host": host, "vms": order}, actor="ha")]
@@ -545,15 +559,9 @@ class HAManager:
                 # A command still works on it (a migration from this host, say): let it record its outcome
                 # first (its calls to the fenced host fail), so that outcome cannot land on top of the restart.
                 await asyncio.wait({job}, timeout=self.JOB_WAIT_S)
-            async with app.locks[name]:
-                vm = app.model.vms[name]
-                if vm.host != host or vm.state not in (
-                    "Running",
-                    "Starting",
-                    "Stopping",
-                    "Migrating",
-                    "Unknown",
-                ):
+            async with app.claim(name) as claim:
+                vm = claim.vm
+                if vm.host != host or vm.state not in ON_HOST_STATES:
                     continue
                 await app.async_append(
                     f"vm-{name}",
@@ -561,7 +569,7 @@ class HAManager:
                         NewEvent(
                             "vm.reconciled",
                             {
-                                "state": "Stopped",
+                                "state": str(VMState.STOPPED),
                                 "power_state": "off",
                                 "host": host,
                                 "domain_state": None,
@@ -577,5 +585,5 @@ class HAManager:
         # HA VMs of this host already down and waiting (e.g. after a fence that lied, now confirmed by an
         # operator) try again too.
         for vm in app.model.vms_on(host):
-            if vm.ha_enabled and vm.ha_status == "pending" and vm.state in ("Stopped", "Unknown"):
+            if waits_for_a_host(vm):
                 self.queue.put_nowait((vm.name, "host-fenced", vm.position))

@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -873,54 +874,16 @@ class HostConnection:
         dst_conn = dest._conn
         if dst_conn is None:
             raise OperationFailed(f"destination host {dest.name} is not connected", field="dest")
-        flags = (
-            libvirt.VIR_MIGRATE_PERSIST_DEST
-            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-            | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
-        )
-        if live:
-            flags |= libvirt.VIR_MIGRATE_LIVE
-        if unsafe:
-            flags |= libvirt.VIR_MIGRATE_UNSAFE
-        params: dict[str, Any] = {}
-        if migrate_uri:
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
-        if bandwidth_mib_s is not None:
-            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib_s)
+        flags = migration_flags(live=live, unsafe=unsafe)
+        params = migration_params(migrate_uri, bandwidth_mib_s)
 
         def run() -> None:
             dom = src_conn.lookupByName(name)
             dom.migrate3(dst_conn, params, flags)
 
         fut = self.bridge.submit(run, pool=self.name, long=True)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         try:
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=poll_interval)
-                if done:
-                    break
-                if deadline is not None and loop.time() > deadline:
-                    await self._call(_abort_job, name, timeout=10.0)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(fut), 60.0)
-                    except asyncio.CancelledError:
-                        raise  # our caller gave up too: handled below (the job is aborted again, harmlessly)
-                    except Exception as exc:  # the aborted migration's own error, or no end within 60 s
-                        log.debug("migration_abort_wait", domain=name, error=repr(exc))
-                    raise libvirt.libvirtError(f"migration did not finish within {timeout:g} s")
-                if progress is not None:
-                    try:
-                        stats = await self._call(_job_stats, name, timeout=5.0)
-                    except MolddError as exc:
-                        log.debug("migration_progress_unavailable", domain=name, error=exc.message)
-                        continue
-                    log.debug("migration_job_stats", domain=name, stats=stats)
-                    if stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
-                        try:
-                            progress(_progress_payload(stats))
-                        except Exception:
-                            log.exception("migration_progress_handler_failed", domain=name)
+            await self._async_watch_migration(name, fut, timeout, progress, poll_interval)
             fut.result()
         except asyncio.CancelledError:
             # Our caller gave up: stop the job so the guest stays (running) here.
@@ -930,21 +893,108 @@ class HostConnection:
                 pass
             raise
         except (libvirt.libvirtError, MolddError) as exc:
-            message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else exc.message
-            state: str | None = None
-            try:
-                state = await self._call(_ensure_running_after_failed_migration, name, timeout=15.0)
-            except MolddError:
-                pass
-            raise OperationFailed(
-                f"migration of {name} from {self.name} to {dest.name} failed: {message or exc} "
-                f"(source state: {state or 'unknown'})"
-            ) from None
+            raise await self._async_migration_failed(name, dest, exc) from None
         if progress is not None:
-            try:
-                progress({"type": "completed", "percent": 100.0})
-            except Exception:
-                log.exception("migration_progress_handler_failed", domain=name)
+            _report_progress(progress, {"type": "completed", "percent": 100.0}, name)
+
+    async def _async_watch_migration(
+        self,
+        name: str,
+        fut: asyncio.Future[None],
+        timeout: float | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+        poll_interval: float,
+    ) -> None:
+        """Until the migration thread ends: report progress every ``poll_interval`` s; past ``timeout`` abort the
+        job and raise."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=poll_interval)
+            step = migration_poll_step(bool(done), loop.time(), deadline, progress is not None)
+            if step is MigrationPoll.FINISHED:
+                return
+            if step is MigrationPoll.TIMED_OUT:
+                await self._call(_abort_job, name, timeout=10.0)
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), 60.0)
+                except asyncio.CancelledError:
+                    raise  # our caller gave up too: handled by it (the job is aborted again, harmlessly)
+                except Exception as exc:  # the aborted migration's own error, or no end within 60 s
+                    log.debug("migration_abort_wait", domain=name, error=repr(exc))
+                raise libvirt.libvirtError(f"migration did not finish within {timeout:g} s")
+            if step is MigrationPoll.REPORT and progress is not None:
+                try:
+                    stats = await self._call(_job_stats, name, timeout=5.0)
+                except MolddError as exc:
+                    log.debug("migration_progress_unavailable", domain=name, error=exc.message)
+                    continue
+                log.debug("migration_job_stats", domain=name, stats=stats)
+                if stats.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+                    _report_progress(progress, _progress_payload(stats), name)
+
+    async def _async_migration_failed(
+        self, name: str, dest: HostConnection, exc: libvirt.libvirtError | MolddError
+    ) -> OperationFailed:
+        """The error to raise for a failed migration, once the guest is made sure to run on here again."""
+        message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else exc.message
+        state: str | None = None
+        try:
+            state = await self._call(_ensure_running_after_failed_migration, name, timeout=15.0)
+        except MolddError:
+            pass
+        return OperationFailed(
+            f"migration of {name} from {self.name} to {dest.name} failed: {message or exc} "
+            f"(source state: {state or 'unknown'})"
+        )
+
+
+class MigrationPoll(StrEnum):
+    """What the migration watcher does after one wait."""
+
+    FINISHED = "finished"  # the migration call returned (or raised): its result decides
+    TIMED_OUT = "timed-out"  # past the deadline: abort the job
+    REPORT = "report"  # still running: report progress
+    WAIT = "wait"  # still running, nobody wants progress
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def migration_poll_step(done: bool, now: float, deadline: float | None, wants_progress: bool) -> MigrationPoll:
+    if done:
+        return MigrationPoll.FINISHED
+    if deadline is not None and now > deadline:
+        return MigrationPoll.TIMED_OUT
+    return MigrationPoll.REPORT if wants_progress else MigrationPoll.WAIT
+
+
+def migration_flags(*, live: bool, unsafe: bool) -> int:
+    """libvirt's migration flags: persistent on the destination, undefined here, aborted on a disk error."""
+    flags = int(
+        libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+    )
+    if live:
+        flags |= libvirt.VIR_MIGRATE_LIVE
+    if unsafe:
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
+    return flags
+
+
+def migration_params(migrate_uri: str | None, bandwidth_mib_s: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if migrate_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+    if bandwidth_mib_s is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(bandwidth_mib_s)
+    return params
+
+
+def _report_progress(progress: Callable[[dict[str, Any]], None], payload: dict[str, Any], name: str) -> None:
+    try:
+        progress(payload)
+    except Exception:
+        log.exception("migration_progress_handler_failed", domain=name)
 
 
 def _close_conn(conn: libvirt.virConnect, cb_id: list[int] | None) -> None:

@@ -4,10 +4,12 @@ driving real VMs on the lab hosts (deploy, stop, start, reboot, destroy), with s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 
 from moldd.cli.audit import main as audit_main
 from moldlab.testing.harness import Client, running_daemon, write_config
+from moldlab.testing.load import scaled
 from tests.daemon.conftest import *  # noqa: F403  (clean_lab, make_config, config, daemon, client, ...)
 from tests.daemon.conftest import wipe_lab
 
@@ -60,6 +63,32 @@ async def _vms(c: Client) -> Moment:
     return Moment("", reply["position"], reply["result"]["virtualmachine"])
 
 
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + scaled(timeout)
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {scaled(timeout):g} s")
+        await asyncio.sleep(0.05)
+
+
+async def _until_undefined_event(c: Client, vm: str) -> None:
+    async def seen() -> bool:
+        events = await c.events(vm, type="libvirt.domain_event")
+        return any(e["payload"].get("event") == "UNDEFINED" for e in events)
+
+    await _until(seen, f"no libvirt UNDEFINED event of {vm} in the log")
+
+
+async def _until_checkpointed(file: Path, position: int) -> None:
+    """A checkpoint the daemon signed on its schedule covers ``position``."""
+
+    async def covered() -> bool:
+        lines = file.read_text().splitlines() if file.exists() else []
+        return any(json.loads(line)["position"] >= position for line in lines if line.strip())
+
+    await _until(covered, f"no scheduled checkpoint covering position {position}")
+
+
 async def _drive(rec: RecordedLog, config: Any) -> None:
     async with running_daemon(config), Client(config.socket) as c:
 
@@ -90,7 +119,7 @@ async def _drive(rec: RecordedLog, config: Any) -> None:
         await moment("rebooted")
         assert (await c.job("destroyVirtualMachine", id=name))["status"] == "succeeded"
         await moment("destroyed")
-        await asyncio.sleep(0.3)  # let the last libvirt events of the destroyed domain land in the log
+        await _until_undefined_event(c, name)  # the last libvirt event of the destroyed domain is in the log
         await moment("settled")
         while True:  # both lists at one position (a libvirt event may land between the two calls)
             final = await _vms(c)
@@ -98,7 +127,7 @@ async def _drive(rec: RecordedLog, config: Any) -> None:
             if hosts["position"] == final.position:
                 break
         rec.live_vms, rec.live_hosts, rec.live_position = final.vms, hosts["result"]["host"], final.position
-        await asyncio.sleep(1.2)  # at least one scheduled checkpoint by the daemon after the last command
+        await _until_checkpointed(config.checkpoints.file, final.position)  # by the daemon's own schedule
     # a restart restores from the projection snapshot and folds the tail: must show the same as a full replay
     async with running_daemon(config), Client(config.socket) as c:
         m = await _vms(c)

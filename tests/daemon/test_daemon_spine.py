@@ -111,7 +111,7 @@ async def test_libvirt_work_never_blocks_the_loop(client: Client, clean_lab: Any
             clean_lab.hosts[1].freeze
         )  # (the lab is sync) calls to a frozen host must not hold the loop either
         await client.call("listHosts")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # an observation window: the loop must not block while host1 stays frozen
         await client.job("startVirtualMachine", id=job["vm"], host="host0")
         await asyncio.to_thread(clean_lab.hosts[1].thaw)
     assert watch.ticks > 50

@@ -7,13 +7,16 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import libvirt
 import pytest
 
 from moldlab.testing.harness import Client, CommandFailed, running_daemon
+from moldlab.testing.load import scaled
 
 pytestmark = pytest.mark.libvirt
 
@@ -99,27 +102,29 @@ async def test_guest_poweroff_is_respected_with_on_failure_policy(client: Client
     pos = (await client.events(vm["name"]))[-1]["position"]
     ev = await wait_event(client, vm["name"], "ha.not_restarted", after=pos, timeout=240)  # TCG boot, busy host
     assert ev["payload"]["cause"] == "guest-shutdown"
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # negative check: an observation window in which nothing may restart it
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
     assert running_copies(clean_lab, vm["internal_name"]) == []
 
 
-async def test_stop_through_moldd_is_never_undone(client: Client, clean_lab: Any) -> None:
+async def test_stop_through_moldd_is_never_undone(daemon: Any, client: Client, clean_lab: Any) -> None:
     vm = await deploy_ha(client)
+    pos = (await client.events(vm["name"]))[-1]["position"]
     await client.job("stopVirtualMachine", id=vm["name"], forced=True)
-    await asyncio.sleep(2.0)
+    await wait_event(client, vm["name"], "libvirt.domain_event", after=pos)  # libvirt's STOPPED is folded
+    await _until_ha_done_with(daemon, vm["name"])  # and whatever HA queued for it handled
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
     assert not [e for e in await client.events(vm["name"]) if e["event_type"].startswith("ha.")]
     assert running_copies(clean_lab, vm["internal_name"]) == []
 
 
-async def test_ha_disabled_vm_stays_down(client: Client, clean_lab: Any) -> None:
+async def test_ha_disabled_vm_stays_down(daemon: Any, client: Client, clean_lab: Any) -> None:
     job = await client.job("deployVirtualMachine", template="tiny", offering="small", ha=False)
     vm = await client.vm(job["vm"])
     os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
     stopped = await client.wait_vm(vm["name"], state="Stopped")
     assert stopped["stop_cause"] == "crashed"
-    await asyncio.sleep(1.5)
+    await _until_ha_done_with(daemon, vm["name"])
     assert (await client.vm(vm["name"]))["state"] == "Stopped"
     assert not [e for e in await client.events(vm["name"]) if e["event_type"].startswith("ha.")]
 
@@ -136,7 +141,7 @@ async def test_crash_loop_backs_off_then_gives_up(make_config: Any, clean_lab: A
         assert len(gave_up) == 1 and "restarts" in gave_up[0]["payload"]["reason"]
         # Error is final for HA: nothing more happens
         n = len(events)
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # negative check: an observation window in which nothing more may happen
         assert len(await client.events(vm["name"])) == n
 
 
@@ -191,22 +196,21 @@ async def test_failed_fencing_starts_nothing_elsewhere(make_config: Any, clean_l
         clean_lab.hosts[0].freeze()
         await client.wait_host("host0", timeout=40, health="FenceFailed")
         assert (await client.vm(vm["name"]))["power_state"] == "unknown"
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # negative check: an observation window in which nothing may start elsewhere
         assert running_copies(clean_lab, vm["internal_name"]) == []  # host0 frozen: not listed; nothing on host1
         assert (await client.vm(vm["name"]))["host"] == "host0"
         clean_lab.hosts[0].thaw()
         await client.wait_host("host0", timeout=30, health="Up", link="connected")
-        await asyncio.sleep(1.0)
+        back = await client.wait_vm(vm["name"], state="Running", power_state="on")  # the resync's finding
+        assert back["host"] == "host0"
         assert running_copies(clean_lab, vm["internal_name"]) == ["host0"]
-        back = await client.vm(vm["name"])
-        assert back["state"] == "Running" and back["power_state"] == "on"
 
 
 async def test_vm_that_died_while_daemon_was_down_is_restarted(config: Any, clean_lab: Any) -> None:
     async with running_daemon(config) as d, Client(d.config.socket) as client:
         vm = await deploy_ha(client)
     os.kill(qemu_pid(clean_lab, vm["host"], vm["internal_name"]), signal.SIGKILL)
-    await asyncio.sleep(0.5)
+    await _until(lambda: running_copies(clean_lab, vm["internal_name"]) == [], "libvirt saw it die")
     async with running_daemon(config) as d, Client(d.config.socket) as client:
         after = await client.wait_vm(vm["name"], timeout=20, state="Running")
         kinds = [e["event_type"] for e in await client.events(vm["name"])]
@@ -214,35 +218,113 @@ async def test_vm_that_died_while_daemon_was_down_is_restarted(config: Any, clea
         assert after["host"] == vm["host"]
 
 
+async def _ha_status(daemon: Any) -> tuple[int, dict[str, Any]]:
+    """GET /v1/health on the daemon's socket: what a probe (and systemd's watchdog) sees."""
+    connector = aiohttp.UnixConnector(path=str(daemon.config.socket))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get("http://moldd/v1/health") as resp:
+        return resp.status, await resp.json()
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for a condition of the daemon's own state (checked after each turn of the loop's work)."""
+    deadline = time.monotonic() + scaled(timeout)
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still not {what} after {scaled(timeout):g} s")
+        await asyncio.sleep(0.02)
+
+
+async def _until_ha_done_with(daemon: Any, vm: str, timeout: float = 30.0) -> None:
+    """HA has handled everything queued for ``vm``: no job of it runs and nothing waits in the queue."""
+    ha = daemon.ha
+    await _until(lambda: vm not in ha.active and ha.queue.empty(), f"HA done with {vm}", timeout)
+
+
 async def test_crashed_watcher_is_restarted_and_recorded(daemon: Any, client: Client) -> None:
     ha = daemon.ha
-    original = ha._async_vm_watcher
-    calls = {"n": 0}
-
-    async def flaky() -> None:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("boom")
-        await original()
-
-    ha._async_vm_watcher = flaky
-    ha.supervised["vm-watcher"].cancel()
-    ha._supervise("vm-watcher", ha._async_vm_watcher)
-    deadline = time.monotonic() + 5
-    while calls["n"] < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert calls["n"] == 2 and ha.healthy()
+    keeper = ha.supervised["vm-watcher"]
+    ha.queue.put_nowait(("only-a-name",))  # the real watcher loop crashes unpacking it
+    await _until(lambda: ha.crashed_in_a_row["vm-watcher"] == 1, "crashed")
     events = (await client.call("listEvents", stream="daemon"))["result"]["event"]
-    assert [e for e in events if e["event_type"] == "ha.watcher_restarted" and "boom" in e["payload"]["error"]]
-    health = (await client.call("listHosts"))  # the daemon still answers
-    assert health["ok"]
+    restarted = [e for e in events if e["event_type"] == "ha.watcher_restarted"]
+    assert restarted and restarted[-1]["payload"]["watcher"] == "vm-watcher"
+    assert "ValueError" in restarted[-1]["payload"]["error"]
+    assert ha.supervised["vm-watcher"] is keeper and not keeper.done()  # the same supervisor restarted it
+    assert ha.healthy()  # one crash is not a crash loop
+    ha.queue.put_nowait(("no-such-vm", "crashed", 0))  # a real piece of work for the restarted watcher
+    await _until(lambda: ha.crashed_in_a_row["vm-watcher"] == 0, "working again")
+    status, report = await _ha_status(daemon)
+    assert status == 200 and report["checks"]["ha"] is True
+
+
+async def test_crash_looping_vm_watcher_turns_health_bad_until_it_works_again(daemon: Any) -> None:
+    ha = daemon.ha
+    for _ in range(ha.CRASH_LOOP):
+        ha.queue.put_nowait(("only-a-name",))  # each one crashes the real watcher loop once more
+    await _until(lambda: not ha.healthy(), "unhealthy")
+    status, report = await _ha_status(daemon)
+    assert status == 503 and report["checks"]["ha"] is False
+    assert all(not t.done() for t in ha.supervised.values())  # alive, restarted each time, yet crash-looping
+    ha.queue.put_nowait(("no-such-vm", "crashed", 0))
+    await _until(ha.healthy, "healthy again")
+    status, report = await _ha_status(daemon)
+    assert status == 200 and report["ok"]
+
+
+async def test_crash_looping_host_watcher_turns_health_bad_until_it_stops_crashing(
+    make_config: Any, clean_lab: Any
+) -> None:
+    """A fault in the host watcher's handling of a host's link: each real disconnect / reconnect of a real
+    libvirtd crashes it; health fails once it crash-loops and recovers once it handles a link event again."""
+    config = make_config(ha={"host_down_after_s": 120.0})  # the fault-free handling at the end must not fence
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        ha, host = d.ha, clean_lab.hosts[0]
+        handle = ha._async_host_item
+        fault = {"on": True, "crashes": 0}
+
+        async def faulty(name: str, kind: str, position: int) -> None:
+            if fault["on"]:
+                fault["crashes"] += 1
+                raise RuntimeError(f"injected fault handling {kind} of {name}")
+            await handle(name, kind, position)
+
+        ha._async_host_item = faulty
+
+        async def bounce_libvirtd() -> None:  # a libvirtd crash and restart: link disconnected, then connected
+            before = fault["crashes"]
+            await asyncio.to_thread(host.kill_daemon)
+            await asyncio.to_thread(host.restart)
+            await client.wait_host(host.name, timeout=60, link="connected")
+            await _until(lambda: fault["crashes"] >= before + 2 or not fault["on"], "handled both link events")
+
+        for _ in range(ha.CRASH_LOOP):
+            if not ha.healthy():
+                break
+            await bounce_libvirtd()
+        assert fault["crashes"] >= ha.CRASH_LOOP and not ha.healthy()
+        status, report = await _ha_status(d)
+        assert status == 503 and report["checks"]["ha"] is False
+        events = await client.events_of_stream("daemon")
+        crashes = [e for e in events if e["event_type"] == "ha.watcher_restarted" and "injected fault" in e["payload"]["error"]]
+        assert len(crashes) == fault["crashes"] and {e["payload"]["watcher"] for e in crashes} == {"host-watcher"}
+
+        fault["on"] = False  # it stops crashing: the next link event is handled and health recovers
+        position = (await client.events_of_stream(f"host-{host.name}"))[-1]["position"]
+        await asyncio.to_thread(host.kill_daemon)
+        await asyncio.to_thread(host.restart)
+        await _until(ha.healthy, "healthy again")
+        status, report = await _ha_status(d)
+        assert status == 200 and report["checks"]["ha"] is True
+        await client.wait_host(host.name, timeout=60, link="connected", health="Up")
+        handled = [e for e in await client.events_of_stream(f"host-{host.name}") if e["position"] > position]
+        assert [e["payload"]["to"] for e in handled if e["event_type"] == "host.health"][:1] == ["Suspect"]
 
 
 async def test_health_turns_bad_when_ha_watcher_is_dead(daemon: Any) -> None:
     assert daemon.app.health()["ok"]
     for task in daemon.ha.supervised.values():
-        task.cancel()
-    await asyncio.sleep(0.05)
+        task.cancel()  # dead, not crashed: a keeper ends only when cancelled
+    await asyncio.gather(*daemon.ha.supervised.values(), return_exceptions=True)
     report = daemon.app.health()
     assert report["ok"] is False and report["checks"]["ha"] is False
 
@@ -361,7 +443,8 @@ async def test_user_acting_during_ha_backoff_wins(make_config: Any, clean_lab: A
         assert stop["status"] == "succeeded", stop
         start = await client.job("startVirtualMachine", id=started["name"])
         assert start["status"] == "succeeded", start
-        await asyncio.sleep(sched_kept["payload"]["delay_s"] + 1.5)
+        # the back-off ends, HA looks again, finds it stopped by the user and lets go
+        await _until_ha_done_with(d, kept["name"], timeout=sched_kept["payload"]["delay_s"] + 30)
         after = await client.vm(kept["name"])
         assert (after["state"], after["stop_cause"], after["ha_status"]) == ("Stopped", "user", None)
         late = [e for e in await client.events(kept["name"]) if e["position"] > sched_kept["position"]]
@@ -399,7 +482,7 @@ async def test_no_room_waits_without_burning_the_budget_and_restarts_when_a_host
         clean_lab.hosts[0].kill()
         waiting = await wait_event(client, vm["name"], "ha.waiting", timeout=40)
         assert "capacity" in waiting["payload"]["reason"]
-        await asyncio.sleep(1.0)
+        await _until_ha_done_with(d, vm["name"])  # the job ended waiting: nothing counted
         assert (await client.vm(vm["name"]))["state"] == "Stopped"  # not Error: the budget is untouched
         clean_lab.hosts[0].restart()
         back = await client.wait_vm(vm["name"], timeout=40, state="Running", host="host0")

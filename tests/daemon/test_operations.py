@@ -286,7 +286,19 @@ async def test_live_migration_moves_a_running_vm_and_records_progress(client: Cl
     types = [e["event_type"] for e in await client.events(name) if e["correlation_id"] == job["id"]]
     assert types[0] == "vm.migrate.requested" and types[-1] == "vm.migrated"
     assert "vm.migrate.progress" in types
-    await asyncio.sleep(0.5)  # late MIGRATED events from both hosts must not change the VM
+    # late MIGRATED events from both hosts must not change the VM: wait until both are in the log
+    async def migrated_events() -> set[str]:
+        return {
+            e["payload"]["host"]
+            for e in await client.events(name, type="libvirt.domain_event")
+            if e["payload"].get("detail") == "MIGRATED"
+        }
+
+    for _ in range(int(scaled(30) / 0.05)):
+        if await migrated_events() == {"host0", "host1"}:
+            break
+        await asyncio.sleep(0.05)
+    assert await migrated_events() == {"host0", "host1"}
     assert (await client.vm(name))["state"] == "Running"
     await client.job("destroyVirtualMachine", id=name)
     gone = await refused(client, "migrateVirtualMachine", id=name, host="host0")

@@ -106,7 +106,7 @@ async def test_killed_qemu_is_stopped_failed(
     t0 = time.monotonic()
     pairs = await recorder.wait_domain(spec.name, ("STOPPED", "FAILED"), timeout=10)
     print(f"qemu killed: STOPPED/FAILED after {time.monotonic() - t0:.2f}s")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < scaled(5)  # a bound for a hang, stretched with the load
     assert pairs[-1] == ("STOPPED", "FAILED")
     assert ("SHUTDOWN", "GUEST") not in pairs
     assert await c0.async_domain_state(spec.name) == "shutoff"
@@ -184,7 +184,7 @@ async def test_reconnects_after_libvirtd_is_killed_and_restarted(
         assert await c0.async_list_domains() == []
     assert watch.max_blocked < 0.2, watch.worst
     assert down.reason in ("eof", "error")
-    assert reconnect_delay < 6  # back-off is capped at 5 s
+    assert reconnect_delay < scaled(6)  # back-off is capped at 5 s (the bound stretches with the load)
     kinds = [e.kind for e in recorder.link_events[n:] if e.host == c0.name]
     assert kinds[0] == "disconnected" and kinds[-1] == "connected"
     # callbacks were re-registered on the new connection: events flow again
@@ -210,16 +210,20 @@ async def test_frozen_host_is_detected_by_keepalive_and_never_blocks_the_loop(
         # the other host is unaffected meanwhile
         t1 = time.monotonic()
         assert await c1.async_list_domains() == []
-        assert time.monotonic() - t1 < 1
-        await asyncio.sleep(1.0)  # let a reconnect attempt hang on the frozen daemon
+        assert time.monotonic() - t1 < scaled(1)
+        # let a reconnect attempt hang on the frozen daemon: wait until one is under way
+        deadline = time.monotonic() + scaled(10)
+        while c0._pending_open is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert c0._pending_open is not None, "no reconnect attempt to the frozen host"
         await asyncio.to_thread(lab.hosts[0].thaw)
         await recorder.wait_link(c0.name, "connected", after=n, timeout=20)
         # the guest kept running while its host's libvirtd was frozen
         assert await c0.async_domain_state(spec.name) == "running"
     assert watch.max_blocked < 0.2, watch.worst
     assert down.reason == "keepalive"
-    assert detected_after < 7
-    assert call_failed_after < 7
+    assert detected_after < scaled(7)  # keepalive: 7 s on a quiet machine, more on a busy one
+    assert call_failed_after < scaled(7)
     print(
         f"frozen host: call failed after {call_failed_after:.1f}s, disconnect seen after {detected_after:.1f}s"
     )
