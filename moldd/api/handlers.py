@@ -127,13 +127,17 @@ async def _read_json(request: web.Request) -> Any:
     max_bytes = request.app[SETTINGS_KEY].max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
-    # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
-    raw = bytearray()
-    while len(raw) <= max_bytes:
-        chunk = await request.content.read(max_bytes + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
+    content = request.content
+    if content.is_eof():  # the whole body came with the request (the usual case): take it without waiting
+        raw = bytearray(content.read_nowait(max_bytes + 1))
+    else:
+        # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
+        raw = bytearray()
+        while len(raw) <= max_bytes:
+            chunk = await content.read(max_bytes + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
     if len(raw) > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
     if not raw:
