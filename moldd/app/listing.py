@@ -91,7 +91,10 @@ _CACHES: weakref.WeakKeyDictionary[Any, ListCache] = weakref.WeakKeyDictionary()
 def cache_for(model: Any) -> ListCache:
     """The cache of ``model`` (a ``ReadModel``) at its current position: a fresh one once it has moved."""
     position = model.position
-    cache = _CACHES.get(model)
+    try:
+        cache = _CACHES.get(model)
+    except TypeError:  # a model that cannot be weakly referenced: no cache, every list is built
+        return ListCache(position)
     if cache is None or cache.position != position:
         cache = _CACHES[model] = ListCache(position)
     return cache

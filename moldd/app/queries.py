@@ -37,7 +37,7 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
         page, pagesize = _paging(a)
         matches = _filtered(one, state, group, host, keyword)
         shown = matches[(page - 1) * pagesize : page * pagesize] if pagesize is not None else matches
-        return _reply(app, {"count": len(matches), "virtualmachine": view_list(shown)})
+        return _reply(app, {"count": len(matches), "virtualmachine": [v.view() for v in shown]})
     listall = a.boolean("listall", False) or state == "Expunged"
     page, pagesize = _paging(a)
     # Lists are answered from a cache valid at this log position only (moldd.app.listing): identical requests
