@@ -1,7 +1,7 @@
 """Durable appends, side by side in one run: the physical floors, a fair naive baseline, moldd's group-commit
 writer and the ``eventsourcing`` library, sequential (one appender) and concurrent (``--appenders``, 64).
 
-    python bench/append.py [--events N] [--runs 3] [--store sqlite] [--dir PATH] [--skip-peer]
+    python bench/append.py [--events N] [--runs 3] [--store sqlite|postgres] [--dir PATH] [--skip-peer]
 
 Every contender writes the same kind of event (a ~50-byte JSON payload on one of 64 streams) durably: SQLite in
 WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append returns).
@@ -15,18 +15,22 @@ WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append ret
   Concurrent: ``--appenders`` threads, each with its own connection, reading the head inside its transaction.
 - ``moldd``: ``SQLiteEventStore.async_append`` (the store chosen with ``--store``), one await per event;
   sequential = one appender awaiting each append; concurrent = ``--appenders`` coroutines (group commit).
+- ``moldd postgres`` (``--store postgres``): the same moldd rows on PostgreSQL as well, in the same runs, beside
+  moldd on SQLite (``PostgresSide``: a throw-away server, ``fsync=on``, ``synchronous_commit=on``).
 - ``eventsourcing`` (optional ``bench`` extra): its SQLite recorder (WAL; ``synchronous=FULL`` set here), one
   ``Application.save`` per event; concurrent = ``--appenders`` threads. Skipped if the package is missing.
 
-For every contender: events/s and the bytes handed to ``write()`` per event (``wchar`` of /proc/self/io: WAL
-frames, checkpoints, everything), min/median/max of ``--runs`` runs. The load average is printed first and last.
-The last line is a JSON object of the medians.
+For every contender: events/s, the bytes handed to ``write()`` per event (``wchar`` of /proc/self/io: WAL
+frames, checkpoints, everything) and the CPU per event of this process (user + system, every thread: the event
+loop and SQLite's), min/median/max of ``--runs`` runs. The load average is printed first and last. The last line
+is a JSON object of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import sqlite3
@@ -41,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt, footer, header, medians, proc_io
+from bench.common import cpu_s, fmt, footer, header, medians, proc_io
 from events import EventStore, NewEvent, SQLiteEventStore
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
@@ -191,6 +195,31 @@ def _run_moldd(opener: StoreOpener, directory: Path, run: int, n: int, appenders
     return asyncio.run(moldd(opener, directory, run, n, appenders))
 
 
+# ---------------------------------------------------------------------------------------------- postgres
+class PostgresSide:
+    """``--store postgres``: moldd's group-commit writer on PostgreSQL too, beside SQLite in every run (issue 14).
+    A throw-away server (moldlab.testing.pgserver: initdb + pg_ctl, Unix socket, ``fsync=on``,
+    ``synchronous_commit=on``: every COMMIT is flushed before its appenders are answered); a fresh schema per run.
+    Its bytes/event are this process's only (the server's WAL is written by other processes)."""
+
+    def __init__(self) -> None:
+        from moldlab.testing.pgserver import PgServer
+
+        self.server = PgServer(fsync=True).start()
+        atexit.register(self.server.stop)  # also when a run fails (stop is idempotent)
+        self.durability = (
+            f"synchronous_commit={self.server.psql('SHOW synchronous_commit')}, fsync={self.server.psql('SHOW fsync')}"
+        )
+
+    async def open(self, directory: Path, run: int) -> EventStore:
+        from events.postgres import PostgresEventStore
+
+        return await PostgresEventStore.async_open(self.server.dsn(), schema=f"bench{run}")
+
+    def close(self) -> None:
+        self.server.stop()
+
+
 # ---------------------------------------------------------------------------------------------- peer
 def peer_available() -> bool:
     try:
@@ -249,11 +278,12 @@ def peer(path: Path, n: int, appenders: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def measured(fn: Callable[[], float], n: int) -> tuple[float, float]:
-    """(events/s, bytes handed to write() per event) of one run."""
+def measured(fn: Callable[[], float], n: int) -> tuple[float, float, float]:
+    """(events/s, bytes handed to write() per event, µs of this process's CPU per event) of one run."""
     io0 = proc_io()["wchar"]
+    cpu0 = cpu_s()
     eps = fn()
-    return eps, (proc_io()["wchar"] - io0) / n
+    return eps, (proc_io()["wchar"] - io0) / n, (cpu_s() - cpu0) / n * 1e6
 
 
 def main() -> None:
@@ -263,7 +293,7 @@ def main() -> None:
     ap.add_argument("--naive-events", type=int, default=None, help="events per naive/peer run (default N/10)")
     ap.add_argument("--appenders", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--store", choices=sorted(STORES), default="sqlite")
+    ap.add_argument("--store", choices=sorted({*STORES, "postgres"}), default="sqlite")
     ap.add_argument("--dir", type=Path, default=None, help="directory for the logs (default: a temporary one)")
     ap.add_argument("--skip-peer", action="store_true", help="do not run the eventsourcing library")
     args = ap.parse_args()
@@ -272,12 +302,14 @@ def main() -> None:
     n_seq = args.seq_events or max(500, n // 10)
     n_naive = args.naive_events or max(500, n // 10)
     c = args.appenders
-    opener = STORES[args.store]
+    pg_side = PostgresSide() if args.store == "postgres" and "postgres" not in STORES else None
+    opener = STORES["sqlite"] if pg_side is not None else STORES[args.store]
     results: dict[str, list[float]] = {}
 
-    def record(key: str, eps: float, bpe: float) -> None:
+    def record(key: str, eps: float, bpe: float, cpu_us: float) -> None:
         results.setdefault(f"{key}_eps", []).append(eps)
         results.setdefault(f"{key}_bytes_per_event", []).append(bpe)
+        results.setdefault(f"{key}_cpu_us_per_event", []).append(cpu_us)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp_s:
         tmp = Path(tmp_s)
@@ -295,12 +327,18 @@ def main() -> None:
                 record(f"naive_{mode}", *measured(partial(naive, tmp / f"naive-{tag}.db", n_naive, k), n_naive))
                 slot = run * 2 + (mode == "conc")
                 record(f"moldd_{mode}", *measured(partial(_run_moldd, opener, tmp, slot, m, k), m))
+                if pg_side is not None:
+                    record(f"moldd_pg_{mode}", *measured(partial(_run_moldd, pg_side.open, tmp, slot, m, k), m))
                 if with_peer:
                     record(f"peer_{mode}", *measured(partial(peer, tmp / f"peer-{tag}.db", n_naive, k), n_naive))
             for f in tmp.iterdir():
                 f.unlink()
             print(f"  run {run + 1}/{args.runs} done", flush=True)
         rows = [("naive", "naive: sqlite3, 1 txn+fsync/event"), ("moldd", f"moldd {args.store} group commit")]
+        if pg_side is not None:
+            pg_side.close()
+            rows = [rows[0], ("moldd", "moldd sqlite group commit"), ("moldd_pg", "moldd postgres group commit")]
+            print(f"postgres: {pg_side.durability}; its B/event are the client's only")
         if with_peer:
             rows.append(("peer", "eventsourcing 1 save/event"))
         elif not args.skip_peer:
@@ -309,7 +347,9 @@ def main() -> None:
             for mode, k in (("seq", 1), ("conc", c)):
                 r = results[f"{key}_{mode}_eps"]
                 b = results[f"{key}_{mode}_bytes_per_event"]
-                print(f"{label:38s} {k:3d} appender(s): {fmt(r, ' ev/s')}; {fmt(b, ' B/event')}")
+                u = results[f"{key}_{mode}_cpu_us_per_event"]
+                print(f"{label:38s} {k:3d} appender(s): {fmt(r, ' ev/s')}; {fmt(b, ' B/event')}; "
+                      f"CPU {fmt(u, ' µs/event')}")  # fmt: skip
         best = [max(a, b) for a, b in zip(results["naive_seq_eps"], results["naive_conc_eps"], strict=True)]
         results["ratio_conc_vs_best_naive"] = [m / b for m, b in zip(results["moldd_conc_eps"], best, strict=True)]
         print(f"ratio moldd {c} appenders / naive's best mode: {fmt(results['ratio_conc_vs_best_naive'], 'x', 2)}")
@@ -317,6 +357,10 @@ def main() -> None:
             ratio = [m / b for m, b in zip(results[f"moldd_{mode}_eps"], results[f"naive_{mode}_eps"], strict=True)]
             results[f"ratio_naive_{mode}"] = ratio
             print(f"ratio moldd / naive, {mode}: {fmt(ratio, 'x', 2)}")
+            if pg_side is not None:
+                pr = [p / q for p, q in zip(results[f"moldd_pg_{mode}_eps"], results[f"moldd_{mode}_eps"], strict=True)]
+                results[f"ratio_pg_to_sqlite_{mode}"] = pr
+                print(f"ratio moldd postgres / moldd sqlite, {mode}: {fmt(pr, 'x', 2)}")
             if with_peer:
                 pr = [m / b for m, b in zip(results[f"moldd_{mode}_eps"], results[f"peer_{mode}_eps"], strict=True)]
                 results[f"ratio_peer_{mode}"] = pr

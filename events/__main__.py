@@ -37,7 +37,34 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--key", required=True, help="PEM Ed25519 private key")
     c.add_argument("--out", required=True, help="checkpoints file (JSON lines, appended)")
     c.add_argument("--no-verify", action="store_true", help="sign without checking the log first")
+    c.add_argument("--schema", default="events", help="PostgreSQL schema when DB is a postgresql:// DSN")
     return p
+
+
+def _checkpoint(db: str, args: argparse.Namespace) -> int:
+    """Verify the log file `db` (against --out's earlier checkpoints), then sign its head into --out."""
+    from .verify import same_file
+
+    if same_file(args.out, db):
+        print(f"error: --out {args.out} is the log itself: refusing to write into the evidence", file=sys.stderr)
+        return 2
+    key = load_private_key(args.key)
+    if not args.no_verify:
+        from pathlib import Path
+
+        out = Path(args.out)
+        report = verify(
+            db,
+            checkpoints=args.out if out.exists() else None,
+            public_key=key.public_key() if out.exists() else None,
+        )
+        if not report.ok:
+            print(report.render(), file=sys.stderr)
+            print("refusing to sign a log that does not verify", file=sys.stderr)
+            return int(report.exit_code)
+    cp = checkpoint_db(db, key, args.out)
+    print(f"checkpoint: log {cp.log_id} position {cp.position} head {cp.head_hash} at {cp.time}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,28 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"public key:  {pub}")
             return 0
         if args.command == "checkpoint":
-            from .verify import same_file
+            from .postgres import is_dsn
 
-            if same_file(args.out, args.db):
-                print(f"error: --out {args.out} is the log itself: refusing to write into the evidence", file=sys.stderr)
-                return 2
-            key = load_private_key(args.key)
-            if not args.no_verify:
-                from pathlib import Path
+            if not is_dsn(args.db):
+                return _checkpoint(args.db, args)
+            from .copy import materialise
 
-                out = Path(args.out)
-                report = verify(
-                    args.db,
-                    checkpoints=args.out if out.exists() else None,
-                    public_key=key.public_key() if out.exists() else None,
-                )
-                if not report.ok:
-                    print(report.render(), file=sys.stderr)
-                    print("refusing to sign a log that does not verify", file=sys.stderr)
-                    return int(report.exit_code)
-            cp = checkpoint_db(args.db, key, args.out)
-            print(f"checkpoint: log {cp.log_id} position {cp.position} head {cp.head_hash} at {cp.time}")
-            return 0
+            path, tmp = materialise(args.db, args.schema)  # a log in PostgreSQL: checked and signed on a copy
+            try:
+                return _checkpoint(str(path), args)
+            finally:
+                if tmp is not None:
+                    tmp.cleanup()
     except EventLogError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .errors import LogIntegrityError
 
 TAG = b"events.chain.v2\x00"
 GENESIS_TAG = b"events.genesis.v1\x00"
@@ -100,3 +104,43 @@ def link_hash(
             )
         )
     ).digest()
+
+
+def check_rows(rows: Iterable[Sequence[Any]], after_position: int, after_hash: bytes) -> tuple[int, bytes]:
+    """Recompute stored rows (columns in storage order, position order) that follow `after_position`, whose hash
+    `after_hash` the caller vouches for. Returns (last position, its hash), `(after_position, after_hash)` for no
+    rows; raises LogIntegrityError at the first row that does not follow, link or hash. The page-at-a-time
+    check of a log that is not a file (events.postgres: verify at start, before signing)."""
+    expected = after_position + 1
+    prev = after_hash
+    try:
+        for row in rows:
+            pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
+            if pos != expected:
+                raise LogIntegrityError(
+                    f"position {expected}: missing (the next row is at {pos})",
+                    position=expected,
+                    kind="position_gap",
+                )
+            if bytes(prev_h) != prev:
+                raise LogIntegrityError(
+                    f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
+                    position=pos,
+                    kind="broken_link",
+                )
+            fields = encode_fields(sid, et, actor, cid, caus, corr)
+            if link_hash(prev, pos, sv, ts, schv, fields, bytes(payload)) != bytes(h):
+                raise LogIntegrityError(
+                    f"position {pos}: the row's content does not match its hash",
+                    position=pos,
+                    kind="hash_mismatch",
+                )
+            prev = bytes(h)
+            expected = pos + 1
+    except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
+        raise LogIntegrityError(
+            f"position {expected}: a column has an impossible value: {exc}",
+            position=expected,
+            kind="malformed_row",
+        ) from exc
+    return expected - 1, prev

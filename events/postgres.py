@@ -31,9 +31,9 @@ from typing import Any
 
 import asyncpg
 
-from .chain import genesis_hash
+from .chain import check_rows, genesis_hash
 from .envelope import AppendResult, StoredEvent
-from .errors import EventLogError, FencedError, NotALogError
+from .errors import EventLogError, FencedError, LogIntegrityError, NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row, command_from_rows
@@ -330,7 +330,8 @@ class PostgresEventStore(EventStore):
         self._sql_since = (
             f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
         )
-        self._sql_append = f"SELECT {s}.append_group({', '.join(f'${i}' for i in range(1, 22))})"
+        self._sql_begin = "BEGIN; SELECT set_config('events.epoch', "
+        self._notify_channel = quote_ident(self.channel)
 
     @classmethod
     async def async_open(
@@ -404,11 +405,43 @@ class PostgresEventStore(EventStore):
         )
         return None if row is None else (int(row[0]), str(row[1]), int(row[2]))
 
+    @property
+    def head_is_current(self) -> bool:
+        """False when this process's writer has to reload the head before its next group (it took over, or a
+        COMMIT's outcome was unknown): `async_head` may then be older than the stored head."""
+        return not self._writer.stale
+
     async def async_stored_head(self) -> tuple[int, bytes]:
         """The head as stored (the writer's head is only this process's view)."""
         self._check_open()
         pos, h, _ = await self._async_load_head()
         return pos, h
+
+    async def async_verify_range(
+        self, after_position: int, after_hash: bytes, to_position: int | None = None, *, page: int = 5000
+    ) -> tuple[int, bytes]:
+        """Recompute the stored rows after `after_position` (whose hash `after_hash` the caller vouches for: the
+        genesis hash, a signed checkpoint, a sealed snapshot, an earlier call) up to `to_position` (default: the
+        end), a page at a time, the hashing on a thread. Returns (last position, its hash); raises
+        LogIntegrityError at the first row that does not follow, link or hash, or if the log ends before
+        `to_position`. What the daemon runs at start and before it signs (events.verify_chain_range on a file)."""
+        self._check_open()
+        end = 2**62 if to_position is None else to_position
+        position, last = after_position, after_hash
+        while position < end:
+            rows = await self._async_q("fetch", self._sql_position, position + 1, end, page)
+            if not rows:
+                break
+            position, last = await asyncio.to_thread(check_rows, rows, position, last)
+            if len(rows) < page:
+                break
+        if to_position is not None and position < to_position:
+            raise LogIntegrityError(
+                f"the log ends at position {position}, before position {to_position}",
+                position=position + 1,
+                kind="truncated",
+            )
+        return position, last
 
     # ---- backend hooks -------------------------------------------------------------------------------------
     async def _async_q(self, method: str, sql: str, *args: Any) -> Any:
@@ -448,21 +481,23 @@ class PostgresEventStore(EventStore):
             await self._async_commit_once(rows, commands)
 
     async def _async_commit_once(self, rows: list[Row], commands: list[CommandRow]) -> None:
+        conn: asyncpg.Connection | None = None
         try:
             conn = await self._async_write_conn()
-            columns = list(zip(*rows, strict=True))
-            cmd_columns: list[Any] = (
-                list(zip(*commands, strict=True)) if commands else [()] * len(COMMAND_NAMES)
-            )
-            await conn.execute(
-                self._sql_append,
-                "" if self._epoch is None else str(self._epoch),
-                self.channel,
-                rows[-1][0],
-                *columns,
-                *cmd_columns,
-            )
+            await self._async_copy_group(conn, rows, commands)
         except BaseException as exc:
+            if (
+                isinstance(exc, asyncpg.PostgresError)
+                and not connection_lost(exc)
+                and conn is not None
+                and not conn.is_closed()
+                and conn.is_in_transaction()
+            ):
+                # a refused group (fenced, duplicate) on a live connection: end its transaction
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    await self._async_drop_write_conn()
             fenced = _fenced(exc)
             if fenced is not None:
                 raise fenced from exc
@@ -477,6 +512,21 @@ class PostgresEventStore(EventStore):
                 if await self._async_was_committed(rows):
                     return
             raise
+
+    async def _async_copy_group(
+        self, conn: asyncpg.Connection, rows: list[Row], commands: list[CommandRow]
+    ) -> None:
+        """One group, one transaction: BEGIN and the fencing epoch (one round trip), the rows by binary COPY
+        (one more: no per-row statement, no arrays to encode), the command ids likewise, then NOTIFY and COMMIT
+        together. Every literal in the SQL is an integer or the log's own channel name."""
+        epoch = "" if self._epoch is None else str(int(self._epoch))
+        await conn.execute(self._sql_begin + f"'{epoch}', true)")
+        await conn.copy_records_to_table("events", records=rows, columns=COLUMN_NAMES, schema_name=self.schema)
+        if commands:
+            await conn.copy_records_to_table(
+                "commands", records=commands, columns=COMMAND_NAMES, schema_name=self.schema
+            )
+        await conn.execute(f"NOTIFY {self._notify_channel}, '{int(rows[-1][0])}'; COMMIT")
 
     async def _async_was_committed(self, rows: list[Row]) -> bool:
         """After a COMMIT on a lost connection: is its first row stored with its hash? (Unknown: raise.)"""

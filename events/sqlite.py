@@ -23,7 +23,7 @@ import aiosqlite
 
 from .chain import genesis_hash
 from .envelope import AppendResult, StoredEvent
-from .errors import NotALogError
+from .errors import EventLogError, NotALogError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
 from .writer import CommandRow, Row, command_from_rows
@@ -36,8 +36,12 @@ async def _in_thread(conn: aiosqlite.Connection, fn: Callable[..., _T], *args: A
     execute = cast(Callable[..., Awaitable[_T]], conn._execute)
     return await execute(fn, *args)
 
-SCHEMA_VERSION = 2
-"""1: events + commands tables. 2: idempotency from events.command_id (index), REPLACE refused by triggers."""
+SCHEMA_VERSION = 3
+"""1: events + commands tables. 2: idempotency from events.command_id (index), REPLACE refused by triggers.
+3: no index on recorded_at (it cost every commit a page; reads by time search the position order instead,
+since recorded_at never goes backwards along the chain)."""
+REPLACE_TRIGGERS_SINCE = 2
+"""The schema version that added the *_no_replace triggers (a log older than that lacks them until opened)."""
 FILE_MODE = 0o600
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 FORMAT = "events.log"
@@ -79,7 +83,6 @@ SCHEMA = [
         hash BLOB NOT NULL,
         UNIQUE (stream_id, stream_version)
     )""",
-    "CREATE INDEX events_recorded_at ON events (recorded_at)",
     "CREATE INDEX events_command_id ON events (command_id) WHERE command_id IS NOT NULL",
     """CREATE TABLE commands (
         command_id TEXT PRIMARY KEY,
@@ -122,6 +125,10 @@ MIGRATE_1_TO_2 = [
     "CREATE INDEX IF NOT EXISTS events_command_id ON events (command_id) WHERE command_id IS NOT NULL",
     *TRIGGERS,
 ]
+MIGRATE_2_TO_3 = [
+    # every commit wrote a page of this index; async_read_since searches the position order instead
+    "DROP INDEX IF EXISTS events_recorded_at",
+]
 
 
 def migrate(conn: sqlite3.Connection) -> str:
@@ -151,6 +158,9 @@ def migrate(conn: sqlite3.Connection) -> str:
         # version 1 -> 2, and put back any trigger that was dropped (IF NOT EXISTS: no write when all are there)
         for stmt in MIGRATE_1_TO_2:
             conn.execute(stmt)
+        if version < 3:
+            for stmt in MIGRATE_2_TO_3:
+                conn.execute(stmt)
         if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -186,11 +196,73 @@ def read_log_id(conn: sqlite3.Connection) -> str:
     return str(meta["log_id"])
 
 
+_ROW_PARAMS = "(?,?,?,?,?,?,?,?,?,?,?,?,?)"
+INSERT_CHUNK = 256
+"""Rows per multi-row INSERT (13 parameters each: far below SQLite's limit of 32,766 parameters)."""
+_INSERT_SQL: dict[int, str] = {}
+
+
+_INSERT_AFTER_SQL: dict[int, str] = {}
+
+
+def _insert_sql(n: int) -> str:
+    sql = _INSERT_SQL.get(n)
+    if sql is None:
+        sql = _INSERT_SQL[n] = f"INSERT INTO events ({COLUMNS}) VALUES " + ",".join([_ROW_PARAMS] * n)
+    return sql
+
+
+def _insert_after_sql(n: int) -> str:
+    """n rows in one statement, inserted only if the stored head is the last parameter (else none)."""
+    sql = _INSERT_AFTER_SQL.get(n)
+    if sql is None:
+        sql = _INSERT_AFTER_SQL[n] = (
+            f"INSERT INTO events ({COLUMNS}) SELECT * FROM (VALUES " + ",".join([_ROW_PARAMS] * n) + ") "
+            "WHERE (SELECT coalesce(max(position), 0) FROM events) = ?"
+        )
+    return sql
+
+
+def _head_moved(first: int, stored: int) -> EventLogError:
+    return EventLogError(
+        f"refusing a group that starts at position {first}: the log's head is {stored} (an earlier group "
+        "failed, or another process wrote the log); nothing of it was written",
+        field="log",
+        code="head_moved",
+    )
+
+
 def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow]) -> None:
-    """One durable transaction for a whole group (runs on the aiosqlite thread: one hop per group)."""
+    """One durable transaction for a whole group (runs on the aiosqlite thread: one hop per group).
+
+    The rows go in as multi-row INSERTs (one statement per INSERT_CHUNK rows), not one statement per row:
+    the sqlite3 module takes the GIL back after every statement step, and while the event loop's thread runs
+    Python that wait is up to the interpreter's switch interval (5 ms), so a per-row executemany spent most of
+    a group's COMMIT waiting for the GIL.
+
+    The group must start right after the stored head: a group the writer chained onto an earlier one whose
+    COMMIT failed (pipelining) is refused, never written with a gap before it. A group of up to INSERT_CHUNK
+    rows is one statement (its own transaction: atomic, fsynced at its end under synchronous=FULL) that
+    checks the head itself; a bigger one is an explicit transaction of several.
+    """
+    if not rows:
+        return
+    first = rows[0][0]
+    if len(rows) <= INSERT_CHUNK and not conn.in_transaction:
+        cur = conn.execute(_insert_after_sql(len(rows)), [*(v for row in rows for v in row), first - 1])
+        if cur.rowcount != len(rows):  # 0: the head check failed and nothing was inserted
+            stored = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            raise _head_moved(first, stored)
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(INSERT_EVENT, rows)  # command ids live in the chained rows (no `commands` row)
+        stored = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+        if first != stored + 1:
+            raise _head_moved(first, stored)
+        # command ids live in the chained rows (no `commands` row)
+        for i in range(0, len(rows), INSERT_CHUNK):
+            chunk = rows[i : i + INSERT_CHUNK]
+            conn.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -216,6 +288,25 @@ def _lookup(
     return versions, found
 
 
+
+
+def _first_recorded_at_or_after(conn: sqlite3.Connection, us: int) -> int:
+    """The first position whose recorded_at is >= `us` (past the head if none), by binary search of the position
+    order: the writer never lets recorded_at go backwards along the chain (verify checks it), so the log is
+    sorted by time too and needs no index of its own for it."""
+    lo_hi = conn.execute("SELECT min(position), max(position) FROM events").fetchone()
+    if lo_hi[0] is None:
+        return 1
+    lo, hi = int(lo_hi[0]), int(lo_hi[1]) + 1  # answer in [lo, hi]; hi = past the head
+    at = "SELECT position, recorded_at FROM events WHERE position >= ? ORDER BY position LIMIT 1"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        pos, recorded = conn.execute(at, (mid,)).fetchone()  # `mid` <= max(position): a row exists
+        if recorded >= us:
+            hi = mid
+        else:
+            lo = pos + 1
+    return lo
 
 
 def create_private(path: Path, mode: int) -> None:
@@ -302,6 +393,10 @@ class SQLiteEventStore(EventStore):
             subscriber_queue_limit=subscriber_queue_limit,
         )
 
+    writer_pipeline_depth = 2
+    """The writer plans the next group while this one commits: commits run in order on the connection's
+    thread, and _commit refuses a group that does not start right after the stored head."""
+
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
         await _in_thread(self._conn, _commit, self._conn._conn, rows, commands)
 
@@ -329,8 +424,11 @@ class SQLiteEventStore(EventStore):
             sql = f"SELECT {COLUMNS} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
             params = (start, 2**62 if end is None else end, lim)
         else:
-            sql = f"SELECT {COLUMNS} FROM events WHERE recorded_at >= ? ORDER BY position LIMIT ?"
-            params = (start, lim)
+            first = await _in_thread(self._conn, _first_recorded_at_or_after, self._conn._conn, start)
+            # (recorded_at filters too: on a log whose times went backwards, which verify reports, nothing
+            # earlier than `start` is served)
+            sql = f"SELECT {COLUMNS} FROM events WHERE position >= ? AND recorded_at >= ? ORDER BY position LIMIT ?"
+            params = (first, start, lim)
         rows: list[Row] = list(await self._conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
         return rows
 

@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import struct
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,20 @@ from .checkpoint import Checkpoint, load_public_key, parse_checkpoints
 from .errors import CheckpointError, LogIntegrityError, NotALogError
 from .upcast import KnownTypes, known_versions
 
+_accelerator: Any
+try:  # the optional C scan (events/_chainscan.c, built by setup.py); see _fast_scan
+    from . import _chainscan as _accelerator
+except ImportError:  # pragma: no cover - not built: the pure-Python scan does everything
+    _accelerator = None
+
+ACCELERATOR: Any = None if os.environ.get("EVENTS_VERIFY_PURE_PYTHON") else _accelerator
+"""The C scan used to prove a log clean quickly, or None (not built, or EVENTS_VERIFY_PURE_PYTHON=1 set):
+reports are identical either way, as the C scan never reports; it only vouches for rows it found clean."""
 MAX_ISSUES = 1000
+_NO_END = 2**62
+SPLIT_AT = 200_000
+"""A log of at least this many rows is scanned by the C scan as two halves at once on a machine with two or more
+CPUs (see _split_scan)."""
 FETCH = 20_000
 COLUMNS = (
     "position, stream_id, stream_version, event_type, schema_version, recorded_at, actor, command_id, "
@@ -149,6 +163,8 @@ class ReadOnlyLog(sqlite3.Connection):
     `wal_lost_commits` (commit frames SQLite discarded as invalid: committed data it will not show)."""
 
     copy_dir: str | None = None
+    # how to open the same bytes again, read-only (the C scan opens its own connection)
+    uri: str | None = None
     wal_frames: int = 0
     wal_valid_frames: int = 0
     wal_lost_commits: int = 0
@@ -234,12 +250,14 @@ def open_readonly(path: str | Path) -> ReadOnlyLog:
                     probe.close()
             conn = sqlite3.connect(str(target), isolation_level=None, factory=ReadOnlyLog)
             conn.copy_dir, copy_dir = copy_dir, None
+            conn.uri = _sqlite_uri(target, "mode=ro")
             conn.execute("PRAGMA query_only = ON")
             conn.wal_frames = len(frames)
             conn.wal_valid_frames = valid
             conn.wal_lost_commits = sum(1 for c in frames[valid:] if c)
         else:
             conn = sqlite3.connect(_sqlite_uri(p, "immutable=1"), uri=True, factory=ReadOnlyLog)
+            conn.uri = _sqlite_uri(p, "immutable=1")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         conn.schema_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.DatabaseError as exc:
@@ -304,7 +322,7 @@ class _Scan:
         self.expected = 1
         self.prev = genesis_hash(log_id)
         self.last_ts = -(2**63)
-        self.versions: dict[str, int] = {}
+        self.versions: dict[Any, int] = {}  # stream id (str; bytes after the C scan) -> last version
         self.known = known
         self.wanted = wanted
         self.hashes: dict[int, bytes] = {}
@@ -332,6 +350,114 @@ def _scan_out_of_range(conn: sqlite3.Connection, st: _Scan) -> None:
         st.issue(
             pos, "position_out_of_range", f"a row at position {pos}: positions start at 1 (inserted row)"
         )
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _c_scan(*args: Any) -> tuple[Any, ...]:
+    try:
+        out: tuple[Any, ...] = ACCELERATOR.scan(*args)
+        return out
+    except Exception as exc:  # never worse than without it: the Python scan reads the log and reports
+        return ("anomaly", None, f"{type(exc).__name__}: {exc}")
+
+
+def _split_scan(conn: sqlite3.Connection, uri: str, st: _Scan, wanted: list[int]) -> tuple[Any, ...] | None:
+    """The C scan of a whole log as two ranges scanned at once (two threads; the C scan releases the GIL), joined
+    at the seam exactly as one scan would check it: the first range ends at the middle row and its head is the
+    hash the second range links to; each stream's first version in the second range follows its last one in
+    the first; time does not go back across the seam. The same tuple as one scan, or None not to split."""
+    if _cpus() < 2:
+        return None
+    try:
+        row = conn.execute("SELECT max(position) FROM events").fetchone()
+        top = row[0] if row else None
+        if not isinstance(top, int) or top < SPLIT_AT:
+            return None
+        mid = top // 2
+        row = conn.execute("SELECT hash FROM events WHERE position = ?", (mid,)).fetchone()
+    except sqlite3.Error:
+        return None
+    seam = row[0] if row else None
+    if not isinstance(seam, bytes) or len(seam) != 32:
+        return None  # a damaged middle: one scan stops there
+    outs: list[tuple[Any, ...]] = [(), ()]
+
+    def second() -> None:
+        outs[1] = _c_scan(uri, mid + 1, _NO_END, seam, -(2**63), TAG, [p for p in wanted if p > mid], 2)
+
+    worker = threading.Thread(target=second, name="verify-second-half")
+    worker.start()
+    try:
+        outs[0] = _c_scan(uri, st.expected, mid, st.prev, st.last_ts, TAG, [p for p in wanted if p <= mid], 1)
+    finally:
+        worker.join()
+    a, b = outs
+    if a[0] != "clean":
+        return a
+    if b[0] != "clean":
+        return b
+    _, count_a, next_a, head_a, ts_a, versions_a, types_a, hashes_a, _, _ = a
+    _, count_b, next_b, head_b, ts_b, versions_b, types_b, hashes_b, firsts_b, first_ts_b = b
+    if next_a != mid + 1 or head_a != seam:
+        return ("anomaly", next_a, "the first range does not end at the seam")
+    if count_b and first_ts_b < ts_a:
+        return ("anomaly", mid + 1, "time_backwards at the seam")
+    for sid, first in firsts_b.items():
+        if first != versions_a.get(sid, 0) + 1:
+            return ("anomaly", None, "stream_version_gap at the seam")
+    types = dict(types_a)
+    for et, top_version in types_b.items():
+        types[et] = max(top_version, types.get(et, top_version))
+    return (
+        "clean",
+        count_a + count_b,
+        next_b,
+        head_b,
+        ts_b if count_b else ts_a,
+        versions_a | versions_b,
+        types,
+        hashes_a | hashes_b,
+        {},
+        None,
+    )
+
+
+def _fast_scan(conn: sqlite3.Connection, st: _Scan) -> bool:
+    """Run the C scan over the whole log; True if it found nothing _scan_rows would report (no issue, no
+    warning) and `st` now holds what _scan_rows would have left in it (counts, head, last time, streams, the
+    hashes at checkpointed positions). False (st untouched) if there is no C scan, or if it stopped at a row
+    that _scan_rows must examine: the caller then runs _scan_rows from the start, which writes the report."""
+    uri = getattr(conn, "uri", None)
+    if ACCELERATOR is None or uri is None or st.count or st.expected != 1:
+        return False
+    wanted = sorted(p for p in st.wanted if 0 < p < _NO_END)  # (others are not in any log: no hash to keep)
+    out = _split_scan(conn, uri, st, wanted)
+    if out is None:
+        out = _c_scan(uri, st.expected, _NO_END, st.prev, st.last_ts, TAG, wanted, 1)
+    if out[0] != "clean":
+        return False
+    _, count, nxt, head, last_ts, versions, types, hashes, _, _ = out
+    if st.known is not None:
+        for et, top in types.items():
+            cv = st.known.get(et.decode("utf-8", "surrogateescape"))
+            if cv is None or top > cv:
+                return False  # a warning to write: _scan_rows writes it
+    if count:
+        st.first = st.expected
+        st.last = nxt - 1
+    st.count = count
+    st.expected = nxt
+    st.prev = head
+    st.last_ts = last_ts
+    st.versions = versions
+    st.hashes.update(hashes)
+    return True
 
 
 def _scan_rows(conn: sqlite3.Connection, st: _Scan, on_row: Callable[[tuple[Any, ...]], None] | None) -> None:
@@ -461,13 +587,13 @@ def _check_wal(conn: ReadOnlyLog, st: _Scan, report: VerifyReport) -> None:
 
 
 def _check_schema_objects(conn: sqlite3.Connection, st: _Scan) -> None:
-    from .sqlite import SCHEMA_VERSION, TRIGGER_NAMES
+    from .sqlite import REPLACE_TRIGGERS_SINCE, TRIGGER_NAMES
 
     have = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
     missing = sorted(TRIGGER_NAMES - have)
     if missing:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        old = version < SCHEMA_VERSION and missing == sorted(n for n in missing if n.endswith("_no_replace"))
+        old = version < REPLACE_TRIGGERS_SINCE and missing == sorted(n for n in missing if n.endswith("_no_replace"))
         st.warn(
             None,
             "triggers_missing" if not old else "old_schema",
@@ -567,42 +693,71 @@ def verify_chain_range(
     """Recompute the rows after `after_position` (whose hash `after_hash` the caller vouches for: the genesis
     hash, a signed checkpoint, a sealed snapshot, or an earlier call) up to `to_position` (default: the end).
     Returns (last position, its hash); raises LogIntegrityError at the first row that does not link, hash or
-    follow. The incremental check a daemon runs at start and before it signs."""
+    follow. The incremental check a daemon runs at start and before it signs.
+
+    The C scan (if built) vouches for a clean range; a range it does not vouch for is read again here, so the
+    result or the error is always this function's own."""
+    if to_position is None and ACCELERATOR is not None:
+        row = conn.execute("SELECT max(position) FROM events").fetchone()
+        top = row[0] if row and isinstance(row[0], int) else None
+    else:
+        top = to_position
+    if top is not None and top > after_position:
+        fast = _fast_range(conn, after_position, after_hash, top)
+        if fast is not None and (to_position is None or fast[0] >= to_position):
+            return fast
     sha256 = hashlib.sha256
     join = b"".join
     pack = HEADER.pack
     expected = after_position + 1
     prev = after_hash
     end = 2**62 if to_position is None else to_position
-    cur = conn.execute(
-        f"SELECT {COLUMNS} FROM events WHERE position > ? AND position <= ? ORDER BY position", (after_position, end)
-    )
-    cur.arraysize = FETCH
+    factory = conn.text_factory
     try:
-        for row in cur:
-            pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
-            if pos != expected:
-                raise LogIntegrityError(
-                    f"position {expected}: missing (the next row is at {pos})", position=expected, kind="position_gap"
-                )
-            if prev_h != prev:
-                raise LogIntegrityError(
-                    f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
-                    position=pos,
-                    kind="broken_link",
-                )
-            fields = encode_fields(sid, et, actor, cid, caus, corr, "surrogateescape")
-            header = pack(pos, sv, ts, schv, *LENGTHS.unpack_from(fields))
-            if sha256(join((TAG, prev_h, header, fields[LENGTHS.size :], payload))).digest() != h:
-                raise LogIntegrityError(
-                    f"position {pos}: the row's content does not match its hash", position=pos, kind="hash_mismatch"
-                )
-            prev = h
-            expected = pos + 1
+        while True:
+            cur = conn.execute(
+                f"SELECT {COLUMNS} FROM events WHERE position >= ? AND position <= ? ORDER BY position",
+                (expected, end),
+            )
+            cur.arraysize = FETCH
+            try:
+                for row in cur:
+                    pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
+                    if pos != expected:
+                        raise LogIntegrityError(
+                            f"position {expected}: missing (the next row is at {pos})",
+                            position=expected,
+                            kind="position_gap",
+                        )
+                    if prev_h != prev:
+                        raise LogIntegrityError(
+                            f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
+                            position=pos,
+                            kind="broken_link",
+                        )
+                    fields = encode_fields(sid, et, actor, cid, caus, corr, "surrogateescape")
+                    header = pack(pos, sv, ts, schv, *LENGTHS.unpack_from(fields))
+                    if sha256(join((TAG, prev_h, header, fields[LENGTHS.size :], payload))).digest() != h:
+                        raise LogIntegrityError(
+                            f"position {pos}: the row's content does not match its hash",
+                            position=pos,
+                            kind="hash_mismatch",
+                        )
+                    prev = h
+                    expected = pos + 1
+                break
+            except sqlite3.OperationalError as exc:
+                if "decode" not in str(exc) or conn.text_factory is _surrogate_text:
+                    raise
+                conn.text_factory = _surrogate_text  # as _scan_rows: text that is not UTF-8, byte-exact
     except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
         raise LogIntegrityError(
-            f"position {expected}: a column has an impossible value: {exc}", position=expected, kind="malformed_row"
+            f"position {expected}: a column has an impossible value: {exc}",
+            position=expected,
+            kind="malformed_row",
         ) from exc
+    finally:
+        conn.text_factory = factory
     if to_position is not None and expected - 1 < to_position:
         raise LogIntegrityError(
             f"the log ends at position {expected - 1}, before position {to_position}",
@@ -610,6 +765,34 @@ def verify_chain_range(
             kind="truncated",
         )
     return expected - 1, prev
+
+
+def _reopen_uri(conn: sqlite3.Connection) -> str | None:
+    """A URI that opens the same database read-only (for the C scan's own connection), or None."""
+    uri = getattr(conn, "uri", None)
+    if uri is not None or conn.in_transaction:
+        return uri if isinstance(uri, str) else None
+    for _seq, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return _sqlite_uri(Path(file), "mode=ro")
+    return None
+
+
+def _fast_range(
+    conn: sqlite3.Connection, after_position: int, after_hash: bytes, to_position: int
+) -> tuple[int, bytes] | None:
+    """(last position, its hash) if the C scan found positions after_position+1..to_position all present,
+    linked and hashing right; None if it is not built or stopped at a row (verify_chain_range then decides)."""
+    uri = _reopen_uri(conn) if ACCELERATOR is not None else None
+    if uri is None or not isinstance(after_hash, bytes) or len(after_hash) != 32 or after_position < 0:
+        return None
+    try:
+        out = ACCELERATOR.scan(uri, after_position + 1, to_position, after_hash, -(2**63), TAG, (), 0)
+    except Exception:  # never worse than without it: verify_chain_range reads the range itself
+        return None
+    if out[0] != "clean":
+        return None
+    return int(out[2]) - 1, bytes(out[3])
 
 
 def verify(
@@ -648,7 +831,8 @@ def verify(
             report.schema_version = conn.schema_version
             try:
                 _scan_out_of_range(conn, st)
-                _scan_rows(conn, st, on_row)
+                if on_row is not None or not _fast_scan(conn, st):
+                    _scan_rows(conn, st, on_row)
             except sqlite3.DatabaseError as exc:
                 if st.count == 0 and "no such table" in str(exc):
                     raise NotALogError(f"not an event log: {exc}") from exc
@@ -693,7 +877,7 @@ def verify(
                 )
                 break
             have = genesis_hash(log_id) if c.position == 0 else st.hashes.get(c.position)
-            if have is None or have.hex() != c.head_hash:
+            if not isinstance(have, bytes) or have.hex() != c.head_hash:  # (a forged hash may be text)
                 st.issue(
                     c.position,
                     "rewritten",

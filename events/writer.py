@@ -7,6 +7,15 @@ state fails alone, at once; a failed COMMIT fails the whole group (including req
 duplicates of, or in conflict with, another request of the group) and leaves the caches as they were
 (they are only updated after COMMIT). If the writer task ends (cancelled), every queued and later append
 fails with StoreClosedError instead of waiting forever.
+
+Pipelining (a backend with ``writer_pipeline_depth`` = 2, e.g. SQLite, whose commits run in order on one
+thread): requests that arrive while group N's COMMIT runs are planned (checks, chain, SHA-256) and handed over
+as group N+1 at once, not after N's COMMIT.
+Group N+1 is chained onto N's uncommitted head, so its requests that depend on group N (a retried command id
+of N, a conflict with a version N writes) stand or fall with N, exactly like requests of one group; and if
+N's COMMIT fails, N+1 fails with it (the backend refuses a group that does not start right after its stored
+head, so a group planned on a failed one can never be written). Only then does planning go on from the
+committed state.
 """
 
 from __future__ import annotations
@@ -76,7 +85,10 @@ class WriterBackend(Protocol):
         ...
 
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
-        """Write rows and command rows in one durable transaction, or raise and write nothing."""
+        """Write rows and command rows in one durable transaction, or raise and write nothing.
+
+        With ``writer_pipeline_depth`` > 1, calls must be carried out in the order they were made, and a call
+        whose first row is not the one right after the stored head must raise and write nothing."""
         ...
 
 
@@ -107,6 +119,13 @@ class GroupWriter:
         self._max_group_events = max_group_events
         self._versions: dict[str, int] = {}
         self._recent: OrderedDict[str, AppendResult] = OrderedDict()
+        # groups whose COMMIT was handed to the backend and not settled yet, oldest first; planning goes on
+        # from the newest one's head, stream versions and command ids
+        self._depth = max(1, int(getattr(backend, "writer_pipeline_depth", 1)))
+        self._inflight: deque[_InFlight] = deque()
+        self._pending_versions: dict[str, tuple[int, _Plan]] = {}
+        self._pending_commands: dict[str, tuple[AppendResult, _Plan]] = {}
+        self._poisoned: BaseException | None = None  # a COMMIT failed: what is in flight behind it fails too
         # requests waiting for the writer (None = stop); the writer sleeps on _wakeup when it is empty
         self._queue: deque[AppendRequest | None] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -170,33 +189,50 @@ class GroupWriter:
 
     async def _async_drain(self) -> None:
         queue = self._queue
+        inflight = self._inflight
         loop = asyncio.get_running_loop()
-        while True:
-            while not queue:
-                self._wakeup = loop.create_future()
-                await self._wakeup
-            first = queue.popleft()
-            if first is None:
-                return
-            group = [first]
-            n = len(first.events)
-            stop = False
-            while n < self._max_group_events and queue:
-                req = queue.popleft()
-                if req is None:
-                    stop = True
-                    break
-                group.append(req)
-                n += len(req.events)
-            try:
-                await self._async_process(group)
-            except Exception as exc:  # the writer must survive a failed group
-                _fail(group, exc)
-            except BaseException:
-                _fail(group, StoreClosedError("the event store's writer was cancelled; nothing was written"))
-                raise
-            if stop:
-                return
+        stop = False
+        try:
+            while True:
+                if inflight and inflight[0].commit.done():
+                    self._settle_oldest()  # settled first: later groups are planned on fresh caches
+                    continue
+                if inflight and (stop or len(inflight) >= self._depth or self._poisoned is not None):
+                    await asyncio.wait([inflight[0].commit])
+                    continue
+                if stop:
+                    return
+                if not queue:
+                    wakeup = self._wakeup = loop.create_future()
+                    if inflight:  # a new request or the oldest COMMIT's end, whichever comes first
+                        await asyncio.wait([inflight[0].commit, wakeup], return_when=asyncio.FIRST_COMPLETED)
+                    else:
+                        await wakeup
+                    continue
+                # Everything that waits goes into one group. (Splitting it in two pipelined halves, so that the
+                # second is planned while the first commits, measured slower: twice the COMMITs, and SQLite's
+                # thread then waits for the GIL while this thread plans.)
+                group: list[AppendRequest] = []
+                n = 0
+                while queue and (not group or n < self._max_group_events):
+                    req = queue.popleft()
+                    if req is None:
+                        stop = True
+                        break
+                    group.append(req)
+                    n += len(req.events)
+                if not group:
+                    continue
+                try:
+                    await self._async_process(group)
+                except Exception as exc:  # the writer must survive a failed group
+                    _fail(group, exc)
+                except BaseException:
+                    _fail(group, StoreClosedError("the event store's writer was cancelled; nothing was written"))
+                    raise
+        except asyncio.CancelledError:
+            await self._async_finish_after_cancel()
+            raise
 
     def reset(self, head_position: int, head_hash: bytes, last_recorded_us: int) -> None:
         """Adopt the head as stored and forget the caches (the log may have been written by another process):
@@ -209,14 +245,18 @@ class GroupWriter:
         self.stale = False
 
     async def _async_process(self, group: list[AppendRequest]) -> None:
-        if self.stale:
+        if self.stale and not self._inflight:
             load: Callable[[], Awaitable[tuple[int, bytes, int]]] = self._backend._async_load_head  # type: ignore[attr-defined]
             self.reset(*(await load()))
         versions = self._versions
         recent = self._recent
-        need_streams = {r.stream_id for r in group if r.stream_id not in versions}
+        pending_v = self._pending_versions
+        pending_c = self._pending_commands
+        need_streams = {r.stream_id for r in group if r.stream_id not in versions and r.stream_id not in pending_v}
         need_commands = {
-            r.command_id for r in group if r.command_id is not None and r.command_id not in recent
+            r.command_id
+            for r in group
+            if r.command_id is not None and r.command_id not in recent and r.command_id not in pending_c
         }
         found: dict[str, AppendResult] = {}
         if need_streams or need_commands:
@@ -230,21 +270,26 @@ class GroupWriter:
             return
         if self.before_commit is not None:
             await self.before_commit()
-        await self._async_commit_group(plan)
+        self._start_commit(plan)
 
     def _plan(self, group: list[AppendRequest], found: dict[str, AppendResult]) -> _Plan:
         """Check each request against the caches, chain the accepted events, and settle at once every
         request whose outcome does not depend on this group's COMMIT."""
         versions = self._versions
         recent = self._recent
+        pending_v = self._pending_versions
+        pending_c = self._pending_commands
         plan = _Plan()
         rows = plan.rows
         staged = plan.staged
         outcomes = plan.outcomes
         in_group: dict[str, AppendResult] = {}
-        position = self.head_position
-        prev = self.head_hash
-        recorded_us = max(int(self._clock()), self.last_recorded_us)  # time never goes backwards
+        if self._inflight:  # chained onto the newest group in flight
+            last = self._inflight[-1].plan
+            position, prev, last_us = last.head_position, last.head_hash, last.recorded_us
+        else:
+            position, prev, last_us = self.head_position, self.head_hash, self.last_recorded_us
+        recorded_us = max(int(self._clock()), last_us)  # time never goes backwards
         recorded_at = us_to_datetime(recorded_us)
         make_event = self._make_event
         sha256 = hashlib.sha256
@@ -264,12 +309,23 @@ class GroupWriter:
                 if cid in in_group:  # a duplicate of a request of this group: stands or falls with it
                     outcomes.append((req, replace(in_group[cid], duplicate=True)))
                     continue
-            current = staged[sid] if sid in staged else versions[sid]
+                if cid in pending_c:  # a duplicate of a group in flight: stands or falls with that group
+                    result, owner = pending_c[cid]
+                    owner.outcomes.append((req, replace(result, duplicate=True)))
+                    continue
+            if sid in staged:
+                current = staged[sid]
+            elif sid in pending_v:
+                current = pending_v[sid][0]
+            else:
+                current = versions[sid]
             expected = req.expected_version
             if expected != ANY_VERSION and expected != current:
                 conflict = ConcurrencyError(sid, expected, current)
                 if sid in staged:  # the conflict is with this group's uncommitted events
                     outcomes.append((req, conflict))
+                elif sid in pending_v:  # ... with a group in flight: told once that group's outcome is known
+                    pending_v[sid][1].outcomes.append((req, conflict))
                 elif not fut.done():
                     fut.set_exception(conflict)
                 continue
@@ -323,32 +379,51 @@ class GroupWriter:
         plan.recorded_us = recorded_us
         return plan
 
-    async def _async_commit_group(self, plan: _Plan) -> None:
-        """Run the group's COMMIT to its end and settle every caller with its real outcome.
-
-        A cancellation that arrives while the transaction runs (on SQLite's thread it cannot be stopped) first
-        waits for the outcome, so that no caller is told "failed" about a group that was written; a second
-        cancellation gives up waiting and tells the callers the outcome is unknown.
-        """
-        started = time.perf_counter()
+    def _start_commit(self, plan: _Plan) -> None:
+        """Hand the group's COMMIT to the backend (a task of its own: cancelling the writer cannot stop it) and
+        plan further groups on top of it."""
         commit = asyncio.ensure_future(self._backend._async_commit(plan.rows, plan.command_rows))
+        self._inflight.append(_InFlight(plan, commit, time.perf_counter()))
+        for sid, version in plan.staged.items():
+            self._pending_versions[sid] = (version, plan)
+        for req, result in plan.accepted:
+            if req.command_id is not None:
+                self._pending_commands[req.command_id] = (result, plan)
+
+    async def _async_finish_after_cancel(self) -> None:
+        """The writer was cancelled: the COMMITs in flight cannot be stopped (they run on SQLite's thread), so
+        first wait for their outcomes, so that no caller is told "failed" about a group that was written; a
+        second cancellation gives up waiting and tells the callers the outcome is unknown."""
         try:
-            await asyncio.wait([commit])
-        except asyncio.CancelledError:
+            while self._inflight:
+                await asyncio.wait([self._inflight[0].commit])
+                self._settle_oldest()
+        finally:
+            while self._inflight:
+                self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        item = self._inflight.popleft()
+        took = time.perf_counter() - item.started
+        plan, commit = item.plan, item.commit
+        try:
+            ok = self._settle(plan, commit)
+        finally:
+            if self._inflight:  # forget what this group staged for planning (later groups keep theirs)
+                self._pending_versions = {sid: v for sid, v in self._pending_versions.items() if v[1] is not plan}
+                self._pending_commands = {c: v for c, v in self._pending_commands.items() if v[1] is not plan}
+            else:
+                self._pending_versions = {}
+                self._pending_commands = {}
+                self._poisoned = None
+        if self.on_commit is not None and commit.done():
             try:
-                await asyncio.wait([commit])
-            finally:
-                self._settle(plan, commit)
-            raise
-        self._settle(plan, commit)
-        if self.on_commit is not None:
-            ok = not commit.cancelled() and commit.exception() is None
-            try:
-                self.on_commit(len(plan.rows), time.perf_counter() - started, ok)
+                self.on_commit(len(plan.rows), took, ok)
             except Exception:  # a metrics bug must not stop the writer
                 pass
 
-    def _settle(self, plan: _Plan, commit: asyncio.Future[None]) -> None:
+    def _settle(self, plan: _Plan, commit: asyncio.Future[None]) -> bool:
+        """Tell every caller of the group its real outcome; True if the group was written."""
         if not commit.done() or commit.cancelled():
             commit.add_done_callback(_retrieve)
             _fail(
@@ -358,12 +433,18 @@ class GroupWriter:
                     "unknown (look its command id up, or read the stream, after reopening the store)"
                 ),
             )
-            return
+            return False
         exc = commit.exception()
-        if exc is not None:
-            # nothing was written: the caches were never touched, every caller of the group gets the error
+        if exc is not None or self._poisoned is not None:
+            # nothing was written: the caches were never touched, every caller of the group gets the error (a
+            # group chained onto a failed one gets that one's error: the backend refused it for that reason)
+            if self._poisoned is not None:
+                exc = self._poisoned
+            elif self._inflight:
+                self._poisoned = exc
+            assert exc is not None
             _fail([req for req, _ in plan.outcomes], exc)
-            return
+            return False
         self.head_position = plan.head_position
         self.head_hash = plan.head_hash
         self.last_recorded_us = plan.recorded_us
@@ -381,6 +462,7 @@ class GroupWriter:
             else:
                 req.future.set_exception(outcome)
         self._publish(published)
+        return True
 
     def _remember(self, command_id: str, result: AppendResult) -> None:
         recent = self._recent
@@ -401,6 +483,13 @@ class _Plan:
     head_position: int = 0
     head_hash: bytes = b""
     recorded_us: int = 0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    plan: _Plan
+    commit: asyncio.Future[None]
+    started: float
 
 
 def _fail(requests: Iterable[AppendRequest], exc: BaseException) -> None:

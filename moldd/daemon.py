@@ -31,15 +31,29 @@ from moldd.integrity import (
     KeyFileError,
     Verified,
     async_verify_at_start,
+    async_verify_before_signing,
     check_key_file,
     prepare_database_dir,
-    verify_before_signing,
 )
 from moldd.libvirt.bridge import LibvirtBridge
 from moldd.logging import configure_logging
 from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd")
+
+
+def log_location(config: Config) -> str:
+    """The log as the operator knows it: its file, or its PostgreSQL DSN without a password."""
+    dsn = config.database_dsn
+    if dsn is None:
+        return str(config.database)
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    return urlunsplit(parts) + f" (schema {config.cluster.schema})"
 
 
 def _load_optional_verbs() -> None:
@@ -110,32 +124,29 @@ class Daemon:
         if cfg.checkpoints.key is not None:
             check_key_file(cfg.checkpoints.key)
         cfg.storage_dir.mkdir(parents=True, exist_ok=True)
+        seal_key = None
+        if cfg.checkpoints.key is not None:
+            from events.checkpoint import load_private_key
+
+            seal_key = await asyncio.to_thread(load_private_key, cfg.checkpoints.key)
         if cfg.database_dsn is not None:
-            # the log on PostgreSQL, shared by the cluster's nodes (moldd.cluster); the start-up verification and
-            # the checkpoints below read a log file: they are not run on a PostgreSQL log yet
+            # the log on PostgreSQL, shared by the cluster's nodes (moldd.cluster)
             from events.postgres import PostgresEventStore
             from moldd.cluster import node_name
 
             self.store = await PostgresEventStore.async_open(
                 cfg.database_dsn, schema=cfg.cluster.schema, application_name=f"moldd:{node_name(cfg)}"
             )
-            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every)
-            await self.projector.async_load_snapshot()
         else:
             prepare_database_dir(cfg.database)
             self.store = await SQLiteEventStore.async_open(cfg.database)
-            seal_key = None
-            if cfg.checkpoints.key is not None:
-                from events.checkpoint import load_private_key
-
-                seal_key = await asyncio.to_thread(load_private_key, cfg.checkpoints.key)
-            self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
-            snapshot_position = await self.projector.async_load_snapshot()
-            try:
-                self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
-            except LogIntegrityError as exc:
-                self.integrity_error = exc.message
-                raise
+        self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
+        snapshot_position = await self.projector.async_load_snapshot()
+        try:
+            self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
+        except LogIntegrityError as exc:
+            self.integrity_error = exc.message
+            raise
         await self.projector.async_restore()
         self.projector.add_listener(_log_event)
         self.projector.add_listener(self.metrics.on_event)
@@ -215,7 +226,7 @@ class Daemon:
                 lifecycle.async_sweep_expunged(self.app, cfg.expunge_sweep_s), name="expunge-sweeper"
             )
         )
-        if cfg.checkpoints.key is not None and cfg.database_dsn is None:
+        if cfg.checkpoints.key is not None:  # in a cluster: the leader signs
             self.acting_tasks.append(asyncio.create_task(self._async_checkpoints(), name="checkpoints"))
 
     async def async_stand_down(self) -> None:
@@ -316,9 +327,8 @@ class Daemon:
             raise InternalError("checkpoints are not configured")
         if self.integrity_error is not None:
             return False
-        head = await self.store.async_head()
         try:
-            self.verified = await asyncio.to_thread(verify_before_signing, self.config.database, self.verified, head)
+            self.verified, head = await async_verify_before_signing(self.store, self.config.database, self.verified)
         except LogIntegrityError as exc:
             self.integrity_error = exc.message
             log.error("checkpoint_refused", reason=exc.message, position=exc.position, kind=exc.kind)
@@ -423,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_loop(async_main(config), config.event_loop)
     except LogIntegrityError as exc:
         print(
-            f"moldd: refusing to start: the log {config.database} does not verify at position {exc.position} "
+            f"moldd: refusing to start: the log {log_location(config)} does not verify at position {exc.position} "
             f"({exc.kind}): {exc.message}. Nothing was served or signed; examine a copy with "
             f"`moldd-audit verify` and your off-host checkpoints.",
             file=sys.stderr,

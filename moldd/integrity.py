@@ -172,12 +172,24 @@ def _stored_hash_or_none(conn: sqlite3.Connection, position: int) -> bytes | Non
     return bytes(row[0]) if row else None
 
 
+def _is_postgres(store: Any) -> bool:
+    return hasattr(store, "async_verify_range")  # events.postgres.PostgresEventStore: the log is not a file
+
+
 async def async_verify_at_start(store: Any, database: Path, snapshot_position: int, config: Any) -> Verified:
-    """The start-up check (see the module doc), off the event loop."""
-    head = await store.async_head()
+    """The start-up check (see the module doc), off the event loop. On a PostgreSQL log (several nodes may
+    share it) the rows are read a page at a time and hashed on a thread, up to the head stored once the
+    checkpoint was read (a checkpoint another node signed meanwhile is never taken for a truncation)."""
     cps = config.checkpoints
     checkpoint = await asyncio.to_thread(newest_checkpoint, cps.key, cps.file, store.log_id)
-    verified = await asyncio.to_thread(verify_at_start, database, store.log_id, head, snapshot_position, checkpoint)
+    if _is_postgres(store):
+        head = await store.async_stored_head()
+        verified = await _async_verify_store_at_start(store, head, snapshot_position, checkpoint)
+    else:
+        head = await store.async_head()
+        verified = await asyncio.to_thread(
+            verify_at_start, database, store.log_id, head, snapshot_position, checkpoint
+        )
     log.info(
         "log_verified",
         from_position=snapshot_position if checkpoint is None else min(snapshot_position, checkpoint.position),
@@ -185,3 +197,68 @@ async def async_verify_at_start(store: Any, database: Path, snapshot_position: i
         checkpoint=None if checkpoint is None else checkpoint.position,
     )
     return verified
+
+
+async def _async_verify_store_at_start(
+    store: Any, head: tuple[int, bytes], snapshot_position: int, checkpoint: Checkpoint | None
+) -> Verified:
+    """verify_at_start for a store that is not a file (async_hash_at, async_verify_range)."""
+    if checkpoint is not None:
+        if checkpoint.position > head[0]:
+            raise LogIntegrityError(
+                f"the log ends at position {head[0]} but the checkpoint of {checkpoint.time} sealed position "
+                f"{checkpoint.position}: the log was cut short",
+                position=head[0] + 1,
+                kind="truncated",
+            )
+        have = await store.async_hash_at(checkpoint.position)
+        if have is None or have.hex() != checkpoint.head_hash:
+            raise LogIntegrityError(
+                f"position {checkpoint.position}: the hash differs from the checkpoint of {checkpoint.time}: "
+                "the log was rewritten at or before this position",
+                position=checkpoint.position,
+                kind="rewritten",
+            )
+    start = snapshot_position if checkpoint is None else min(snapshot_position, checkpoint.position)
+    anchor = await store.async_hash_at(start)
+    if anchor is None:
+        raise LogIntegrityError(f"position {start}: no row", position=start, kind="truncated")
+    position, last = await store.async_verify_range(start, anchor, head[0])
+    if (position, last) != head:
+        raise LogIntegrityError(
+            f"position {position}: the chain recomputed from position {start} does not end at the stored head",
+            position=position,
+            kind="head_mismatch",
+        )
+    return Verified(position, last)
+
+
+async def async_verify_before_signing(
+    store: Any, database: Path, verified: Verified
+) -> tuple[Verified, tuple[int, bytes]]:
+    """The check before a signature, off the event loop: (verified up to the head to sign, that head).
+
+    On a file: the rows since `verified` are recomputed and must end at the hash the writer computed. On
+    PostgreSQL likewise; a leader whose writer has not written since it took over (its head may be older than
+    the rows its predecessor wrote) signs the stored head once the rows up to it are recomputed."""
+    if not _is_postgres(store):
+        head = await store.async_head()
+        return await asyncio.to_thread(verify_before_signing, database, verified, head), head
+    head = await store.async_head() if store.head_is_current else await store.async_stored_head()
+    if head[0] < verified.position:
+        head = await store.async_stored_head()
+    stored = await store.async_hash_at(verified.position)
+    if verified.position > 0 and stored != verified.hash:
+        raise LogIntegrityError(
+            f"position {verified.position}: the hash changed since it was verified",
+            position=verified.position,
+            kind="rewritten",
+        )
+    position, last = await store.async_verify_range(verified.position, verified.hash, head[0])
+    if last != head[1]:
+        raise LogIntegrityError(
+            f"position {position}: the stored hash is not the one the daemon's writer computed",
+            position=position,
+            kind="head_mismatch",
+        )
+    return Verified(position, last), head

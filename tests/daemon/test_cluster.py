@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from events.copy import verify_target
 from moldlab.testing.cluster import Node, make_nodes
 from moldlab.testing.harness import CommandFailed
 from moldlab.testing.pgserver import PgServer
@@ -268,3 +269,68 @@ async def test_a_leader_paused_in_the_middle_of_a_job_abandons_it_and_the_new_le
             assert vm["state"] in ("Stopped", "Error") and final["status"] == "failed", (vm, final)
         requested = [e for e in await c2.events(name) if e["command_id"] == "start-paused"]
         assert [e["event_type"] for e in requested] == ["vm.start.requested"]
+
+
+async def test_a_postgresql_primary_crash_and_promotion_lose_no_acknowledged_command(
+    tmp_path: Path, clean_lab: Any, guest_image: Any
+) -> None:
+    """Stretch (issue 14): the log on a PostgreSQL primary with a synchronous streaming replica; a real moldd
+    process reaches it through a multi-host DSN (target_session_attrs=read-write). The primary crashes and the
+    replica is promoted: the node fences itself, reconnects to the new primary, leads again under a new epoch,
+    and every command it acknowledged is in the log; a command retried with its id is done once."""
+    from tests.events.test_events_pg_replica import wait_synchronous
+
+    primary = PgServer(fsync=False).start()
+    replica = PgServer(fsync=False)
+    node: Node | None = None
+    try:
+        replica.start_replica_of(primary)
+        wait_synchronous(primary)
+        dsn = f"postgresql://postgres@/postgres?host={primary.dir},{replica.dir}&target_session_attrs=read-write"
+        (node,) = make_nodes(tmp_path, ["n1"], clean_lab.hosts, guest_image, dsn, "promoted")
+        node.start()
+        await node.async_wait(role="leader", acting=True, epoch=1)
+        acked: list[str] = []
+        async with node.client() as c:
+            for host in clean_lab.hosts:
+                await c.wait_host(host.name, timeout=60, health="Up", link="connected")
+            await c.call("createInstanceGroup", name="before")
+            for i in range(3):
+                job = await c.job(
+                    "deployVirtualMachine", template="tiny", offering="small", startvm=False, displayname=f"b{i}"
+                )
+                assert job["status"] == "succeeded", job
+                acked.append(job["vm"])
+        await asyncio.to_thread(primary.crash)
+        async with node.client() as c:  # the database is gone: a write is refused or fails, never hangs
+            with pytest.raises(CommandFailed):
+                await asyncio.wait_for(
+                    c.call("createInstanceGroup", command_id="during-failover", name="during"), 120
+                )
+        await asyncio.to_thread(replica.promote)
+        promoted = time.monotonic()
+        await node.async_wait(timeout=120, role="leader", acting=True, epoch=2)
+        print(f"replica promoted -> the node leads again (epoch 2, acting): {time.monotonic() - promoted:.2f} s")
+        async with node.client() as c:
+            # the command that failed during the outage, retried with its id once the log is back: done once
+            await c.call("createInstanceGroup", command_id="during-failover", name="during")
+            again = await c.call("createInstanceGroup", command_id="during-failover", name="during")
+            assert again["ok"]
+            for host in clean_lab.hosts:
+                await c.wait_host(host.name, timeout=60, health="Up", link="connected")
+            job = await c.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+            assert job["status"] == "succeeded", job
+            vms = {v["name"] for v in (await c.call("listVirtualMachines"))["result"]["virtualmachine"]}
+            assert set(acked) | {job["vm"]} <= vms
+            groups = [g["name"] for g in (await c.call("listInstanceGroups"))["result"]["instancegroup"]]
+            assert sorted(groups) == ["before", "during"]
+            elections = (await c.call("listEvents", stream="daemon", limit=1000))["result"]["event"]
+            epochs = [e["payload"]["epoch"] for e in elections if e["event_type"] == "daemon.leader_elected"]
+            assert epochs == [1, 2]
+        report = await asyncio.to_thread(verify_target, replica.dsn(), schema="promoted")
+        assert report.exit_code == 0, report.render()
+    finally:
+        if node is not None:
+            node.stop()
+        replica.stop()
+        primary.stop()

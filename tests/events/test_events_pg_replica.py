@@ -18,18 +18,23 @@ from moldlab.testing.pgserver import PgServer
 pytestmark = pytest.mark.slow
 
 
+def wait_synchronous(primary: PgServer) -> None:
+    """Make the primary's one replica synchronous (every COMMIT waits for it) and wait until it is."""
+    primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    primary.psql("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 60
+    while primary.psql("SELECT string_agg(sync_state, ',') FROM pg_stat_replication") != "sync":
+        assert time.monotonic() < deadline, "the replica never became synchronous"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def primary_and_replica() -> Iterator[tuple[PgServer, PgServer]]:
     primary = PgServer(fsync=False).start()
     replica = PgServer(fsync=False)
     try:
         replica.start_replica_of(primary)
-        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
-        primary.psql("SELECT pg_reload_conf()")
-        deadline = time.monotonic() + 60
-        while primary.psql("SELECT string_agg(sync_state, ',') FROM pg_stat_replication") != "sync":
-            assert time.monotonic() < deadline, "the replica never became synchronous"
-            time.sleep(0.1)
+        wait_synchronous(primary)
         yield primary, replica
     finally:
         replica.stop()

@@ -13,6 +13,7 @@ import pytest
 from events import (
     EventStore,
     FencedError,
+    LogIntegrityError,
     MemoryEventStore,
     NewEvent,
     NotALogError,
@@ -451,3 +452,56 @@ def test_python_m_events_copy_and_verify_on_a_dsn(pg_server: PgServer, tmp_path:
         timeout=60,
     )
     assert r.returncode == 0 and "INTACT" in r.stdout, r.stdout + r.stderr
+    # sign the PostgreSQL log's head, then verify it against that checkpoint
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "events", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    assert run("keygen", str(tmp_path / "keys")).returncode == 0
+    out = tmp_path / "checkpoints.jsonl"
+    r = run("checkpoint", pg_server.dsn(), "--schema", schema, "--key", str(tmp_path / "keys" / "checkpoint-ed25519.key"),
+            "--out", str(out))  # fmt: skip
+    assert r.returncode == 0 and "position 61" in r.stdout, r.stdout + r.stderr
+    r = run("verify", pg_server.dsn(), "--schema", schema, "--checkpoints", str(out), "--public-key",
+            str(tmp_path / "keys" / "checkpoint-ed25519.pub"))  # fmt: skip
+    assert r.returncode == 0 and "INTACT" in r.stdout, r.stdout + r.stderr
+
+
+async def test_verify_range_recomputes_pages_and_names_the_first_forged_row(pg_server: PgServer) -> None:
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    try:
+        for i in range(30):
+            await store.async_append(f"s{i % 4}", [ev(i=i), ev(i=i + 100)])
+        head = await store.async_stored_head()
+        genesis = await store.async_hash_at(0)
+        assert genesis is not None
+        assert await store.async_verify_range(0, genesis, page=7) == head  # pages of 7 rows: no seam is skipped
+        at_20 = await store.async_hash_at(20)
+        assert at_20 is not None
+        assert await store.async_verify_range(20, at_20, head[0], page=7) == head
+        with pytest.raises(LogIntegrityError) as err:
+            await store.async_verify_range(20, at_20, head[0] + 5)
+        assert (err.value.kind, err.value.position) == ("truncated", head[0] + 1)
+        # a superuser bypasses the triggers: a payload, then a link, changed in place
+        conn = await asyncpg.connect(pg_server.dsn())
+        try:
+            await conn.execute("SET session_replication_role = replica")
+            await conn.execute(f"UPDATE {schema}.events SET payload = $1 WHERE position = 33", b'{"forged":1}')
+            with pytest.raises(LogIntegrityError) as err:
+                await store.async_verify_range(0, genesis, page=7)
+            assert (err.value.kind, err.value.position) == ("hash_mismatch", 33)
+            assert await store.async_verify_range(0, genesis, 32) == (32, await store.async_hash_at(32))
+            await conn.execute(f"DELETE FROM {schema}.events WHERE position = 12")
+            with pytest.raises(LogIntegrityError) as err:
+                await store.async_verify_range(0, genesis, page=7)
+            assert (err.value.kind, err.value.position) == ("position_gap", 12)
+            await conn.execute(f"UPDATE {schema}.events SET prev_hash = $1 WHERE position = 5", b"\x00" * 32)
+            with pytest.raises(LogIntegrityError) as err:
+                await store.async_verify_range(0, genesis)
+            assert (err.value.kind, err.value.position) == ("broken_link", 5)
+        finally:
+            await conn.close()
+    finally:
+        await store.async_close()

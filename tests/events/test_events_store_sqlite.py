@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from events import EventStore, MemoryEventStore, NewEvent, NotALogError, SQLiteEventStore, verify
+from events.sqlite import SCHEMA_VERSION
 from tests.events.store_contract import StoreContract, ev
 
 
@@ -110,7 +111,7 @@ async def test_a_schema_1_log_is_migrated_and_its_dropped_triggers_put_back(tmp_
     assert (await store.async_append("s", [ev()], command_id="c")).duplicate
     await store.async_close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
     assert names >= {"events_no_update", "events_no_delete", "events_no_replace", "meta_no_replace"}
     conn.close()
@@ -136,7 +137,7 @@ async def test_database_is_in_wal_mode_with_a_schema_version(tmp_path: Path) -> 
     await (await SQLiteEventStore.async_open(path)).async_close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
 
 
