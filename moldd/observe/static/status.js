@@ -203,17 +203,23 @@ async function getStatus(page, pagesize) {
 
 // /v1/status a page of VMs at a time (each page a short request for the daemon), merged into one document;
 // each VM keeps the position of the page it came from.
+// If the number of VMs changed meanwhile (pages shifted: a VM could be missed or read twice), read again.
 const PAGE = 1000;
 async function getFullStatus() {
-  const doc = await getStatus(1, PAGE);
-  doc.firstPosition = doc.position;
-  for (const v of doc.vms) v.position_read = doc.position;
-  for (let page = 2; (page - 1) * PAGE < doc.vm_count; page++) {
-    const more = await getStatus(page, PAGE);
-    for (const v of more.vms) { v.position_read = more.position; doc.vms.push(v); }
-    if (!more.vms.length) break;
+  for (let attempt = 0; ; attempt++) {
+    const doc = await getStatus(1, PAGE);
+    doc.firstPosition = doc.position;
+    for (const v of doc.vms) v.position_read = doc.position;
+    let shifted = false;
+    for (let page = 2; (page - 1) * PAGE < doc.vm_count; page++) {
+      const more = await getStatus(page, PAGE);
+      if (more.vm_count !== doc.vm_count) { shifted = true; break; }
+      for (const v of more.vms) { v.position_read = more.position; doc.vms.push(v); }
+      if (!more.vms.length) break;
+    }
+    doc.partial = shifted; // still shifting after 3 reads: merge what was read, prune nothing
+    if (!shifted || attempt >= 3) return doc;
   }
-  return doc;
 }
 
 function applyViews(data) {
@@ -247,7 +253,7 @@ async function refresh() {
       refreshAgain = false;
       const full = refreshFull || !statusPosition;
       refreshFull = false;
-      if (full) render(await getFullStatus(), true);
+      if (full) { const doc = await getFullStatus(); render(doc, !doc.partial); }
       else {
         const doc = await getStatus(1, 0);
         doc.firstPosition = doc.position;
