@@ -39,9 +39,9 @@ LEADER = "leader"
 
 @dataclass(frozen=True)
 class Timings:
-    lease_s: float = 5.0
-    heartbeat_s: float = 1.0
-    fence_after_s: float = 3.0
+    lease_s: float = 4.0
+    heartbeat_s: float = 0.5
+    fence_after_s: float = 2.5
     retry_s: float = 0.5  # pause before campaigning again after losing the database
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ import structlog
 
 from events import NewEvent, StoredEvent
 from events.leader import LEADER, Leadership, Timings
+from moldd.cluster_secrets import API, HMAC_KEY, SETTINGS, SETTINGS_KEY, SharedSecrets, local_secrets
 from moldd.domain.errors import InternalError, NotLeader
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ class ClusterRole:
         self.terms = 0
         self.last_takeover_s: float | None = None  # elected -> acting (hosts resynced, HA running)
         self._stand_down: asyncio.Task[None] | None = None
+        self.secrets = SharedSecrets(daemon.store.dsn, daemon.store.schema)
+        self._settings_secrets: Any = None
+        self._reload: asyncio.Task[None] | None = None
+        self._reload_again = False
 
     # ---- start / stop ----------------------------------------------------------------------------------
     async def async_start(self) -> None:
@@ -67,6 +72,7 @@ class ClusterRole:
             self.epoch, self.leader = current[0], current[1]
         if d.projector is None or d.app is None:
             raise InternalError("the cluster role starts after the daemon's projector and app")
+        await self._async_open_secrets()
         d.projector.add_listener(self._on_event)
         d.projector.may_snapshot = self.leadership.is_leading  # a snapshot's seal is an append
         d.bridge.gate = self.leadership.is_leading
@@ -79,6 +85,67 @@ class ClusterRole:
         if self._stand_down is not None:
             with contextlib.suppress(Exception):
                 await self._stand_down
+        if self._reload is not None:
+            self._reload.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reload
+        if self._settings_secrets is not None:
+            self._settings_secrets.unregister(self.daemon.config)
+        await self.secrets.async_close()
+
+    # ---- the shared secrets (moldd.cluster_secrets) ---------------------------------------------------------
+    async def _async_open_secrets(self) -> None:
+        """The API secrets and secret settings come from PostgreSQL (every node may have to check a signature or
+        start a VM with its VNC password); a first node of an existing installation seeds them from its files."""
+        import secrets as random
+
+        from moldd.app import secrets as settings_secrets
+        from moldd.app.users import SecretStore as ApiSecrets
+        from moldd.app.users import directory, secrets_path
+
+        d, cfg = self.daemon, self.daemon.config
+        if d.app is None:
+            raise InternalError("the daemon's app is not built yet")
+        await self.secrets.async_open()
+        local = await asyncio.to_thread(
+            local_secrets, secrets_path(cfg), cfg.database.parent / settings_secrets.FILE_NAME
+        )
+        await self.secrets.async_seed(local)
+        await self.secrets.async_put(SETTINGS_KEY, {HMAC_KEY: random.token_hex(32)})  # the first node's key stays
+        self._settings_secrets = settings_secrets.SecretStore.shared_for(cfg, self.secrets)
+        d.app.secrets = self._settings_secrets
+        users = directory(d.app)
+        users.store = ApiSecrets(users.store.path, self.secrets)
+        await self.async_reload_secrets()
+
+    async def async_reload_secrets(self) -> None:
+        """The shared table, again (when elected, before acting; after a user.* event was folded)."""
+        from moldd.app.users import directory
+
+        d = self.daemon
+        if d.app is None or self._settings_secrets is None:
+            return
+        loaded = await self.secrets.async_load()
+        self._settings_secrets.replace(loaded[SETTINGS_KEY][HMAC_KEY], loaded[SETTINGS])
+        directory(d.app).store.replace(loaded[API])
+
+    def _reload_soon(self) -> None:
+        """One reload at a time; a request during one runs another after it (it may have missed the new row)."""
+        if self._reload is not None and not self._reload.done():
+            self._reload_again = True
+            return
+
+        async def run() -> None:
+            while True:
+                self._reload_again = False
+                try:
+                    await self.async_reload_secrets()
+                except Exception as exc:  # the database is away: the next user.* event or election reloads
+                    log.warning("secrets_reload_failed", error=f"{type(exc).__name__}: {exc}")
+                if not self._reload_again:
+                    return
+
+        self._reload = asyncio.get_running_loop().create_task(run(), name="cluster-secrets-reload")
 
     # ---- the API's view ----------------------------------------------------------------------------------
     def is_leading(self) -> bool:
@@ -133,6 +200,8 @@ class ClusterRole:
         if ev.event_type == "daemon.leader_elected" and isinstance(ev.payload, dict):
             self.leader = ev.payload.get("node")
             self.epoch = ev.payload.get("epoch")
+        elif ev.event_type.startswith("user.") and not self.leadership.is_leading():
+            self._reload_soon()  # the leader wrote the new secret before this event: a standby picks it up
 
     # ---- elected / deposed -----------------------------------------------------------------------------
     async def _async_elected(self, epoch: int, cause: str) -> None:
@@ -144,6 +213,7 @@ class ClusterRole:
         if d.projector is None or d.app is None:
             raise InternalError("the daemon's projector and app are not built yet")
         await d.store.async_catch_up()
+        await self.async_reload_secrets()  # every secret a previous leader shared, before this node acts
         head, _ = await d.store.async_stored_head()
         await d.projector.async_wait(head, timeout=120)
         await d.app.async_append(

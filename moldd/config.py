@@ -459,11 +459,11 @@ class ClusterConfig(Section):
         "events", alias="schema", min_length=1, max_length=63, description="the PostgreSQL schema holding the log"
     )
     lease_s: float = Field(
-        5.0, gt=0, le=3600, description="PostgreSQL ends a silent leader's session after this; a standby takes over"
+        4.0, gt=0, le=3600, description="PostgreSQL ends a silent leader's session after this; a standby takes over"
     )
-    heartbeat_s: float = Field(1.0, gt=0, le=3600, description="the leader pings PostgreSQL this often")
+    heartbeat_s: float = Field(0.5, gt=0, le=3600, description="the leader pings PostgreSQL this often")
     fence_after_s: float = Field(
-        3.0, gt=0, le=3600, description="a leader without an answer for this long stops acting (< lease_s)"
+        2.5, gt=0, le=3600, description="a leader without an answer for this long stops acting (< lease_s)"
     )
 
     check_node = field_validator("node")(_controls_validator)

@@ -442,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyFileError as exc:
         print(f"moldd: refusing to start: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from moldd.cluster_secrets import SecretsTableMissing
+
+        if not isinstance(exc, SecretsTableMissing):
+            raise
+        print(f"moldd: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -502,6 +502,7 @@ class App:
                 dataclasses.replace(first, payload={**first.payload, BINDING_KEY: running[0].to_payload()}),
                 *events[1:],
             ]
+        await self.secrets.async_flush()  # a cluster: a secret sealed for these events is shared before them
         res: AppendResult = await self.store.async_append(
             stream, events, expected_version=expected_version, command_id=command_id
         )

@@ -1,8 +1,9 @@
 """moldd users: a role and a CloudStack API key pair each. createUser, listUsers, registerUserKeys, revokeUser.
 
 The log records each user's id, role, API key and the SHA-256 of the secret key; the secret itself lives only
-in a separate file (:class:`SecretStore`, mode 0600), because a signature check needs it in clear and the log
-must never hold it. A secret whose digest does not match the log's is refused, so the file cannot be used to
+in a separate file (:class:`SecretStore`, mode 0600) — on a PostgreSQL log, in the shared table of
+moldd.cluster_secrets, so that every node can check a signature — because a signature check needs it in clear
+and the log must never hold it. A secret whose digest does not match the log's is refused, so the file cannot be used to
 slip in a key the log did not record.
 """
 
@@ -16,7 +17,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,6 +29,9 @@ from moldd.app.service import App, Command, verb
 from moldd.config import Config
 from moldd.domain.errors import Conflict, NotFound, ValidationError
 from moldd.domain.roles import Role
+
+if TYPE_CHECKING:
+    from moldd.cluster_secrets import SharedSecrets
 
 log = structlog.get_logger("moldd.users")
 
@@ -45,12 +49,19 @@ def secrets_path(config: Config) -> Path:
 class SecretStore:
     """API key → secret key, in one JSON file of mode 0600, replaced atomically on every change."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared: SharedSecrets | None = None) -> None:
         self.path = path
+        self.shared = shared  # a cluster: the secrets are in PostgreSQL (moldd.cluster_secrets), not in the file
         self._secrets: dict[str, str] | None = None
         self._lock = asyncio.Lock()
 
+    def replace(self, secrets: dict[str, str]) -> None:
+        """The shared table's content (a cluster node loads it at start, when elected, after a user.* event)."""
+        self._secrets = dict(secrets)
+
     def _load(self) -> dict[str, str]:
+        if self._secrets is None and self.shared is not None:
+            return {}  # not loaded yet: nothing is known
         if self._secrets is None:
             try:
                 data = json.loads(self.path.read_text())
@@ -74,7 +85,13 @@ class SecretStore:
             data.update(add or {})
             for key in remove:
                 data.pop(key, None)
-            await asyncio.to_thread(self._write, data)
+            if self.shared is not None:
+                from moldd.cluster_secrets import API
+
+                await self.shared.async_put(API, add or {})
+                await self.shared.async_delete(API, remove)
+            else:
+                await asyncio.to_thread(self._write, data)
             self._secrets = data
 
 
@@ -110,7 +127,8 @@ class UserDirectory:
 
 
 def directory(app: App) -> UserDirectory:
-    """The app's user directory (one secret store per app)."""
+    """The app's user directory (one secret store per app; in a cluster moldd.cluster installs one whose secrets
+    are in PostgreSQL)."""
     found: UserDirectory | None = getattr(app, "user_directory", None)
     if found is None:
         found = UserDirectory(app, SecretStore(secrets_path(app.config)))

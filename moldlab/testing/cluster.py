@@ -110,8 +110,10 @@ def make_nodes(
     schema: str,
     timings: dict[str, float] | None = None,
     ha: dict[str, Any] | None = None,
+    sections: Any = None,
 ) -> list[Node]:
-    """Configs for `names`, all on the log `schema` of `dsn`, the same hosts and the same disk directory."""
+    """Configs for `names`, all on the log `schema` of `dsn`, the same hosts and the same disk directory.
+    `sections`: more TOML sections, the same for every node or `sections(name, node_root)` per node."""
     nodes = []
     for name in names:
         nroot = root / name
@@ -126,6 +128,7 @@ def make_nodes(
             },
             cluster={"node": name, "schema": schema, **(timings or FAST)},
             ha=ha,
+            sections=sections(name, nroot) if callable(sections) else sections,
         )
         nodes.append(Node(name, root, cfg.path, root / f"{name}.sock"))
     return nodes

@@ -52,6 +52,21 @@ async def _candidate(pg: PgServer, schema: str, node: str, log: list[tuple[str, 
     return lead
 
 
+async def waiting_in_lock(pg: PgServer, node: str, timeout: float = 20) -> None:
+    """Until `node`'s lock session waits in pg_advisory_lock (it campaigns, another leads)."""
+    conn = await asyncpg.connect(pg.dsn())
+    try:
+        async with asyncio.timeout(timeout):
+            while not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+                "WHERE a.application_name = $1 AND l.locktype = 'advisory' AND NOT l.granted",
+                f"events-leader:{node}",
+            ):
+                await asyncio.sleep(0.02)  # a poll of the condition
+    finally:
+        await conn.close()
+
+
 async def _close(*leads: Leadership) -> None:
     for lead in leads:
         await lead.async_stop()
@@ -65,7 +80,7 @@ async def test_one_leads_the_other_waits_and_takes_over_when_it_steps_down(pg_se
     await a.async_wait_role(LEADER, 10)
     b = await _candidate(pg_server, schema, "b", log)
     try:
-        await asyncio.sleep(0.5)
+        await waiting_in_lock(pg_server, "b")
         assert (a.role, b.role) == (LEADER, STANDBY) and a.is_leading() and not b.is_leading()
         assert a.epoch == 1 and log == [("a", ("elected", 1, "first leader of the log"))]
         await a.store.async_append("s", [NewEvent("x")])
@@ -95,7 +110,7 @@ async def test_a_leader_whose_session_is_terminated_is_deposed_and_a_standby_tak
     b = await _candidate(pg_server, schema, "b", log)
     admin = await asyncpg.connect(pg_server.dsn())
     try:
-        await asyncio.sleep(0.3)
+        await waiting_in_lock(pg_server, "b")
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'events-leader:a'"
         )
@@ -111,7 +126,7 @@ async def test_a_leader_whose_session_is_terminated_is_deposed_and_a_standby_tak
         with pytest.raises(FencedError):
             await a.store.async_append("s", [NewEvent("late")])
         # a campaigns again and waits: it is the standby now
-        await asyncio.sleep(0.5)
+        await waiting_in_lock(pg_server, "a")
         assert a.role == STANDBY and b.role == LEADER
     finally:
         await admin.close()
@@ -189,16 +204,24 @@ async def test_kill_9_of_the_leader_process_a_standby_leads_and_appends(
     a = await spawn(schema, "a")
     await a.expect(role="leader", epoch=1)
     b = await spawn(schema, "b")
-    await asyncio.sleep(0.5)
+    await waiting_in_lock(pg_server, "b")
     a.proc.kill()
     await a.proc.wait()
     line = await b.expect(role="leader")
     assert line["epoch"] == 2 and line["cause"] == "took over from a (epoch 1)"
-    await asyncio.sleep(0.3)
-    ticks = await _ticks(pg_server, schema)
+    ticks = await _ticks_until(pg_server, schema, lambda ts: any(t[1] == "b" for t in ts))
     assert {t[1] for t in ticks} == {"a", "b"}
     first_b = min(t[0] for t in ticks if t[1] == "b")
     assert all(t[0] < first_b for t in ticks if t[1] == "a")
+
+
+async def _ticks_until(
+    pg: PgServer, schema: str, done: Any, timeout: float = 30
+) -> list[tuple[int, str, int]]:
+    async with asyncio.timeout(timeout):
+        while not done(ticks := await _ticks(pg, schema)):
+            await asyncio.sleep(0.02)  # a poll of the condition
+    return ticks
 
 
 @pytest.mark.parametrize("how", ["sigstop", "terminate"])
@@ -212,7 +235,7 @@ async def test_a_paused_or_cut_off_leader_writes_nothing_once_a_standby_took_ove
     a = await spawn(schema, "a")
     await a.expect(role="leader", epoch=1)
     b = await spawn(schema, "b")
-    await asyncio.sleep(0.5)
+    await waiting_in_lock(pg_server, "b")
     if how == "sigstop":
         os.kill(a.proc.pid, signal.SIGSTOP)
     else:
@@ -223,12 +246,14 @@ async def test_a_paused_or_cut_off_leader_writes_nothing_once_a_standby_took_ove
         await admin.close()
     line = await b.expect(role="leader", timeout=30)
     assert line["epoch"] == 2
-    await asyncio.sleep(0.5)  # b appends in epoch 2
+    await _ticks_until(pg_server, schema, lambda ts: any(t[1] == "b" for t in ts))  # b appends in epoch 2
     if how == "sigstop":
         os.kill(a.proc.pid, signal.SIGCONT)
     await a.expect(role="standby", timeout=30)
-    await asyncio.sleep(0.5)  # give a stale a every chance to write
-    ticks = await _ticks(pg_server, schema)
+    # A negative observation (a stale `a` must write nothing), measured in b's progress rather than seconds:
+    # the window closes once b has appended 10 more ticks (50 ms apart) after a said it is a standby.
+    seen = len(await _ticks(pg_server, schema))
+    ticks = await _ticks_until(pg_server, schema, lambda ts: len(ts) >= seen + 10)
     epochs_of = {(t[1], t[2]) for t in ticks}
     assert ("a", 1) in epochs_of and ("b", 2) in epochs_of
     first_b = min(t[0] for t in ticks if t[1] == "b")
