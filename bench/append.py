@@ -49,7 +49,7 @@ from bench.common import cpu_s, fmt, footer, header, medians, proc_io
 from events import EventStore, NewEvent, SQLiteEventStore
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
-from events.sqlite import INSERT_EVENT, TUNING, migrate
+from events.sqlite import INSERT_EVENT, PAGE_SIZE, migrate, tuning
 
 STREAMS = 64
 
@@ -131,9 +131,10 @@ def run_threads(fn: Callable[[int], None], k: int) -> None:
 def _naive_conn(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    for pragma in TUNING:
+    for pragma in tuning(PAGE_SIZE):
         conn.execute(pragma)
     return conn
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
-from events.sqlite import INSERT_EVENT, migrate
+from events.sqlite import INSERT_EVENT, PAGE_SIZE, migrate
 
 GROUPS = ("web", "db", "batch")
 USER = "uid=1000(ops) gid=1000 pid=4242"
@@ -83,10 +83,13 @@ def generate(
     hosts: tuple[str, ...] = ("kvm1", "kvm2", "kvm3", "kvm4"),
     all_stopped: bool = False,
     seed: int = 7,
+    page_size: int = PAGE_SIZE,
 ) -> int:
-    """Write the log at ``path`` (must not exist); returns the number of events."""
+    """Write the log at ``path`` (must not exist); returns the number of events. Its pages are those of a log the
+    store creates unless ``page_size`` says otherwise."""
     rng = random.Random(seed)
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {page_size}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = OFF")
     log_id = migrate(conn)
@@ -214,10 +217,11 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--hosts", default="kvm1,kvm2,kvm3,kvm4")
     ap.add_argument("--all-stopped", action="store_true")
+    ap.add_argument("--page-size", type=int, default=PAGE_SIZE, help="bytes per page (default: the store's)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     n = generate(args.path, vms=args.vms, events=args.events, hosts=tuple(args.hosts.split(",")),
-                 all_stopped=args.all_stopped)  # fmt: skip
+                 all_stopped=args.all_stopped, page_size=args.page_size)  # fmt: skip
     print(f"wrote {n} events for {args.vms} VMs to {args.path} in {time.perf_counter() - t0:.1f} s")
 
 

@@ -148,6 +148,7 @@ def _create_sqlite(path: Path, log_id: str) -> sqlite3.Connection:
     if path.exists():
         raise EventLogError(f"{path} exists: the destination must be a new file", code="destination_exists")
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {sq.PAGE_SIZE}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("BEGIN IMMEDIATE")
     for stmt in sq.SCHEMA:

@@ -13,7 +13,7 @@ import pytest
 
 from events import ConcurrencyError, EventLogError, SQLiteEventStore, verify
 from events.envelope import us_to_datetime
-from events.sqlite import SCHEMA_VERSION, _commit
+from events.sqlite import PAGE_SIZE, SCHEMA_VERSION, WAL_AUTOCHECKPOINT_BYTES, _commit
 from tests.events.store_contract import ev
 
 V2_LOG = Path(__file__).parent / "data" / "log-v2.db"
@@ -267,6 +267,37 @@ async def test_a_new_log_has_no_recorded_at_index(tmp_path: Path) -> None:
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     conn.close()
     assert "events_recorded_at" not in names and "events_command_id" in names
+
+
+def _page_size(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_new_log_has_small_pages_and_an_existing_log_keeps_its_own(tmp_path: Path) -> None:
+    store = await _open(tmp_path)
+    try:
+        await store.async_append("vm-1", [ev(n=i) for i in range(300)])
+        # the WAL is checkpointed after the same number of bytes whatever the page size
+        auto = await (await store._conn.execute("PRAGMA wal_autocheckpoint")).fetchone()
+        assert auto is not None and auto[0] == WAL_AUTOCHECKPOINT_BYTES // PAGE_SIZE
+    finally:
+        await store.async_close()
+    assert PAGE_SIZE < 4096 and _page_size(tmp_path / "log.db") == PAGE_SIZE
+    old = tmp_path / "old.db"
+    shutil.copyfile(V2_LOG, old)
+    assert _page_size(old) == 4096
+    store = await SQLiteEventStore.async_open(old)
+    try:
+        await store.async_append("vm-1", [ev(n=i) for i in range(300)])
+    finally:
+        await store.async_close()
+    assert _page_size(old) == 4096
+    report = verify(old)
+    assert report.exit_code == 0 and report.events_checked == 322, report.render()
 
 
 async def test_a_schema_2_log_written_by_the_previous_store_is_migrated_and_goes_on(tmp_path: Path) -> None:

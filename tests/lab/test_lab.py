@@ -144,7 +144,7 @@ def test_guest_boots_and_acpi_shutdown(conns: tuple[libvirt.virConnect, libvirt.
                                        guest_image: GuestImage) -> None:
     g = Guest(lab_healthy.hosts[0], conns[0], guest_image, _name("acpi"))
     boot = g.wait_ready()
-    assert boot < 20, boot
+    assert boot < scaled(20), boot  # a hang, not a speed check: the bound stretches with the load
     assert rec0.for_domain(g.name)[:2] == [RESUMED_UNPAUSED, STARTED_BOOTED]
     assert len(lab_healthy.hosts[0].qemu_pids()) == 1
     g.dom.shutdown()

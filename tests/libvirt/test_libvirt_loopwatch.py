@@ -73,7 +73,9 @@ async def test_on_a_busy_machine_a_free_loop_is_not_blocked_and_a_blocked_one_is
     assert free.max_blocked < 0.2, (free.max_lag, free.max_blocked)
     async with LoopWatch() as blocked:
         await asyncio.sleep(0.02)
-        time.sleep(0.3)
+        time.sleep(0.6)
         await asyncio.sleep(0.02)
-        _burn_cpu(0.3)
-    assert blocked.max_blocked >= 0.25, (blocked.max_lag, blocked.max_blocked)
+        _burn_cpu(0.6)
+    # each block holds the loop 0.6 s; the measure subtracts CPU waits of the process's threads, which on a busy
+    # machine may overlap a block a little: well above the 0.2 s that counts as blocked, with room for that
+    assert blocked.max_blocked >= 0.4, (blocked.max_lag, blocked.max_blocked)
