@@ -106,41 +106,71 @@ def link_hash(
     ).digest()
 
 
+class ChainCheck:
+    """Recomputes stored rows (columns in storage order, position order) that follow `after_position`, whose hash
+    `after_hash` the caller vouches for (the genesis hash, a signed checkpoint, a sealed snapshot, an earlier
+    check). `check(rows)` may be called again with the rows that follow (pages, or a query re-run from
+    `expected`): `expected` and `prev` always describe the last row that passed. Raises LogIntegrityError at the
+    first row that does not follow, link or hash. `errors` is the UTF-8 handler of the text columns
+    ("surrogateescape" re-creates the bytes of text that is not UTF-8, read back from a damaged file)."""
+
+    __slots__ = ("errors", "expected", "prev")
+
+    def __init__(self, after_position: int, after_hash: bytes, errors: str = "strict") -> None:
+        self.expected = after_position + 1
+        self.prev = after_hash
+        self.errors = errors
+
+    @property
+    def last(self) -> tuple[int, bytes]:
+        """(position, hash) of the last row that passed; `(after_position, after_hash)` before any row."""
+        return self.expected - 1, self.prev
+
+    def check(self, rows: Iterable[Sequence[Any]]) -> tuple[int, bytes]:
+        sha256 = _sha256
+        join = b"".join
+        pack = HEADER.pack
+        unpack_lengths = LENGTHS.unpack_from
+        skip = LENGTHS.size
+        errors = self.errors
+        try:
+            for row in rows:
+                pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
+                expected = self.expected
+                if pos != expected:
+                    raise LogIntegrityError(
+                        f"position {expected}: missing (the next row is at {pos})",
+                        position=expected,
+                        kind="position_gap",
+                    )
+                prev_h = bytes(prev_h)
+                if prev_h != self.prev:
+                    raise LogIntegrityError(
+                        f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
+                        position=pos,
+                        kind="broken_link",
+                    )
+                fields = encode_fields(sid, et, actor, cid, caus, corr, errors)
+                header = pack(pos, sv, ts, schv, *unpack_lengths(fields))
+                h = bytes(h)
+                if sha256(join((TAG, prev_h, header, fields[skip:], bytes(payload)))).digest() != h:
+                    raise LogIntegrityError(
+                        f"position {pos}: the row's content does not match its hash",
+                        position=pos,
+                        kind="hash_mismatch",
+                    )
+                self.prev = h
+                self.expected = pos + 1
+        except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
+            raise LogIntegrityError(
+                f"position {self.expected}: a column has an impossible value: {exc}",
+                position=self.expected,
+                kind="malformed_row",
+            ) from exc
+        return self.last
+
+
 def check_rows(rows: Iterable[Sequence[Any]], after_position: int, after_hash: bytes) -> tuple[int, bytes]:
-    """Recompute stored rows (columns in storage order, position order) that follow `after_position`, whose hash
-    `after_hash` the caller vouches for. Returns (last position, its hash), `(after_position, after_hash)` for no
-    rows; raises LogIntegrityError at the first row that does not follow, link or hash. The page-at-a-time
-    check of a log that is not a file (events.postgres: verify at start, before signing)."""
-    expected = after_position + 1
-    prev = after_hash
-    try:
-        for row in rows:
-            pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
-            if pos != expected:
-                raise LogIntegrityError(
-                    f"position {expected}: missing (the next row is at {pos})",
-                    position=expected,
-                    kind="position_gap",
-                )
-            if bytes(prev_h) != prev:
-                raise LogIntegrityError(
-                    f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
-                    position=pos,
-                    kind="broken_link",
-                )
-            fields = encode_fields(sid, et, actor, cid, caus, corr)
-            if link_hash(prev, pos, sv, ts, schv, fields, bytes(payload)) != bytes(h):
-                raise LogIntegrityError(
-                    f"position {pos}: the row's content does not match its hash",
-                    position=pos,
-                    kind="hash_mismatch",
-                )
-            prev = bytes(h)
-            expected = pos + 1
-    except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
-        raise LogIntegrityError(
-            f"position {expected}: a column has an impossible value: {exc}",
-            position=expected,
-            kind="malformed_row",
-        ) from exc
-    return expected - 1, prev
+    """`ChainCheck(after_position, after_hash).check(rows)`: the page-at-a-time check of a log that is not a file
+    (events.postgres: verify at start, before signing)."""
+    return ChainCheck(after_position, after_hash).check(rows)

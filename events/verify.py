@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .canonical import loads
-from .chain import HEADER, LENGTHS, TAG, encode_fields, genesis_hash
+from .chain import HEADER, TAG, ChainCheck, genesis_hash
 from .checkpoint import Checkpoint, load_public_key, parse_checkpoints
 from .errors import CheckpointError, LogIntegrityError, NotALogError
 from .upcast import KnownTypes, known_versions
@@ -706,65 +706,33 @@ def verify_chain_range(
         fast = _fast_range(conn, after_position, after_hash, top)
         if fast is not None and (to_position is None or fast[0] >= to_position):
             return fast
-    sha256 = hashlib.sha256
-    join = b"".join
-    pack = HEADER.pack
-    expected = after_position + 1
-    prev = after_hash
+    chain = ChainCheck(after_position, after_hash, "surrogateescape")
     end = 2**62 if to_position is None else to_position
     factory = conn.text_factory
     try:
         while True:
             cur = conn.execute(
                 f"SELECT {COLUMNS} FROM events WHERE position >= ? AND position <= ? ORDER BY position",
-                (expected, end),
+                (chain.expected, end),
             )
             cur.arraysize = FETCH
             try:
-                for row in cur:
-                    pos, sid, sv, et, schv, ts, actor, cid, caus, corr, payload, prev_h, h = row
-                    if pos != expected:
-                        raise LogIntegrityError(
-                            f"position {expected}: missing (the next row is at {pos})",
-                            position=expected,
-                            kind="position_gap",
-                        )
-                    if prev_h != prev:
-                        raise LogIntegrityError(
-                            f"position {pos}: prev_hash does not match the hash of position {pos - 1}",
-                            position=pos,
-                            kind="broken_link",
-                        )
-                    fields = encode_fields(sid, et, actor, cid, caus, corr, "surrogateescape")
-                    header = pack(pos, sv, ts, schv, *LENGTHS.unpack_from(fields))
-                    if sha256(join((TAG, prev_h, header, fields[LENGTHS.size :], payload))).digest() != h:
-                        raise LogIntegrityError(
-                            f"position {pos}: the row's content does not match its hash",
-                            position=pos,
-                            kind="hash_mismatch",
-                        )
-                    prev = h
-                    expected = pos + 1
+                chain.check(cur)
                 break
             except sqlite3.OperationalError as exc:
                 if "decode" not in str(exc) or conn.text_factory is _surrogate_text:
                     raise
-                conn.text_factory = _surrogate_text  # as _scan_rows: text that is not UTF-8, byte-exact
-    except (TypeError, ValueError, struct.error, OverflowError, AttributeError) as exc:
-        raise LogIntegrityError(
-            f"position {expected}: a column has an impossible value: {exc}",
-            position=expected,
-            kind="malformed_row",
-        ) from exc
+                conn.text_factory = _surrogate_text  # as _scan_rows: text that is not UTF-8, byte-exact; read
+                # again from the first row not yet checked
     finally:
         conn.text_factory = factory
-    if to_position is not None and expected - 1 < to_position:
+    if to_position is not None and chain.expected - 1 < to_position:
         raise LogIntegrityError(
-            f"the log ends at position {expected - 1}, before position {to_position}",
-            position=expected,
+            f"the log ends at position {chain.expected - 1}, before position {to_position}",
+            position=chain.expected,
             kind="truncated",
         )
-    return expected - 1, prev
+    return chain.last
 
 
 def _reopen_uri(conn: sqlite3.Connection) -> str | None:

@@ -180,6 +180,9 @@ class DaemonConfig(Section):
     capacity_warning_headroom: int = Field(
         1, ge=0, le=100_000, description="warn (cluster.capacity_low) when fewer free VM slots remain"
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="the daemon's event loop: uvloop (faster API) or Python's own asyncio loop"
+    )
 
     resolve_paths = field_validator("socket", "database", "storage_dir")(_resolve)
 

@@ -11,8 +11,9 @@ import ctypes
 import gc
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -408,6 +409,26 @@ async def async_main(config: Config) -> int:
     return 0
 
 
+T = TypeVar("T")
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event-loop factory for ``[daemon] event_loop``: uvloop's, or ``None`` (asyncio's default). libvirt's
+    events reach the loop through ``call_soon_threadsafe`` from libvirt's own event thread
+    (:mod:`moldd.libvirt.bridge`), which either loop supports."""
+    if kind == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+def run_loop(main: Coroutine[Any, Any, T], kind: str = "uvloop") -> T:
+    """``asyncio.run(main)`` on the loop ``kind`` names (see :func:`loop_factory`)."""
+    with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
+        return runner.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moldd", description="VM-management daemon for one KVM cluster")
     parser.add_argument("--config", required=True, type=Path, help="TOML configuration file")
@@ -424,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging(config.log_level)
     try:
-        return asyncio.run(async_main(config))
+        return run_loop(async_main(config), config.event_loop)
     except LogIntegrityError as exc:
         print(
             f"moldd: refusing to start: the log {log_location(config)} does not verify at position {exc.position} "

@@ -105,6 +105,25 @@ def _stored_hash(conn: sqlite3.Connection, log_id: str, position: int) -> bytes 
     return bytes(row[0]) if row else None
 
 
+def _check_checkpoint(checkpoint: Checkpoint, head_position: int, have: bytes | None) -> None:
+    """Raises LogIntegrityError if the log ends before the checkpoint's position or `have` (the stored hash at
+    that position, None for no row) is not the hash the checkpoint sealed."""
+    if checkpoint.position > head_position:
+        raise LogIntegrityError(
+            f"the log ends at position {head_position} but the checkpoint of {checkpoint.time} sealed position "
+            f"{checkpoint.position}: the log was cut short",
+            position=head_position + 1,
+            kind="truncated",
+        )
+    if have is None or have.hex() != checkpoint.head_hash:
+        raise LogIntegrityError(
+            f"position {checkpoint.position}: the hash differs from the checkpoint of {checkpoint.time}: "
+            "the log was rewritten at or before this position",
+            position=checkpoint.position,
+            kind="rewritten",
+        )
+
+
 def verify_at_start(
     database: Path, log_id: str, head: tuple[int, bytes], snapshot_position: int, checkpoint: Checkpoint | None
 ) -> Verified:
@@ -112,21 +131,8 @@ def verify_at_start(
     conn = _ro_connect(database)
     try:
         if checkpoint is not None:
-            if checkpoint.position > head[0]:
-                raise LogIntegrityError(
-                    f"the log ends at position {head[0]} but the checkpoint of {checkpoint.time} sealed position "
-                    f"{checkpoint.position}: the log was cut short",
-                    position=head[0] + 1,
-                    kind="truncated",
-                )
-            have = _stored_hash(conn, log_id, checkpoint.position)
-            if have is None or have.hex() != checkpoint.head_hash:
-                raise LogIntegrityError(
-                    f"position {checkpoint.position}: the hash differs from the checkpoint of {checkpoint.time}: "
-                    "the log was rewritten at or before this position",
-                    position=checkpoint.position,
-                    kind="rewritten",
-                )
+            cut = checkpoint.position > head[0]
+            _check_checkpoint(checkpoint, head[0], None if cut else _stored_hash(conn, log_id, checkpoint.position))
         start = snapshot_position if checkpoint is None else min(snapshot_position, checkpoint.position)
         anchor = _stored_hash(conn, log_id, start)
         if anchor is None:
@@ -204,21 +210,8 @@ async def _async_verify_store_at_start(
 ) -> Verified:
     """verify_at_start for a store that is not a file (async_hash_at, async_verify_range)."""
     if checkpoint is not None:
-        if checkpoint.position > head[0]:
-            raise LogIntegrityError(
-                f"the log ends at position {head[0]} but the checkpoint of {checkpoint.time} sealed position "
-                f"{checkpoint.position}: the log was cut short",
-                position=head[0] + 1,
-                kind="truncated",
-            )
-        have = await store.async_hash_at(checkpoint.position)
-        if have is None or have.hex() != checkpoint.head_hash:
-            raise LogIntegrityError(
-                f"position {checkpoint.position}: the hash differs from the checkpoint of {checkpoint.time}: "
-                "the log was rewritten at or before this position",
-                position=checkpoint.position,
-                kind="rewritten",
-            )
+        cut = checkpoint.position > head[0]
+        _check_checkpoint(checkpoint, head[0], None if cut else await store.async_hash_at(checkpoint.position))
     start = snapshot_position if checkpoint is None else min(snapshot_position, checkpoint.position)
     anchor = await store.async_hash_at(start)
     if anchor is None:

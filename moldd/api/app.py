@@ -32,8 +32,10 @@ _HTTP_CODES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as ``{"ok": false, "error": {code, message, field}}``; tracebacks stay in the log."""
+    """Every failure leaves as ``{"ok": false, "error": {code, message, field}}``; tracebacks stay in the log.
+    The peer's identity is settled inside it (:func:`async_identify`): one middleware frame per request."""
     try:
+        await async_identify(request)
         return await handler(request)
     except MolddError as err:
         return handlers.error_response(err)
@@ -55,9 +57,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
-@web.middleware
-async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse."""
+async def async_identify(request: web.Request) -> None:
+    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse.
+
+    The kernel fixes a connection's credentials (and groups) at ``connect()``, so the answer is kept on the
+    connection (:class:`~moldd.api.protocol.JsonRequestHandler`) until the policy's look-up it came from
+    expires: the next requests on a keep-alive connection skip the ``getsockopt`` calls and the look-up."""
+    policy = request.app[ACCESS_KEY]
+    conn = request.protocol
+    kept = getattr(conn, "identity", None)
+    if kept is not None and kept[0] is policy and policy.now() < kept[1]:
+        request[ACTOR_KEY] = kept[2]
+        return
     sock = request.transport.get_extra_info("socket") if request.transport else None
     try:
         if sock is None or sock.family != socket.AF_UNIX:
@@ -65,8 +76,10 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
         creds = peer_creds(sock)
     except OSError:
         raise PermissionDenied("moldd answers only local clients on its Unix socket") from None
-    request[ACTOR_KEY] = await request.app[ACCESS_KEY].async_actor_for(creds, sock)
-    return await handler(request)
+    actor = await policy.async_actor_for(creds, sock)
+    request[ACTOR_KEY] = actor
+    if hasattr(conn, "identity"):
+        conn.identity = (policy, policy.valid_until(creds), actor)
 
 
 async def _closing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -88,12 +101,13 @@ def make_app(
 ) -> web.Application:
     """The API application over ``bus``. ``access`` defaults to root and this process's uid only."""
     app = web.Application(
-        middlewares=[error_middleware, identity_middleware],
+        middlewares=[error_middleware],
         client_max_size=(settings or ApiSettings()).max_body_bytes + 1,
     )
     app[BUS_KEY] = bus
     app[ACCESS_KEY] = access if access is not None else AccessPolicy(None)
     app[SETTINGS_KEY] = settings if settings is not None else ApiSettings()
+    app[handlers.VERBS_KEY] = []
     app.cleanup_ctx.append(_closing_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_post("/v1/command", handlers.async_command)

@@ -29,11 +29,14 @@ class CommandEnvelope:
     command_id: str | None = None
 
 
+_ENVELOPE_KEYS = frozenset({"command", "args", "id"})
+
+
 def parse_command(body: Any, verbs: Collection[str]) -> CommandEnvelope:
     """Check the decoded JSON body of a command request against the bus's verbs."""
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object", field="body")
-    unknown = sorted(set(body) - {"command", "args", "id"})
+    unknown = [] if body.keys() <= _ENVELOPE_KEYS else sorted(set(body) - _ENVELOPE_KEYS)
     if unknown:
         raise ValidationError(
             f"unexpected key {unknown[0]!r} in the request; allowed: command, args, id", field=unknown[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -126,13 +127,17 @@ async def _read_json(request: web.Request) -> Any:
     max_bytes = request.app[SETTINGS_KEY].max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
-    # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
-    raw = bytearray()
-    while len(raw) <= max_bytes:
-        chunk = await request.content.read(max_bytes + 1 - len(raw))
-        if not chunk:
-            break
-        raw += chunk
+    content = request.content
+    if content.is_eof():  # the whole body came with the request (the usual case): take it without waiting
+        raw = bytearray(content.read_nowait(max_bytes + 1))
+    else:
+        # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
+        raw = bytearray()
+        while len(raw) <= max_bytes:
+            chunk = await content.read(max_bytes + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
     if len(raw) > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
     if not raw:
@@ -143,6 +148,27 @@ async def _read_json(request: web.Request) -> Any:
         raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
 
 
+def _verbs(app: web.Application, bus: Any) -> frozenset[str]:
+    """The bus's verbs, asked once per application (they are fixed when the bus is built)."""
+    kept = app.get(VERBS_KEY)
+    if kept is None:
+        return frozenset(bus.verbs())
+    if not kept or kept[0] is not bus:
+        kept[:] = [bus, frozenset(bus.verbs())]
+    verbs: frozenset[str] = kept[1]
+    return verbs
+
+
+VERBS_KEY = web.AppKey("moldd.verbs", list)  # [bus, its verbs], filled by the first command
+
+
+def _debug_enabled() -> bool:
+    """Whether a debug line would be written (the level ``configure_logging`` set; without it, structlog's
+    default writes everything). The per-command debug line is built only then: its fields cost on every call."""
+    root = logging.getLogger()
+    return not root.handlers or root.isEnabledFor(logging.DEBUG)
+
+
 async def async_command(request: web.Request) -> web.Response:
     """``POST /v1/command``."""
     bus = request.app[BUS_KEY]
@@ -151,16 +177,22 @@ async def async_command(request: web.Request) -> web.Response:
             f"the request body must be sent as Content-Type: {JSON}, not {request.content_type or 'none'}",
             field="Content-Type",
         )
-    envelope = parse_command(await _read_json(request), bus.verbs())
+    envelope = parse_command(await _read_json(request), _verbs(request.app, bus))
     actor = request[ACTOR_KEY]
-    who = {"verb": envelope.verb, "command_id": envelope.command_id, "actor": str(actor)}
     started = time.perf_counter()
     try:
         reply = await bus.async_dispatch(envelope.verb, envelope.args, envelope.command_id, actor)
     except MolddError as err:
-        log.info("command_refused", **who, code=err.code, field=err.field)
+        log.info(
+            "command_refused", verb=envelope.verb, command_id=envelope.command_id, actor=str(actor),
+            code=err.code, field=err.field,
+        )  # fmt: skip
         raise
-    log.debug("command", **who, position=reply.position, ms=round((time.perf_counter() - started) * 1000, 3))
+    if _debug_enabled():
+        log.debug(
+            "command", verb=envelope.verb, command_id=envelope.command_id, actor=str(actor),
+            position=reply.position, ms=round((time.perf_counter() - started) * 1000, 3),
+        )  # fmt: skip
     return json_response({"ok": True, "result": reply.result, "position": reply.position})
 
 

@@ -165,6 +165,17 @@ class AccessPolicy:
         groups = kernel_groups if kernel_groups is not None else nss_groups
         return self._actor(creds, name, groups)
 
+    def valid_until(self, creds: PeerCreds) -> float:
+        """Until when (on this policy's clock) an answer of :meth:`async_actor_for` for ``creds`` stands: the
+        expiry of the cached user and group look-up it came from (``-inf`` when none is cached). A connection
+        keeps its :class:`Actor` until then (its kernel credentials and groups are fixed at ``connect()``), so
+        group changes still take effect within ``cache_ttl_s``."""
+        hit = self._cache.get((creds.uid, creds.gid))
+        return hit[0] + self._ttl if hit is not None else -float("inf")
+
+    def now(self) -> float:
+        return self._clock()
+
     def _actor(self, creds: PeerCreds, name: str | None, groups: Collection[int]) -> Actor:
         """Allowed or not (:func:`authorize`), and the role: root, the daemon's uid and members of the admin
         group are admins; the other members of the socket group get ``group_role``."""

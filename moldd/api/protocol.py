@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
 from aiohttp import web
@@ -86,14 +86,16 @@ class JsonRequestHandler(RequestHandler):
         self._body: StreamReader | None = None
         self._cut = False  # timed out: the reply is sent, input is discarded until the connection closes
         self.lost = asyncio.Event()  # set when the connection is gone (a long-lived handler can stop at once)
+        # (access policy, valid until, Actor) of the peer: see moldd.api.app.async_identify
+        self.identity: tuple[Any, float, Any] | None = None
 
     # -- timeouts -------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self._cut:
             return
-        loop = asyncio.get_running_loop()
-        if self._header_timer is None and self._body is None and data:
-            self._header_timer = loop.call_later(self._limits.header_timeout_s, self._on_header_timeout)
+        # The header clock starts at a request's first byte. A request that arrives whole in one read (the
+        # usual case) needs no timer at all; one whose head is still incomplete after this read gets it now.
+        starts = self._header_timer is None and self._body is None and bool(data)
         before = self._request_count
         super().data_received(data)
         if self._request_count > before:
@@ -101,7 +103,13 @@ class JsonRequestHandler(RequestHandler):
             payload = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
             if payload is not EMPTY_PAYLOAD and not payload.is_eof():
                 self._body = payload
-                self._body_timer = loop.call_later(self._limits.body_timeout_s, self._on_body_timeout)
+                self._body_timer = asyncio.get_running_loop().call_later(
+                    self._limits.body_timeout_s, self._on_body_timeout
+                )
+        elif starts and not self._cut:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self._limits.header_timeout_s, self._on_header_timeout
+            )
         if self._body is not None and self._body.is_eof():
             self._cancel_body_timer()
 
@@ -132,7 +140,7 @@ class JsonRequestHandler(RequestHandler):
             )
             # Shut the write side and drop what still comes for a moment: closing with unread input would
             # reset the connection before the client reads the reply.
-            if isinstance(transport, asyncio.Transport) and transport.can_write_eof():
+            if _is_stream(transport) and transport.can_write_eof():
                 transport.write_eof()
                 asyncio.get_running_loop().call_later(1.0, self.force_close)
                 return
@@ -181,6 +189,13 @@ class JsonRequestHandler(RequestHandler):
         return resp
 
 
+def _is_stream(transport: asyncio.BaseTransport) -> TypeGuard[asyncio.Transport]:
+    """A stream transport, whether asyncio's or uvloop's (whose classes are not ``asyncio.Transport``)."""
+    return isinstance(transport, asyncio.Transport) or (
+        hasattr(transport, "write") and hasattr(transport, "can_write_eof")
+    )
+
+
 class _Refused(asyncio.Protocol):
     """A connection over ``max_connections``: one JSON 503, then the write side is shut and what the client
     still sends is discarded until it closes (closing with its request unread would reset the connection before
@@ -191,7 +206,7 @@ class _Refused(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not isinstance(transport, asyncio.Transport):
+        if not _is_stream(transport):
             raise TypeError(f"a stream transport is needed, not {type(transport).__name__}")
         self.transport = transport
         transport.write(

@@ -111,6 +111,8 @@ def parse_int(key: str, value: Any, *, min: int, max: int) -> int:
 
 
 def check_no_controls(key: str, value: str, *, multiline: bool = False) -> None:
+    if value.isascii() and value.isprintable():
+        return  # the common case without a per-character loop (in ASCII only < 0x20 and 0x7F are controls)
     allowed = "\t\n\r" if multiline else ""
     bad = next((c for c in value if (ord(c) < 32 or 127 <= ord(c) < 160) and c not in allowed), None)
     if bad is not None:

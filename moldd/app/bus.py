@@ -25,6 +25,14 @@ class Actor:
     via: str | None = None
 
     def __str__(self) -> str:
+        # asked for every command (the log context): kept once made (not a field: equality is unchanged)
+        text: str | None = self.__dict__.get("_text")
+        if text is None:
+            text = self._describe()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _describe(self) -> str:
         if self.internal is not None:
             return self.internal
         if self.via is not None:

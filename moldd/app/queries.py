@@ -6,10 +6,12 @@ from typing import Any
 
 from moldd.app.args import MAX_POSITION, Args
 from moldd.app.bus import CommandReply
+from moldd.app.listing import ViewList, cache_for, view_list
 from moldd.app.placement import capacities
 from moldd.app.service import App, Command, event_view, verb
 from moldd.domain.errors import NotFound, ValidationError
 from moldd.domain.states import VMState
+from moldd.projection.model import VM
 
 
 def _reply(app: App, result: Any) -> CommandReply:
@@ -29,28 +31,48 @@ async def list_vms(app: App, cmd: Command) -> CommandReply:
     group, host, keyword = a.text("group", None), a.text("host", None), a.text("keyword", None)
     if group is not None and group not in app.model.groups:
         raise NotFound(f"no VM group {group!r}", field="group")
+    model = app.model
     if "id" in a:
-        vms = [app.get_vm({"id": a.raw("id")}, expunged=a.boolean("listall", False))]
-    else:
-        # in id order already, cached by the read model: a page costs its slice, not a sort of every VM
-        vms = app.model.vms_listed(a.boolean("listall", False) or state == "Expunged")
+        one = [app.get_vm({"id": a.raw("id")}, expunged=a.boolean("listall", False))]
+        page, pagesize = _paging(a)
+        matches = _filtered(one, state, group, host, keyword)
+        shown = matches[(page - 1) * pagesize : page * pagesize] if pagesize is not None else matches
+        return _reply(app, {"count": len(matches), "virtualmachine": [v.view() for v in shown]})
+    listall = a.boolean("listall", False) or state == "Expunged"
     page, pagesize = _paging(a)
-    if state is not None or group is not None or host is not None or keyword is not None:
-        kw = keyword.lower() if keyword is not None else None
-        vms = [
-            v
-            for v in vms
-            if (state is None or v.state == state)
-            and (group is None or v.group == group)
-            and (host is None or v.host == host)
-            and (kw is None or kw in f"{v.name} {v.display_name} {v.hostname}".lower())
-        ]
-    if pagesize is not None:
-        vms_page = vms[(page - 1) * pagesize : page * pagesize]
-    else:
-        vms_page = vms
+    # Lists are answered from a cache valid at this log position only (moldd.app.listing): identical requests
+    # between two events share one list and its encoded JSON; a miss builds it as below.
+    cache = cache_for(model)
+    filters = (listall, state, group, host, keyword)
+
+    def matching() -> list[VM]:
+        # in id order already, cached by the read model: a page costs its slice, not a sort of every VM
+        return _filtered(model.vms_listed(listall), state, group, host, keyword)
+
+    def build() -> tuple[int, ViewList]:
+        matches: list[VM] = cache.get(filters, matching)
+        shown = matches[(page - 1) * pagesize : page * pagesize] if pagesize is not None else matches
+        return len(matches), view_list(shown, cache)
+
+    count, views = cache.get((*filters, page, pagesize), build)
     # Shared read-only views: the reply is encoded at once and each VM's JSON is cached until it changes.
-    return _reply(app, {"count": len(vms), "virtualmachine": [v.view() for v in vms_page]})
+    return _reply(app, {"count": count, "virtualmachine": views})
+
+
+def _filtered(
+    vms: list[VM], state: str | None, group: str | None, host: str | None, keyword: str | None
+) -> list[VM]:
+    if state is None and group is None and host is None and keyword is None:
+        return vms
+    kw = keyword.lower() if keyword is not None else None
+    return [
+        v
+        for v in vms
+        if (state is None or v.state == state)
+        and (group is None or v.group == group)
+        and (host is None or v.host == host)
+        and (kw is None or kw in f"{v.name} {v.display_name} {v.hostname}".lower())
+    ]
 
 
 MAX_PAGE_SIZE = 10000

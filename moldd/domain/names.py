@@ -63,6 +63,8 @@ def unsafe_characters(text: str) -> list[str]:
     """Control, format (bidi overrides such as U+202E, zero-width...), line/paragraph separator, surrogate,
     private-use and non-character code points of `text`, as U+XXXX: what may spoof or garble a human reading
     a name or an id in a table or an audit trail."""
+    if text.isascii() and text.isprintable():
+        return []  # the common case without a per-character loop: in ASCII only Cc (< 0x20, 0x7F) is unsafe
     return [f"U+{ord(c):04X}" for c in text if _unsafe(c)]
 
 

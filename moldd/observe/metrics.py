@@ -242,6 +242,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._command_children: dict[tuple[str, str], Any] = {}  # (verb, outcome) -> its histogram
         self.command_seconds = Histogram(
             "moldd_command_duration_seconds",
             "Time from a command's arrival to its reply, by verb and outcome (ok or the error code)",
@@ -344,6 +345,7 @@ class Metrics:
         self._app = app
         self._store = store
         self.verbs = frozenset(app.verbs())
+        self._command_children.clear()
         for verb in self.verbs:  # each verb's "ok" series exists from the start (rate() needs a zero)
             self.command_seconds.labels(verb, "ok")
         for h in app.config.hosts:
@@ -397,7 +399,13 @@ class Metrics:
     # -- hooks -----------------------------------------------------------------------------------------
     def observe_command(self, verb: str, outcome: str, seconds: float) -> None:
         """``App.async_dispatch`` calls this once per command (``outcome``: ``ok`` or the error code)."""
-        self.command_seconds.labels(verb if verb in self.verbs else "unknown", outcome).observe(seconds)
+        key = (verb, outcome)
+        child = self._command_children.get(key)
+        if child is None:  # labels() takes a lock and builds its key on every call: asked once per pair
+            child = self.command_seconds.labels(verb if verb in self.verbs else "unknown", outcome)
+            if len(self._command_children) < 4096:
+                self._command_children[key] = child
+        child.observe(seconds)
 
     def observe_commit(self, events: int, seconds: float, ok: bool) -> None:
         """The log writer calls this after each group commit (``events`` appended, its duration)."""

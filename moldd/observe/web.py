@@ -3,8 +3,9 @@
 * ``GET /metrics`` — Prometheus text exposition (:mod:`moldd.observe.metrics`).
 * ``GET /status`` — the live status page (``static/index.html`` + ``status.css`` + ``status.js``: no build
   step, nothing fetched from elsewhere).
-* ``GET /v1/status`` — one JSON document with clusters (headroom), hosts (health, link), VMs (state, power,
-  HA) and jobs (in progress, with their progress; the last finished ones).
+* ``GET /v1/status[?page=N&pagesize=M]`` — one JSON document with clusters (headroom), hosts (health, link),
+  jobs (in progress, with their progress; the last finished ones) and a page of VMs (state, power, HA; in id
+  order, ``STATUS_PAGE_SIZE`` by default, ``pagesize=0`` for none) with ``vm_count``, the number of VMs.
 * ``GET /v1/events/sse?from=N`` — the log as Server-Sent Events: ``id:`` is the log position, so a browser's
   ``EventSource`` resumes after a dropped connection (``Last-Event-ID``) without a gap or a duplicate. Live
   entries come from the projection (:class:`StatusFeed`), each with the state it produced: the VM, host and
@@ -123,13 +124,44 @@ def _static_response(name: str) -> web.Response:
     return resp
 
 
-def status_document(bus: Any) -> dict[str, Any]:
-    """What the page shows, from the read model as it is now."""
+STATUS_PAGE_SIZE = 500
+"""VMs in a ``/v1/status`` reply unless ``pagesize`` says otherwise (10,000 VMs are ~6 MB of JSON)."""
+MAX_STATUS_PAGE_SIZE = 10_000
+
+
+def parse_status_query(query: Any) -> tuple[int, int]:
+    """``GET /v1/status?page=N&pagesize=M``: the page of VMs (from 1) and its size (0 = no VMs, only
+    ``vm_count``). Plain digits only; anything else is refused naming the parameter."""
+    unknown = sorted(set(query) - {"page", "pagesize"})
+    if unknown:
+        raise ValidationError(
+            f"unexpected query parameter {unknown[0]!r}; allowed: page, pagesize", field=unknown[0]
+        )
+    values = {"page": (1, 1, 1_000_000), "pagesize": (STATUS_PAGE_SIZE, 0, MAX_STATUS_PAGE_SIZE)}
+    out = []
+    for name, (default, low, high) in values.items():
+        raw = query.get(name)
+        if raw is None:
+            out.append(default)
+            continue
+        value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 8 else -1
+        if not low <= value <= high:
+            raise ValidationError(f"{name} must be an integer from {low} to {high}, not {raw[:40]!r}", field=name)
+        out.append(value)
+    return out[0], out[1]
+
+
+def status_document(bus: Any, page: int = 1, pagesize: int | None = None) -> dict[str, Any]:
+    """What the page shows, from the read model as it is now: clusters, hosts and jobs whole, the VMs (in id
+    order, without expunged ones) a page at a time: ``vm_count`` of them in all, ``pagesize`` from page
+    ``page`` here (``None``: every VM)."""
     model = bus.model
     config = bus.config
     counts = host_counts(model)
     hosts = [v for h in config.hosts if (v := host_status(config, model, h.name, counts)) is not None]
-    vms = [vm_status(vm) for vm in sorted(model.vms.values(), key=lambda v: v.id) if vm.state != "Expunged"]
+    listed = model.vms_listed()  # in id order, cached by the read model: a page costs its slice
+    shown = listed if pagesize is None else listed[(page - 1) * pagesize : page * pagesize]
+    vms = [vm_status(vm) for vm in shown]
     active: list[Any] = []
     finished: list[Any] = []
     for job in model.jobs.values():
@@ -152,14 +184,18 @@ def status_document(bus: Any) -> dict[str, Any]:
             for c in cluster_capacities(config, model, counts[0])
         ],
         "hosts": hosts,
+        "vm_count": len(listed),
+        "page": page,
+        "pagesize": pagesize,
         "vms": vms,
         "jobs": jobs,
     }
 
 
 async def async_status(request: web.Request) -> web.Response:
-    """``GET /v1/status``."""
-    return json_response({"ok": True, "result": status_document(request.app[BUS_KEY])})
+    """``GET /v1/status[?page=N&pagesize=M]``: a page of VMs (``STATUS_PAGE_SIZE`` by default)."""
+    page, pagesize = parse_status_query(request.query)
+    return json_response({"ok": True, "result": status_document(request.app[BUS_KEY], page, pagesize)})
 
 
 def _from_position(request: web.Request) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -211,3 +212,13 @@ async def running_daemon(config: Config) -> AsyncIterator[Any]:
         yield daemon
     finally:
         await daemon.async_stop()
+
+
+async def async_moldctl(socket: Path, *args: str) -> tuple[int, str, str]:
+    """Runs the real `moldctl` (a child process) against `socket`: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moldd.cli.moldctl", "--socket", str(socket), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -69,3 +69,33 @@ def test_loads_refuses_what_is_not_json() -> None:
     for raw in (b'{"a":', b"\xff", b'{"a": NaN}'):
         with pytest.raises(ValueError):
             loads(raw)
+
+
+def test_view_lists_encode_as_their_views_whether_kept_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moldd.app import listing
+
+    vms = []
+    for i in range(5):
+        vm = _vm()
+        vm.name, vm.id, vm.description = f"vm-{i}", i, "é" * i
+        vms.append(vm)
+    plain = json.loads(json.dumps({"vms": [vm.to_dict() for vm in vms]}))
+    cache = listing.ListCache(position=1)
+    kept = listing.view_list(vms, cache)
+    assert kept == [vm.view() for vm in vms] and isinstance(kept, list)
+    for _ in range(2):  # encoded once, then the kept JSON
+        assert json.loads(dumps({"vms": kept})) == plain
+    assert cache.encoded_bytes > 0
+    # without a cache, or past the item limit or the byte budget, nothing is kept: the same JSON every time
+    monkeypatch.setattr(listing, "MAX_ENCODED_ITEMS", 3)
+    for views in (listing.view_list(vms), listing.view_list(vms, listing.ListCache(position=1))):
+        assert json.loads(dumps({"vms": views})) == plain and not hasattr(views, "_json")
+    monkeypatch.setattr(listing, "MAX_ENCODED_ITEMS", 1000)
+    full = listing.ListCache(position=1)
+    full.encoded_bytes = listing.MAX_ENCODED_BYTES
+    views = listing.view_list(vms, full)
+    assert json.loads(dumps({"vms": views})) == plain and not hasattr(views, "_json")
+    # a VM changed after its list was built: the list (of the position it was built at) still shows the old view
+    vms[0].description = "changed"
+    assert json.loads(dumps({"vms": kept}))["vms"][0]["description"] == ""
+    assert listing.view_list(vms)[0]["description"] == "changed"

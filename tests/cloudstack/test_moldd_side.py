@@ -13,17 +13,9 @@ import pytest
 from cs import CloudStack
 
 from moldlab.testing.harness import Client, CommandFailed, running_daemon
+from moldlab.testing.harness import async_moldctl as moldctl
 
 pytestmark = pytest.mark.libvirt
-
-
-async def moldctl(socket: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moldd.cli.moldctl", "--socket", str(socket), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_moldctl_user_create_list_keys_revoke(make_config: Any) -> None:

@@ -16,20 +16,12 @@ import libvirt
 import pytest
 
 from moldlab.testing.harness import Client, running_daemon
+from moldlab.testing.harness import async_moldctl as moldctl
 from moldlab.testing.load import scaled
 from moldlab.testing.loopwatch import LoopWatch
 from tests.daemon.test_ha import qemu_pid
 
 pytestmark = pytest.mark.libvirt
-
-
-async def moldctl(socket: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moldd.cli.moldctl", "--socket", str(socket), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_moldctl_deploys_follows_the_job_and_lists(daemon: Any, client: Client) -> None:

@@ -136,3 +136,38 @@ async def test_operator_routes_are_read_only(daemon: Any) -> None:
         for path in ("/metrics", "/status", "/v1/status", "/v1/events/sse"):
             async with s.post(f"http://moldd{path}", data=b"{}") as resp:
                 assert resp.status == 405, path
+
+
+async def test_status_vms_come_a_page_at_a_time_in_id_order(daemon: Any, client: Client) -> None:
+    for i in range(4):  # the lab cluster's limit
+        await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False, displayname=f"p{i}")
+    listed = [v["name"] for v in (await client.call("listVirtualMachines"))["result"]["virtualmachine"]]
+    assert len(listed) == 4
+    pages = []
+    for page in (1, 2, 3):
+        status, _, body = await get(daemon.config.socket, f"/v1/status?page={page}&pagesize=3")
+        assert status == 200
+        doc = json.loads(body)["result"]
+        assert (doc["vm_count"], doc["page"], doc["pagesize"]) == (4, page, 3)
+        pages.append([v["name"] for v in doc["vms"]])
+    assert pages == [listed[0:3], listed[3:4], []]
+    # no VMs at all (what the page's refresh after each entry asks): clusters, hosts and jobs still whole
+    _, _, body = await get(daemon.config.socket, "/v1/status?pagesize=0")
+    doc = json.loads(body)["result"]
+    assert doc["vms"] == [] and doc["vm_count"] == 4 and len(doc["hosts"]) == 2 and doc["clusters"]
+    # the default: a first page of STATUS_PAGE_SIZE (here every VM)
+    _, _, body = await get(daemon.config.socket, "/v1/status")
+    doc = json.loads(body)["result"]
+    assert [v["name"] for v in doc["vms"]] == listed and (doc["page"], doc["pagesize"]) == (1, 500)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [("page=0", "page"), ("page=-1", "page"), ("page=x", "page"), ("pagesize=10001", "pagesize"),
+     ("pagesize=1.5", "pagesize"), ("pagesize=", "pagesize"), ("page=1_0", "page"), ("vms=all", "vms"),
+     ("page=99999999999999999999", "page")],
+)  # fmt: skip
+async def test_status_bad_paging_is_refused_with_the_field(daemon: Any, query: str, field: str) -> None:
+    status, _, body = await get(daemon.config.socket, f"/v1/status?{query}")
+    error = json.loads(body)["error"]
+    assert status == 400 and error["field"] == field and error["code"] == "invalid_argument", (query, error)

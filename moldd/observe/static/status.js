@@ -1,6 +1,7 @@
-// moldd live status page: one GET /v1/status, then the log over Server-Sent Events (/v1/events/sse).
-// Every log entry is added to the timeline as it is committed and triggers a (debounced) re-read of
-// /v1/status, so a VM's state changes on the page without a reload. No framework, no build step.
+// moldd live status page: GET /v1/status (every VM, a page at a time), then the log over Server-Sent Events
+// (/v1/events/sse). Every log entry is added to the timeline as it is committed, carries the VM view it produced,
+// and triggers a (debounced) re-read of /v1/status without VMs (clusters, hosts, jobs), so a VM's state changes
+// on the page without a reload. No framework, no build step.
 "use strict";
 
 const TIMELINE_MAX = 300;
@@ -11,6 +12,7 @@ let source = null;
 let refreshTimer = null;
 let refreshing = false;
 let refreshAgain = false;
+let refreshFull = false; // the next refresh reads every VM again (the periodic safety net)
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -172,19 +174,52 @@ function renderAll() {
   renderSummary();
 }
 
-function render(doc) {
+// doc.vms holds every VM when allVms is true (all pages were read; VMs missing from it are gone),
+// else none (a refresh of clusters, hosts and jobs: the VM rows are kept live by the event stream).
+function render(doc, allVms) {
   statusPosition = Math.max(statusPosition, doc.position);
   alerts = (doc.health && doc.health.alerts) || [];
   clusters = doc.clusters;
   const seen = { vms: new Set(), hosts: new Set(), jobs: new Set() };
-  for (const v of doc.vms) { merge(vms, v.name, v, doc.position); seen.vms.add(v.name); }
+  for (const v of doc.vms) { merge(vms, v.name, v, v.position_read || doc.position); seen.vms.add(v.name); }
   for (const h of doc.hosts) { merge(hosts, h.name, h, doc.position); seen.hosts.add(h.name); }
   for (const j of doc.jobs) { merge(jobs, j.id, j, doc.position); seen.jobs.add(j.id); }
-  for (const [map, names] of [[vms, seen.vms], [hosts, seen.hosts], [jobs, seen.jobs]]) {
-    for (const [k, x] of map) if (!names.has(k) && x.position <= doc.position) map.delete(k);
+  const pruned = allVms ? [[vms, seen.vms], [hosts, seen.hosts], [jobs, seen.jobs]]
+                        : [[hosts, seen.hosts], [jobs, seen.jobs]];
+  for (const [map, names] of pruned) {
+    for (const [k, x] of map) if (!names.has(k) && x.position <= doc.firstPosition) map.delete(k);
   }
   renderAll();
   if (!source) follow(Math.max(1, doc.position - HISTORY + 1));
+}
+
+async function getStatus(page, pagesize) {
+  const resp = await fetch(`/v1/status?page=${page}&pagesize=${pagesize}`,
+                           { cache: "no-store", headers: { Accept: "application/json" } });
+  const body = await resp.json();
+  if (!body.ok) throw new Error(body.error ? body.error.message : `HTTP ${resp.status}`);
+  return body.result;
+}
+
+// /v1/status a page of VMs at a time (each page a short request for the daemon), merged into one document;
+// each VM keeps the position of the page it came from.
+// If the number of VMs changed meanwhile (pages shifted: a VM could be missed or read twice), read again.
+const PAGE = 1000;
+async function getFullStatus() {
+  for (let attempt = 0; ; attempt++) {
+    const doc = await getStatus(1, PAGE);
+    doc.firstPosition = doc.position;
+    for (const v of doc.vms) v.position_read = doc.position;
+    let shifted = false;
+    for (let page = 2; (page - 1) * PAGE < doc.vm_count; page++) {
+      const more = await getStatus(page, PAGE);
+      if (more.vm_count !== doc.vm_count) { shifted = true; break; }
+      for (const v of more.vms) { v.position_read = more.position; doc.vms.push(v); }
+      if (!more.vms.length) break;
+    }
+    doc.partial = shifted; // still shifting after 3 reads: merge what was read, prune nothing
+    if (!shifted || attempt >= 3) return doc;
+  }
 }
 
 function applyViews(data) {
@@ -216,10 +251,14 @@ async function refresh() {
   try {
     do {
       refreshAgain = false;
-      const resp = await fetch("/v1/status", { cache: "no-store", headers: { Accept: "application/json" } });
-      const body = await resp.json();
-      if (!body.ok) throw new Error(body.error ? body.error.message : `HTTP ${resp.status}`);
-      render(body.result);
+      const full = refreshFull || !statusPosition;
+      refreshFull = false;
+      if (full) { const doc = await getFullStatus(); render(doc, !doc.partial); }
+      else {
+        const doc = await getStatus(1, 0);
+        doc.firstPosition = doc.position;
+        render(doc, false);
+      }
     } while (refreshAgain);
   } catch (err) {
     document.getElementById("summary").textContent = `Could not read /v1/status: ${err.message}`;
@@ -320,4 +359,5 @@ function follow(from) {
 }
 
 refresh();
-setInterval(refresh, 15000); // a safety net; the live stream already refreshes on every entry
+// a safety net, every VM read again; the live stream already refreshes clusters, hosts and jobs on every entry
+setInterval(() => { refreshFull = true; refresh(); }, 15000);
