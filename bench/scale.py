@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.api import _request, _roundtrip, _roundtrip_json, write_bench_config
+from bench.api import Connection, _request, _roundtrip, write_bench_config
 from bench.common import fmt, footer, header, medians, rss_mib
 from bench.loggen import generate
 
@@ -80,7 +80,7 @@ def _child(root: str, conn: Any) -> None:
 
 
 async def _async_lists(path: str, n_vms: int, page_calls: int, all_calls: int) -> tuple[list[float], list[float], int]:
-    reader, writer = await asyncio.open_unix_connection(path, limit=1 << 26)
+    conn = await Connection.async_open(path)
     pages: list[float] = []
     alls: list[float] = []
     size = 0
@@ -88,16 +88,17 @@ async def _async_lists(path: str, n_vms: int, page_calls: int, all_calls: int) -
     for i in range(page_calls):
         req = _request({"command": "listVirtualMachines", "args": {"page": i % n_pages + 1, "pagesize": 100}})
         t0 = time.perf_counter()
-        await _roundtrip(reader, writer, req)
+        await _roundtrip(conn, req)
         pages.append(time.perf_counter() - t0)
     req = _request({"command": "listVirtualMachines", "args": {}})
     for _ in range(all_calls):
         t0 = time.perf_counter()
-        size = await _roundtrip(reader, writer, req)
+        size = await _roundtrip(conn, req)
         alls.append(time.perf_counter() - t0)
-    reply = await _roundtrip_json(reader, writer, {"command": "listVirtualMachines", "args": {"pagesize": 1}})
+    _status, body = await conn.async_call(_request({"command": "listVirtualMachines", "args": {"pagesize": 1}}))
+    reply = json.loads(body)
     assert reply["result"]["count"] == n_vms, reply["result"]["count"]
-    writer.close()
+    conn.close()
     return pages, alls, size
 
 
