@@ -198,10 +198,9 @@ async def test_an_ha_vm_killed_during_the_failover_is_restarted_once_by_one_of_t
     assert h["leader"] == leader.name and h["epoch"] == 2
 
 
-async def test_a_command_acknowledged_by_a_leader_killed_at_once_is_done_once_or_reported_failed(
-    cluster: Any, pg_server: PgServer, clean_lab: Any
-) -> None:
-    n1, n2 = cluster(["n1", "n2"])
+async def _async_start_acknowledged_by_n1(n1: Node, n2: Node, command_id: str) -> tuple[str, dict[str, Any]]:
+    """n1 leads and n2 follows; a VM is deployed and stopped, then n1 acknowledges a start of it (the start's job
+    is in flight when this returns). Returns the VM's name and the acknowledgement."""
     n1.start()
     await n1.async_wait(role="leader", acting=True)
     n2.start()
@@ -210,7 +209,15 @@ async def test_a_command_acknowledged_by_a_leader_killed_at_once_is_done_once_or
         job = await c1.job("deployVirtualMachine", template="tiny", offering="small", timeout=120)
         name = job["vm"]
         assert (await c1.job("stopVirtualMachine", id=name, forced=True))["status"] == "succeeded"
-        ack = await c1.call("startVirtualMachine", command_id="start-once", id=name)
+        ack = await c1.call("startVirtualMachine", command_id=command_id, id=name)
+    return name, ack
+
+
+async def test_a_command_acknowledged_by_a_leader_killed_at_once_is_done_once_or_reported_failed(
+    cluster: Any, pg_server: PgServer, clean_lab: Any
+) -> None:
+    n1, n2 = cluster(["n1", "n2"])
+    name, ack = await _async_start_acknowledged_by_n1(n1, n2, "start-once")
     n1.kill()  # right after the acknowledgement: the start is in flight
     internal = None
     async with n2.client() as c2:
@@ -242,15 +249,7 @@ async def test_a_leader_paused_in_the_middle_of_a_job_abandons_it_and_the_new_le
     """SIGSTOP right after a start was acknowledged: n2 takes over and settles the job (done once or failed);
     n1, resumed, is a standby whose job makes no further libvirt call and writes nothing; one copy at most."""
     n1, n2 = cluster(["n1", "n2"])
-    n1.start()
-    await n1.async_wait(role="leader", acting=True)
-    n2.start()
-    await n2.async_wait(role="standby", leader="n1")
-    async with n1.client() as c1:
-        job = await c1.job("deployVirtualMachine", template="tiny", offering="small", timeout=120)
-        name = job["vm"]
-        assert (await c1.job("stopVirtualMachine", id=name, forced=True))["status"] == "succeeded"
-        ack = await c1.call("startVirtualMachine", command_id="start-paused", id=name)
+    name, ack = await _async_start_acknowledged_by_n1(n1, n2, "start-paused")
     n1.freeze()
     try:
         await n2.async_wait(role="leader", acting=True, epoch=2, timeout=60)
