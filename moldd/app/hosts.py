@@ -157,6 +157,8 @@ class HostManager:
                 if dom is not None and is_on(dom.state):
                     if vm.state == VMState.RUNNING:
                         await self._async_stale_copy(host, vm, dom.state)
+                        if dom.persistent:  # its definition too, as for a copy found already shut off
+                            await self._async_stale_definition(host, vm.name)
                     elif vm.state in (VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN) and not app.busy(vm.name):
                         await self._async_adopt(host, vm, dom.state)
                 elif dom is not None and dom.persistent and vm.host is not None:

@@ -15,6 +15,7 @@ import aiohttp
 import libvirt
 import pytest
 
+from moldlab import GuestImage, domain_xml
 from moldlab.testing.harness import Client, CommandFailed, running_daemon
 from moldlab.testing.load import scaled
 
@@ -181,6 +182,35 @@ async def test_frozen_host_is_fenced_and_no_double_start_after_it_returns(client
         conn.close()
     assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
     assert (await client.vm(vm["name"]))["host"] == "host1"
+
+
+async def test_a_stale_copy_found_by_the_resync_is_destroyed_and_its_definition_removed(
+    config: Any, clean_lab: Any, guest_image: GuestImage
+) -> None:
+    """A copy of a Running VM on a host that is not its own (a frozen host whose fence had not killed it yet when
+    it answered again) is destroyed by the resync, and its definition is undefined as well, so no later resync
+    or start can mistake it for the VM. Made deterministic: the copy is started while moldd is down."""
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        vm = await deploy_ha(client, host="host1")
+    conn = libvirt.open(clean_lab.hosts[0].uri)
+    try:
+        conn.defineXML(domain_xml(vm["internal_name"], guest_image)).create()
+    finally:
+        conn.close()
+    assert sorted(running_copies(clean_lab, vm["internal_name"])) == ["host0", "host1"]
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        destroyed = await wait_event(client, vm["name"], "vm.stale_copy_destroyed", timeout=scaled(30))
+        removed = await wait_event(client, vm["name"], "vm.stale_definition_removed", timeout=scaled(30))
+        assert destroyed["payload"]["host"] == removed["payload"]["host"] == "host0"
+        assert removed["payload"]["current_host"] == "host1" and removed["position"] > destroyed["position"]
+        conn = libvirt.open(clean_lab.hosts[0].uri)
+        try:
+            assert vm["internal_name"] not in [dom.name() for dom in conn.listAllDomains()]
+        finally:
+            conn.close()
+        assert running_copies(clean_lab, vm["internal_name"]) == ["host1"]
+        after = await client.vm(vm["name"])
+        assert after["host"] == "host1" and after["state"] == "Running"
 
 
 async def test_failed_fencing_starts_nothing_elsewhere(make_config: Any, clean_lab: Any) -> None:
