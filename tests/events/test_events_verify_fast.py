@@ -132,16 +132,9 @@ EDITS: dict[str, tuple[str, bool]] = {
     "hash_short": ("UPDATE events SET hash = substr(hash, 1, 31) WHERE position = ?", False),
     "prev_hash_forged": ("UPDATE events SET prev_hash = zeroblob(32) WHERE position = ?", False),
     "position_moved": ("UPDATE events SET position = position + 1000000 WHERE position = ?", False),
-    "position_moved_rechained": ("UPDATE events SET position = position + 1000000 WHERE position = ?", True),
     "deleted": ("DELETE FROM events WHERE position = ?", False),
-    "deleted_rechained": ("DELETE FROM events WHERE position = ?", True),
     "stream_version": ("UPDATE events SET stream_version = stream_version + 1000 WHERE position = ?", False),
-    "stream_version_rechained": (
-        "UPDATE events SET stream_version = stream_version + 1000 WHERE position = ?",
-        True,
-    ),
     "time_backwards": ("UPDATE events SET recorded_at = 0 WHERE position = ?", False),
-    "time_backwards_rechained": ("UPDATE events SET recorded_at = 0 WHERE position = ?", True),
     "schema_version_negative": ("UPDATE events SET schema_version = -1 WHERE position = ?", False),
     "schema_version_too_big": ("UPDATE events SET schema_version = 4294967296 WHERE position = ?", False),
     "payload_as_text": ("UPDATE events SET payload = CAST(payload AS TEXT) WHERE position = ?", False),
@@ -161,17 +154,9 @@ EDITS: dict[str, tuple[str, bool]] = {
         "UPDATE events SET causation_id = CASE WHEN causation_id IS NULL THEN '' ELSE NULL END WHERE position = ?",
         False,
     ),
-    "null_vs_empty_rechained": (
-        "UPDATE events SET causation_id = CASE WHEN causation_id IS NULL THEN '' ELSE NULL END WHERE position = ?",
-        True,
-    ),
     "stream_id_not_utf8": (
         "UPDATE events SET stream_id = CAST(x'ff' || CAST(stream_id AS BLOB) AS TEXT) WHERE position = ?",
         False,
-    ),
-    "stream_id_not_utf8_rechained": (
-        "UPDATE events SET stream_id = CAST(x'ff' || CAST(stream_id AS BLOB) AS TEXT) WHERE position = ?",
-        True,
     ),
     "actor_not_utf8_rechained": (
         "UPDATE events SET actor = CAST(x'ff41c0' AS TEXT) WHERE position = ?",
@@ -189,6 +174,8 @@ EDITS: dict[str, tuple[str, bool]] = {
         False,
     ),
 }
+# each of these edits is also tried with the chain recomputed after it ("<name>_rechained")
+EDITS.update({f"{name}_rechained": (EDITS[name][0], True) for name in ("position_moved", "deleted", "stream_version", "time_backwards", "null_vs_empty", "stream_id_not_utf8")})
 # What the Python row scan reports (other checks report rows before position 1, checkpoints, WAL, snapshots...)
 ROW_SCAN_KINDS = {
     "position_gap", "broken_link", "hash_mismatch", "stream_version_gap", "time_backwards", "malformed_row",
