@@ -223,6 +223,9 @@ class Projector:
             log.exception("snapshot_failed", position=self.model.position)
         took = time.monotonic() - t0
         self._next_snapshot_at = time.monotonic() + took / SNAPSHOT_CPU_SHARE
+        with contextlib.suppress(Exception):  # the store closing meanwhile: nothing to release
+            # the store's page cache, which writing the snapshot filled with its pages (16 MiB for SQLite)
+            await self.store.async_release_memory()
         release_freed_memory()  # the encoding's many small buffers
 
     async def async_snapshot(self) -> None:
