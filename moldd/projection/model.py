@@ -58,7 +58,7 @@ def _json_copy(value: Any) -> Any:
 
 class View(dict[str, Any]):
     """A ``dict`` shared read-only by every reader until what it shows changes (the CloudStack layer's shape of a
-    VM; read-model records give ``RecordView``\ s).
+    VM; read-model records give a ``RecordView``).
 
     It caches its own JSON encoding (``encoded_json()``, an ``orjson.Fragment``), which the API splices
     into a reply instead of encoding the same VM again for every list."""
