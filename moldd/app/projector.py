@@ -293,10 +293,9 @@ class Projector:
         if position <= 0:
             return
         t0 = time.monotonic()
-        parts = model.snapshot_parts()
-        records = sum(len(v.rows) for v in parts.values() if isinstance(v, Captured))
-        data = await _async_in_daemon_thread(lambda: encode_snapshot(parts))
-        del parts
+        box = [model.snapshot_parts()]  # taken by the encoding thread: the captured rows go once encoded
+        records = sum(len(v.rows) for v in box[0].values() if isinstance(v, Captured))
+        data = await _async_in_daemon_thread(lambda: encode_snapshot(box.pop()))
         _, sealed_at = await async_save_sealed_snapshot_data(
             self.store, SNAPSHOT_NAME, position, data, key=self.seal_key
         )
