@@ -133,3 +133,31 @@ async def test_a_kill_9_while_snapshots_are_written_leaves_a_log_that_verifies_a
         assert p.snapshot_position >= stored  # every snapshot acknowledged as stored is there (or a newer one)
         await p.store.async_close()
     assert stored > 0
+
+
+async def test_a_background_snapshot_leaves_no_copy_of_itself_in_the_store(tmp_path: Path) -> None:
+    """Writing a snapshot fills the store's page cache with its pages (up to 16 MiB for SQLite): released after it;
+    and SQLite keeps no copy of the bytes (events/sqlite.py writes them through a blob handle)."""
+    from tests.events.test_events_snapshot_memory import _sqlite_memory_used
+
+    path = tmp_path / "log.db"
+    generate(path, vms=3000, events=12000)
+    store = await SQLiteEventStore.async_open(path)
+    p = Projector(store, snapshot_every=100)
+    try:
+        await p.async_restore()  # (releases what the replay read)
+        before = _sqlite_memory_used()
+        p.start()  # a long tail folded: a background snapshot starts at once
+        task = p._snapshot_task
+        assert task is not None
+        await task
+        after = _sqlite_memory_used()  # (before reading the snapshot back, which fills the cache again)
+        row = await store._async_get_snapshot(SNAPSHOT_NAME)
+        assert row is not None and row[0] == p.snapshot_position > 0
+        state_bytes = len(row[2])
+        assert state_bytes > 3 << 20
+        if before is not None and after is not None:  # (None: no system SQLite library to ask)
+            assert after - before < state_bytes // 4, (before, after, state_bytes)
+    finally:
+        await p.async_stop(snapshot=False)
+        await store.async_close()
