@@ -13,17 +13,19 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from events import EventStore, StoredEvent
 from events.canonical import canonical_text
 from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
 from moldd.projection.model import Captured
 from moldd.projection.readmodel import STORED_TO_FOLD, ReadModel
+
+if TYPE_CHECKING:  # (imported with a key: moldd.daemon loads it only when one is configured)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = structlog.get_logger("moldd.projector")
 SNAPSHOT_NAME = "moldd.readmodel"
