@@ -168,13 +168,14 @@ class Projector:
                      estimate_s=round(estimate, 3), snapshot_position=self.snapshot_position,
                      position=self.model.position)  # fmt: skip
             return
-        if estimate > snapshot_timeout:
+        left = deadline - loop.time()  # (less what waiting for a background snapshot took)
+        if estimate > left:
             log.warning("snapshot_skipped_at_stop", reason="it would take longer than a stop may wait",
-                        estimate_s=round(estimate, 3), timeout_s=snapshot_timeout, events=tail,
-                        position=self.model.position)  # fmt: skip
+                        estimate_s=round(estimate, 3), timeout_s=snapshot_timeout, left_s=round(left, 3),
+                        events=tail, position=self.model.position)  # fmt: skip
             return
         try:
-            await asyncio.wait_for(self.async_snapshot(), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(self.async_snapshot(), max(0.0, left))
         except TimeoutError:
             log.warning("snapshot_skipped_at_stop", reason="it did not fit in the time a stop may wait",
                         timeout_s=snapshot_timeout, events=tail, position=self.model.position)  # fmt: skip
