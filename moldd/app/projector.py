@@ -139,8 +139,9 @@ class Projector:
         snapshot: without it the next start folds the tail since the newest snapshot (a running background
         snapshot is waited for within the same time; background snapshots are written every ``snapshot_every``
         events, so that tail stays short). Skipped at once when fewer than ``snapshot_every`` events were folded
-        since the newest snapshot (folding them at the next start costs milliseconds, writing a snapshot of a big
-        model seconds), or when the last snapshot took longer than the time allowed."""
+        since the newest snapshot and it is not cheap (``snapshot_estimate_s()`` > STOP_SNAPSHOT_CHEAP_S: folding
+        them at the next start costs milliseconds, a snapshot of a big model seconds), or when its estimate exceeds
+        the time left; one that still overruns is given up at the deadline."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
