@@ -138,13 +138,12 @@ class RecordView(Mapping[str, Any]):
 
 
 class _Viewed:
-    """``to_dict()`` / ``view()`` from a cached view, dropped by any attribute assignment.
+    """``view()`` cached until any attribute assignment; ``to_dict()`` a fresh private copy each time.
 
-    The view is built once per change, as a private copy (like ``asdict``: later folds never show through it, so
-    a snapshot or reply taken from it stays consistent). ``view()`` returns it as is (read-only); ``to_dict()``
-    returns a fresh top-level dict over it: callers may add or replace keys, but the nested containers
-    (``offering``, ``snapshots``, ...) are shared and must not be mutated. The fold changes nested containers
-    only in the same step as attribute assignments (``vm.position`` at least), so every change drops the view.
+    The view (a ``RecordView``) is taken once per change: the field values as they are then, so later folds never
+    show through it and a reply taken from it stays consistent. Its nested containers (``offering``,
+    ``snapshots``, ...) are the record's: the fold replaces them, never changes them in place, and readers must
+    not change them. ``to_dict()`` is a fresh dict with private copies of them (like ``asdict``): the caller's.
 
     How, cheaply: the records are slotted classes whose assignments are plain slot stores (the fold makes
     millions). ``view()`` stores the view in the ``_view`` slot and switches the object to its class's *viewed*
