@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator
@@ -118,6 +119,24 @@ def reply_head(status: int, length: int) -> bytes:
         _TAIL[:] = [date, f"\r\nDate: {date}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n".encode("ascii")]
     tail: bytes = _TAIL[1]
     return head + str(length).encode("ascii") + tail
+
+
+SEND_BUFFER_MAX = 4 << 20
+"""A large reply's socket send buffer is widened up to this (within the kernel's ``net.core.wmem_max``): the
+kernel then takes a 9 MiB list in a few writes instead of ~45 rounds of 200 KiB, each waiting for the client to
+read. Only data in flight is charged: an idle connection holds nothing."""
+
+
+def _widen_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    want = min(size, SEND_BUFFER_MAX)
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < want:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want // 2)  # Linux doubles what it is given
+    except OSError:
+        pass  # best effort: the reply goes out either way
 
 
 @types.coroutine
@@ -296,6 +315,7 @@ class JsonRequestHandler(RequestHandler):
             return  # the client went away: nothing to tell it
         head = reply_head(status, len(body))
         if len(body) > _LARGE:
+            _widen_send_buffer(transport, len(body))
             transport.writelines((head, body))
         else:
             transport.write(head + body)
