@@ -420,7 +420,8 @@ def write_lab_config(root: Path, hosts: list[Any], n_vms: int, event_loop: str =
 
     config = write_config(
         root, hosts, build_guest(LAB_CACHE), max_vms=n_vms + 10,
-        daemon={"log_level": "info", "event_loop": event_loop, "tolerated_host_failures": 1},
+        daemon={"log_level": "info", "event_loop": event_loop, "tolerated_host_failures": 1,
+                **json.loads(os.environ.get("BENCH_API_DAEMON", "{}"))},
     )  # fmt: skip
     return config.path
 
@@ -532,6 +533,8 @@ def _server_process(
     sys.stderr = log_file
     from moldd.daemon import run_loop
 
+    if os.environ.get("BENCH_API_SWITCH_S"):  # an experiment: the GIL switch interval of the server
+        sys.setswitchinterval(float(os.environ["BENCH_API_SWITCH_S"]))
     run_loop(_async_server(fake, Path(root), n_vms, gc_freeze, profile, conn), event_loop)
 
 
