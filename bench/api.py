@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__mp_main__" and os.environ.get("BENCH_API_SERVER_TREE"):
+    # --server-tree: the server process imports moldd from another checkout (the same client, another server)
+    sys.path.insert(0, os.environ["BENCH_API_SERVER_TREE"])
 
 from bench.common import fmt, footer, header
 from moldd.app.bus import Actor, CommandReply
@@ -502,7 +505,9 @@ async def _async_server(
         daemon = Daemon(config)
         await daemon.async_start()
         path, stop = str(config.socket), daemon.async_stop
-    conn.send({"ready": path, "pid": os.getpid()})
+    import moldd
+
+    conn.send({"ready": path, "pid": os.getpid(), "moldd": str(Path(moldd.__file__).parent.parent)})
     stats = ServerStats(loop)
     profiler: Any = None
     try:
@@ -620,6 +625,8 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
             n = generate(root / "log.db", vms=args.vms, events=args.vms * 6, hosts=host_names, all_stopped=True)
             populate = f"a generated log of {n:,} events ({time.perf_counter() - t0:.1f} s, not timed)"
     ctx = multiprocessing.get_context("spawn")
+    if args.server_tree:
+        os.environ["BENCH_API_SERVER_TREE"] = str(Path(args.server_tree).resolve())
     parent_end, child_end = ctx.Pipe()
     proc = ctx.Process(
         target=_server_process,
@@ -648,7 +655,11 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
             "in-memory bus (--fake)" if args.fake
             else f"real daemon ({args.event_loop} loop), {len(vm_names):,} VMs ({populate}), {hosts_desc}"
         )  # fmt: skip
-        print(f"server pid {pid}: {server}; {args.clients} clients (uvloop) in pid {os.getpid()}", flush=True)
+        print(
+            f"server pid {pid} (moldd from {ready['moldd']}): {server}; {args.clients} clients (uvloop) in pid "
+            f"{os.getpid()}",
+            flush=True,
+        )
         conns = [await Connection.async_open(path) for _ in range(args.clients)]
         wconns = [await Connection.async_open(path) for _ in range(WRITE_CONNECTIONS)]
 
@@ -760,6 +771,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rates", default="500,1000,2000", help="offered requests/s of the paced phases")
     parser.add_argument("--vms", type=int, default=10_000)
+    parser.add_argument("--server-tree", metavar="DIR", help="run the server on the moldd of another checkout "
+                        "(side-by-side comparisons with the same client)")  # fmt: skip
     parser.add_argument("--write-share", type=float, default=WRITE_SHARE, help="the paced phases' share of "
                         "durable writes (updateVirtualMachine), on connections of their own")  # fmt: skip
     parser.add_argument("--deploy", action="store_true", help="deploy the VMs through the API (slow) instead of "
