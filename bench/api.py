@@ -151,6 +151,9 @@ class Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.need = -1  # bytes of the whole reply once its head is in
         self.first_at = 0.0  # when the first byte of the current reply came (perf_counter)
+        self.head_end = 0
+        self.chunks: bytearray | None = None  # the body so far of a chunked reply
+        self.at = 0  # where its next chunk starts in buf
 
     @classmethod
     async def async_open(cls, path: str) -> Connection:
@@ -169,18 +172,48 @@ class Connection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            at = buf.find(b"Content-Length: ", 0, end)
-            if at < 0:
-                raise RuntimeError(f"a reply without Content-Length: {bytes(buf[:200])!r}")
-            self.need = end + 4 + int(buf[at + 16 : buf.find(b"\r\n", at)])
             self.head_end = end + 4
-        if len(buf) >= self.need and self.waiter is not None:
+            at = buf.find(b"Content-Length: ", 0, end)
+            if at >= 0:
+                self.need = end + 4 + int(buf[at + 16 : buf.find(b"\r\n", at)])
+                self.chunks = None
+            elif buf.find(b"Transfer-Encoding: chunked", 0, end) >= 0:
+                self.need = 0
+                self.chunks = bytearray()
+                self.at = end + 4
+            else:
+                raise RuntimeError(f"a reply without Content-Length or chunks: {bytes(buf[:200])!r}")
+        if self.chunks is not None:
+            self._chunk()
+        elif len(buf) >= self.need and self.waiter is not None:
             with memoryview(buf) as view:
                 reply = bytes(view[self.head_end : self.need])  # one copy (a slice of buf would be two)
             status = int(buf[9:12])
             del buf[: self.need]
             self.need = -1
             self.waiter.set_result((status, reply))
+
+    def _chunk(self) -> None:
+        """Take the complete chunks of a chunked reply (the server's long lists), the reply once the last came."""
+        buf, chunks = self.buf, self.chunks
+        assert chunks is not None
+        while True:
+            eol = buf.find(b"\r\n", self.at)
+            if eol < 0:
+                return
+            size = int(buf[self.at : eol], 16)
+            if len(buf) < eol + 2 + size + 2:
+                return
+            if size == 0:
+                status = int(buf[9:12])
+                del buf[: eol + 4]
+                self.need, self.chunks = -1, None
+                assert self.waiter is not None
+                self.waiter.set_result((status, bytes(chunks)))
+                return
+            with memoryview(buf) as view:
+                chunks += view[eol + 2 : eol + 2 + size]
+            self.at = eol + 2 + size + 2
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -760,8 +793,14 @@ async def _roundtrip_json(
 ) -> Any:
     writer.write(_request(body))
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
-    return json.loads(await reader.readexactly(length))
+    lengths = [int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"]
+    if lengths:
+        return json.loads(await reader.readexactly(lengths[0]))
+    raw = bytearray()  # chunked (a long list)
+    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+        raw += (await reader.readexactly(size + 2))[:-2]
+    await reader.readexactly(2)
+    return json.loads(raw)
 
 
 def main() -> None:
