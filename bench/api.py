@@ -18,16 +18,25 @@ Queries (``--reads``): ``one`` (a VM by id), ``page`` (a page of 100, pages cycl
 
 1. saturation: ``--clients`` closed-loop clients send the query as fast as replies come back → the highest
    rate, its latency, the server's CPU per request and the reply size;
-2. paced, at each of ``--rates`` below 90 % of that saturation and at half of it: an open-loop schedule (5 % writes:
-   ``updateVirtualMachine`` of a description); latency is measured from the scheduled send time, so a
-   stalled server is charged for the requests it delayed (no coordinated omission) → p50/p99.
+2. paced, at each of ``--rates`` below 90 % of that saturation and at half of it: one open-loop schedule,
+   evenly spaced, ``--write-share`` of it (5 %) durable writes (``updateVirtualMachine`` of a description) on 8
+   connections of their own, the reads on the ``--clients`` connections. At its due time a request goes out on
+   an idle connection of its kind, or waits for one to come free (that wait is the server's: it is counted, so
+   a stalled server is charged for the requests it delayed: no coordinated omission). Latency runs from the
+   moment the client was ready to send (its timer fired); how late the client itself was behind the schedule
+   (its own loop or CPU: both processes share this machine's cores) is printed apart as the client's lag, with
+   its CPU, and is not charged to the server (the p99 from the due time is printed too). Server side: its CPU
+   per request, its loop's lateness (a 5 ms ticker inside the server process: how long something else held
+   the loop) and every garbage collection's pause by generation. → p50/p99, time to the first byte.
 
 Each phase runs ``--runs`` times (min/median/max printed); the load average is printed first and last; the
-last line is JSON of the medians per query.
+last line is JSON of the medians per query. ``--server-tree DIR`` runs the server on another checkout's moldd
+with this same client (side-by-side comparisons: run main's tree and yours back to back).
 
     python bench/api.py [--vms 10000] [--reads one,page,all,events] [--rates 500,1000,2000] [--runs 3]
-                        [--clients 32] [--duration 3] [--hosts lab|test] [--guests 0]
+                        [--clients 32] [--duration 3] [--hosts lab|test] [--guests 0] [--write-share 0.05]
                         [--event-loop uvloop|asyncio] [--deploy] [--fake] [--profile FILE.pstats]
+                        [--server-tree DIR]
 """
 
 from __future__ import annotations
