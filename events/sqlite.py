@@ -12,21 +12,24 @@ a table outside the chain: schema version 2 no longer writes the legacy `command
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from .chain import genesis_hash
 from .envelope import AppendResult, StoredEvent
-from .errors import EventLogError, NotALogError
+from .errors import EventLogError, NotALogError, StoreClosedError
 from .store import DEFAULT_MAX_PAYLOAD_BYTES, Clock, EventStore, SnapshotRow
 from .upcast import Upcasters
-from .writer import CommandRow, Row, command_from_rows
+from .writer import CommandRow, CommitDone, Row, command_from_rows
 
 _T = TypeVar("_T")
 
@@ -315,6 +318,88 @@ def _first_recorded_at_or_after(conn: sqlite3.Connection, us: int) -> int:
     return lo
 
 
+_Done = Callable[[Any, BaseException | None], None]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, _Done]
+
+
+class WriteThread:
+    """The log's write connection on a thread of its own: COMMITs and the writer's lookups, in the order they are
+    handed over. A job's outcome comes back to the event loop by ONE ``call_soon_threadsafe`` of the caller's
+    callback (no future, no task in between: the writer settles a group in that callback).
+
+    Reads go through the store's other connection (aiosqlite's thread); in WAL mode they see every COMMIT done
+    here once it returned, and neither waits for the other."""
+
+    def __init__(self, path: Path, pragmas: tuple[str, ...]) -> None:
+        self._jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        self._path = path
+        self._pragmas = pragmas
+        self.conn: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="events-sqlite-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            fn, args, loop, done = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the loop; the thread goes on
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits for the outcome any more
+                pass
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], done: _Done) -> None:
+        """Run ``fn(*args)`` on the thread after everything handed over before; then ``done(result, error)`` on
+        the running loop's thread."""
+        self._jobs.put((fn, args, asyncio.get_running_loop(), done))
+
+    async def async_run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        fut: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        self.submit(fn, args, done)
+        return await fut
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            for pragma in self._pragmas:
+                conn.execute(pragma)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+        return conn
+
+    async def async_open(self) -> sqlite3.Connection:
+        return await self.async_run(self._open)
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    async def async_close(self) -> None:
+        """Close the connection (after every job handed over before) and end the thread."""
+        try:
+            await self.async_run(self._close)
+        finally:
+            self._jobs.put(None)
+
+
 def create_private(path: Path, mode: int) -> None:
     """Create `path` empty with exactly `mode` (umask ignored) if it does not exist yet."""
     try:
@@ -343,12 +428,19 @@ class SQLiteEventStore(EventStore):
     """
 
     def __init__(
-        self, conn: aiosqlite.Connection, path: Path, log_id: str, head: tuple[int, bytes, int], **kw: Any
+        self,
+        conn: aiosqlite.Connection,
+        writes: WriteThread,
+        path: Path,
+        log_id: str,
+        head: tuple[int, bytes, int],
+        **kw: Any,
     ) -> None:
         super().__init__(
             log_id=log_id, head_position=head[0], head_hash=head[1], last_recorded_us=head[2], **kw
         )
-        self._conn = conn
+        self._conn = conn  # reads, snapshots (aiosqlite's thread)
+        self._writes = writes  # COMMITs and the writer's lookups (a thread and a connection of their own)
         self.path = path
 
     @classmethod
@@ -387,11 +479,25 @@ class SQLiteEventStore(EventStore):
             log_id = await _in_thread(conn, migrate, raw)
             await _in_thread(conn, _ensure_filter_indexes, raw)
             head = await _in_thread(conn, _head, raw, log_id)
+            writes = WriteThread(
+                path,
+                (
+                    "PRAGMA busy_timeout = 10000",
+                    "PRAGMA synchronous = FULL",  # per connection: every COMMIT of this one is fsynced
+                    *tuning(int(page_size[0]) if page_size else PAGE_SIZE),
+                ),
+            )
+            try:
+                await writes.async_open()
+            except BaseException:
+                await writes.async_close()
+                raise
         except BaseException:
             await conn.close()
             raise
         return cls(
             conn,
+            writes,
             path,
             log_id,
             head,
@@ -405,13 +511,36 @@ class SQLiteEventStore(EventStore):
     """The writer plans the next group while this one commits: commits run in order on the connection's
     thread, and _commit refuses a group that does not start right after the stored head."""
 
+    def _write_conn(self) -> sqlite3.Connection:
+        conn = self._writes.conn
+        if conn is None:
+            raise StoreClosedError("the event store is closed")
+        return conn
+
+    def _commit_here(self, rows: list[Row], commands: list[CommandRow]) -> None:
+        _commit(self._write_conn(), rows, commands)
+
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
-        await _in_thread(self._conn, _commit, self._conn._conn, rows, commands)
+        await self._writes.async_run(self._commit_here, rows, commands)
+
+    def _start_commit(self, rows: list[Row], commands: list[CommandRow], done: CommitDone) -> bool:
+        """Hand the COMMIT to the write thread; `done` is called on the loop once it is settled. False when
+        ``_async_commit`` was replaced on this store (a test holding or failing COMMITs): the writer then awaits
+        that instead."""
+        if "_async_commit" in self.__dict__:
+            return False
+        self._writes.submit(self._commit_here, (rows, commands), done)
+        return True
+
+    def _lookup_here(
+        self, stream_ids: set[str], command_ids: set[str]
+    ) -> tuple[dict[str, int], dict[str, tuple[CommandRow, list[Row]]]]:
+        return _lookup(self._write_conn(), stream_ids, command_ids)
 
     async def _async_lookup(
         self, stream_ids: set[str], command_ids: set[str]
     ) -> tuple[dict[str, int], dict[str, AppendResult]]:
-        versions, found = await _in_thread(self._conn, _lookup, self._conn._conn, stream_ids, command_ids)
+        versions, found = await self._writes.async_run(self._lookup_here, stream_ids, command_ids)
         results: dict[str, AppendResult] = {}
         for cid, (cmd, rows) in found.items():
             events = tuple(self._rows_to_events(rows))
@@ -479,6 +608,15 @@ class SQLiteEventStore(EventStore):
         needed again is read again."""
         if not self._closed:
             await self._conn.execute("PRAGMA shrink_memory")
+            await self._writes.async_run(_shrink, self._writes)
 
     async def _async_close_backend(self) -> None:
-        await self._conn.close()
+        try:
+            await self._writes.async_close()
+        finally:
+            await self._conn.close()
+
+
+def _shrink(writes: WriteThread) -> None:
+    if writes.conn is not None:
+        writes.conn.execute("PRAGMA shrink_memory")

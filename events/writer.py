@@ -19,10 +19,11 @@ committed state.
 
 Hops: a group's COMMIT is handed to the backend's own thread when the backend offers ``_start_commit`` (SQLite),
 which calls back on the loop once it is settled: the callback itself tells the group's callers (no task, no
-future in between). A request that arrives while the writer is idle with nothing in flight, whose stream
-version and command id are already known (no lookup), is planned and handed over at once by ``submit``
-itself, without waking the writer task (the fast path: one appender's append is one hop to the COMMIT's
-thread and one back). Everything else goes through the writer task as before.
+future in between). Requests that arrive while the writer is idle with nothing in flight, whose stream
+versions and command ids are already known (no lookup), are planned and handed over by one plain callback
+scheduled by ``submit`` (after the loop's ready callbacks, so that the appenders woken by one COMMIT still
+form one group), without waking the writer task (the fast path: one appender's append is one hop to the
+COMMIT's thread and one back). Everything else goes through the writer task as before.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 from .chain import INTS, TAG
@@ -100,8 +101,9 @@ class WriterBackend(Protocol):
         ...
 
 
-CommitDone = Callable[[BaseException | None], None]
-"""Called on the event loop's thread, once, with None (written) or what the COMMIT raised."""
+CommitDone = Callable[[Any, BaseException | None], None]
+"""Called on the event loop's thread, once: (anything, None) when the group was written, (None, what the COMMIT
+raised) when it was not."""
 
 
 class GroupWriter:
@@ -144,6 +146,7 @@ class GroupWriter:
         # what the sleeping writer waits for: "work" (a request: submit wakes it) or "settle" (the oldest group in
         # flight to be settled: the COMMIT's callback wakes it); None while it runs
         self._waiting: str | None = None
+        self._flush_soon = False  # the fast path's callback is scheduled
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._stopped_reason = "the event store is closed"
@@ -160,27 +163,53 @@ class GroupWriter:
             raise StoreClosedError(self._stopped_reason)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._async_run(), name="events-writer")
-        elif (
-            self._waiting == "work"
-            and not self._inflight
-            and not self._queue
+        elif self._waiting == "work" and self._fast(request):
+            # the fast path: the writer sleeps with nothing in flight and the request needs no lookup; it is
+            # planned and handed over by a plain callback after the loop's ready callbacks (so the other appenders
+            # woken by the same COMMIT join its group), without waking the writer task
+            self._queue.append(request)
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._queue.append(request)
+        if self._waiting == "work":
+            self._wake()
+
+    def _fast(self, request: AppendRequest) -> bool:
+        """Whether `request` may take the fast path: nothing in flight, no lookup, no test hook."""
+        return (
+            not self._inflight
             and not self.stale
             and self.before_commit is None
             and request.stream_id in self._versions
             and (request.command_id is None or request.command_id in self._recent)
-        ):
-            # the fast path: the writer sleeps with nothing in flight and the request needs no lookup, so the
-            # writer task would plan it alone, at once: plan it here and hand its COMMIT over without waking it
-            group = [request]
-            try:
-                plan = self._plan(group, {})
-                if plan.rows:
-                    self._start_commit(plan)
-            except Exception as exc:  # as in the writer task: this group fails, the writer goes on
-                _fail(group, exc)
+        )
+
+    def _flush(self) -> None:
+        """The fast path's callback: plan what is queued now as one group and hand its COMMIT over, if the writer
+        still sleeps with nothing in flight and no queued request needs a lookup; else wake the writer."""
+        self._flush_soon = False
+        queue = self._queue
+        if self._waiting != "work" or not queue:
             return
-        self._queue.append(request)
-        if self._waiting == "work":
+        if not all(r is not None and self._fast(r) for r in queue):
+            self._wake()
+            return
+        group: list[AppendRequest] = []
+        n = 0
+        while queue and (not group or n < self._max_group_events):
+            req = queue.popleft()
+            assert req is not None  # stop_accepting wakes the writer: it is not sleeping for work then
+            group.append(req)
+            n += len(req.events)
+        try:
+            plan = self._plan(group, {})
+            if plan.rows:
+                self._start_commit(plan)
+        except Exception as exc:  # as in the writer task: this group fails, the writer goes on
+            _fail(group, exc)
+        if queue:  # more than one group's worth: the writer takes the rest
             self._wake()
 
     def _wake(self) -> None:
@@ -442,11 +471,11 @@ class GroupWriter:
     def _task_done(self, item: _InFlight, task: asyncio.Future[None]) -> None:
         if task.cancelled():  # the loop is shutting down: whether it was written is unknown
             item.unknown = True
-            self._commit_done(item, None)
+            self._commit_done(item, None, None)
         else:
-            self._commit_done(item, task.exception())
+            self._commit_done(item, None, task.exception())
 
-    def _commit_done(self, item: _InFlight, exc: BaseException | None) -> None:
+    def _commit_done(self, item: _InFlight, _result: object, exc: BaseException | None) -> None:
         """A COMMIT is settled (on the loop's thread): tell the callers of every group whose outcome is now known,
         oldest first, and wake the writer if it waits for that."""
         if item.settled:  # already told "unknown" (the writer was cancelled twice)
@@ -529,7 +558,7 @@ class GroupWriter:
             fut = req.future
             if fut.done():
                 continue
-            if type(outcome) is AppendResult:
+            if isinstance(outcome, AppendResult):
                 fut.set_result(outcome)
             else:
                 fut.set_exception(outcome)
