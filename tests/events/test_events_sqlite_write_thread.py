@@ -16,7 +16,6 @@ from events import SQLiteEventStore, StoreClosedError, verify
 from events.writer import AppendRequest
 from tests.events.store_contract import ev
 
-
 GATES: list[threading.Event] = []
 
 
