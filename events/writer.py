@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .chain import INTS, TAG
 from .envelope import ANY_VERSION, AppendResult, StoredEvent, us_to_datetime
@@ -63,9 +63,9 @@ def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]
     return (cid, run[0][1], run[0][0], last[0], last[2]), run
 
 
-@dataclass(slots=True)
-class PreparedEvent:
-    """An event validated and encoded by the caller, before the writer assigns its place in the log."""
+class PreparedEvent(NamedTuple):
+    """An event validated and encoded by the caller, before the writer assigns its place in the log.
+    (A NamedTuple: made with ``tuple.__new__`` on the append path, no Python-level ``__init__``.)"""
 
     event_type: str
     schema_version: int
@@ -77,8 +77,7 @@ class PreparedEvent:
     payload: dict[str, Any]
 
 
-@dataclass(slots=True)
-class AppendRequest:
+class AppendRequest(NamedTuple):
     stream_id: str
     events: Sequence[PreparedEvent]
     expected_version: int
