@@ -1,4 +1,5 @@
-"""SQLiteEventStore: the log in one SQLite file (WAL, synchronous=FULL), written through aiosqlite.
+"""SQLiteEventStore: the log in one SQLite file (WAL, synchronous=FULL): read through aiosqlite, written by a
+connection on a thread of its own (``WriteThread``: one hop there and one call back per group commit).
 
 The library creates and migrates its schema (PRAGMA user_version + a meta table holding the log id).
 Rows of `events`, `commands` and `meta` cannot be updated, deleted or replaced: triggers abort UPDATE, DELETE
@@ -242,7 +243,7 @@ def _head_moved(first: int, stored: int) -> EventLogError:
 
 
 def _commit(conn: sqlite3.Connection, rows: list[Row], commands: list[CommandRow]) -> None:
-    """One durable transaction for a whole group (runs on the aiosqlite thread: one hop per group).
+    """One durable transaction for a whole group (runs on the write thread: one hop per group).
 
     The rows go in as multi-row INSERTs (one statement per INSERT_CHUNK rows), not one statement per row:
     the sqlite3 module takes the GIL back after every statement step, and while the event loop's thread runs
