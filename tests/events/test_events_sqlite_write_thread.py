@@ -193,16 +193,16 @@ async def test_a_failed_commit_on_the_thread_fails_the_group_chained_onto_it_and
 ) -> None:
     await store.async_append("s", [ev(n=0)])
     head = await store.async_head()
-    real_commit = sqlite_mod._commit
+    real_commit = sqlite_mod._commit_known
     calls: list[int] = []
 
-    def failing_once(conn: Any, rows: Any, commands: Any) -> None:
+    def failing_once(conn: Any, rows: Any, head: int | None) -> int:
         calls.append(rows[0][0])
         if len(calls) == 1:
             raise OSError("disk on fire")
-        real_commit(conn, rows, commands)  # the group chained onto the failed one: refused by the head check
+        return real_commit(conn, rows, head)  # the group chained onto the failed one: refused by the head check
 
-    monkeypatch.setattr(sqlite_mod, "_commit", failing_once)
+    monkeypatch.setattr(sqlite_mod, "_commit_known", failing_once)
     gate = ThreadGate(store)
     await gate.async_wait_started()
     a = asyncio.create_task(store.async_append("s", [ev(n=1)], expected_version=1))
@@ -215,7 +215,7 @@ async def test_a_failed_commit_on_the_thread_fails_the_group_chained_onto_it_and
     assert calls == [2, 3]  # B's COMMIT did reach the database, which refused it (head check)
     assert await store.async_head() == head and len(await store.async_read()) == 1
     # the writer goes on from the committed state: the versions unchanged, the commands new
-    monkeypatch.setattr(sqlite_mod, "_commit", real_commit)
+    monkeypatch.setattr(sqlite_mod, "_commit_known", real_commit)
     ra2 = await store.async_append("s", [ev(n=1)], expected_version=1, command_id="ca")
     rb2 = await store.async_append("s", [ev(n=2)], expected_version=2, command_id="cb")
     assert not ra2.duplicate and not rb2.duplicate
@@ -239,3 +239,28 @@ async def test_close_finishes_commits_queued_on_the_thread_and_ends_it(tmp_path:
     await asyncio.to_thread(thread.join, 10)
     assert not thread.is_alive() and store._writes.conn is None
     assert verify(tmp_path / "log.db").exit_code == 0
+
+
+async def test_a_row_written_behind_the_stores_back_makes_the_next_commit_refuse_as_head_moved(
+    store: SQLiteEventStore, tmp_path: Path
+) -> None:
+    """The write thread checks the head it knows in Python; a row another process stored meanwhile is still
+    refused by the database (the position is taken), reported as head_moved, and nothing of the group is written."""
+    import sqlite3
+
+    from events import EventLogError
+    from events.sqlite import COLUMNS
+
+    first = await store.async_append("s", [ev()])
+    other = sqlite3.connect(tmp_path / "log.db", isolation_level=None)
+    try:
+        row = list(other.execute(f"SELECT {COLUMNS} FROM events WHERE position = 1").fetchone())
+        row[0], row[1] = 2, "intruder"
+        other.execute(f"INSERT INTO events ({COLUMNS}) VALUES ({','.join('?' * 13)})", row)
+    finally:
+        other.close()
+    with pytest.raises(EventLogError) as info:
+        await store.async_append("s", [ev(), ev()], expected_version=1)
+    assert info.value.code == "head_moved" and "head is 2" in str(info.value)
+    assert [(e.position, e.stream_id) for e in await store.async_read()] == [(1, "s"), (2, "intruder")]
+    assert first.last_position == 1
