@@ -598,11 +598,16 @@ class SQLiteEventStore(EventStore):
         )
         return bytes(rows[0][0]) if rows else None
 
-    async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
-        await self._conn.execute(
+    def _put_snapshot_here(self, name: str, snapshot: SnapshotRow) -> None:
+        self._write_conn().execute(
             "INSERT OR REPLACE INTO snapshots (name, position, head_hash, state, created_at) VALUES (?,?,?,?,?)",
             (name, *snapshot),
         )
+
+    async def _async_put_snapshot(self, name: str, snapshot: SnapshotRow) -> None:
+        # on the write connection too: every write of this process goes through one connection, in order (a
+        # second writing connection would wait for the other's lock in busy_timeout's sleeps)
+        await self._writes.async_run(self._put_snapshot_here, name, snapshot)
 
     async def _async_get_snapshot(self, name: str) -> SnapshotRow | None:
         rows = list(
