@@ -482,10 +482,12 @@ class GroupWriter:
         item.done = True
         item.error = exc
         inflight = self._inflight
-        while inflight and inflight[0].done:
-            self._settle_oldest()
-        if self._waiting == "settle":
-            self._wake()
+        try:
+            while inflight and inflight[0].done:
+                self._settle_oldest()
+        finally:  # (a loop callback: whatever happens, a writer waiting for this must not sleep on)
+            if self._waiting == "settle":
+                self._wake()
 
     async def _async_finish_after_cancel(self) -> None:
         """The writer was cancelled: the COMMITs in flight cannot be stopped (they run on SQLite's thread), so
