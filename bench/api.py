@@ -582,6 +582,8 @@ def _server_process(
 
     if os.environ.get("BENCH_API_SWITCH_S"):  # an experiment: the GIL switch interval of the server
         sys.setswitchinterval(float(os.environ["BENCH_API_SWITCH_S"]))
+    if os.environ.get("BENCH_API_GC"):  # an experiment: the server's collector thresholds ("700,10,10")
+        gc.set_threshold(*(int(x) for x in os.environ["BENCH_API_GC"].split(",")))
     run_loop(_async_server(fake, Path(root), n_vms, gc_freeze, profile, conn), event_loop)
 
 
@@ -754,7 +756,12 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
                 late99 = statistics.median(x["loop_late_p99_ms"] for x in stats)
                 late_max = max(x["loop_late_max_ms"] for x in stats)
                 gcs = {
-                    g: (sum(x["gc"][g][0] for x in stats), max(x["gc"][g][2] for x in stats)) for g in (0, 1, 2)
+                    g: (
+                        sum(x["gc"][g][0] for x in stats),
+                        max(x["gc"][g][2] for x in stats),
+                        sum(x["gc"][g][1] for x in stats),
+                    )
+                    for g in (0, 1, 2)
                 }
                 key = f"paced_{rate:.0f}"
                 res[f"{key}_read_p50_ms"] = statistics.median(p50)
@@ -780,7 +787,7 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
                     f"{res[key + '_server_cpu']:.0%} of a core = "
                     f"{statistics.median(x['server_ms_per_req'] for x in paced):.3f} ms/request, loop late p99 "
                     f"{late99:.2f} ms (max {late_max:.1f} ms), GC gen0/1/2: "
-                    + ", ".join(f"{n} (max {m:.1f} ms)" for n, m in gcs.values()),
+                    + ", ".join(f"{n} (max {m:.1f}, total {t:.0f} ms)" for n, m, t in gcs.values()),
                     flush=True,
                 )
             out[kind] = {k: round(v, 3) for k, v in res.items()}

@@ -96,6 +96,9 @@ async def async_answer_command(app: web.Application, conn: Any, raw: bytes) -> t
         return handlers.error_body(err)
     except asyncio.CancelledError:
         raise
+    except ConnectionError as exc:  # as error_middleware answers it
+        log.debug("client_gone", path=handlers.COMMAND_PATH, method="POST", error=repr(exc))
+        return 400, handlers.plain_error_body("client_gone", "the connection was lost", "body")
     except Exception:
         log.exception("internal_error", path=handlers.COMMAND_PATH, method="POST")
         return 500, handlers.plain_error_body("internal", "internal error; the daemon log has the details")

@@ -57,7 +57,7 @@ class FakeBus:
     def verbs(self) -> list[str]:
         return ["listVirtualMachines", "startVirtualMachine", "stopVirtualMachine", "deployVirtualMachine",
                 "queryAsyncJobResult", "listHosts", "listEvents", "explode", "echo", "createInstanceGroup",
-                "updateVirtualMachine", "slowEcho"]  # fmt: skip
+                "updateVirtualMachine", "slowEcho", "disconnect"]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
         return {"ok": self.ok, "watchers": "up" if self.ok else "down", "position": len(self.log)}
@@ -87,6 +87,8 @@ class FakeBus:
         self.calls.append(Call(verb, dict(args), command_id, actor))
         if verb == "explode":
             raise RuntimeError("secret internal detail")
+        if verb == "disconnect":  # what a lost peer connection looks like to the API
+            raise ConnectionResetError("peer went away")
         if verb == "slowEcho":  # suspends until its ``release`` event (tests/api/test_api_lane.py) is set
             await self.release.wait()
             return CommandReply({"args": dict(args), "id": command_id, "actor": str(actor)}, len(self.log))

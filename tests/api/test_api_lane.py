@@ -77,6 +77,7 @@ BODIES: list[Any] = [
     {"command": "listVirtualMachine"},  # unknown verb (with a suggestion)
     {"command": "echo", "args": [1]},  # a refusal naming a field
     {"command": "explode"},  # 500, details only in the log
+    {"command": "disconnect"},  # a ConnectionError: 400 client_gone on both paths
     {"command": "queryAsyncJobResult", "args": {"jobid": "nope"}},  # the bus's NotFound
     {"command": "echo", "id": "bad\u202eid"},
     b"{not json",
