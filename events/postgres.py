@@ -330,7 +330,6 @@ class PostgresEventStore(EventStore):
         self._sql_since = (
             f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
         )
-        self._sql_begin = "BEGIN; SELECT set_config('events.epoch', "
         self._notify_channel = quote_ident(self.channel)
 
     @classmethod
@@ -516,17 +515,20 @@ class PostgresEventStore(EventStore):
     async def _async_copy_group(
         self, conn: asyncpg.Connection, rows: list[Row], commands: list[CommandRow]
     ) -> None:
-        """One group, one transaction: BEGIN and the fencing epoch (one round trip), the rows by binary COPY
-        (one more: no per-row statement, no arrays to encode), the command ids likewise, then NOTIFY and COMMIT
-        together. Every literal in the SQL is an integer or the log's own channel name."""
+        """One group, one transaction, one round trip: a single query message ``BEGIN; SET LOCAL events.epoch;
+        COPY events FROM STDIN (FORMAT binary); NOTIFY; COMMIT`` followed at once by the rows' binary COPY data
+        (asyncpg's own encoders). A group with command ids takes two: the second message copies the ``commands``
+        rows, then NOTIFY and COMMIT. If any statement fails, PostgreSQL skips the rest of the message (the
+        COMMIT too) and drops the COPY data it has not read: the transaction is left failed, never committed
+        (the caller rolls it back). Every literal in the SQL is an integer or the log's own channel name."""
         epoch = "" if self._epoch is None else str(int(self._epoch))
-        await conn.execute(self._sql_begin + f"'{epoch}', true)")
-        await conn.copy_records_to_table("events", records=rows, columns=COLUMN_NAMES, schema_name=self.schema)
-        if commands:
-            await conn.copy_records_to_table(
-                "commands", records=commands, columns=COMMAND_NAMES, schema_name=self.schema
-            )
-        await conn.execute(f"NOTIFY {self._notify_channel}, '{int(rows[-1][0])}'; COMMIT")
+        begin = f"BEGIN; SET LOCAL events.epoch = '{epoch}'"
+        end = f"NOTIFY {self._notify_channel}, '{int(rows[-1][0])}'; COMMIT"
+        if not commands:
+            await _async_copy_in(conn, self.schema, "events", COLUMN_NAMES, rows, before=begin, after=end)
+            return
+        await _async_copy_in(conn, self.schema, "events", COLUMN_NAMES, rows, before=begin)
+        await _async_copy_in(conn, self.schema, "commands", COMMAND_NAMES, commands, after=end)
 
     async def _async_was_committed(self, rows: list[Row]) -> bool:
         """After a COMMIT on a lost connection: is its first row stored with its hash? (Unknown: raise.)"""
@@ -717,6 +719,40 @@ class PostgresEventStore(EventStore):
         self._check_open()
         await self._async_pump()
         return self._published
+
+
+async def _async_copy_in(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    columns: tuple[str, ...],
+    records: list[Any],
+    *,
+    before: str = "",
+    after: str = "",
+) -> None:
+    """``before; COPY schema.table (columns) FROM STDIN (FORMAT binary); after`` as ONE query message, the
+    records' binary COPY data sent right behind it: one round trip. This is what asyncpg's
+    ``Connection.copy_records_to_table`` does (the columns' encoders come from a prepared, cached statement
+    selecting them), with our own statements around the COPY; an asyncpg without that protocol method gets
+    the same statements through its public API, in three round trips."""
+    copy_in = getattr(getattr(conn, "_protocol", None), "copy_in", None)
+    if copy_in is None:  # pragma: no cover - depends on the installed asyncpg
+        if before:
+            await conn.execute(before)
+        await conn.copy_records_to_table(table, records=records, columns=columns, schema_name=schema)
+        if after:
+            await conn.execute(after)
+        return
+    s = quote_ident(schema)
+    cols = ", ".join(columns)
+    prepared = await conn._prepare(f"SELECT {cols} FROM {s}.{table} LIMIT 1", use_cache=True)
+    sql = f"COPY {s}.{table} ({cols}) FROM STDIN (FORMAT binary)"
+    if before:
+        sql = f"{before}; {sql}"
+    if after:
+        sql = f"{sql}; {after}"
+    await copy_in(sql, None, None, records, prepared._state, None)
 
 
 async def _async_head(conn: asyncpg.Connection, s: str, log_id: str) -> tuple[int, bytes, int]:
