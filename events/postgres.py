@@ -721,6 +721,11 @@ class PostgresEventStore(EventStore):
         return self._published
 
 
+def _protocol_copy_in(conn: asyncpg.Connection) -> Any:
+    """asyncpg's protocol-level COPY FROM STDIN (private: None if this asyncpg has none)."""
+    return getattr(getattr(conn, "_protocol", None), "copy_in", None)
+
+
 async def _async_copy_in(
     conn: asyncpg.Connection,
     schema: str,
@@ -736,8 +741,8 @@ async def _async_copy_in(
     ``Connection.copy_records_to_table`` does (the columns' encoders come from a prepared, cached statement
     selecting them), with our own statements around the COPY; an asyncpg without that protocol method gets
     the same statements through its public API, in three round trips."""
-    copy_in = getattr(getattr(conn, "_protocol", None), "copy_in", None)
-    if copy_in is None:  # pragma: no cover - depends on the installed asyncpg
+    copy_in = _protocol_copy_in(conn)
+    if copy_in is None:
         if before:
             await conn.execute(before)
         await conn.copy_records_to_table(table, records=records, columns=columns, schema_name=schema)

@@ -21,6 +21,8 @@ from events import (
     StoredEvent,
     verify,
 )
+from events import postgres as pg_module
+from events.chain import genesis_hash
 from events.postgres import PostgresEventStore, async_claim_epoch, grant_statements
 from moldlab.testing.pgserver import PgServer
 from tests.events.store_contract import StoreContract, ev, hold_writer_before_commit
@@ -43,6 +45,15 @@ class TestPostgresEventStore(StoreContract):
 
     async def make_store(self, **kw: Any) -> EventStore:
         return await open_pg(self.pg, new_schema(), **kw)
+
+
+class TestPostgresEventStoreWithoutProtocolCopy(TestPostgresEventStore):
+    """The same contract when asyncpg offers no protocol-level COPY: a group is then BEGIN, COPY, NOTIFY + COMMIT
+    as separate statements through asyncpg's public API."""
+
+    @pytest.fixture(autouse=True)
+    def _public_copy(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pg_module, "_protocol_copy_in", lambda conn: None)
 
 
 async def test_rows_cannot_be_changed_even_by_the_owner(pg_server: PgServer) -> None:
@@ -255,6 +266,57 @@ async def test_an_epoch_claim_waits_for_a_commit_that_already_passed_the_check(p
         await admin.close()
         await writer.close()
         await store.async_close()
+
+
+@pytest.mark.parametrize("protocol_copy", [True, False], ids=["one_message", "public_api"])
+async def test_a_group_refused_inside_its_message_writes_nothing_and_the_connection_goes_on(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch, protocol_copy: bool
+) -> None:
+    """A group is one query message (BEGIN; SET LOCAL; COPY; NOTIFY; COMMIT) with its COPY data behind it. When
+    the COPY is refused (here another writer took its position), PostgreSQL skips the rest of the message and
+    drops the COPY data: nothing of the group is stored, and the next group goes over the same connection."""
+    if not protocol_copy:
+        monkeypatch.setattr(pg_module, "_protocol_copy_in", lambda conn: None)
+    schema = new_schema()
+    a = await open_pg(pg_server, schema)
+    b = await open_pg(pg_server, schema)  # both believe the log is empty
+    listener = await asyncpg.connect(pg_server.dsn())
+    heard: list[str] = []
+    got_two = asyncio.Event()
+
+    def on_notify(*args: Any) -> None:
+        heard.append(args[3])
+        if args[3] == "2":
+            got_two.set()
+
+    try:
+        await listener.add_listener(a.channel, on_notify)
+        await a.async_append("s", [ev(n=1)])
+        conn = await b._async_write_conn()
+        pid = conn.get_server_pid()
+        for command_id in (None, "refused"):  # one message, and the two-message group with command ids
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await b.async_append("t", [ev(n=0)], command_id=command_id)
+            b._writer.head_position = 0  # forget the reload: collide with position 1 once more
+            b._writer.stale = False
+        # refused in the second message (the commands table already holds this id): the events copied by the
+        # first message are not committed either
+        pg_server.psql(f"INSERT INTO {schema}.commands VALUES ('forged', 't', 99, 99, 9)")
+        b._writer.stale = True
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await b.async_append("t", [ev(n=0)], command_id="forged")
+        res = await b.async_append("t", [ev(n=2)], command_id="after")
+        assert res.last_position == 2
+        assert b._wconn is conn and conn.get_server_pid() == pid and not conn.is_in_transaction()
+        assert [(e.position, e.payload) for e in await a.async_read()] == [(1, {"n": 1}), (2, {"n": 2})]
+        assert await a.async_find_command("refused") is None
+        await asyncio.wait_for(got_two.wait(), 10)
+        assert heard == ["1", "2"]
+        assert await a.async_verify_range(0, genesis_hash(a.log_id)) == (2, res.events[-1].hash)
+    finally:
+        await listener.close()
+        await a.async_close()
+        await b.async_close()
 
 
 # ---- connections lost ----------------------------------------------------------------------------------
