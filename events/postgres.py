@@ -292,6 +292,8 @@ class PostgresEventStore(EventStore):
     once the log has one (`async_adopt_epoch`, see events.leader); the others read and subscribe.
     """
 
+    writer_pipeline_depth = 2  # the writer plans group N+1 while N commits; _async_commit keeps their order
+
     def __init__(
         self,
         dsn: str,
@@ -318,6 +320,11 @@ class PostgresEventStore(EventStore):
         self._wconn: asyncpg.Connection | None = None
         self._epoch: int | None = None
         self._published = head[0]  # highest position handed to subscribers
+        # groups are committed one at a time, in the order the writer handed them over (it plans group N+1
+        # while N commits: writer_pipeline_depth); a group must link onto the last row stored: its position
+        # and hash (None: unknown, ask the database)
+        self._commit_lock = asyncio.Lock()
+        self._stored_head: tuple[int, bytes] | None = (head[0], head[1])
         self._follower: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
         s = quote_ident(schema)
@@ -394,7 +401,7 @@ class PostgresEventStore(EventStore):
         """Present `epoch` with every later append (after claiming it: events.postgres.async_claim_epoch).
         The next group first reloads the head and forgets the writer's caches: others may have written."""
         self._epoch = epoch
-        self._writer.stale = True
+        self._mark_stale()
 
     async def async_current_epoch(self) -> tuple[int, str, int] | None:
         """(epoch, holder, claimed_at_us) of the log's current epoch, or None."""
@@ -469,15 +476,36 @@ class PostgresEventStore(EventStore):
         if conn is not None:
             conn.terminate()
 
+    def _mark_stale(self) -> None:
+        """Others may have written the log (or our last outcome is unknown): the writer reloads the head before
+        its next group, and the next commit asks the database where the log ends."""
+        self._writer.stale = True
+        self._stored_head = None
+
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
-        try:
-            await self._async_commit_once(rows, commands)
-        except Exception as exc:
-            if not connection_lost(exc):
-                raise
-            # the connection died and the rows are not stored: one more try on a new connection (a COMMIT
-            # of the lost one arriving late could not write twice: the positions are the primary key)
-            await self._async_commit_once(rows, commands)
+        """Commit one group after the ones handed over before it. A group that does not link onto the last stored
+        row (the group before it failed: it was planned on top of it) is refused, unwritten."""
+        async with self._commit_lock:
+            if self._stored_head is None:
+                self._stored_head = (await self._async_load_head())[:2]
+            position, link = self._stored_head
+            if rows[0][0] != position + 1 or rows[0][11] != link:
+                raise EventLogError(
+                    f"refusing a group that starts at position {rows[0][0]}: it does not link onto the log's "
+                    f"head (position {position}; an earlier group failed, or another process wrote the log); "
+                    "nothing of it was written",
+                    field="log",
+                    code="head_moved",
+                )
+            try:
+                await self._async_commit_once(rows, commands)
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                # the connection died and the rows are not stored: one more try on a new connection (a COMMIT
+                # of the lost one arriving late could not write twice: the positions are the primary key)
+                await self._async_commit_once(rows, commands)
+            self._stored_head = (rows[-1][0], rows[-1][12])
 
     async def _async_commit_once(self, rows: list[Row], commands: list[CommandRow]) -> None:
         conn: asyncpg.Connection | None = None
@@ -501,10 +529,10 @@ class PostgresEventStore(EventStore):
             if fenced is not None:
                 raise fenced from exc
             if isinstance(exc, asyncpg.UniqueViolationError):
-                self._writer.stale = True  # someone else wrote the log: reload before the next group
+                self._mark_stale()  # someone else wrote the log: reload before the next group
                 raise
             if isinstance(exc, asyncio.CancelledError):  # the transaction dies with its connection
-                self._writer.stale = True
+                self._mark_stale()
                 await self._async_drop_write_conn()
             elif connection_lost(exc):
                 await self._async_drop_write_conn()
@@ -532,7 +560,7 @@ class PostgresEventStore(EventStore):
 
     async def _async_was_committed(self, rows: list[Row]) -> bool:
         """After a COMMIT on a lost connection: is its first row stored with its hash? (Unknown: raise.)"""
-        self._writer.stale = True
+        self._mark_stale()
         try:
             stored = await asyncio.wait_for(
                 self._async_q(

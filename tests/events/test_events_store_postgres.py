@@ -299,10 +299,11 @@ async def test_a_group_refused_inside_its_message_writes_nothing_and_the_connect
                 await b.async_append("t", [ev(n=0)], command_id=command_id)
             b._writer.head_position = 0  # forget the reload: collide with position 1 once more
             b._writer.stale = False
+            b._stored_head = (0, genesis_hash(b.log_id))  # ... past the store's own head check too
         # refused in the second message (the commands table already holds this id): the events copied by the
         # first message are not committed either
         pg_server.psql(f"INSERT INTO {schema}.commands VALUES ('forged', 't', 99, 99, 9)")
-        b._writer.stale = True
+        b._mark_stale()
         with pytest.raises(asyncpg.UniqueViolationError):
             await b.async_append("t", [ev(n=0)], command_id="forged")
         res = await b.async_append("t", [ev(n=2)], command_id="after")
@@ -317,6 +318,53 @@ async def test_a_group_refused_inside_its_message_writes_nothing_and_the_connect
         await listener.close()
         await a.async_close()
         await b.async_close()
+
+
+async def test_a_group_planned_on_a_failed_one_is_refused_even_if_the_head_position_matches(
+    pg_server: PgServer,
+) -> None:
+    """The writer hands group N+1 over while N commits. N fails because another process took its position; that
+    process's row sits exactly where N's would have been, so N+1's first position follows the stored head. It
+    must still be refused (it links onto N's hash, not the stored one): written, it would break the chain."""
+    schema = new_schema()
+    a = await open_pg(pg_server, schema)
+    await a.async_append("s", [ev(n=1)])
+    b = await open_pg(pg_server, schema)
+    pg_server.psql(  # a row whose payload says "slow" waits in the database before it is inserted
+        f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_sleep(1); RETURN NEW; END $$; "
+        f"CREATE TRIGGER slow BEFORE INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"slow\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.slow()"
+    )
+    try:
+        n = asyncio.create_task(a.async_append("s", [ev(slow=1)]))
+        await wait_until(lambda: len(a._writer._inflight) == 1)
+        n1 = asyncio.create_task(a.async_append("s", [ev(n=3)], command_id="planned-on-n"))
+        await wait_until(lambda: len(a._writer._inflight) == 2)  # planned on top of N, handed over
+        other = await b.async_append("t", [ev(other=2)])  # takes position 2 while N waits
+        assert other.last_position == 2
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await n
+        with pytest.raises(Exception):  # noqa: B017 - refused: N's error, or head_moved
+            await n1
+        assert [(e.position, e.stream_id) for e in await b.async_read()] == [(1, "s"), (2, "t")]
+        assert await b.async_find_command("planned-on-n") is None
+        again = await a.async_append("s", [ev(n=3)], command_id="planned-on-n")  # a reloads the head
+        assert again.last_position == 3 and not again.duplicate
+        head = await b.async_stored_head()
+        assert await b.async_verify_range(0, genesis_hash(b.log_id)) == head
+    finally:
+        await a.async_close()
+        await b.async_close()
+
+
+async def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 # ---- connections lost ----------------------------------------------------------------------------------
