@@ -3,7 +3,7 @@
 trees side by side (before/after a change) in the same runs.
 
     python bench/pg_profile.py [--events 20000] [--runs 3] [--appenders 64] [--command-ids]
-                               [--tree NAME=PATH ...] [--no-fsync-off]
+                               [--tree NAME=PATH ...] [--no-fsync-off] [--pin]
 
 A throw-away server (moldlab.testing.pgserver, ``fsync=on``, ``synchronous_commit=on``) and, for comparison in the
 same run, one with ``fsync=off`` (every COMMIT still waits for the WAL write, not for the disk). Each measurement
@@ -42,8 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # attributes every version of it has (the writer's on_commit hook, the write connection).
 CHILD = r"""
 import asyncio, json, os, sys, time
-tree, dsn, schema, n, appenders, command_ids = sys.argv[1:7]
+tree, dsn, schema, n, appenders, command_ids, cpus = sys.argv[1:8]
 sys.path.insert(0, tree)
+if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 from events import NewEvent
 from events.postgres import PostgresEventStore
 
@@ -101,13 +103,28 @@ LABELS: dict[str, tuple[str, int]] = {
 
 def run_child(tree: Path, pg: PgServer, schema: str, args: argparse.Namespace) -> dict[str, float]:
     argv = [sys.executable, "-c", CHILD, str(tree), pg.dsn(), schema, str(args.events), str(args.appenders)]
-    argv.append("1" if args.command_ids else "0")
+    argv += ["1" if args.command_ids else "0", "0" if args.pin else ""]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tree, timeout=900)
     if r.returncode != 0:
         raise SystemExit(f"the run of {tree} failed:\n{r.stderr[-3000:]}")
     result: dict[str, float] = json.loads(r.stdout.strip().splitlines()[-1])
     return result
+
+
+def pin_server(pg: PgServer, cpu: int) -> None:
+    """Put the postmaster and its processes on `cpu`; backends forked later inherit it."""
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(postmaster):
+            pids.append(int(status.parent.name))
+    for pid in pids:
+        os.sched_setaffinity(pid, {cpu})
 
 
 def main() -> None:
@@ -124,6 +141,11 @@ def main() -> None:
         help="a source tree to measure (repeat to compare, e.g. before=/path/to/main after=.; default: this one)",
     )
     ap.add_argument("--no-fsync-off", action="store_true", help="only the durable server")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the client on CPU 0 and every PostgreSQL process on CPU 1 (as if the server had a machine of its own)",
+    )
     args = ap.parse_args()
     trees: list[tuple[str, Path]] = []
     for spec in args.tree or [f"this={ROOT}"]:
@@ -138,6 +160,9 @@ def main() -> None:
     servers = [("fsync_on", True)] + ([] if args.no_fsync_off else [("fsync_off", False)])
     with PgServer(fsync=True) as durable, PgServer(fsync=False) as volatile:
         pgs = {"fsync_on": durable, "fsync_off": volatile}
+        if args.pin:
+            for pg in pgs.values():
+                pin_server(pg, 1)
         for r in range(args.runs):
             for sname, _ in servers:
                 for tname, tree in trees:
