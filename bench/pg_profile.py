@@ -3,7 +3,7 @@
 trees side by side (before/after a change) in the same runs.
 
     python bench/pg_profile.py [--events 20000] [--runs 3] [--appenders 64] [--command-ids]
-                               [--tree NAME=PATH ...] [--no-fsync-off] [--pin]
+                               [--tree NAME=PATH ...] [--no-fsync-off] [--pin] [--loop uvloop]
 
 A throw-away server (moldlab.testing.pgserver, ``fsync=on``, ``synchronous_commit=on``) and, for comparison in the
 same run, one with ``fsync=off`` (every COMMIT still waits for the WAL write, not for the disk). Each measurement
@@ -42,10 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # attributes every version of it has (the writer's on_commit hook, the write connection).
 CHILD = r"""
 import asyncio, json, os, sys, time
-tree, dsn, schema, n, appenders, command_ids, cpus = sys.argv[1:8]
+tree, dsn, schema, n, appenders, command_ids, cpus, loop = sys.argv[1:9]
 sys.path.insert(0, tree)
 if cpus:
     os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+if loop == "uvloop":
+    import uvloop
+    uvloop.install()
 from events import NewEvent
 from events.postgres import PostgresEventStore
 
@@ -101,9 +104,9 @@ LABELS: dict[str, tuple[str, int]] = {
 }
 
 
-def run_child(tree: Path, pg: PgServer, schema: str, args: argparse.Namespace) -> dict[str, float]:
+def run_child(tree: Path, loop: str, pg: PgServer, schema: str, args: argparse.Namespace) -> dict[str, float]:
     argv = [sys.executable, "-c", CHILD, str(tree), pg.dsn(), schema, str(args.events), str(args.appenders)]
-    argv += ["1" if args.command_ids else "0", "0" if args.pin else ""]
+    argv += ["1" if args.command_ids else "0", "0" if args.pin else "", loop]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tree, timeout=900)
     if r.returncode != 0:
@@ -142,6 +145,14 @@ def main() -> None:
     )
     ap.add_argument("--no-fsync-off", action="store_true", help="only the durable server")
     ap.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        action="append",
+        default=[],
+        help="the client's event loop (default asyncio, as bench/append.py; the daemon runs uvloop); repeat to "
+        "compare",
+    )
+    ap.add_argument(
         "--pin",
         action="store_true",
         help="the client on CPU 0 and every PostgreSQL process on CPU 1 (as if the server had a machine of its own)",
@@ -153,9 +164,14 @@ def main() -> None:
         if not sep or not name or not Path(path, "events", "postgres.py").exists():
             ap.error(f"--tree {spec!r}: expected NAME=PATH of a source tree holding events/postgres.py")
         trees.append((name, Path(path).resolve()))
+    loops = args.loop or ["asyncio"]
+    variants = [
+        (name if len(loops) == 1 else f"{name}-{loop}", tree, loop) for name, tree in trees for loop in loops
+    ]
     header("bench/pg_profile.py")
-    print(f"{args.events} events per run, {args.appenders} appenders, command ids: {args.command_ids}; trees: "
-          + ", ".join(f"{n}={p}" for n, p in trees), flush=True)  # fmt: skip
+    print(f"{args.events} events per run, {args.appenders} appenders, command ids: {args.command_ids}, "
+          f"pinned: {args.pin}; measured: " + ", ".join(f"{n} ({p}, {lp})" for n, p, lp in variants),
+          flush=True)  # fmt: skip
     results: dict[str, list[float]] = {}
     servers = [("fsync_on", True)] + ([] if args.no_fsync_off else [("fsync_off", False)])
     with PgServer(fsync=True) as durable, PgServer(fsync=False) as volatile:
@@ -165,19 +181,19 @@ def main() -> None:
                 pin_server(pg, 1)
         for r in range(args.runs):
             for sname, _ in servers:
-                for tname, tree in trees:
-                    got = run_child(tree, pgs[sname], f"p_{tname}_{r}".lower(), args)
+                for tname, tree, loop in variants:
+                    got = run_child(tree, loop, pgs[sname], f"p_{tname}_{r}".lower().replace("-", "_"), args)
                     for key, value in got.items():
                         results.setdefault(f"{sname}_{tname}_{key}", []).append(value)
             print(f"  run {r + 1}/{args.runs} done", flush=True)
     for sname, _ in servers:
         print(f"{sname.replace('_', '=')}:")
-        for tname, _ in trees:
+        for tname, _, _ in variants:
             print(f"  {tname}:")
             for key, (unit, digits) in LABELS.items():
                 print(f"    {key:22s} {fmt(results[f'{sname}_{tname}_{key}'], unit, digits)}")
-        base = trees[0][0]
-        for tname, _ in trees[1:]:
+        base = variants[0][0]
+        for tname, _, _ in variants[1:]:
             ratio = [
                 a / b
                 for a, b in zip(results[f"{sname}_{tname}_eps"], results[f"{sname}_{base}_eps"], strict=True)
