@@ -295,6 +295,8 @@ async def test_a_group_refused_inside_its_message_writes_nothing_and_the_connect
         await a.async_append("s", [ev(n=1)])
         conn = await b._async_write_conn()
         pid = conn.get_server_pid()
+        # this asyncpg has the protocol-level COPY (else every group would silently take three round trips)
+        assert (pg_module._protocol_copy_in(conn) is not None) is protocol_copy
         for command_id in (None, "refused"):  # one message, and the two-message group with command ids
             with pytest.raises(asyncpg.UniqueViolationError):
                 await b.async_append("t", [ev(n=0)], command_id=command_id)
