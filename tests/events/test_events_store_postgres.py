@@ -323,6 +323,38 @@ async def test_a_group_refused_inside_its_message_writes_nothing_and_the_connect
         await b.async_close()
 
 
+async def test_a_large_group_is_copied_in_chunks_and_a_refusal_in_its_middle_writes_nothing(
+    pg_server: PgServer,
+) -> None:
+    """A group's COPY data larger than asyncpg's buffer goes out in several messages behind the one query; a row
+    refused in the middle (a trigger raises at its payload) fails the whole group, the chunks after it are
+    dropped by the server, and the same connection then writes the next large group."""
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    pg_server.psql(
+        f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'refused row'; END $$; "
+        f"CREATE TRIGGER refuse BEFORE INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"refuse\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.refuse()"
+    )
+    filler = "x" * 300
+    try:
+        conn = await store._async_write_conn()
+        pid = conn.get_server_pid()
+        events = [ev(i=i, filler=filler) for i in range(4000)]  # ~2 MB of COPY data
+        bad = [*events[:2500], ev(refuse=1), *events[2500:]]
+        with pytest.raises(asyncpg.RaiseError, match="refused row"):
+            await store.async_append("big", bad, command_id="bad")
+        assert await store.async_stored_head() == (0, genesis_hash(store.log_id))
+        res = await store.async_append("big", events, command_id="good")
+        assert res.last_position == 4000 and store._wconn is conn and conn.get_server_pid() == pid
+        assert await store.async_find_command("bad") is None
+        assert await store.async_verify_range(0, genesis_hash(store.log_id)) == (4000, res.events[-1].hash)
+    finally:
+        await store.async_close()
+
+
 async def test_a_group_planned_on_a_failed_one_is_refused_even_if_the_head_position_matches(
     pg_server: PgServer,
 ) -> None:
