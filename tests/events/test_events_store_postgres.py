@@ -355,6 +355,45 @@ async def test_a_large_group_is_copied_in_chunks_and_a_refusal_in_its_middle_wri
         await store.async_close()
 
 
+async def test_groups_handed_over_while_one_commits_are_written_in_order(pg_server: PgServer) -> None:
+    """The writer plans group N+1 while N commits (pipeline depth 2): both are written, in order, on one chain,
+    and a subscriber sees every event once."""
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    pg_server.psql(
+        f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_sleep(0.5); RETURN NEW; END $$; "
+        f"CREATE TRIGGER slow BEFORE INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"slow\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.slow()"
+    )
+    seen: list[int] = []
+    try:
+        sub = store.async_subscribe(1)
+
+        async def follow() -> None:
+            async for event in sub:
+                seen.append(event.position)
+                if event.position == 11:
+                    return
+
+        follower = asyncio.create_task(follow())
+        first = asyncio.create_task(store.async_append("a", [ev(slow=1)], command_id="first"))
+        await wait_until(lambda: len(store._writer._inflight) == 1)
+        rest = [
+            asyncio.create_task(store.async_append(f"s{i % 3}", [ev(i=i)], command_id=f"c{i}")) for i in range(10)
+        ]
+        await wait_until(lambda: len(store._writer._inflight) == 2)  # planned and handed over behind `first`
+        results = [await first, *[await t for t in rest]]
+        assert sorted(r.last_position for r in results) == list(range(1, 12))
+        assert [e.position for e in await store.async_read()] == list(range(1, 12))
+        assert await store.async_verify_range(0, genesis_hash(store.log_id)) == await store.async_stored_head()
+        await asyncio.wait_for(follower, 10)
+        assert seen == list(range(1, 12))
+    finally:
+        await store.async_close()
+
+
 async def test_a_group_planned_on_a_failed_one_is_refused_even_if_the_head_position_matches(
     pg_server: PgServer,
 ) -> None:
