@@ -149,7 +149,7 @@ def main() -> None:
         choices=("asyncio", "uvloop"),
         action="append",
         default=[],
-        help="the client's event loop (default asyncio, as bench/append.py; the daemon runs uvloop); repeat to "
+        help="the client's event loop (default uvloop: the daemon's default, as in bench/append.py); repeat to "
         "compare",
     )
     ap.add_argument(
@@ -164,7 +164,7 @@ def main() -> None:
         if not sep or not name or not Path(path, "events", "postgres.py").exists():
             ap.error(f"--tree {spec!r}: expected NAME=PATH of a source tree holding events/postgres.py")
         trees.append((name, Path(path).resolve()))
-    loops = args.loop or ["asyncio"]
+    loops = args.loop or ["uvloop"]
     variants = [
         (name if len(loops) == 1 else f"{name}-{loop}", tree, loop) for name, tree in trees for loop in loops
     ]
