@@ -217,8 +217,9 @@ class PostgresSide:
 
         self.server = PgServer(fsync=True).start()
         atexit.register(self.server.stop)  # also when a run fails (stop is idempotent)
-        self.durability = (
-            f"synchronous_commit={self.server.psql('SHOW synchronous_commit')}, fsync={self.server.psql('SHOW fsync')}"
+        self.durability = ", ".join(
+            f"{name}={self.server.psql(f'SHOW {name}')}"
+            for name in ("synchronous_commit", "fsync", "full_page_writes", "wal_sync_method")
         )
 
     async def open(self, directory: Path, run: int) -> EventStore:

@@ -108,7 +108,9 @@ def schema_ddl(schema: str, log_id: str) -> list[str]:
             hash bytea NOT NULL,
             UNIQUE (stream_id, stream_version)
         )""",
-        f"CREATE INDEX events_recorded_at ON {s}.events (recorded_at)",
+        # no index on recorded_at (an index entry per row: WAL per event 416 -> 350 bytes without it, and some
+        # server CPU): reads by time binary-search the position order instead (_async_first_position_at). Logs
+        # created before keep theirs (harmless).
         # idempotency is read from the chained rows (as in SQLite); `commands` adds a unique guard
         f"CREATE INDEX events_command_id ON {s}.events (command_id) WHERE command_id IS NOT NULL",
         f"""CREATE TABLE {s}.commands (
@@ -292,6 +294,8 @@ class PostgresEventStore(EventStore):
     once the log has one (`async_adopt_epoch`, see events.leader); the others read and subscribe.
     """
 
+    writer_pipeline_depth = 2  # the writer plans group N+1 while N commits; _async_commit keeps their order
+
     def __init__(
         self,
         dsn: str,
@@ -318,6 +322,11 @@ class PostgresEventStore(EventStore):
         self._wconn: asyncpg.Connection | None = None
         self._epoch: int | None = None
         self._published = head[0]  # highest position handed to subscribers
+        # groups are committed one at a time, in the order the writer handed them over (it plans group N+1
+        # while N commits: writer_pipeline_depth); a group must link onto the last row stored: its position
+        # and hash (None: unknown, ask the database)
+        self._commit_lock = asyncio.Lock()
+        self._stored_head: tuple[int, bytes] | None = (head[0], head[1])
         self._follower: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
         s = quote_ident(schema)
@@ -327,10 +336,13 @@ class PostgresEventStore(EventStore):
             "AND stream_version <= $3 ORDER BY stream_version LIMIT $4"
         )
         self._sql_position = f"SELECT {COLUMNS} FROM {s}.events WHERE position >= $1 AND position <= $2 ORDER BY position LIMIT $3"
+        # (recorded_at filters too: on a log whose times went backwards, which verify reports, nothing earlier
+        # than the time asked for is served)
         self._sql_since = (
-            f"SELECT {COLUMNS} FROM {s}.events WHERE recorded_at >= $1 ORDER BY position LIMIT $2"
+            f"SELECT {COLUMNS} FROM {s}.events WHERE position >= $1 AND recorded_at >= $2 ORDER BY position "
+            "LIMIT $3"
         )
-        self._sql_begin = "BEGIN; SELECT set_config('events.epoch', "
+        self._sql_at = f"SELECT position, recorded_at FROM {s}.events WHERE position >= $1 ORDER BY position LIMIT 1"
         self._notify_channel = quote_ident(self.channel)
 
     @classmethod
@@ -395,7 +407,7 @@ class PostgresEventStore(EventStore):
         """Present `epoch` with every later append (after claiming it: events.postgres.async_claim_epoch).
         The next group first reloads the head and forgets the writer's caches: others may have written."""
         self._epoch = epoch
-        self._writer.stale = True
+        self._mark_stale()
 
     async def async_current_epoch(self) -> tuple[int, str, int] | None:
         """(epoch, holder, claimed_at_us) of the log's current epoch, or None."""
@@ -470,15 +482,36 @@ class PostgresEventStore(EventStore):
         if conn is not None:
             conn.terminate()
 
+    def _mark_stale(self) -> None:
+        """Others may have written the log (or our last outcome is unknown): the writer reloads the head before
+        its next group, and the next commit asks the database where the log ends."""
+        self._writer.stale = True
+        self._stored_head = None
+
     async def _async_commit(self, rows: list[Row], commands: list[CommandRow]) -> None:
-        try:
-            await self._async_commit_once(rows, commands)
-        except Exception as exc:
-            if not connection_lost(exc):
-                raise
-            # the connection died and the rows are not stored: one more try on a new connection (a COMMIT
-            # of the lost one arriving late could not write twice: the positions are the primary key)
-            await self._async_commit_once(rows, commands)
+        """Commit one group after the ones handed over before it. A group that does not link onto the last stored
+        row (the group before it failed: it was planned on top of it) is refused, unwritten."""
+        async with self._commit_lock:
+            if self._stored_head is None:
+                self._stored_head = (await self._async_load_head())[:2]
+            position, link = self._stored_head
+            if rows[0][0] != position + 1 or rows[0][11] != link:
+                raise EventLogError(
+                    f"refusing a group that starts at position {rows[0][0]}: it does not link onto the log's "
+                    f"head (position {position}; an earlier group failed, or another process wrote the log); "
+                    "nothing of it was written",
+                    field="log",
+                    code="head_moved",
+                )
+            try:
+                await self._async_commit_once(rows, commands)
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                # the connection died and the rows are not stored: one more try on a new connection (a COMMIT
+                # of the lost one arriving late could not write twice: the positions are the primary key)
+                await self._async_commit_once(rows, commands)
+            self._stored_head = (rows[-1][0], rows[-1][12])
 
     async def _async_commit_once(self, rows: list[Row], commands: list[CommandRow]) -> None:
         conn: asyncpg.Connection | None = None
@@ -502,10 +535,10 @@ class PostgresEventStore(EventStore):
             if fenced is not None:
                 raise fenced from exc
             if isinstance(exc, asyncpg.UniqueViolationError):
-                self._writer.stale = True  # someone else wrote the log: reload before the next group
+                self._mark_stale()  # someone else wrote the log: reload before the next group
                 raise
             if isinstance(exc, asyncio.CancelledError):  # the transaction dies with its connection
-                self._writer.stale = True
+                self._mark_stale()
                 await self._async_drop_write_conn()
             elif connection_lost(exc):
                 await self._async_drop_write_conn()
@@ -516,21 +549,24 @@ class PostgresEventStore(EventStore):
     async def _async_copy_group(
         self, conn: asyncpg.Connection, rows: list[Row], commands: list[CommandRow]
     ) -> None:
-        """One group, one transaction: BEGIN and the fencing epoch (one round trip), the rows by binary COPY
-        (one more: no per-row statement, no arrays to encode), the command ids likewise, then NOTIFY and COMMIT
-        together. Every literal in the SQL is an integer or the log's own channel name."""
+        """One group, one transaction, one round trip: a single query message ``BEGIN; SET LOCAL events.epoch;
+        COPY events FROM STDIN (FORMAT binary); NOTIFY; COMMIT`` followed at once by the rows' binary COPY data
+        (asyncpg's own encoders). A group with command ids takes two: the second message copies the ``commands``
+        rows, then NOTIFY and COMMIT. If any statement fails, PostgreSQL skips the rest of the message (the
+        COMMIT too) and drops the COPY data it has not read: the transaction is left failed, never committed
+        (the caller rolls it back). Every literal in the SQL is an integer or the log's own channel name."""
         epoch = "" if self._epoch is None else str(int(self._epoch))
-        await conn.execute(self._sql_begin + f"'{epoch}', true)")
-        await conn.copy_records_to_table("events", records=rows, columns=COLUMN_NAMES, schema_name=self.schema)
-        if commands:
-            await conn.copy_records_to_table(
-                "commands", records=commands, columns=COMMAND_NAMES, schema_name=self.schema
-            )
-        await conn.execute(f"NOTIFY {self._notify_channel}, '{int(rows[-1][0])}'; COMMIT")
+        begin = f"BEGIN; SET LOCAL events.epoch = '{epoch}'"
+        end = f"NOTIFY {self._notify_channel}, '{int(rows[-1][0])}'; COMMIT"
+        if not commands:
+            await _async_copy_in(conn, self.schema, "events", COLUMN_NAMES, rows, before=begin, after=end)
+            return
+        await _async_copy_in(conn, self.schema, "events", COLUMN_NAMES, rows, before=begin)
+        await _async_copy_in(conn, self.schema, "commands", COMMAND_NAMES, commands, after=end)
 
     async def _async_was_committed(self, rows: list[Row]) -> bool:
         """After a COMMIT on a lost connection: is its first row stored with its hash? (Unknown: raise.)"""
-        self._writer.stale = True
+        self._mark_stale()
         try:
             stored = await asyncio.wait_for(
                 self._async_q(
@@ -604,8 +640,26 @@ class PostgresEventStore(EventStore):
         elif kind == "position":
             rows = await self._async_q("fetch", self._sql_position, start, big if end is None else end, limit)
         else:
-            rows = await self._async_q("fetch", self._sql_since, start, limit)
+            first = await self._async_first_position_at(start)
+            rows = await self._async_q("fetch", self._sql_since, first, start, limit)
         return [tuple(r) for r in rows]
+
+    async def _async_first_position_at(self, us: int) -> int:
+        """The first position whose recorded_at is >= `us` (past the head if none), by binary search of the
+        position order: the writer never lets recorded_at go backwards along the chain (verify checks it), so
+        the log is sorted by time too and needs no index of its own for it (as the SQLite store)."""
+        lo_hi = await self._async_q("fetchrow", f"SELECT min(position), max(position) FROM {self._s}.events")
+        if lo_hi is None or lo_hi[0] is None:
+            return 1
+        lo, hi = int(lo_hi[0]), int(lo_hi[1]) + 1  # answer in [lo, hi]; hi = past the head
+        while lo < hi:
+            mid = (lo + hi) // 2
+            pos, recorded = await self._async_q("fetchrow", self._sql_at, mid)  # mid <= max(position): a row
+            if recorded >= us:
+                hi = mid
+            else:
+                lo = int(pos) + 1
+        return lo
 
     async def _async_hash_at(self, position: int) -> bytes | None:
         h = await self._async_q(
@@ -717,6 +771,45 @@ class PostgresEventStore(EventStore):
         self._check_open()
         await self._async_pump()
         return self._published
+
+
+def _protocol_copy_in(conn: asyncpg.Connection) -> Any:
+    """asyncpg's protocol-level COPY FROM STDIN (private: None if this asyncpg has none)."""
+    return getattr(getattr(conn, "_protocol", None), "copy_in", None)
+
+
+async def _async_copy_in(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    columns: tuple[str, ...],
+    records: list[Any],
+    *,
+    before: str = "",
+    after: str = "",
+) -> None:
+    """``before; COPY schema.table (columns) FROM STDIN (FORMAT binary); after`` as ONE query message, the
+    records' binary COPY data sent right behind it: one round trip. This is what asyncpg's
+    ``Connection.copy_records_to_table`` does (the columns' encoders come from a prepared, cached statement
+    selecting them), with our own statements around the COPY; an asyncpg without that protocol method gets
+    the same statements through its public API, in three round trips."""
+    copy_in = _protocol_copy_in(conn)
+    if copy_in is None:
+        if before:
+            await conn.execute(before)
+        await conn.copy_records_to_table(table, records=records, columns=columns, schema_name=schema)
+        if after:
+            await conn.execute(after)
+        return
+    s = quote_ident(schema)
+    cols = ", ".join(columns)
+    prepared = await conn._prepare(f"SELECT {cols} FROM {s}.{table} LIMIT 1", use_cache=True)
+    sql = f"COPY {s}.{table} ({cols}) FROM STDIN (FORMAT binary)"
+    if before:
+        sql = f"{before}; {sql}"
+    if after:
+        sql = f"{sql}; {after}"
+    await copy_in(sql, None, None, records, prepared._state, None)
 
 
 async def _async_head(conn: asyncpg.Connection, s: str, log_id: str) -> tuple[int, bytes, int]:

@@ -21,6 +21,9 @@ from events import (
     StoredEvent,
     verify,
 )
+from events import postgres as pg_module
+from events.chain import genesis_hash
+from events.envelope import us_to_datetime
 from events.postgres import PostgresEventStore, async_claim_epoch, grant_statements
 from moldlab.testing.pgserver import PgServer
 from tests.events.store_contract import StoreContract, ev, hold_writer_before_commit
@@ -43,6 +46,15 @@ class TestPostgresEventStore(StoreContract):
 
     async def make_store(self, **kw: Any) -> EventStore:
         return await open_pg(self.pg, new_schema(), **kw)
+
+
+class TestPostgresEventStoreWithoutProtocolCopy(TestPostgresEventStore):
+    """The same contract when asyncpg offers no protocol-level COPY: a group is then BEGIN, COPY, NOTIFY + COMMIT
+    as separate statements through asyncpg's public API."""
+
+    @pytest.fixture(autouse=True)
+    def _public_copy(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pg_module, "_protocol_copy_in", lambda conn: None)
 
 
 async def test_rows_cannot_be_changed_even_by_the_owner(pg_server: PgServer) -> None:
@@ -255,6 +267,203 @@ async def test_an_epoch_claim_waits_for_a_commit_that_already_passed_the_check(p
         await admin.close()
         await writer.close()
         await store.async_close()
+
+
+@pytest.mark.parametrize("protocol_copy", [True, False], ids=["one_message", "public_api"])
+async def test_a_group_refused_inside_its_message_writes_nothing_and_the_connection_goes_on(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch, protocol_copy: bool
+) -> None:
+    """A group is one query message (BEGIN; SET LOCAL; COPY; NOTIFY; COMMIT) with its COPY data behind it. When
+    the COPY is refused (here another writer took its position), PostgreSQL skips the rest of the message and
+    drops the COPY data: nothing of the group is stored, and the next group goes over the same connection."""
+    if not protocol_copy:
+        monkeypatch.setattr(pg_module, "_protocol_copy_in", lambda conn: None)
+    schema = new_schema()
+    a = await open_pg(pg_server, schema)
+    b = await open_pg(pg_server, schema)  # both believe the log is empty
+    listener = await asyncpg.connect(pg_server.dsn())
+    heard: list[str] = []
+    got_two = asyncio.Event()
+
+    def on_notify(*args: Any) -> None:
+        heard.append(args[3])
+        if args[3] == "2":
+            got_two.set()
+
+    try:
+        await listener.add_listener(a.channel, on_notify)
+        await a.async_append("s", [ev(n=1)])
+        conn = await b._async_write_conn()
+        pid = conn.get_server_pid()
+        # this asyncpg has the protocol-level COPY (else every group would silently take three round trips)
+        assert (pg_module._protocol_copy_in(conn) is not None) is protocol_copy
+        for command_id in (None, "refused"):  # one message, and the two-message group with command ids
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await b.async_append("t", [ev(n=0)], command_id=command_id)
+            b._writer.head_position = 0  # forget the reload: collide with position 1 once more
+            b._writer.stale = False
+            b._stored_head = (0, genesis_hash(b.log_id))  # ... past the store's own head check too
+        # refused in the second message (the commands table already holds this id): the events copied by the
+        # first message are not committed either
+        pg_server.psql(f"INSERT INTO {schema}.commands VALUES ('forged', 't', 99, 99, 9)")
+        b._mark_stale()
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await b.async_append("t", [ev(n=0)], command_id="forged")
+        res = await b.async_append("t", [ev(n=2)], command_id="after")
+        assert res.last_position == 2
+        assert b._wconn is conn and conn.get_server_pid() == pid and not conn.is_in_transaction()
+        assert [(e.position, e.payload) for e in await a.async_read()] == [(1, {"n": 1}), (2, {"n": 2})]
+        assert await a.async_find_command("refused") is None
+        await asyncio.wait_for(got_two.wait(), 10)
+        assert heard == ["1", "2"]
+        assert await a.async_verify_range(0, genesis_hash(a.log_id)) == (2, res.events[-1].hash)
+    finally:
+        await listener.close()
+        await a.async_close()
+        await b.async_close()
+
+
+async def test_a_large_group_is_copied_in_chunks_and_a_refusal_in_its_middle_writes_nothing(
+    pg_server: PgServer,
+) -> None:
+    """A group's COPY data larger than asyncpg's buffer goes out in several messages behind the one query; a row
+    refused in the middle (a trigger raises at its payload) fails the whole group, the chunks after it are
+    dropped by the server, and the same connection then writes the next large group."""
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    pg_server.psql(
+        f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'refused row'; END $$; "
+        f"CREATE TRIGGER refuse BEFORE INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"refuse\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.refuse()"
+    )
+    filler = "x" * 300
+    try:
+        conn = await store._async_write_conn()
+        pid = conn.get_server_pid()
+        events = [ev(i=i, filler=filler) for i in range(4000)]  # ~2 MB of COPY data
+        bad = [*events[:2500], ev(refuse=1), *events[2500:]]
+        with pytest.raises(asyncpg.RaiseError, match="refused row"):
+            await store.async_append("big", bad, command_id="bad")
+        assert await store.async_stored_head() == (0, genesis_hash(store.log_id))
+        res = await store.async_append("big", events, command_id="good")
+        assert res.last_position == 4000 and store._wconn is conn and conn.get_server_pid() == pid
+        assert await store.async_find_command("bad") is None
+        assert await store.async_verify_range(0, genesis_hash(store.log_id)) == (4000, res.events[-1].hash)
+    finally:
+        await store.async_close()
+
+
+async def test_groups_handed_over_while_one_commits_are_written_in_order(pg_server: PgServer) -> None:
+    """The writer plans group N+1 while N commits (pipeline depth 2): both are written, in order, on one chain,
+    and a subscriber sees every event once."""
+    schema = new_schema()
+    store = await open_pg(pg_server, schema)
+    pg_server.psql(
+        f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_sleep(0.5); RETURN NEW; END $$; "
+        f"CREATE TRIGGER slow BEFORE INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"slow\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.slow()"
+    )
+    seen: list[int] = []
+    try:
+        sub = store.async_subscribe(1)
+
+        async def follow() -> None:
+            async for event in sub:
+                seen.append(event.position)
+                if event.position == 11:
+                    return
+
+        follower = asyncio.create_task(follow())
+        first = asyncio.create_task(store.async_append("a", [ev(slow=1)], command_id="first"))
+        await wait_until(lambda: len(store._writer._inflight) == 1)
+        rest = [
+            asyncio.create_task(store.async_append(f"s{i % 3}", [ev(i=i)], command_id=f"c{i}")) for i in range(10)
+        ]
+        await wait_until(lambda: len(store._writer._inflight) == 2)  # planned and handed over behind `first`
+        results = [await first, *[await t for t in rest]]
+        assert sorted(r.last_position for r in results) == list(range(1, 12))
+        assert [e.position for e in await store.async_read()] == list(range(1, 12))
+        assert await store.async_verify_range(0, genesis_hash(store.log_id)) == await store.async_stored_head()
+        await asyncio.wait_for(follower, 10)
+        assert seen == list(range(1, 12))
+    finally:
+        await store.async_close()
+
+
+async def test_a_group_planned_on_a_failed_one_is_refused_even_if_the_head_position_matches(
+    pg_server: PgServer,
+) -> None:
+    """The writer hands group N+1 over while N commits. N fails because another process took its position; that
+    process's row sits exactly where N's would have been, so N+1's first position follows the stored head. It
+    must still be refused (it links onto N's hash, not the stored one): written, it would break the chain."""
+    schema = new_schema()
+    a = await open_pg(pg_server, schema)
+    await a.async_append("s", [ev(n=1)])
+    b = await open_pg(pg_server, schema)
+    pg_server.psql(  # a row whose payload says "slow" waits in the database before it is inserted
+        f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_sleep(1); RETURN NEW; END $$; "
+        f"CREATE TRIGGER slow BEFORE INSERT ON {schema}.events FOR EACH ROW "
+        "WHEN (position('\"slow\"' in convert_from(NEW.payload, 'UTF8')) > 0) "
+        f"EXECUTE FUNCTION {schema}.slow()"
+    )
+    try:
+        n = asyncio.create_task(a.async_append("s", [ev(slow=1)]))
+        await wait_until(lambda: len(a._writer._inflight) == 1)
+        n1 = asyncio.create_task(a.async_append("s", [ev(n=3)], command_id="planned-on-n"))
+        await wait_until(lambda: len(a._writer._inflight) == 2)  # planned on top of N, handed over
+        other = await b.async_append("t", [ev(other=2)])  # takes position 2 while N waits
+        assert other.last_position == 2
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await n
+        with pytest.raises(Exception):  # noqa: B017 - refused: N's error, or head_moved
+            await n1
+        assert [(e.position, e.stream_id) for e in await b.async_read()] == [(1, "s"), (2, "t")]
+        assert await b.async_find_command("planned-on-n") is None
+        again = await a.async_append("s", [ev(n=3)], command_id="planned-on-n")  # a reloads the head
+        assert again.last_position == 3 and not again.duplicate
+        head = await b.async_stored_head()
+        assert await b.async_verify_range(0, genesis_hash(b.log_id)) == head
+    finally:
+        await a.async_close()
+        await b.async_close()
+
+
+async def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_read_since_finds_the_first_event_at_or_after_a_time_without_an_index(pg_server: PgServer) -> None:
+    """New logs have no recorded_at index: reads by time binary-search the position order."""
+    schema = new_schema()
+    times = iter([10, 10, 10, 20, 20, 35, 50, 50, 50, 50, 51])
+    store = await open_pg(pg_server, schema, clock=lambda: next(times))
+    try:
+        assert pg_server.psql(f"SELECT count(*) FROM pg_indexes WHERE schemaname = '{schema}' "
+                              "AND indexdef LIKE '%recorded_at%'") == "0"  # fmt: skip
+        for i in range(11):
+            await store.async_append(f"s-{i % 2}", [ev(i=i)])
+        recorded = [e.recorded_at for e in await store.async_read()]
+        for us in (0, 9, 10, 11, 20, 21, 35, 36, 50, 51, 52, 10**15):
+            since = us_to_datetime(us)
+            want = [i + 1 for i, t in enumerate(recorded) if t >= since]
+            assert [e.position for e in await store.async_read_since(since)] == want, us
+            assert [e.position for e in await store.async_read_since(since, limit=2)] == want[:2], us
+    finally:
+        await store.async_close()
+    empty = await open_pg(pg_server, new_schema())
+    try:
+        assert await empty.async_read_since(us_to_datetime(0)) == []
+    finally:
+        await empty.async_close()
 
 
 # ---- connections lost ----------------------------------------------------------------------------------
