@@ -20,6 +20,7 @@ from events.envelope import datetime_to_us, us_to_datetime
 from events.verify import open_readonly, read_head, read_log_id
 from moldd.audit.errors import AuditError
 from moldd.eventtypes import EVENT_TYPES, upcasters
+from moldd.projection import readmodel
 from moldd.projection.readmodel import FOLD_COLUMNS, ReadModel
 
 COLUMNS = (
@@ -84,20 +85,30 @@ def iter_rows(
 
 def iter_fold_batches(
     conn: sqlite3.Connection, from_position: int = 1, to_position: int | None = None
-) -> Iterator[list[tuple[object, ...]]]:
-    """Batches of stored rows for ``ReadModel.apply_rows`` (its ``FOLD_COLUMNS``), in position order."""
+) -> Iterator[tuple[list[tuple[object, ...]], bool]]:
+    """Batches of stored rows for ``ReadModel.apply_rows`` (its ``FOLD_COLUMNS``), in position order, each with
+    whether its rows' position, event type, schema version and time are known to have the column types
+    ``iter_events`` requires (read by the fold's C accelerator, ``readmodel.ACCELERATOR``, over its own read-only
+    connection to the same file; a batch it does not vouch for is read through ``conn``)."""
     start = from_position
     end = 2**62 if to_position is None else to_position
     sql = f"SELECT {', '.join(FOLD_COLUMNS)} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
+    accel = readmodel.ACCELERATOR
+    uri = getattr(conn, "uri", None) if accel is not None else None
     while True:
-        try:
-            batch = conn.execute(sql, (start, end, BATCH)).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise AuditError(f"cannot read the log: {exc}", field="db") from exc
+        batch: list[tuple[object, ...]] | None = None
+        if isinstance(uri, str):
+            batch = accel.read(uri, start, end, BATCH, True)
+        typed = batch is not None
+        if batch is None:
+            try:
+                batch = conn.execute(sql, (start, end, BATCH)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise AuditError(f"cannot read the log: {exc}", field="db") from exc
         if not batch:
             return
-        yield batch
-        start = int(batch[-1][0]) + 1
+        yield batch, typed
+        start = int(batch[-1][0]) + 1  # type: ignore[call-overload]
 
 
 def hash_at(conn: sqlite3.Connection, position: int) -> bytes:

@@ -2,18 +2,23 @@
  * by the daemon's restore and `moldd-audit state`). Three functions, each giving exactly what its pure-Python
  * twin gives (tests/projection/test_foldrows.py holds them to it), or handing the case back:
  *
- *   read(uri, start, end, limit) -> list of rows | None
+ *   read(uri, start, end, limit, typed=False) -> list of rows | None
  *       The rows of positions start..end (at most `limit`), in position order, in the fold's column order
  *       (FOLD_COLUMNS), as Python's sqlite3 module returns them (INTEGER -> int, TEXT -> str, BLOB -> bytes,
  *       REAL -> float, NULL -> None), read over its own read-only connection. The GIL is released while SQLite
  *       is read (the rows are copied out first, then turned into objects). Repeated stream ids, event types and
  *       actors within a call are one object each (event types interned). None on anything unusual (an SQLite
- *       error, text that is not UTF-8): the caller then reads that batch through sqlite3, which decides.
+ *       error, text that is not UTF-8, with `typed` a position, schema version or time that is not an integer or an
+ *       event type that is not text): the caller then reads that batch through sqlite3, which decides.
  *   iso_us(us) -> str
  *       ReadModel's iso_us (datetime.isoformat of microseconds since the Unix epoch, UTC); values outside
  *       years 1..9999 or not plain ints go to the Python function given to set_fallback.
  *   may_have_long_int(data) -> bool
  *       events.canonical.may_have_long_int: whether the bytes hold a run of 19 ASCII digits.
+ *   decode(payload) -> value
+ *       events.canonical.loads as ReadModel.apply_rows inlines it: for bytes without such a run the fast
+ *       decoder (orjson.loads), unless it raises its error; otherwise the general one (canonical loads); both
+ *       given to set_decoders.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,6 +45,7 @@ typedef struct {
 typedef struct {
     const char *uri;
     int64_t start, end, limit;
+    int typed; /* refuse (None) rows whose position, event type, schema version or time has another type */
     cell_t *cells;
     size_t ncells, cap_cells;
     char **chunks; /* the copied texts and blobs, in chunks never moved (a pointer per cell stays valid) */
@@ -126,6 +132,12 @@ static void read_rows(batch_t *b) {
             default:
                 break;
             }
+        }
+        if (b->typed) {
+            cell_t *row = &b->cells[b->ncells - N_COLS];
+            if (row[0].type != SQLITE_INTEGER || row[3].type != SQLITE_TEXT || row[4].type != SQLITE_INTEGER ||
+                row[5].type != SQLITE_INTEGER)
+                goto fail;
         }
         b->rows++;
     }
@@ -275,7 +287,7 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
     (void)self;
     batch_t b;
     memset(&b, 0, sizeof b);
-    if (!PyArg_ParseTuple(args, "sLLL", &b.uri, &b.start, &b.end, &b.limit)) return NULL;
+    if (!PyArg_ParseTuple(args, "sLLL|p", &b.uri, &b.start, &b.end, &b.limit, &b.typed)) return NULL;
     if (b.limit < 0) {
         PyErr_SetString(PyExc_ValueError, "limit must be >= 0");
         return NULL;
@@ -367,33 +379,69 @@ static PyObject *py_set_fallback(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* ---- may_have_long_int ---- */
-static PyObject *py_long_int(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "y*", &buf)) return NULL;
-    const unsigned char *p = buf.buf;
+/* ---- may_have_long_int, decode ---- */
+static int has_digit_run(const unsigned char *p, Py_ssize_t len) {
     Py_ssize_t run = 0;
-    int found = 0;
-    for (Py_ssize_t i = 0; i < buf.len; i++) {
+    for (Py_ssize_t i = 0; i < len; i++) {
         if (p[i] >= '0' && p[i] <= '9') {
-            if (++run >= 19) {
-                found = 1;
-                break;
-            }
+            if (++run >= 19) return 1;
         } else {
             run = 0;
         }
     }
+    return 0;
+}
+
+static PyObject *py_long_int(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (PyBytes_CheckExact(arg))
+        return PyBool_FromLong(has_digit_run((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg)));
+    Py_buffer buf;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE)) return NULL;
+    int found = has_digit_run(buf.buf, buf.len);
     PyBuffer_Release(&buf);
     return PyBool_FromLong(found);
 }
 
+static PyObject *fast_loads = NULL, *fast_error = NULL, *general_loads = NULL;
+
+/* events.canonical.loads as the fold inlines it: orjson for bytes without a run of 19 digits (what it refuses
+ * goes on), the general decoder for everything else. */
+static PyObject *py_decode(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!general_loads) {
+        PyErr_SetString(PyExc_RuntimeError, "decode: set_decoders first");
+        return NULL;
+    }
+    if (PyBytes_CheckExact(arg) &&
+        !has_digit_run((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg))) {
+        PyObject *r = PyObject_CallOneArg(fast_loads, arg);
+        if (r || !PyErr_ExceptionMatches(fast_error)) return r;
+        PyErr_Clear();
+    }
+    return PyObject_CallOneArg(general_loads, arg);
+}
+
+static PyObject *py_set_decoders(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *f, *e, *g;
+    if (!PyArg_ParseTuple(args, "OOO", &f, &e, &g)) return NULL;
+    Py_INCREF(f);
+    Py_INCREF(e);
+    Py_INCREF(g);
+    Py_XSETREF(fast_loads, f);
+    Py_XSETREF(fast_error, e);
+    Py_XSETREF(general_loads, g);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
-    {"read", py_read, METH_VARARGS, "read(uri, start, end, limit) -> rows in FOLD_COLUMNS order, or None"},
+    {"read", py_read, METH_VARARGS, "read(uri, start, end, limit, typed=False) -> rows in FOLD_COLUMNS order, or None"},
     {"iso_us", py_iso_us, METH_O, "iso_us(us) -> ISO 8601 text of microseconds since the Unix epoch (UTC)"},
     {"set_fallback", py_set_fallback, METH_O, "the Python iso_us, for values outside years 1..9999"},
-    {"may_have_long_int", py_long_int, METH_VARARGS, "whether the bytes hold a run of 19 ASCII digits"},
+    {"may_have_long_int", py_long_int, METH_O, "whether the bytes hold a run of 19 ASCII digits"},
+    {"decode", py_decode, METH_O, "a stored payload decoded (orjson where it is exact, else the general decoder)"},
+    {"set_decoders", py_set_decoders, METH_VARARGS, "set_decoders(orjson.loads, orjson.JSONDecodeError, loads)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,6 +4,7 @@ by the daemon or replayed by ``moldd-audit state``; times come from the events, 
 from __future__ import annotations
 
 import gc
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,6 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 
 from events.canonical import loads as canonical_loads
-from events.canonical import may_have_long_int
 from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import HostHealth, down_cause
 from moldd.domain.states import TRANSIENT, PowerState, VMState
@@ -90,6 +90,19 @@ def iso_us(us: int) -> str:
     if micro:
         return _second_text + "." + str(1_000_000 + micro)[1:] + "+00:00"  # (cheaper than a format spec)
     return _second_text + "+00:00"
+
+
+_accelerator: Any
+try:  # the optional C accelerator of the bulk fold (moldd/projection/_foldrows.c, built by setup.py)
+    from moldd.projection import _foldrows as _accelerator
+except ImportError:  # pragma: no cover - not built: the pure-Python functions, same results
+    _accelerator = None
+ACCELERATOR: Any = None if os.environ.get("MOLDD_FOLD_PURE_PYTHON") else _accelerator
+"""``_foldrows`` (``read``, ``iso_us``, ``decode``, ...: each gives what its Python twin gives), or None:
+not built, or ``MOLDD_FOLD_PURE_PYTHON`` set. Read at each bulk fold (tests switch it off)."""
+if _accelerator is not None:
+    _accelerator.set_fallback(iso_us)  # years outside 1..9999, or not a plain int: Python's answer (or error)
+    _accelerator.set_decoders(_orjson_loads, _OrjsonDecodeError, canonical_loads)
 
 
 def _iso(ev: EventLike) -> str:
@@ -318,9 +331,12 @@ class ReadModel:
         holds both to the same results). The cyclic garbage collector is paused meanwhile: the fold makes
         no cycles, and each of its passes would walk the whole model."""
         global _last_at, _last_text
-        new, cls, iso = _new_tuple, FoldEvent, iso_us
-        loads, decode_error, long_int = _orjson_loads, _OrjsonDecodeError, may_have_long_int
-        vm_handlers, handlers, vms, track = _VM_HANDLERS, _HANDLERS, self.vms, self._track_job
+        accel = ACCELERATOR
+        new, cls = _new_tuple, FoldEvent
+        iso = iso_us if accel is None else accel.iso_us
+        decode = canonical_loads if accel is None else accel.decode  # the same decoding (events.canonical.loads)
+        version_of = current.get
+        vm_handlers, handlers, vms, jobs, finish = _VM_HANDLERS, _HANDLERS, self.vms, self.jobs, self._job_finished
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -328,14 +344,8 @@ class ReadModel:
             for pos, sid, sv, et, schema, at, actor, corr, payload in rows:
                 if pos <= last:
                     continue
-                if type(payload) is bytes and not long_int(payload):  # canonical_loads, inlined
-                    try:
-                        data = loads(payload)
-                    except decode_error:
-                        data = canonical_loads(payload)
-                else:
-                    data = canonical_loads(payload)
-                if schema < current.get(et, 0):
+                data = decode(payload)
+                if schema < version_of(et, 0):
                     _, data = upcast(et, schema, data)
                 ev = new(cls, (pos, sid, sv, et, at, actor, corr, data))
                 self.position = last = pos
@@ -359,8 +369,24 @@ class ReadModel:
                             vm.version = sv
                             vm.position = pos
                             vm.updated_at = text
-                if corr:
-                    track(ev)
+                if corr:  # self._track_job(ev), inlined
+                    vm = vms.get(data.get("vm") or sid.removeprefix("vm-"))
+                    job = jobs.get(corr)
+                    if job is None:
+                        if not et.endswith(".requested"):
+                            continue
+                        job = Job(corr, et[:-10], vm.name if vm is not None else None, "running", text, actor, pos)
+                        jobs[corr] = job
+                        if vm is not None:
+                            vm.job = corr
+                    job.updated_at = text
+                    if vm is not None:
+                        job.state = vm.state
+                    if "progress" in data:
+                        job.progress = data["progress"]
+                    status = data.get("job_status")
+                    if status == "succeeded" or status == "failed":
+                        finish(job, corr, vm, status, data, text)
         finally:
             if collecting:
                 gc.enable()
@@ -404,20 +430,26 @@ class ReadModel:
             job.progress = p["progress"]
         status = p.get("job_status")
         if status == "succeeded" or status == "failed":
-            newly = job.finished_at is None
-            job.status = status
-            job.finished_at = at
-            if status == "failed":
-                job.error, job.result = p.get("error"), None
-            else:
-                job.error, job.result = None, p.get("result")
-            if vm is not None and vm.job == job_id:
-                vm.job = None
-            if newly:
-                finished = self._finished
-                finished.append((at, job_id))  # finish times never go backwards in the log
-                if len(finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
-                    self.prune_jobs()  # this job finished last: it stays
+            self._job_finished(job, job_id, vm, status, p, at)
+
+    def _job_finished(
+        self, job: Job, job_id: str, vm: VM | None, status: str, p: dict[str, Any], at: str
+    ) -> None:
+        """A job's event says it ended (``job_status``): record how, free its VM, prune old finished jobs."""
+        newly = job.finished_at is None
+        job.status = status
+        job.finished_at = at
+        if status == "failed":
+            job.error, job.result = p.get("error"), None
+        else:
+            job.error, job.result = None, p.get("result")
+        if vm is not None and vm.job == job_id:
+            vm.job = None
+        if newly:
+            finished = self._finished
+            finished.append((at, job_id))  # finish times never go backwards in the log
+            if len(finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
+                self.prune_jobs()  # this job finished last: it stays
 
 
 Handler = Callable[[ReadModel, EventLike], None]
