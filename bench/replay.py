@@ -16,11 +16,15 @@ HA restarts after crashes over ``--vms`` VMs; the build is not timed). Each figu
   and whether the C scan of events.verify (events/_chainscan.c) is built: without it verify is the pure-Python
   scan (same reports, slower);
 - ``fold (moldd-audit state)``: ``moldd.audit.state.fold``: every event decoded (JSON, upcast) and folded into
-  ``moldd.projection.readmodel.ReadModel``, the fold the daemon runs;
+  ``moldd.projection.readmodel.ReadModel``, the fold the daemon runs; whether the fold's optional C accelerator
+  (moldd/projection/_foldrows.c: rows read without Python's sqlite3, times as text, payloads decoded) is built
+  is printed (``MOLDD_FOLD_PURE_PYTHON=1`` runs without it);
 - ``daemon restore, no snapshot``: ``moldd.app.projector.Projector.async_restore`` on the store (what the daemon
   does at start when it has no snapshot: read in batches through ``SQLiteEventStore`` and fold);
 - ``daemon restore from snapshot``: the same after ``Projector.async_snapshot`` at the head (seconds, and the
   snapshot's size).
+
+``--skip-verify`` leaves the verify rows out (the fold rows only, for development).
 
 The load average is printed first and last; the last line is a JSON object of the medians.
 """
@@ -152,6 +156,9 @@ def main() -> None:
     ap.add_argument(
         "--verify-events", type=int, default=1_000_000, help="events in the log verify is timed on"
     )
+    ap.add_argument(
+        "--skip-verify", action="store_true", help="only the fold rows (the fold, the restores): for development"
+    )
     args = ap.parse_args()
     from moldd.logging import configure_logging
 
@@ -168,7 +175,9 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s, not timed)", flush=True)  # fmt: skip
         r: dict[str, list[float]] = {}
         vpath, vn = path, n
-        if args.verify_events != args.events:
+        if args.skip_verify:
+            pass
+        elif args.verify_events != args.events:
             vpath = Path(tmp) / "verify.db"
             vpath.unlink(missing_ok=True)
             t0 = time.perf_counter()
@@ -177,10 +186,15 @@ def main() -> None:
                 f"verify log: {vn:,} events (built in {time.perf_counter() - t0:.1f} s, not timed)",
                 flush=True,
             )
-        verify_section(vpath, vn, args.runs, r)
+        if not args.skip_verify:
+            verify_section(vpath, vn, args.runs, r)
         if vpath != path:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{vpath}{suffix}").unlink(missing_ok=True)
+        from moldd.projection.readmodel import ACCELERATOR as FOLD_ACCELERATOR
+
+        print(f"fold: C accelerator (moldd/projection/_foldrows.c) "
+              f"{'built' if FOLD_ACCELERATOR is not None else 'NOT built (pure Python)'}; {load()}", flush=True)  # fmt: skip
         r["audit_fold_eps"] = [n / time_audit_fold(path, n) for _ in range(args.runs)]
         print(f"fold (moldd-audit state):         {fmt(r['audit_fold_eps'], ' ev/s')}", flush=True)
         r["restore_eps"] = [n / asyncio.run(async_time_restore(path, n)) for _ in range(args.runs)]
