@@ -156,12 +156,25 @@ class Daemon:
             self.store = await SQLiteEventStore.async_open(cfg.database)
         self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
         snapshot_position = await self.projector.async_load_snapshot()
+        # A log file is verified (on a thread, the C scan without the GIL) while the tail is folded into the read
+        # model: nothing acts on the model before both are done, and a log that does not verify refuses the start
+        # with its own error whatever the fold made of it. (A PostgreSQL log is verified first: both would share
+        # the store's connection.)
+        restore: asyncio.Future[None] | None = None
+        if cfg.database_dsn is None:
+            restore = asyncio.ensure_future(self.projector.async_restore())
         try:
             self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
-        except LogIntegrityError as exc:
-            self.integrity_error = exc.message
+        except BaseException as exc:
+            if restore is not None:
+                restore.cancel()
+                await asyncio.wait({restore})
+                if not restore.cancelled():
+                    restore.exception()  # what the fold made of rows that do not verify: not the error to raise
+            if isinstance(exc, LogIntegrityError):
+                self.integrity_error = exc.message
             raise
-        await self.projector.async_restore()
+        await (restore if restore is not None else self.projector.async_restore())
         self.projector.add_listener(_log_event)
         self.projector.add_listener(self.metrics.on_event)
         self.projector.start()
