@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,20 +96,28 @@ def iter_fold_batches(
     sql = f"SELECT {', '.join(FOLD_COLUMNS)} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
     accel = readmodel.ACCELERATOR
     uri = getattr(conn, "uri", None) if accel is not None else None
-    while True:
-        batch: list[tuple[object, ...]] | None = None
-        if isinstance(uri, str):
-            batch = accel.read(uri, start, end, BATCH, True)
-        typed = batch is not None
-        if batch is None:
-            try:
-                batch = conn.execute(sql, (start, end, BATCH)).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise AuditError(f"cannot read the log: {exc}", field="db") from exc
-        if not batch:
-            return
-        yield batch, typed
-        start = int(batch[-1][0]) + 1  # type: ignore[call-overload]
+    if not isinstance(uri, str):
+        accel = None
+    with ThreadPoolExecutor(1, thread_name_prefix="fold-read") as reader:
+        # with the accelerator the next batch is read on a thread (SQLite without the GIL) while this one is folded
+        ahead: Future[list[tuple[object, ...]] | None] | None = None
+        while True:
+            batch: list[tuple[object, ...]] | None = None
+            if accel is not None:
+                batch = ahead.result() if ahead is not None else accel.read(uri, start, end, BATCH, True)
+                ahead = None
+            typed = batch is not None
+            if batch is None:
+                try:
+                    batch = conn.execute(sql, (start, end, BATCH)).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise AuditError(f"cannot read the log: {exc}", field="db") from exc
+            if not batch:
+                return
+            start = int(batch[-1][0]) + 1  # type: ignore[call-overload]
+            if accel is not None and len(batch) == BATCH:
+                ahead = reader.submit(accel.read, uri, start, end, BATCH, True)
+            yield batch, typed
 
 
 def hash_at(conn: sqlite3.Connection, position: int) -> bytes:
