@@ -177,7 +177,7 @@ class Daemon:
         await (restore if restore is not None else self.projector.async_restore())
         self.projector.add_listener(_log_event)
         self.projector.add_listener(self.metrics.on_event)
-        self.projector.start()
+        self.projector.start(snapshot_tail=False)  # (snapshot_tail() once ready, below)
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running or (
             self.cluster is not None and not self.cluster.acting
@@ -232,6 +232,7 @@ class Daemon:
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
+        self.projector.snapshot_tail()  # a long tail folded at start: snapshotted now, in the background
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
         release_freed_memory()  # what the restore decoded and dropped (snapshot JSON, batches of rows)
 

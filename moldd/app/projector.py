@@ -118,11 +118,18 @@ class Projector:
         await self.store.async_release_memory()  # the page cache the replay filled (~16 MiB for SQLite)
         log.info("projection_restored", position=self.model.position, vms=len(self.model.vms))
 
-    def start(self) -> None:
+    def start(self, *, snapshot_tail: bool = True) -> None:
+        """Follow live commits. Unless ``snapshot_tail`` is false, also ``snapshot_tail()`` now (the daemon
+        calls it itself once ready: the snapshot's encoding would otherwise compete with the rest of its start)."""
         self._task = asyncio.create_task(self._async_follow(), name="projector")
+        if snapshot_tail:
+            self.snapshot_tail()
+
+    def snapshot_tail(self) -> None:
+        """If the restore folded a long tail (``snapshot_every`` events or more since the snapshot it started
+        from), snapshot it soon, in the background, so that the next start does not fold it again even if the
+        final snapshot at stop does not fit in its time limit."""
         if self.model.position - self.snapshot_position >= self.snapshot_every:
-            # the restore folded a long tail: snapshot it soon (in the background), so that the next start does
-            # not fold it again even if the final snapshot at stop does not fit in its time limit
             self._start_background_snapshot()
 
     async def async_stop(self, *, snapshot: bool = True, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
