@@ -18,16 +18,25 @@ Queries (``--reads``): ``one`` (a VM by id), ``page`` (a page of 100, pages cycl
 
 1. saturation: ``--clients`` closed-loop clients send the query as fast as replies come back → the highest
    rate, its latency, the server's CPU per request and the reply size;
-2. paced, at each of ``--rates`` below 90 % of that saturation and at half of it: an open-loop schedule (5 % writes:
-   ``updateVirtualMachine`` of a description); latency is measured from the scheduled send time, so a
-   stalled server is charged for the requests it delayed (no coordinated omission) → p50/p99.
+2. paced, at each of ``--rates`` below 90 % of that saturation and at half of it: one open-loop schedule,
+   evenly spaced, ``--write-share`` of it (5 %) durable writes (``updateVirtualMachine`` of a description) on 8
+   connections of their own, the reads on the ``--clients`` connections. At its due time a request goes out on
+   an idle connection of its kind, or waits for one to come free (that wait is the server's: it is counted, so
+   a stalled server is charged for the requests it delayed: no coordinated omission). Latency runs from the
+   moment the client was ready to send (its timer fired); how late the client itself was behind the schedule
+   (its own loop or CPU: both processes share this machine's cores) is printed apart as the client's lag, with
+   its CPU, and is not charged to the server (the p99 from the due time is printed too). Server side: its CPU
+   per request, its loop's lateness (a 5 ms ticker inside the server process: how long something else held
+   the loop) and every garbage collection's pause by generation. → p50/p99, time to the first byte.
 
 Each phase runs ``--runs`` times (min/median/max printed); the load average is printed first and last; the
-last line is JSON of the medians per query.
+last line is JSON of the medians per query. ``--server-tree DIR`` runs the server on another checkout's moldd
+with this same client (side-by-side comparisons: run main's tree and yours back to back).
 
     python bench/api.py [--vms 10000] [--reads one,page,all,events] [--rates 500,1000,2000] [--runs 3]
-                        [--clients 32] [--duration 3] [--hosts lab|test] [--guests 0]
+                        [--clients 32] [--duration 3] [--hosts lab|test] [--guests 0] [--write-share 0.05]
                         [--event-loop uvloop|asyncio] [--deploy] [--fake] [--profile FILE.pstats]
+                        [--server-tree DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__mp_main__" and os.environ.get("BENCH_API_SERVER_TREE"):
+    # --server-tree: the server process imports moldd from another checkout (the same client, another server)
+    sys.path.insert(0, os.environ["BENCH_API_SERVER_TREE"])
 
 from bench.common import fmt, footer, header
 from moldd.app.bus import Actor, CommandReply
@@ -147,6 +159,10 @@ class Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.need = -1  # bytes of the whole reply once its head is in
+        self.first_at = 0.0  # when the first byte of the current reply came (perf_counter)
+        self.head_end = 0
+        self.chunks: bytearray | None = None  # the body so far of a chunked reply
+        self.at = 0  # where its next chunk starts in buf
 
     @classmethod
     async def async_open(cls, path: str) -> Connection:
@@ -158,22 +174,55 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
+        if not buf:
+            self.first_at = time.perf_counter()
         buf += data
         if self.need < 0:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            at = buf.find(b"Content-Length: ", 0, end)
-            if at < 0:
-                raise RuntimeError(f"a reply without Content-Length: {bytes(buf[:200])!r}")
-            self.need = end + 4 + int(buf[at + 16 : buf.find(b"\r\n", at)])
             self.head_end = end + 4
-        if len(buf) >= self.need and self.waiter is not None:
-            reply = bytes(buf[self.head_end : self.need])
+            at = buf.find(b"Content-Length: ", 0, end)
+            if at >= 0:
+                self.need = end + 4 + int(buf[at + 16 : buf.find(b"\r\n", at)])
+                self.chunks = None
+            elif buf.find(b"Transfer-Encoding: chunked", 0, end) >= 0:
+                self.need = 0
+                self.chunks = bytearray()
+                self.at = end + 4
+            else:
+                raise RuntimeError(f"a reply without Content-Length or chunks: {bytes(buf[:200])!r}")
+        if self.chunks is not None:
+            self._chunk()
+        elif len(buf) >= self.need and self.waiter is not None:
+            with memoryview(buf) as view:
+                reply = bytes(view[self.head_end : self.need])  # one copy (a slice of buf would be two)
             status = int(buf[9:12])
             del buf[: self.need]
             self.need = -1
             self.waiter.set_result((status, reply))
+
+    def _chunk(self) -> None:
+        """Take the complete chunks of a chunked reply (the server's long lists), the reply once the last came."""
+        buf, chunks = self.buf, self.chunks
+        assert chunks is not None
+        while True:
+            eol = buf.find(b"\r\n", self.at)
+            if eol < 0:
+                return
+            size = int(buf[self.at : eol], 16)
+            if len(buf) < eol + 2 + size + 2:
+                return
+            if size == 0:
+                status = int(buf[9:12])
+                del buf[: eol + 4]
+                self.need, self.chunks = -1, None
+                assert self.waiter is not None
+                self.waiter.set_result((status, bytes(chunks)))
+                return
+            with memoryview(buf) as view:
+                chunks += view[eol + 2 : eol + 2 + size]
+            self.at = eol + 2 + size + 2
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -276,32 +325,89 @@ async def _saturate(conns: list[Connection], reqs: Requests, duration: float, se
     }  # fmt: skip
 
 
-async def _paced(conns: list[Connection], reqs: Requests, duration: float, rate: float, server_pid: int) -> dict[str, Any]:
-    """Open loop at ``rate`` requests/s (WRITE_SHARE of them durable writes); latency from the scheduled send
-    time, so a stalled server is charged for the requests it delayed (no coordinated omission)."""
+WRITE_CONNECTIONS = 8
+
+
+async def _paced(
+    conns: list[Connection], wconns: list[Connection], reqs: Requests, duration: float, rate: float,
+    server_pid: int, seed: int, write_share: float = WRITE_SHARE,
+) -> dict[str, Any]:
+    """Open loop at ``rate`` requests/s (WRITE_SHARE of them durable writes, on their own ``wconns``).
+
+    One schedule, evenly spaced; at each due time the request goes out on an idle connection of its kind, or
+    waits for the first one to come free (that wait is the server's: it is counted). Latency runs from the
+    moment this client was ready to send it (its timer fired), not from the due time: how late the client
+    itself was (``client_lag``: its loop busy or its CPU taken) is measured and reported apart, not charged to
+    the server. ``from_due`` keeps the latency from the due time as well."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
     reads: list[float] = []
     writes: list[float] = []
-    per_client = rate / len(conns)
+    from_due: list[float] = []
+    lags: list[float] = []
+    ttfb: list[float] = []
+    idle: dict[bool, list[Connection]] = {False: list(conns), True: list(wconns)}
+    waiting: dict[bool, list[tuple[float, float, bytes]]] = {False: [], True: []}
+    finished = loop.create_future()
+    outstanding = [0]
+    scheduled = max(1, round(rate * duration))
 
-    async def paced(conn: Connection, start: float, until: float, rng: random.Random) -> None:
-        interval = 1.0 / per_client
-        due = start + rng.random() * interval
-        while due < until:
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            is_write = rng.random() < WRITE_SHARE
-            await _roundtrip(conn, reqs.write() if is_write else reqs.read())
-            (writes if is_write else reads).append(time.perf_counter() - due)
-            due += interval
+    def send(conn: Connection, is_write: bool, due: float, ready: float, request: bytes) -> None:
+        fut = loop.create_future()
+        conn.waiter = fut
+        assert conn.transport is not None
+        conn.transport.write(request)
+        fut.add_done_callback(lambda f: done(conn, is_write, due, ready, f))
 
-    cpu0 = _cpu_s(server_pid)
+    def done(conn: Connection, is_write: bool, due: float, ready: float, fut: asyncio.Future[Any]) -> None:
+        now = time.perf_counter()
+        status, body = fut.result()
+        if status != 200 or not body.startswith(b'{"ok":true'):
+            finished.set_exception(RuntimeError(f"HTTP {status}: {body[:200]!r}")) if not finished.done() else None
+            return
+        (writes if is_write else reads).append(now - ready)
+        if not is_write:
+            from_due.append(now - due)
+            ttfb.append(conn.first_at - ready)
+        queue = waiting[is_write]
+        if queue:
+            next_due, next_ready, request = queue.pop(0)
+            send(conn, is_write, next_due, next_ready, request)
+        else:
+            idle[is_write].append(conn)
+        outstanding[0] -= 1
+        if outstanding[0] == 0 and len(reads) + len(writes) == scheduled and not finished.done():
+            finished.set_result(None)
+
+    def fire(k: int) -> None:
+        # every request due by now goes out in this call (the timer may fire late; that lateness is the client's)
+        now = time.perf_counter()
+        while k < scheduled and t1 + k / rate <= now:
+            due = t1 + k / rate
+            lags.append(now - due)
+            is_write = rng.random() < write_share
+            request = reqs.write() if is_write else reqs.read()
+            outstanding[0] += 1
+            free = idle[is_write]
+            if free:
+                send(free.pop(), is_write, due, now, request)
+            else:
+                waiting[is_write].append((due, now, request))
+            k += 1
+        if k < scheduled:
+            loop.call_at(loop.time() + max(0.0, t1 + k / rate - time.perf_counter()), fire, k)
+
+    cpu0 = (_cpu_s(server_pid), _cpu_s(os.getpid()))
     t1 = time.perf_counter()
-    await asyncio.gather(*(paced(c, t1, t1 + duration, random.Random(i)) for i, c in enumerate(conns)))
+    fire(0)
+    await finished
     elapsed = time.perf_counter() - t1
+    cpu1 = (_cpu_s(server_pid), _cpu_s(os.getpid()))
     return {
-        "reads": reads, "writes": writes, "achieved": (len(reads) + len(writes)) / elapsed,
-        "cpu_server": (_cpu_s(server_pid) - cpu0) / elapsed,
+        "reads": reads, "writes": writes, "from_due": from_due, "lags": lags, "ttfb": ttfb,
+        "achieved": (len(reads) + len(writes)) / elapsed,
+        "cpu_server": (cpu1[0] - cpu0[0]) / elapsed, "cpu_client": (cpu1[1] - cpu0[1]) / elapsed,
+        "server_ms_per_req": (cpu1[0] - cpu0[0]) / max(1, len(reads) + len(writes)) * 1000,
     }  # fmt: skip
 
 
@@ -359,12 +465,59 @@ def write_lab_config(root: Path, hosts: list[Any], n_vms: int, event_loop: str =
 
     config = write_config(
         root, hosts, build_guest(LAB_CACHE), max_vms=n_vms + 10,
-        daemon={"log_level": "info", "event_loop": event_loop, "tolerated_host_failures": 1},
+        daemon={"log_level": "info", "event_loop": event_loop, "tolerated_host_failures": 1,
+                **json.loads(os.environ.get("BENCH_API_DAEMON", "{}"))},
     )  # fmt: skip
     return config.path
 
 
 LAB_CACHE = Path(os.environ.get("MOLDD_LAB_CACHE", Path(__file__).resolve().parent.parent / ".lab" / "cache"))
+
+
+class ServerStats:
+    """Inside the server process, what stalls its loop: each garbage collection (by generation, its pause) and
+    the loop's lateness, seen by a callback due every ``TICK_S`` (its delay past the due time is how long the
+    loop was busy with something else: a long callback, a collection, a write's fold). ``take()`` returns the
+    figures since the last call."""
+
+    TICK_S = 0.005
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._gc_started = 0.0
+        self._reset()
+        gc.callbacks.append(self._on_gc)
+        self._handle = loop.call_later(self.TICK_S, self._tick, loop.time() + self.TICK_S)
+
+    def _reset(self) -> None:
+        self.gc: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.lateness: list[float] = []
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc[info["generation"]].append(time.perf_counter() - self._gc_started)
+
+    def _tick(self, due: float) -> None:
+        now = self.loop.time()
+        self.lateness.append(now - due)
+        self._handle = self.loop.call_at(now + self.TICK_S, self._tick, now + self.TICK_S)
+
+    def take(self) -> dict[str, Any]:
+        late = sorted(self.lateness)
+        out = {
+            "gc": {g: (len(p), sum(p) * 1000, max(p, default=0.0) * 1000) for g, p in self.gc.items()},
+            "loop_late_p99_ms": late[int(0.99 * (len(late) - 1))] * 1000 if late else 0.0,
+            "loop_late_max_ms": late[-1] * 1000 if late else 0.0,
+        }
+        self._reset()
+        return out
+
+    def close(self) -> None:
+        self._handle.cancel()
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
 
 async def _async_server(
@@ -394,16 +547,22 @@ async def _async_server(
         daemon = Daemon(config)
         await daemon.async_start()
         path, stop = str(config.socket), daemon.async_stop
-    conn.send({"ready": path, "pid": os.getpid()})
+    import moldd
+
+    conn.send({"ready": path, "pid": os.getpid(), "moldd": str(Path(moldd.__file__).parent.parent)})
+    stats = ServerStats(loop)
     profiler: Any = None
     try:
         while (msg := await inbox.get()) != "stop":
-            if msg == "profile" and profile:
+            if msg == "stats":
+                conn.send(stats.take())
+            elif msg == "profile" and profile:
                 import cProfile
 
                 profiler = cProfile.Profile()
                 profiler.enable()
     finally:
+        stats.close()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)
@@ -421,6 +580,8 @@ def _server_process(
     sys.stderr = log_file
     from moldd.daemon import run_loop
 
+    if os.environ.get("BENCH_API_SWITCH_S"):  # an experiment: the GIL switch interval of the server
+        sys.setswitchinterval(float(os.environ["BENCH_API_SWITCH_S"]))
     run_loop(_async_server(fake, Path(root), n_vms, gc_freeze, profile, conn), event_loop)
 
 
@@ -506,6 +667,8 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
             n = generate(root / "log.db", vms=args.vms, events=args.vms * 6, hosts=host_names, all_stopped=True)
             populate = f"a generated log of {n:,} events ({time.perf_counter() - t0:.1f} s, not timed)"
     ctx = multiprocessing.get_context("spawn")
+    if args.server_tree:
+        os.environ["BENCH_API_SERVER_TREE"] = str(Path(args.server_tree).resolve())
     parent_end, child_end = ctx.Pipe()
     proc = ctx.Process(
         target=_server_process,
@@ -534,8 +697,19 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
             "in-memory bus (--fake)" if args.fake
             else f"real daemon ({args.event_loop} loop), {len(vm_names):,} VMs ({populate}), {hosts_desc}"
         )  # fmt: skip
-        print(f"server pid {pid}: {server}; {args.clients} clients (uvloop) in pid {os.getpid()}", flush=True)
+        print(
+            f"server pid {pid} (moldd from {ready['moldd']}): {server}; {args.clients} clients (uvloop) in pid "
+            f"{os.getpid()}",
+            flush=True,
+        )
         conns = [await Connection.async_open(path) for _ in range(args.clients)]
+        wconns = [await Connection.async_open(path) for _ in range(WRITE_CONNECTIONS)]
+
+        async def server_stats() -> dict[str, Any]:
+            parent_end.send("stats")
+            got: dict[str, Any] = await asyncio.to_thread(parent_end.recv)
+            return got
+
         await _saturate(conns, Requests("one", vm_names, head), 1.0, pid)  # warm-up
         if args.profile:
             parent_end.send("profile")
@@ -566,21 +740,51 @@ async def _async_run(args: argparse.Namespace, root: Path, stack: contextlib.Exi
                 if rate > 0.9 * statistics.median(rps):
                     print(f"[{kind}]   {rate:,.0f} req/s offered: skipped (above 90 % of saturation)")
                     continue
-                paced = [await _paced(conns, reqs, args.duration, rate, pid) for _ in range(args.runs)]
+                paced, stats = [], []
+                for run in range(args.runs):
+                    await server_stats()  # reset
+                    paced.append(await _paced(conns, wconns, reqs, args.duration, rate, pid, run, args.write_share))
+                    stats.append(await server_stats())
                 p99 = [_pct(x["reads"], 99) for x in paced]
                 p50 = [_pct(x["reads"], 50) for x in paced]
+                due99 = [_pct(x["from_due"], 99) for x in paced]
+                lag99 = [_pct(x["lags"], 99) for x in paced]
+                lag_max = max(max(x["lags"], default=0.0) for x in paced) * 1000
                 w99 = [_pct(x["writes"], 99) for x in paced if x["writes"]]
-                res[f"paced_{rate:.0f}_read_p50_ms"] = statistics.median(p50)
-                res[f"paced_{rate:.0f}_read_p99_ms"] = statistics.median(p99)
+                late99 = statistics.median(x["loop_late_p99_ms"] for x in stats)
+                late_max = max(x["loop_late_max_ms"] for x in stats)
+                gcs = {
+                    g: (sum(x["gc"][g][0] for x in stats), max(x["gc"][g][2] for x in stats)) for g in (0, 1, 2)
+                }
+                key = f"paced_{rate:.0f}"
+                res[f"{key}_read_p50_ms"] = statistics.median(p50)
+                res[f"{key}_read_p99_ms"] = statistics.median(p99)
+                res[f"{key}_read_p99_from_due_ms"] = statistics.median(due99)
+                res[f"{key}_client_lag_p99_ms"] = statistics.median(lag99)
+                res[f"{key}_client_cpu"] = statistics.median(x["cpu_client"] for x in paced)
+                res[f"{key}_server_cpu"] = statistics.median(x["cpu_server"] for x in paced)
+                res[f"{key}_server_loop_late_max_ms"] = late_max
+                res[f"{key}_server_gc2_max_ms"] = gcs[2][1]
                 print(
                     f"[{kind}]   {rate:,.0f} req/s offered ({statistics.median(x['achieved'] for x in paced):,.0f} "
-                    f"achieved, {WRITE_SHARE:.0%} writes): read p50 {fmt(p50, ' ms', 2)}; read p99 {fmt(p99, ' ms', 2)}; "
-                    f"write p99 median {statistics.median(w99) if w99 else float('nan'):.2f} ms; server CPU "
-                    f"{statistics.median(x['cpu_server'] for x in paced):.0%}",
+                    f"achieved, {args.write_share:.0%} writes on {WRITE_CONNECTIONS} connections of their own): "
+                    f"read p50 {fmt(p50, ' ms', 2)}; read p99 {fmt(p99, ' ms', 2)} (from the client's send; from "
+                    f"the due time {statistics.median(due99):.2f} ms; first byte p50 "
+                    f"{statistics.median(_pct(x['ttfb'], 50) for x in paced):.2f} ms); write p99 median "
+                    f"{statistics.median(w99) if w99 else float('nan'):.2f} ms",
+                    flush=True,
+                )
+                print(
+                    f"[{kind}]     client: lag behind its schedule p99 {statistics.median(lag99):.2f} ms (max "
+                    f"{lag_max:.1f} ms), CPU {res[key + '_client_cpu']:.0%} of a core; server: CPU "
+                    f"{res[key + '_server_cpu']:.0%} of a core = "
+                    f"{statistics.median(x['server_ms_per_req'] for x in paced):.3f} ms/request, loop late p99 "
+                    f"{late99:.2f} ms (max {late_max:.1f} ms), GC gen0/1/2: "
+                    + ", ".join(f"{n} (max {m:.1f} ms)" for n, m in gcs.values()),
                     flush=True,
                 )
             out[kind] = {k: round(v, 3) for k, v in res.items()}
-        for c in conns:
+        for c in conns + wconns:
             c.close()
     finally:
         if proc.is_alive():
@@ -598,8 +802,14 @@ async def _roundtrip_json(
 ) -> Any:
     writer.write(_request(body))
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
-    return json.loads(await reader.readexactly(length))
+    lengths = [int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"]
+    if lengths:
+        return json.loads(await reader.readexactly(lengths[0]))
+    raw = bytearray()  # chunked (a long list)
+    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+        raw += (await reader.readexactly(size + 2))[:-2]
+    await reader.readexactly(2)
+    return json.loads(raw)
 
 
 def main() -> None:
@@ -609,6 +819,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rates", default="500,1000,2000", help="offered requests/s of the paced phases")
     parser.add_argument("--vms", type=int, default=10_000)
+    parser.add_argument("--server-tree", metavar="DIR", help="run the server on the moldd of another checkout "
+                        "(side-by-side comparisons with the same client)")  # fmt: skip
+    parser.add_argument("--write-share", type=float, default=WRITE_SHARE, help="the paced phases' share of "
+                        "durable writes (updateVirtualMachine), on connections of their own")  # fmt: skip
     parser.add_argument("--deploy", action="store_true", help="deploy the VMs through the API (slow) instead of "
                         "starting the daemon on a generated log")  # fmt: skip
     parser.add_argument("--fake", action="store_true", help="serve over an in-memory bus, not the daemon")

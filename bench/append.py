@@ -14,7 +14,8 @@ WAL mode with ``synchronous=FULL`` (each COMMIT is fsynced before the append ret
   indexes and append-only triggers) and hash chain, one ``BEGIN IMMEDIATE``/INSERT/``COMMIT`` per event.
   Concurrent: ``--appenders`` threads, each with its own connection, reading the head inside its transaction.
 - ``moldd``: ``SQLiteEventStore.async_append`` (the store chosen with ``--store``), one await per event;
-  sequential = one appender awaiting each append; concurrent = ``--appenders`` coroutines (group commit).
+  sequential = one appender awaiting each append; concurrent = ``--appenders`` coroutines (group commit). On
+  the event loop the daemon ships with (uvloop, ``[daemon] event_loop``) unless ``--loop asyncio``; printed.
 - ``moldd postgres`` (``--store postgres``): the same moldd rows on PostgreSQL as well, in the same runs, beside
   moldd on SQLite (``PostgresSide``: a throw-away server, ``fsync=on``, ``synchronous_commit=on``).
 - ``eventsourcing`` (optional ``bench`` extra): its SQLite recorder (WAL; ``synchronous=FULL`` set here), one
@@ -192,7 +193,15 @@ async def moldd(opener: StoreOpener, directory: Path, run: int, n: int, appender
     return per * appenders / elapsed
 
 
+LOOP = "uvloop"
+"""The event loop moldd's rows run on (``--loop``): the daemon's default (``[daemon] event_loop``) unless told."""
+
+
 def _run_moldd(opener: StoreOpener, directory: Path, run: int, n: int, appenders: int) -> float:
+    if LOOP == "uvloop":
+        import uvloop
+
+        return uvloop.run(moldd(opener, directory, run, n, appenders))
     return asyncio.run(moldd(opener, directory, run, n, appenders))
 
 
@@ -297,7 +306,13 @@ def main() -> None:
     ap.add_argument("--store", choices=sorted({*STORES, "postgres"}), default="sqlite")
     ap.add_argument("--dir", type=Path, default=None, help="directory for the logs (default: a temporary one)")
     ap.add_argument("--skip-peer", action="store_true", help="do not run the eventsourcing library")
+    ap.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="moldd's event loop (default: uvloop, the daemon's default `[daemon] event_loop`)",
+    )  # fmt: skip
     args = ap.parse_args()
+    global LOOP
+    LOOP = args.loop
     header("bench/append.py")
     n = args.events
     n_seq = args.seq_events or max(500, n // 10)
@@ -315,7 +330,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp_s:
         tmp = Path(tmp_s)
         print(f"logs in {tmp} (store {args.store}); {n} events per concurrent run, {n_seq} sequential, "
-              f"{n_naive} naive/peer", flush=True)  # fmt: skip
+              f"{n_naive} naive/peer; moldd on the {args.loop} event loop", flush=True)  # fmt: skip
         results["floor_fsync_per_s"] = [fsync_per_s(tmp) for _ in range(args.runs)]
         results["floor_cpu_us_per_event"] = [cpu_us_per_event() for _ in range(args.runs)]
         print(f"floor: fsync/s of the disk:              {fmt(results['floor_fsync_per_s'])}")

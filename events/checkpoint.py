@@ -21,15 +21,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from .canonical import canonical_json
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
     from .store import EventStore
+
+# cryptography is imported where keys are used, not with the module: ~8 MiB of resident memory (its Rust
+# extension) in every process that imports `events` (the daemon) whether or not a key is configured.
 
 SIGN_TAG = b"events.checkpoint.v1\x00"
 SIGN_TAG_V2 = b"events.checkpoint.v2\x00"
@@ -80,6 +81,9 @@ def generate_keys(directory: str | Path) -> tuple[Path, Path]:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = d / PRIVATE_KEY_NAME, d / PUBLIC_KEY_NAME
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -103,6 +107,9 @@ def generate_keys(directory: str | Path) -> tuple[Path, Path]:
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -113,6 +120,9 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         data = Path(path).read_bytes()
         key: Any = (
@@ -195,7 +205,7 @@ def sign_and_append(
 
 
 def _as_private_key(key: Ed25519PrivateKey | str | Path) -> Ed25519PrivateKey:
-    return key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
+    return load_private_key(key) if isinstance(key, (str, Path)) else key
 
 
 async def async_checkpoint_store(
@@ -234,6 +244,8 @@ def parse_checkpoints(
     Raises CheckpointError only when the file cannot be read; a line that is not a well-formed, validly
     signed checkpoint (bad JSON or UTF-8, wrong field types, bad signature) is reported in the second list.
     """
+    from cryptography.exceptions import InvalidSignature
+
     good: list[Checkpoint] = []
     bad: list[tuple[int, str]] = []
     try:
@@ -279,7 +291,7 @@ def _parse_line(raw: bytes) -> Checkpoint:
 
 def load_checkpoints(path: str | Path, public_key: Ed25519PublicKey | str | Path) -> list[Checkpoint]:
     """Checkpoints of `path`, all verified; raises CheckpointError on the first bad one."""
-    pk = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+    pk = load_public_key(public_key) if isinstance(public_key, (str, Path)) else public_key
     good, bad = parse_checkpoints(path, pk)
     if bad:
         lineno, why = bad[0]

@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from .canonical import canonical_json, loads
 from .envelope import NewEvent, Snapshot, us_to_datetime
 from .store import system_clock_us
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
     from .replay import Projection
     from .store import EventStore
 
@@ -95,6 +94,8 @@ def _seal_message(log_id: str, payload: dict[str, Any]) -> bytes:
 
 
 def seal_signature_ok(public_key: Ed25519PublicKey, log_id: str, payload: Any) -> bool:
+    from cryptography.exceptions import InvalidSignature  # (imported with a key, not with the module)
+
     try:
         public_key.verify(bytes.fromhex(payload["signature"]), _seal_message(log_id, payload))
     except (InvalidSignature, KeyError, TypeError, ValueError):

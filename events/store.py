@@ -30,7 +30,7 @@ Clock = Callable[[], int]
 """Microseconds since the Unix epoch (UTC)."""
 SnapshotRow = tuple[int, bytes, bytes, int]
 """(position, head_hash, state as canonical JSON, created_at_us) as a backend stores a snapshot."""
-_new_tuple = tuple.__new__  # StoredEvent(*fields) without the NamedTuple's Python-level __new__
+_new_tuple = tuple.__new__  # StoredEvent(*fields) etc. without the NamedTuple's Python-level __new__
 
 
 def system_clock_us() -> int:
@@ -209,7 +209,7 @@ class EventStore(abc.ABC):
             # the payload handed back (StoredEvent.payload) is decoded from the stored text, so it is exactly
             # what a later read returns and shares nothing with the caller's NewEvent; it is shared by the
             # AppendResult, a retry's duplicate result and live subscribers: treat it as read-only
-            prepared.append(PreparedEvent(et, sv, actor, caus, corr, fields, data, loads(text)))
+            prepared.append(_new_tuple(PreparedEvent, (et, sv, actor, caus, corr, fields, data, loads(text))))
         return prepared
 
     async def async_append(
@@ -236,7 +236,7 @@ class EventStore(abc.ABC):
             )
         prepared = self._prepare(stream_id, events, command_id)
         fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._writer.submit(AppendRequest(stream_id, prepared, expected_version, command_id, fut))
+        self._writer.submit(_new_tuple(AppendRequest, (stream_id, prepared, expected_version, command_id, fut)))
         return await fut
 
     # ---- reads -----------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # (cryptography is imported with a key, not with the module: events.checkpoint)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .canonical import loads
 from .chain import HEADER, TAG, ChainCheck, genesis_hash
@@ -782,7 +783,7 @@ def verify(
         if checkpoints is not None:
             if public_key is None:
                 raise CheckpointError("checking checkpoints needs the public key (--public-key)")
-            pk = public_key if isinstance(public_key, Ed25519PublicKey) else load_public_key(public_key)
+            pk = load_public_key(public_key) if isinstance(public_key, (str, Path)) else public_key
             cps, bad_cps = parse_checkpoints(checkpoints, pk)
             report.checkpoints_checked = len(cps) + len(bad_cps)
         conn = open_readonly(path)

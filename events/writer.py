@@ -16,6 +16,14 @@ of N, a conflict with a version N writes) stand or fall with N, exactly like req
 N's COMMIT fails, N+1 fails with it (the backend refuses a group that does not start right after its stored
 head, so a group planned on a failed one can never be written). Only then does planning go on from the
 committed state.
+
+Hops: a group's COMMIT is handed to the backend's own thread when the backend offers ``_start_commit`` (SQLite),
+which calls back on the loop once it is settled: the callback itself tells the group's callers (no task, no
+future in between). Requests that arrive while the writer is idle with nothing in flight, whose stream
+versions and command ids are already known (no lookup), are planned and handed over by one plain callback
+scheduled by ``submit`` (after the loop's ready callbacks, so that the appenders woken by one COMMIT still
+form one group), without waking the writer task (the fast path: one appender's append is one hop to the
+COMMIT's thread and one back). Everything else goes through the writer task as before.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
 from .chain import INTS, TAG
 from .envelope import ANY_VERSION, AppendResult, StoredEvent, us_to_datetime
@@ -54,9 +63,9 @@ def command_from_rows(cid: str, rows: list[Row]) -> tuple[CommandRow, list[Row]]
     return (cid, run[0][1], run[0][0], last[0], last[2]), run
 
 
-@dataclass(slots=True)
-class PreparedEvent:
-    """An event validated and encoded by the caller, before the writer assigns its place in the log."""
+class PreparedEvent(NamedTuple):
+    """An event validated and encoded by the caller, before the writer assigns its place in the log.
+    (A NamedTuple: made with ``tuple.__new__`` on the append path, no Python-level ``__init__``.)"""
 
     event_type: str
     schema_version: int
@@ -68,8 +77,7 @@ class PreparedEvent:
     payload: dict[str, Any]
 
 
-@dataclass(slots=True)
-class AppendRequest:
+class AppendRequest(NamedTuple):
     stream_id: str
     events: Sequence[PreparedEvent]
     expected_version: int
@@ -90,6 +98,11 @@ class WriterBackend(Protocol):
         With ``writer_pipeline_depth`` > 1, calls must be carried out in the order they were made, and a call
         whose first row is not the one right after the stored head must raise and write nothing."""
         ...
+
+
+CommitDone = Callable[[Any, BaseException | None], None]
+"""Called on the event loop's thread, once: (anything, None) when the group was written, (None, what the COMMIT
+raised) when it was not."""
 
 
 class GroupWriter:
@@ -129,6 +142,10 @@ class GroupWriter:
         # requests waiting for the writer (None = stop); the writer sleeps on _wakeup when it is empty
         self._queue: deque[AppendRequest | None] = deque()
         self._wakeup: asyncio.Future[None] | None = None
+        # what the sleeping writer waits for: "work" (a request: submit wakes it) or "settle" (the oldest group in
+        # flight to be settled: the COMMIT's callback wakes it); None while it runs
+        self._waiting: str | None = None
+        self._flush_soon = False  # the fast path's callback is scheduled
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._stopped_reason = "the event store is closed"
@@ -145,15 +162,73 @@ class GroupWriter:
             raise StoreClosedError(self._stopped_reason)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._async_run(), name="events-writer")
+        elif self._waiting == "work" and self._fast(request):
+            # the fast path: the writer sleeps with nothing in flight and the request needs no lookup; it is
+            # planned and handed over by a plain callback after the loop's ready callbacks (so the other appenders
+            # woken by the same COMMIT join its group), without waking the writer task
+            self._queue.append(request)
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return
         self._queue.append(request)
-        self._wake()
+        if self._waiting == "work":
+            self._wake()
+
+    def _fast(self, request: AppendRequest) -> bool:
+        """Whether `request` may take the fast path: nothing in flight, no lookup, no test hook."""
+        return (
+            not self._inflight
+            and not self.stale
+            and self.before_commit is None
+            and request.stream_id in self._versions
+            and (request.command_id is None or request.command_id in self._recent)
+        )
+
+    def _flush(self) -> None:
+        """The fast path's callback: plan what is queued now as one group and hand its COMMIT over, if the writer
+        still sleeps with nothing in flight and no queued request needs a lookup; else wake the writer."""
+        self._flush_soon = False
+        queue = self._queue
+        if self._waiting != "work" or not queue:
+            return
+        if not all(r is not None and self._fast(r) for r in queue):
+            self._wake()
+            return
+        group: list[AppendRequest] = []
+        n = 0
+        while queue and (not group or n < self._max_group_events):
+            req = queue.popleft()
+            assert req is not None  # stop_accepting wakes the writer: it is not sleeping for work then
+            group.append(req)
+            n += len(req.events)
+        try:
+            plan = self._plan(group, {})
+            if plan.rows:
+                self._start_commit(plan)
+        except Exception as exc:  # as in the writer task: this group fails, the writer goes on
+            _fail(group, exc)
+        if queue:  # more than one group's worth: the writer takes the rest
+            self._wake()
 
     def _wake(self) -> None:
+        self._waiting = None
         w = self._wakeup
         if w is not None:
             self._wakeup = None
             if not w.done():
                 w.set_result(None)
+
+    async def _async_sleep(self, waiting: str) -> None:
+        """Sleep until woken for `waiting` ("work" or "settle") or by stop_accepting."""
+        wakeup = self._wakeup = asyncio.get_running_loop().create_future()
+        self._waiting = waiting
+        try:
+            await wakeup
+        finally:
+            self._waiting = None
+            if self._wakeup is wakeup:
+                self._wakeup = None
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on; what is queued is still written."""
@@ -190,24 +265,16 @@ class GroupWriter:
     async def _async_drain(self) -> None:
         queue = self._queue
         inflight = self._inflight
-        loop = asyncio.get_running_loop()
         stop = False
         try:
             while True:
-                if inflight and inflight[0].commit.done():
-                    self._settle_oldest()  # settled first: later groups are planned on fresh caches
-                    continue
                 if inflight and (stop or len(inflight) >= self._depth or self._poisoned is not None):
-                    await asyncio.wait([inflight[0].commit])
+                    await self._async_sleep("settle")  # the COMMIT's callback settles it and wakes us
                     continue
                 if stop:
                     return
                 if not queue:
-                    wakeup = self._wakeup = loop.create_future()
-                    if inflight:  # a new request or the oldest COMMIT's end, whichever comes first
-                        await asyncio.wait([inflight[0].commit, wakeup], return_when=asyncio.FIRST_COMPLETED)
-                    else:
-                        await wakeup
+                    await self._async_sleep("work")
                     continue
                 # Everything that waits goes into one group. (Splitting it in two pipelined halves, so that the
                 # second is planned while the first commits, measured slower: twice the COMMITs, and SQLite's
@@ -380,15 +447,47 @@ class GroupWriter:
         return plan
 
     def _start_commit(self, plan: _Plan) -> None:
-        """Hand the group's COMMIT to the backend (a task of its own: cancelling the writer cannot stop it) and
-        plan further groups on top of it."""
-        commit = asyncio.ensure_future(self._backend._async_commit(plan.rows, plan.command_rows))
-        self._inflight.append(_InFlight(plan, commit, time.perf_counter()))
+        """Hand the group's COMMIT to the backend (its own thread, or a task of its own: cancelling the writer
+        cannot stop it) and plan further groups on top of it."""
+        item = _InFlight(plan, time.perf_counter())
+        backend = self._backend
+        start: Callable[[list[Row], list[CommandRow], CommitDone], bool] | None = getattr(
+            backend, "_start_commit", None
+        )
+        if start is None or not start(plan.rows, plan.command_rows, partial(self._commit_done, item)):
+            task = asyncio.ensure_future(backend._async_commit(plan.rows, plan.command_rows))
+            item.task = task
+            task.add_done_callback(partial(self._task_done, item))
+        self._inflight.append(item)
+        pending_v = self._pending_versions
         for sid, version in plan.staged.items():
-            self._pending_versions[sid] = (version, plan)
+            pending_v[sid] = (version, plan)
+        pending_c = self._pending_commands
         for req, result in plan.accepted:
             if req.command_id is not None:
-                self._pending_commands[req.command_id] = (result, plan)
+                pending_c[req.command_id] = (result, plan)
+
+    def _task_done(self, item: _InFlight, task: asyncio.Future[None]) -> None:
+        if task.cancelled():  # the loop is shutting down: whether it was written is unknown
+            item.unknown = True
+            self._commit_done(item, None, None)
+        else:
+            self._commit_done(item, None, task.exception())
+
+    def _commit_done(self, item: _InFlight, _result: object, exc: BaseException | None) -> None:
+        """A COMMIT is settled (on the loop's thread): tell the callers of every group whose outcome is now known,
+        oldest first, and wake the writer if it waits for that."""
+        if item.settled:  # already told "unknown" (the writer was cancelled twice)
+            return
+        item.done = True
+        item.error = exc
+        inflight = self._inflight
+        try:
+            while inflight and inflight[0].done:
+                self._settle_oldest()
+        finally:  # (a loop callback: whatever happens, a writer waiting for this must not sleep on)
+            if self._waiting == "settle":
+                self._wake()
 
     async def _async_finish_after_cancel(self) -> None:
         """The writer was cancelled: the COMMITs in flight cannot be stopped (they run on SQLite's thread), so
@@ -396,18 +495,18 @@ class GroupWriter:
         second cancellation gives up waiting and tells the callers the outcome is unknown."""
         try:
             while self._inflight:
-                await asyncio.wait([self._inflight[0].commit])
-                self._settle_oldest()
+                await self._async_sleep("settle")
         finally:
             while self._inflight:
                 self._settle_oldest()
 
     def _settle_oldest(self) -> None:
         item = self._inflight.popleft()
+        item.settled = True
         took = time.perf_counter() - item.started
-        plan, commit = item.plan, item.commit
+        plan = item.plan
         try:
-            ok = self._settle(plan, commit)
+            ok = self._settle(item)
         finally:
             if self._inflight:  # forget what this group staged for planning (later groups keep theirs)
                 self._pending_versions = {sid: v for sid, v in self._pending_versions.items() if v[1] is not plan}
@@ -416,16 +515,18 @@ class GroupWriter:
                 self._pending_versions = {}
                 self._pending_commands = {}
                 self._poisoned = None
-        if self.on_commit is not None and commit.done():
+        if self.on_commit is not None and item.done:
             try:
                 self.on_commit(len(plan.rows), took, ok)
             except Exception:  # a metrics bug must not stop the writer
                 pass
 
-    def _settle(self, plan: _Plan, commit: asyncio.Future[None]) -> bool:
+    def _settle(self, item: _InFlight) -> bool:
         """Tell every caller of the group its real outcome; True if the group was written."""
-        if not commit.done() or commit.cancelled():
-            commit.add_done_callback(_retrieve)
+        plan = item.plan
+        if not item.done or item.unknown:
+            if item.task is not None:
+                item.task.add_done_callback(_retrieve)
             _fail(
                 [req for req, _ in plan.outcomes],
                 StoreClosedError(
@@ -434,7 +535,7 @@ class GroupWriter:
                 ),
             )
             return False
-        exc = commit.exception()
+        exc = item.error
         if exc is not None or self._poisoned is not None:
             # nothing was written: the caches were never touched, every caller of the group gets the error (a
             # group chained onto a failed one gets that one's error: the backend refused it for that reason)
@@ -455,12 +556,13 @@ class GroupWriter:
             if req.command_id is not None:
                 self._remember(req.command_id, result)
         for req, outcome in plan.outcomes:
-            if req.future.done():
+            fut = req.future
+            if fut.done():
                 continue
             if isinstance(outcome, AppendResult):
-                req.future.set_result(outcome)
+                fut.set_result(outcome)
             else:
-                req.future.set_exception(outcome)
+                fut.set_exception(outcome)
         self._publish(published)
         return True
 
@@ -488,8 +590,12 @@ class _Plan:
 @dataclass(slots=True)
 class _InFlight:
     plan: _Plan
-    commit: asyncio.Future[None]
     started: float
+    task: asyncio.Future[None] | None = None  # the backend's coroutine, when it has no thread of its own
+    done: bool = False  # the COMMIT's outcome is known (error: what it raised)
+    error: BaseException | None = None
+    settled: bool = False  # its callers were told
+    unknown: bool = False  # its task was cancelled: the outcome cannot be known here
 
 
 def _fail(requests: Iterable[AppendRequest], exc: BaseException) -> None:

@@ -41,6 +41,8 @@ from moldd.logging import configure_logging
 from moldd.observe.metrics import Metrics
 
 log = structlog.get_logger("moldd")
+GIL_SWITCH_INTERVAL_S = 0.001
+"""The daemon's ``sys.setswitchinterval`` once ready (see ``Daemon.async_start``)."""
 
 
 def _fix_malloc_thresholds() -> None:
@@ -234,6 +236,9 @@ class Daemon:
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
         self.projector.snapshot_tail()  # a long tail folded at start: snapshotted now, in the background
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
+        # A thread holding the GIL (a background snapshot's encoding, libvirt's event thread) keeps the loop
+        # from answering until it yields: at most this long (Python's default is 5 ms, a whole API p99 budget).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         release_freed_memory()  # what the restore decoded and dropped (snapshot JSON, batches of rows)
 
     async def async_act(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -15,7 +16,7 @@ from moldd.api.cloudstack.handler import CloudStackEndpoint
 from moldd.api.cloudstack.handler import add_route as add_cloudstack_route
 from moldd.api.keys import ACCESS_KEY, ACTOR_KEY, BUS_KEY, CLOSING_KEY, SETTINGS_KEY, ApiSettings
 from moldd.api.peercred import AccessPolicy, peer_creds
-from moldd.app.bus import CommandBus
+from moldd.app.bus import Actor, CommandBus
 from moldd.domain.errors import MolddError, PermissionDenied
 from moldd.observe import web as observe_web
 from moldd.observe.metrics import Metrics
@@ -58,18 +59,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def async_identify(request: web.Request) -> None:
-    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse.
+    """Turn the kernel-reported peer credentials into the request's :class:`Actor`, or refuse."""
+    request[ACTOR_KEY] = await async_actor_of(request.app[ACCESS_KEY], request.protocol, request.transport)
+
+
+async def async_actor_of(policy: AccessPolicy, conn: Any, transport: Any) -> Actor:
+    """The :class:`Actor` on the other end of ``conn`` (its ``transport``), or ``PermissionDenied``.
 
     The kernel fixes a connection's credentials (and groups) at ``connect()``, so the answer is kept on the
     connection (:class:`~moldd.api.protocol.JsonRequestHandler`) until the policy's look-up it came from
     expires: the next requests on a keep-alive connection skip the ``getsockopt`` calls and the look-up."""
-    policy = request.app[ACCESS_KEY]
-    conn = request.protocol
     kept = getattr(conn, "identity", None)
     if kept is not None and kept[0] is policy and policy.now() < kept[1]:
-        request[ACTOR_KEY] = kept[2]
-        return
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+        actor: Actor = kept[2]
+        return actor
+    sock = transport.get_extra_info("socket") if transport else None
     try:
         if sock is None or sock.family != socket.AF_UNIX:
             raise OSError("not a Unix socket")
@@ -77,9 +81,24 @@ async def async_identify(request: web.Request) -> None:
     except OSError:
         raise PermissionDenied("moldd answers only local clients on its Unix socket") from None
     actor = await policy.async_actor_for(creds, sock)
-    request[ACTOR_KEY] = actor
     if hasattr(conn, "identity"):
         conn.identity = (policy, policy.valid_until(creds), actor)
+    return actor
+
+
+async def async_answer_command(app: web.Application, conn: Any, raw: bytes) -> tuple[int, bytes]:
+    """The fast lane's ``POST /v1/command`` (see :class:`moldd.api.protocol.JsonRequestHandler`): what
+    ``error_middleware`` + :func:`handlers.async_command` answer for the same request, as (status, body)."""
+    try:
+        actor = await async_actor_of(app[ACCESS_KEY], conn, conn.transport)
+        return 200, await handlers.async_run_command(app, actor, raw)
+    except MolddError as err:
+        return handlers.error_body(err)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal_error", path=handlers.COMMAND_PATH, method="POST")
+        return 500, handlers.plain_error_body("internal", "internal error; the daemon log has the details")
 
 
 async def _closing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -110,7 +129,7 @@ def make_app(
     app[handlers.VERBS_KEY] = []
     app.cleanup_ctx.append(_closing_ctx)
     app.on_shutdown.append(_on_shutdown)
-    app.router.add_post("/v1/command", handlers.async_command)
+    app.router.add_post(handlers.COMMAND_PATH, handlers.async_command)
     app.router.add_get("/v1/events", handlers.async_events)
     app.router.add_get("/v1/health", handlers.async_health)
     if cloudstack is not None:

@@ -31,6 +31,7 @@ from moldd.domain.errors import (
 log = structlog.get_logger("moldd.api")
 
 JSON = "application/json"
+COMMAND_PATH = "/v1/command"
 NDJSON = "application/x-ndjson"
 
 
@@ -119,31 +120,45 @@ def error_response(err: MolddError) -> web.Response:
     return json_response({"ok": False, "error": err.to_dict()}, status=http_status(err))
 
 
+def error_body(err: MolddError) -> tuple[int, bytes]:
+    """The status and encoded body of :func:`error_response`."""
+    return http_status(err), dumps({"ok": False, "error": err.to_dict()})
+
+
+def plain_error_body(code: str, message: str, field: str | None = None) -> bytes:
+    return dumps({"ok": False, "error": {"code": code, "message": message, "field": field}})
+
+
 def plain_error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    return json_response({"ok": False, "error": {"code": code, "message": message, "field": field}}, status)
+    return web.Response(body=plain_error_body(code, message, field), status=status, content_type=JSON)
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_body(request: web.Request) -> bytes:
+    """The whole request body, at most ``max_body_bytes`` (a ValidationError past it)."""
     max_bytes = request.app[SETTINGS_KEY].max_body_bytes
     if request.content_length is not None and request.content_length > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
     content = request.content
     if content.is_eof():  # the whole body came with the request (the usual case): take it without waiting
-        raw = bytearray(content.read_nowait(max_bytes + 1))
-    else:
-        # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
-        raw = bytearray()
-        while len(raw) <= max_bytes:
-            chunk = await content.read(max_bytes + 1 - len(raw))
-            if not chunk:
-                break
-            raw += chunk
+        return content.read_nowait(max_bytes + 1)
+    # read(n) returns what has arrived (at least one byte), not n bytes: loop to the end of the body.
+    raw = bytearray()
+    while len(raw) <= max_bytes:
+        chunk = await content.read(max_bytes + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return bytes(raw)
+
+
+def parse_body(raw: bytes, max_bytes: int) -> Any:
+    """The decoded JSON of a request body, or a ValidationError naming ``body``."""
     if len(raw) > max_bytes:
         raise ValidationError(f"the request body is larger than {max_bytes} bytes", field="body")
     if not raw:
         raise ValidationError("the request body is empty; send a JSON object", field="body")
     try:
-        return loads(bytes(raw))
+        return loads(raw)
     except ValueError as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
 
@@ -170,15 +185,23 @@ def _debug_enabled() -> bool:
 
 
 async def async_command(request: web.Request) -> web.Response:
-    """``POST /v1/command``."""
-    bus = request.app[BUS_KEY]
+    """``POST /v1/command`` through aiohttp's routing (behind ``error_middleware``). The daemon's connections
+    answer the usual request (HTTP/1.1, whole body in, ``Content-Type: application/json``) in their fast lane
+    (:class:`moldd.api.protocol.JsonRequestHandler`) instead, with the same bytes (both call
+    :func:`async_run_command`)."""
     if request.content_type != JSON:
         raise UnsupportedMediaType(
             f"the request body must be sent as Content-Type: {JSON}, not {request.content_type or 'none'}",
             field="Content-Type",
         )
-    envelope = parse_command(await _read_json(request), _verbs(request.app, bus))
-    actor = request[ACTOR_KEY]
+    raw = await _read_body(request)
+    return web.Response(body=await async_run_command(request.app, request[ACTOR_KEY], raw), content_type=JSON)
+
+
+async def async_run_command(app: web.Application, actor: Any, raw: bytes) -> bytes:
+    """One command from its raw JSON body to the encoded success reply; refusals raise ``MolddError``."""
+    bus = app[BUS_KEY]
+    envelope = parse_command(parse_body(raw, app[SETTINGS_KEY].max_body_bytes), _verbs(app, bus))
     started = time.perf_counter()
     try:
         reply = await bus.async_dispatch(envelope.verb, envelope.args, envelope.command_id, actor)
@@ -193,7 +216,7 @@ async def async_command(request: web.Request) -> web.Response:
             "command", verb=envelope.verb, command_id=envelope.command_id, actor=str(actor),
             position=reply.position, ms=round((time.perf_counter() - started) * 1000, 3),
         )  # fmt: skip
-    return json_response({"ok": True, "result": reply.result, "position": reply.position})
+    return dumps({"ok": True, "result": reply.result, "position": reply.position})
 
 
 async def async_health(request: web.Request) -> web.Response:

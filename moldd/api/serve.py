@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import os
 import socket
@@ -15,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from moldd import systemd
-from moldd.api.app import make_app
+from moldd.api.app import async_answer_command, make_app
 from moldd.api.cloudstack.handler import CloudStackEndpoint
 from moldd.api.keys import ApiSettings
 from moldd.api.peercred import AccessPolicy
@@ -151,8 +152,11 @@ async def async_serve(
     if metrics is not None and runner.server is not None:
         metrics.track_server(runner.server)
     accept_errors = AcceptErrorFilter(asyncio.get_running_loop())
+    # The connections' fast lane for POST /v1/command (moldd.api.protocol), unless something would have to see
+    # each response on its way out (an on_response_prepare signal), which only aiohttp's path runs.
+    lane = None if app.on_response_prepare else functools.partial(async_answer_command, app)
     try:
-        await LimitedSite(runner, sock, limits).start()
+        await LimitedSite(runner, sock, limits, lane, settings.max_body_bytes).start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -44,6 +44,7 @@ class FakeBus:
     def __post_init__(self) -> None:
         self._changed = asyncio.Condition()
         self.following = asyncio.Event()  # set once a follower is waiting for entries (tests sync on it)
+        self.release = asyncio.Event()  # lets every waiting ``slowEcho`` answer
         self._ids = itertools.count(1)
         for name, state, group in [
             ("web-1", "Running", "web"),
@@ -56,7 +57,7 @@ class FakeBus:
     def verbs(self) -> list[str]:
         return ["listVirtualMachines", "startVirtualMachine", "stopVirtualMachine", "deployVirtualMachine",
                 "queryAsyncJobResult", "listHosts", "listEvents", "explode", "echo", "createInstanceGroup",
-                "updateVirtualMachine"]  # fmt: skip
+                "updateVirtualMachine", "slowEcho"]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
         return {"ok": self.ok, "watchers": "up" if self.ok else "down", "position": len(self.log)}
@@ -86,6 +87,9 @@ class FakeBus:
         self.calls.append(Call(verb, dict(args), command_id, actor))
         if verb == "explode":
             raise RuntimeError("secret internal detail")
+        if verb == "slowEcho":  # suspends until its ``release`` event (tests/api/test_api_lane.py) is set
+            await self.release.wait()
+            return CommandReply({"args": dict(args), "id": command_id, "actor": str(actor)}, len(self.log))
         if verb == "echo":
             return CommandReply({"args": dict(args), "id": command_id, "actor": str(actor)}, len(self.log))
         if verb == "listVirtualMachines":

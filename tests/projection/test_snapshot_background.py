@@ -101,7 +101,7 @@ async def test_the_fold_goes_on_while_a_snapshot_is_being_written(tmp_path: Path
 
 async def test_a_stop_does_not_wait_for_a_snapshot_beyond_its_timeout(tmp_path: Path) -> None:
     store = await SQLiteEventStore.async_open(tmp_path / "log.db")
-    p = Projector(store)
+    p = Projector(store, snapshot_every=1)  # every event is worth a snapshot
     held = HeldSnapshots(store)  # never released: a snapshot that would take forever
     await p.async_restore()
     p.start()

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from moldd.domain.ids import stable_uuid
-from moldd.projection.model import View
+from moldd.projection.model import RecordView, View
 
 DOMAIN_ID = stable_uuid("domain", "ROOT")
 ACCOUNT = "admin"
@@ -64,7 +64,7 @@ _SHAPED: dict[str, tuple[Any, View]] = {}
 
 
 def virtual_machine(vm: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(vm, View):
+    if not isinstance(vm, (RecordView, View)):
         return _virtual_machine(vm)
     hit = _SHAPED.get(vm["name"])
     if hit is not None and hit[0] is vm:
