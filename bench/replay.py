@@ -16,11 +16,17 @@ HA restarts after crashes over ``--vms`` VMs; the build is not timed). Each figu
   and whether the C scan of events.verify (events/_chainscan.c) is built: without it verify is the pure-Python
   scan (same reports, slower);
 - ``fold (moldd-audit state)``: ``moldd.audit.state.fold``: every event decoded (JSON, upcast) and folded into
-  ``moldd.projection.readmodel.ReadModel``, the fold the daemon runs;
+  ``moldd.projection.readmodel.ReadModel``, the fold the daemon runs; whether the fold's optional C accelerator
+  (moldd/projection/_foldrows.c: rows read without Python's sqlite3, times as text, payloads decoded) is built
+  is printed (``MOLDD_FOLD_PURE_PYTHON=1`` runs without it);
 - ``daemon restore, no snapshot``: ``moldd.app.projector.Projector.async_restore`` on the store (what the daemon
   does at start when it has no snapshot: read in batches through ``SQLiteEventStore`` and fold);
 - ``daemon restore from snapshot``: the same after ``Projector.async_snapshot`` at the head (seconds, and the
   snapshot's size).
+
+``--skip-verify`` leaves the verify rows out (the fold rows only, for development); ``--breakdown`` adds where the
+fold's time goes per event (µs of CPU, best of the runs): reading the rows through Python's sqlite3 and through the
+C accelerator, decoding the payloads, folding rows already read.
 
 The load average is printed first and last; the last line is a JSON object of the medians.
 """
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -143,6 +150,64 @@ async def async_snapshot(path: Path) -> tuple[float, int]:
     return dt, size
 
 
+def breakdown(path: Path, n: int, runs: int, r: dict[str, list[float]]) -> None:
+    """Where a fold's time goes, per event (µs of this process's CPU, the best of ``runs``): reading the fold's
+    columns through Python's sqlite3 and through the C accelerator, decoding every payload, and folding rows
+    already read (decoding included) — the floor of each part on this machine."""
+    import gc
+    import sqlite3
+
+    from moldd.eventtypes import upcasters
+    from moldd.projection import readmodel
+    from moldd.projection.readmodel import FOLD_COLUMNS, ReadModel
+
+    accel = readmodel.ACCELERATOR
+    uri = path.resolve().as_uri() + "?mode=ro"
+    sql = f"SELECT {', '.join(FOLD_COLUMNS)} FROM events WHERE position >= ? ORDER BY position LIMIT ?"
+
+    def batches(read: Any) -> list[Any]:
+        out: list[Any] = []
+        start = 1
+        while batch := read(start):
+            out.extend(batch)
+            start = batch[-1][0] + 1
+        return out
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(runs):
+            c0 = time.process_time()
+            fn()
+            times.append((time.process_time() - c0) / n * 1e6)
+        return min(times)
+
+    conn = sqlite3.connect(uri, uri=True)
+    gc.disable()
+    try:
+        rows = batches(lambda s: conn.execute(sql, (s, 5000)).fetchall())
+        r["floor_read_sqlite3_us"] = [best(lambda: batches(lambda s: conn.execute(sql, (s, 5000)).fetchall()))]
+        if accel is not None:
+            r["floor_read_c_us"] = [best(lambda: batches(lambda s: accel.read(uri, s, 2**62, 5000)))]
+        decode = readmodel.canonical_loads if accel is None else accel.decode
+        payloads = [row[8] for row in rows]
+
+        def decode_all() -> None:
+            for payload in payloads:
+                decode(payload)
+
+        r["floor_decode_us"] = [best(decode_all)]
+        up = upcasters()
+        models: list[ReadModel] = []  # freed after the timing (freeing a model is not the fold's time)
+        r["floor_fold_rows_us"] = [best(lambda: models.append(ReadModel()) or models[-1].apply_rows(rows, up.known, up.upcast))]
+    finally:
+        gc.enable()
+        conn.close()
+    print("per event, µs of CPU (best of runs): "
+          f"read {r['floor_read_sqlite3_us'][0]:.2f} (Python sqlite3) / "
+          f"{r.get('floor_read_c_us', [float('nan')])[0]:.2f} (C); decode {r['floor_decode_us'][0]:.2f}; "
+          f"fold of rows read (decode included) {r['floor_fold_rows_us'][0]:.2f}; {load()}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000)
@@ -151,6 +216,12 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=None, help="keep the generated log here")
     ap.add_argument(
         "--verify-events", type=int, default=1_000_000, help="events in the log verify is timed on"
+    )
+    ap.add_argument(
+        "--skip-verify", action="store_true", help="only the fold rows (the fold, the restores): for development"
+    )
+    ap.add_argument(
+        "--breakdown", action="store_true", help="also the fold's parts per event (read, decode, fold of rows read)"
     )
     args = ap.parse_args()
     from moldd.logging import configure_logging
@@ -168,7 +239,9 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s, not timed)", flush=True)  # fmt: skip
         r: dict[str, list[float]] = {}
         vpath, vn = path, n
-        if args.verify_events != args.events:
+        if args.skip_verify:
+            pass
+        elif args.verify_events != args.events:
             vpath = Path(tmp) / "verify.db"
             vpath.unlink(missing_ok=True)
             t0 = time.perf_counter()
@@ -177,12 +250,19 @@ def main() -> None:
                 f"verify log: {vn:,} events (built in {time.perf_counter() - t0:.1f} s, not timed)",
                 flush=True,
             )
-        verify_section(vpath, vn, args.runs, r)
+        if not args.skip_verify:
+            verify_section(vpath, vn, args.runs, r)
         if vpath != path:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{vpath}{suffix}").unlink(missing_ok=True)
+        from moldd.projection.readmodel import ACCELERATOR as FOLD_ACCELERATOR
+
+        print(f"fold: C accelerator (moldd/projection/_foldrows.c) "
+              f"{'built' if FOLD_ACCELERATOR is not None else 'NOT built (pure Python)'}; {load()}", flush=True)  # fmt: skip
         r["audit_fold_eps"] = [n / time_audit_fold(path, n) for _ in range(args.runs)]
         print(f"fold (moldd-audit state):         {fmt(r['audit_fold_eps'], ' ev/s')}", flush=True)
+        if args.breakdown:
+            breakdown(path, n, args.runs, r)
         r["restore_eps"] = [n / asyncio.run(async_time_restore(path, n)) for _ in range(args.runs)]
         print(f"daemon restore, no snapshot:      {fmt(r['restore_eps'], ' ev/s')}", flush=True)
         snap_s, snap_bytes = asyncio.run(async_snapshot(path))

@@ -158,15 +158,28 @@ class Daemon:
             self.store = await SQLiteEventStore.async_open(cfg.database)
         self.projector = Projector(self.store, snapshot_every=cfg.snapshot_every, seal_key=seal_key)
         snapshot_position = await self.projector.async_load_snapshot()
+        # A log file is verified (on a thread, the C scan without the GIL) while the tail is folded into the read
+        # model: nothing acts on the model before both are done, and a log that does not verify refuses the start
+        # with its own error whatever the fold made of it. (A PostgreSQL log is verified first: both would share
+        # the store's connection.)
+        restore: asyncio.Future[None] | None = None
+        if cfg.database_dsn is None:
+            restore = asyncio.ensure_future(self.projector.async_restore())
         try:
             self.verified = await async_verify_at_start(self.store, cfg.database, snapshot_position, cfg)
-        except LogIntegrityError as exc:
-            self.integrity_error = exc.message
+        except BaseException as exc:
+            if restore is not None:
+                restore.cancel()
+                await asyncio.wait({restore})
+                if not restore.cancelled():
+                    restore.exception()  # what the fold made of rows that do not verify: not the error to raise
+            if isinstance(exc, LogIntegrityError):
+                self.integrity_error = exc.message
             raise
-        await self.projector.async_restore()
+        await (restore if restore is not None else self.projector.async_restore())
         self.projector.add_listener(_log_event)
         self.projector.add_listener(self.metrics.on_event)
-        self.projector.start()
+        self.projector.start(snapshot_tail=False)  # (snapshot_tail() once ready, below)
         self.app = App(cfg, self.store, self.projector, self.hosts)
         self.app.health_checks["hosts_ingest"] = lambda: self.hosts.running or (
             self.cluster is not None and not self.cluster.acting
@@ -221,6 +234,7 @@ class Daemon:
         )
         self.tasks.append(asyncio.create_task(systemd.async_watchdog_loop(self.healthy), name="watchdog"))
         log.info("moldd_ready", socket=str(cfg.socket), position=self.projector.model.position)
+        self.projector.snapshot_tail()  # a long tail folded at start: snapshotted now, in the background
         gc.freeze()  # start-up objects (modules, restored read model) leave the collector: shorter full GCs
         # A thread holding the GIL (a background snapshot's encoding, libvirt's event thread) keeps the loop
         # from answering until it yields: at most this long (Python's default is 5 ms, a whole API p99 budget).

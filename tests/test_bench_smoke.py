@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 SMALL = {
     "append": ["--events", "300", "--seq-events", "30", "--naive-events", "30", "--runs", "1", "--skip-peer"],
-    "replay": ["--events", "3000", "--vms", "100", "--verify-events", "3000", "--runs", "1"],
+    "replay": ["--events", "3000", "--vms", "100", "--verify-events", "3000", "--runs", "1", "--breakdown"],
     "scale": ["--vms", "300", "--runs", "1", "--list-calls", "5", "--all-calls", "1"],
     "pg_profile": ["--events", "256", "--runs", "1", "--no-fsync-off", "--command-ids"],
     "api": ["--hosts", "test", "--vms", "100", "--duration", "0.3", "--runs", "1", "--rates", "50", "--reads", "one"],

@@ -12,15 +12,17 @@ import inspect
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 import structlog
 
-from events import EventStore, StoredEvent
+from events import EventStore, SQLiteEventStore, StoredEvent
 from events.canonical import canonical_text
 from events.snapshot import async_load_sealed_snapshot, async_save_sealed_snapshot_data
+from moldd.projection import readmodel
 from moldd.projection.model import Captured
 from moldd.projection.readmodel import STORED_TO_FOLD, ReadModel
 
@@ -100,9 +102,9 @@ class Projector:
         """Load the newest sealed snapshot (async_load_snapshot) unless done, and fold the tail."""
         if self.model.position == 0:
             await self.async_load_snapshot()
-        # the next batch is read (on the store's thread) while this one is folded; rows, not StoredEvents: the
-        # fold decodes the payloads and keeps the times as stored (ReadModel.apply_rows)
-        read = self.store.async_read_rows
+        # the next batch is read (on a thread) while this one is folded; rows, not StoredEvents: the fold decodes
+        # the payloads and keeps the times as stored (ReadModel.apply_rows)
+        read = fold_reader(self.store)
         up = self.store.upcasters
         current = up.known if up is not None else {}
         upcast = up.upcast if up is not None else _no_upcast
@@ -115,7 +117,7 @@ class Projector:
                 if not batch:
                     break
                 pending = asyncio.ensure_future(read(batch[-1][0] + 1, RESTORE_BATCH))
-                self.model.apply_rows(map(STORED_TO_FOLD, batch), current, upcast)
+                self.model.apply_rows(batch, current, upcast)
         finally:
             paused.__exit__(None, None, None)
             if not pending.done():
@@ -126,11 +128,18 @@ class Projector:
         await self.store.async_release_memory()  # the page cache the replay filled (~16 MiB for SQLite)
         log.info("projection_restored", position=self.model.position, vms=len(self.model.vms))
 
-    def start(self) -> None:
+    def start(self, *, snapshot_tail: bool = True) -> None:
+        """Follow live commits. Unless ``snapshot_tail`` is false, also ``snapshot_tail()`` now (the daemon
+        calls it itself once ready: the snapshot's encoding would otherwise compete with the rest of its start)."""
         self._task = asyncio.create_task(self._async_follow(), name="projector")
+        if snapshot_tail:
+            self.snapshot_tail()
+
+    def snapshot_tail(self) -> None:
+        """If the restore folded a long tail (``snapshot_every`` events or more since the snapshot it started
+        from), snapshot it soon, in the background, so that the next start does not fold it again even if the
+        final snapshot at stop does not fit in its time limit."""
         if self.model.position - self.snapshot_position >= self.snapshot_every:
-            # the restore folded a long tail: snapshot it soon (in the background), so that the next start does
-            # not fold it again even if the final snapshot at stop does not fit in its time limit
             self._start_background_snapshot()
 
     async def async_stop(self, *, snapshot: bool = True, snapshot_timeout: float = STOP_SNAPSHOT_TIMEOUT_S) -> None:
@@ -307,6 +316,33 @@ class Projector:
         self.snapshot_position = max(self.snapshot_position, position)
         self.last_snapshot_s = time.monotonic() - t0
         self._last_snapshot_records = records
+
+
+FoldReader = Callable[[int, int], Awaitable[list[Any]]]
+
+
+def fold_reader(store: EventStore) -> FoldReader:
+    """``read(from_position, limit)``: the stored rows from a position on, in the fold's column order
+    (``FOLD_COLUMNS``). On a SQLite log with the fold's C accelerator built (``readmodel.ACCELERATOR``), only
+    those columns, read on a thread over a read-only connection of its own (no hashes, no Python sqlite3 row
+    objects; the GIL is released while SQLite reads); a batch it does not vouch for, and every other store, are
+    read through ``store.async_read_rows``. The chain is not checked here: the daemon verifies it meanwhile
+    (``moldd.integrity.async_verify_at_start``) and acts on the model only once both are done."""
+    accel = readmodel.ACCELERATOR
+    path = getattr(store, "path", None) if isinstance(store, SQLiteEventStore) else None
+    uri = Path(path).resolve().as_uri() + "?mode=ro" if accel is not None and isinstance(path, Path) else None
+
+    async def async_read_stored(start: int, limit: int) -> list[Any]:
+        return list(map(STORED_TO_FOLD, await store.async_read_rows(start, limit)))
+
+    if uri is None:
+        return async_read_stored
+
+    async def async_read(start: int, limit: int) -> list[Any]:
+        rows: list[Any] | None = await asyncio.to_thread(accel.read, uri, start, 2**62, limit)
+        return await async_read_stored(start, limit) if rows is None else rows
+
+    return async_read
 
 
 def release_freed_memory() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from events.envelope import datetime_to_us, us_to_datetime
 from events.verify import open_readonly, read_head, read_log_id
 from moldd.audit.errors import AuditError
 from moldd.eventtypes import EVENT_TYPES, upcasters
+from moldd.projection import readmodel
 from moldd.projection.readmodel import FOLD_COLUMNS, ReadModel
 
 COLUMNS = (
@@ -84,20 +86,38 @@ def iter_rows(
 
 def iter_fold_batches(
     conn: sqlite3.Connection, from_position: int = 1, to_position: int | None = None
-) -> Iterator[list[tuple[object, ...]]]:
-    """Batches of stored rows for ``ReadModel.apply_rows`` (its ``FOLD_COLUMNS``), in position order."""
+) -> Iterator[tuple[list[tuple[object, ...]], bool]]:
+    """Batches of stored rows for ``ReadModel.apply_rows`` (its ``FOLD_COLUMNS``), in position order, each with
+    whether its rows' position, event type, schema version and time are known to have the column types
+    ``iter_events`` requires (read by the fold's C accelerator, ``readmodel.ACCELERATOR``, over its own read-only
+    connection to the same file; a batch it does not vouch for is read through ``conn``)."""
     start = from_position
     end = 2**62 if to_position is None else to_position
     sql = f"SELECT {', '.join(FOLD_COLUMNS)} FROM events WHERE position >= ? AND position <= ? ORDER BY position LIMIT ?"
-    while True:
-        try:
-            batch = conn.execute(sql, (start, end, BATCH)).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise AuditError(f"cannot read the log: {exc}", field="db") from exc
-        if not batch:
-            return
-        yield batch
-        start = int(batch[-1][0]) + 1
+    accel = readmodel.ACCELERATOR
+    uri = getattr(conn, "uri", None) if accel is not None else None
+    if not isinstance(uri, str):
+        accel = None
+    with ThreadPoolExecutor(1, thread_name_prefix="fold-read") as reader:
+        # with the accelerator the next batch is read on a thread (SQLite without the GIL) while this one is folded
+        ahead: Future[list[tuple[object, ...]] | None] | None = None
+        while True:
+            batch: list[tuple[object, ...]] | None = None
+            if accel is not None:
+                batch = ahead.result() if ahead is not None else accel.read(uri, start, end, BATCH, True)
+                ahead = None
+            typed = batch is not None
+            if batch is None:
+                try:
+                    batch = conn.execute(sql, (start, end, BATCH)).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise AuditError(f"cannot read the log: {exc}", field="db") from exc
+            if not batch:
+                return
+            start = int(batch[-1][0]) + 1  # type: ignore[call-overload]
+            if accel is not None and len(batch) == BATCH:
+                ahead = reader.submit(accel.read, uri, start, end, BATCH, True)
+            yield batch, typed
 
 
 def hash_at(conn: sqlite3.Connection, position: int) -> bytes:

@@ -4,6 +4,7 @@ by the daemon or replayed by ``moldd-audit state``; times come from the events, 
 from __future__ import annotations
 
 import gc
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,6 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 
 from events.canonical import loads as canonical_loads
-from events.canonical import may_have_long_int
 from moldd.domain.capacity import committed_memory_mib
 from moldd.domain.ha import HostHealth, down_cause
 from moldd.domain.states import TRANSIENT, PowerState, VMState
@@ -90,6 +90,19 @@ def iso_us(us: int) -> str:
     if micro:
         return _second_text + "." + str(1_000_000 + micro)[1:] + "+00:00"  # (cheaper than a format spec)
     return _second_text + "+00:00"
+
+
+_accelerator: Any
+try:  # the optional C accelerator of the bulk fold (moldd/projection/_foldrows.c, built by setup.py)
+    from moldd.projection import _foldrows as _accelerator
+except ImportError:  # pragma: no cover - not built: the pure-Python functions, same results
+    _accelerator = None
+ACCELERATOR: Any = None if os.environ.get("MOLDD_FOLD_PURE_PYTHON") else _accelerator
+"""``_foldrows`` (``read``, ``iso_us``, ``decode``, ...: each gives what its Python twin gives), or None:
+not built, or ``MOLDD_FOLD_PURE_PYTHON`` set. Read at each bulk fold (tests switch it off)."""
+if _accelerator is not None:
+    _accelerator.set_fallback(iso_us)  # years outside 1..9999, or not a plain int: Python's answer (or error)
+    _accelerator.set_decoders(_orjson_loads, _OrjsonDecodeError, canonical_loads)
 
 
 def _iso(ev: EventLike) -> str:
@@ -318,9 +331,12 @@ class ReadModel:
         holds both to the same results). The cyclic garbage collector is paused meanwhile: the fold makes
         no cycles, and each of its passes would walk the whole model."""
         global _last_at, _last_text
-        new, cls, iso = _new_tuple, FoldEvent, iso_us
-        loads, decode_error, long_int = _orjson_loads, _OrjsonDecodeError, may_have_long_int
-        vm_handlers, handlers, vms, track = _VM_HANDLERS, _HANDLERS, self.vms, self._track_job
+        accel = ACCELERATOR
+        new, cls = _new_tuple, FoldEvent
+        iso = iso_us if accel is None else accel.iso_us
+        decode = canonical_loads if accel is None else accel.decode  # the same decoding (events.canonical.loads)
+        version_of = current.get
+        vm_handlers, handlers, vms, jobs, finish = _VM_HANDLERS, _HANDLERS, self.vms, self.jobs, self._job_finished
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -328,14 +344,8 @@ class ReadModel:
             for pos, sid, sv, et, schema, at, actor, corr, payload in rows:
                 if pos <= last:
                     continue
-                if type(payload) is bytes and not long_int(payload):  # canonical_loads, inlined
-                    try:
-                        data = loads(payload)
-                    except decode_error:
-                        data = canonical_loads(payload)
-                else:
-                    data = canonical_loads(payload)
-                if schema < current.get(et, 0):
+                data = decode(payload)
+                if schema < version_of(et, 0):
                     _, data = upcast(et, schema, data)
                 ev = new(cls, (pos, sid, sv, et, at, actor, corr, data))
                 self.position = last = pos
@@ -359,8 +369,24 @@ class ReadModel:
                             vm.version = sv
                             vm.position = pos
                             vm.updated_at = text
-                if corr:
-                    track(ev)
+                if corr:  # self._track_job(ev), inlined
+                    vm = vms.get(data.get("vm") or sid.removeprefix("vm-"))
+                    job = jobs.get(corr)
+                    if job is None:
+                        if not et.endswith(".requested"):
+                            continue
+                        job = Job(corr, et[:-10], vm.name if vm is not None else None, "running", text, actor, pos)
+                        jobs[corr] = job
+                        if vm is not None:
+                            vm.job = corr
+                    job.updated_at = text
+                    if vm is not None:
+                        job.state = vm.state
+                    if "progress" in data:
+                        job.progress = data["progress"]
+                    status = data.get("job_status")
+                    if status == "succeeded" or status == "failed":
+                        finish(job, corr, vm, status, data, text)
         finally:
             if collecting:
                 gc.enable()
@@ -404,20 +430,26 @@ class ReadModel:
             job.progress = p["progress"]
         status = p.get("job_status")
         if status == "succeeded" or status == "failed":
-            newly = job.finished_at is None
-            job.status = status
-            job.finished_at = at
-            if status == "failed":
-                job.error, job.result = p.get("error"), None
-            else:
-                job.error, job.result = None, p.get("result")
-            if vm is not None and vm.job == job_id:
-                vm.job = None
-            if newly:
-                finished = self._finished
-                finished.append((at, job_id))  # finish times never go backwards in the log
-                if len(finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
-                    self.prune_jobs()  # this job finished last: it stays
+            self._job_finished(job, job_id, vm, status, p, at)
+
+    def _job_finished(
+        self, job: Job, job_id: str, vm: VM | None, status: str, p: dict[str, Any], at: str
+    ) -> None:
+        """A job's event says it ended (``job_status``): record how, free its VM, prune old finished jobs."""
+        newly = job.finished_at is None
+        job.status = status
+        job.finished_at = at
+        if status == "failed":
+            job.error, job.result = p.get("error"), None
+        else:
+            job.error, job.result = None, p.get("result")
+        if vm is not None and vm.job == job_id:
+            vm.job = None
+        if newly:
+            finished = self._finished
+            finished.append((at, job_id))  # finish times never go backwards in the log
+            if len(finished) > MAX_FINISHED_JOBS + PRUNE_SLACK:
+                self.prune_jobs()  # this job finished last: it stays
 
 
 Handler = Callable[[ReadModel, EventLike], None]
@@ -552,35 +584,49 @@ def _group_deleted(model: ReadModel, ev: EventLike) -> None:
 
 
 # -- VM lifecycle ----------------------------------------------------------------------------------------
+_DEPLOY_FIELDS = (
+    "name", "id", "internal_name", "display_name", "hostname", "state", "uuid", "power_state", "group",
+    "description", "os_type", "host", "cluster", "ha_enabled", "ha_policy", "ha_priority", "offering", "template",
+    "iso", "root_disk", "details", "snapshots", "current_snapshot", "created_at", "updated_at", "version",
+    "position",
+)  # fmt: skip
+if VM._FIELDS[: len(_DEPLOY_FIELDS)] != _DEPLOY_FIELDS:  # _deploy_requested passes these by position
+    raise ImportError(f"moldd.projection.model.VM's fields changed order: update _deploy_requested ({VM._FIELDS})")
+
+
 @on("vm.deploy.requested")
 def _deploy_requested(model: ReadModel, ev: EventLike) -> None:
     p = ev.payload
     at = _iso(ev)
+    # VM(...) by position (the fields' order is checked above): keyword arguments cost twice as much
     vm = VM(
-        name=p["name"],
-        id=p["id"],
-        internal_name=p["internal_name"],
-        display_name=p["display_name"],
-        hostname=p["hostname"],
-        state=S.CREATING,
-        uuid=p.get("uuid", ""),
-        group=_shared(p.get("group")),
-        description=p.get("description", ""),
-        os_type=_shared(p.get("os_type", "Linux")),
-        host=_shared(p.get("host")),
-        cluster=_shared(p.get("cluster")),
-        ha_enabled=p.get("ha_enabled", False),
-        ha_policy=_shared(p.get("ha_policy", "always")),
-        ha_priority=p.get("ha_priority", 0),
-        offering=dict(p["offering"]),
-        template=_shared(p.get("template")),
-        iso=p.get("iso"),
-        root_disk=dict(p.get("root_disk", {})),
-        details=dict(p.get("details", {})),
-        created_at=at,
-        updated_at=at,
-        version=ev.stream_version,
-        position=ev.position,
+        p["name"],
+        p["id"],
+        p["internal_name"],
+        p["display_name"],
+        p["hostname"],
+        S.CREATING,
+        p.get("uuid", ""),
+        "off",
+        _shared(p.get("group")),
+        p.get("description", ""),
+        _shared(p.get("os_type", "Linux")),
+        _shared(p.get("host")),
+        _shared(p.get("cluster")),
+        p.get("ha_enabled", False),
+        _shared(p.get("ha_policy", "always")),
+        p.get("ha_priority", 0),
+        dict(p["offering"]),
+        _shared(p.get("template")),
+        p.get("iso"),
+        dict(p.get("root_disk", {})),
+        dict(p.get("details", {})),
+        {},
+        None,
+        at,
+        at,
+        ev.stream_version,
+        ev.position,
     )
     model.vms[vm.name] = vm
     model._by_id = None
@@ -771,7 +817,14 @@ def _updated(model: ReadModel, vm: VM, ev: EventLike) -> None:
 @on_vm("libvirt.domain_event")
 def _domain_event(model: ReadModel, vm: VM, ev: EventLike) -> None:
     p = ev.payload
-    event, detail, host = _shared(p.get("event")), _shared(p.get("detail")), _shared(p.get("host"))
+    event, detail, host = p.get("event"), p.get("detail"), p.get("host")
+    # _shared(...) of each, inlined: a quarter of a real log's events are these
+    if type(event) is str:
+        event = intern(event)
+    if type(detail) is str:
+        detail = intern(detail)
+    if type(host) is str:
+        host = intern(host)
     vm.last_domain_event = {"host": host, "event": event, "detail": detail, "at": _iso(ev)}
     if detail in ("MIGRATED", "FROM_SNAPSHOT"):
         return  # migration and snapshot-revert events are accounted for by the migrate / revert command

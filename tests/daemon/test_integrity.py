@@ -131,6 +131,23 @@ async def test_an_edited_row_without_snapshot_refuses_the_start(make_config: Any
     assert (err.value.kind, err.value.position) == ("hash_mismatch", 2)
 
 
+async def test_a_row_the_fold_cannot_read_refuses_the_start_as_a_log_that_does_not_verify(make_config: Any) -> None:
+    """The tail is folded while the chain is verified: a forged row that also breaks the fold (a payload that is
+    not JSON, an event that is not an object) is still reported as the row that does not verify."""
+    config = make_config()
+    async with running_daemon(config) as d, Client(d.config.socket) as client:
+        await client.job("deployVirtualMachine", template="tiny", offering="small", startvm=False)
+    for forged in (b"{not json", b"[1, 2]"):
+        conn = attacker(config.database)
+        conn.execute("DELETE FROM snapshots")
+        conn.execute("UPDATE events SET payload = ? WHERE position = 2", (forged,))
+        conn.close()
+        with pytest.raises(LogIntegrityError) as err:
+            async with running_daemon(config):
+                pass
+        assert (err.value.kind, err.value.position) == ("hash_mismatch", 2), forged
+
+
 async def test_a_row_changed_under_the_running_daemon_is_never_signed(make_config: Any, tmp_path: Path) -> None:
     keygen(tmp_path / "moldd" / "keys")
     config = make_config(checkpoints=True, daemon={"snapshot_every": 100000})

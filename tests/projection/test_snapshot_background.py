@@ -134,3 +134,25 @@ async def test_a_long_tail_folded_at_start_is_snapshotted_in_the_background(tmp_
         held.release.set()
         await p.async_stop()
         await store.async_close()
+
+
+async def test_the_tail_snapshot_can_wait_until_the_daemon_is_ready(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    generate(path, vms=50, events=400)
+    store = await SQLiteEventStore.async_open(path)
+    p = Projector(store, snapshot_every=100)
+    held = HeldSnapshots(store)
+    await p.async_restore()
+    folded = p.model.position
+    p.start(snapshot_tail=False)  # as the daemon starts it: nothing yet
+    try:
+        assert p._snapshot_task is None and not held.started.is_set()
+        p.snapshot_tail()  # once ready
+        await held.started.wait()
+        held.release.set()
+        await p.async_snapshot()
+        assert held.written[0] == folded
+    finally:
+        held.release.set()
+        await p.async_stop()
+        await store.async_close()
