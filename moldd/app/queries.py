@@ -114,14 +114,18 @@ async def list_clusters(app: App, cmd: Command) -> CommandReply:
 
 @verb("listEvents")
 async def list_events(app: App, cmd: Command) -> CommandReply:
-    a = Args(cmd.args, {"vm", "stream", "from", "limit", "type", "newest"}, {"id": "vm", "startid": "from"})
+    a = Args(
+        cmd.args, {"vm", "stream", "from", "limit", "type", "newest", "correlation"}, {"id": "vm", "startid": "from"}
+    )
     limit = a.integer("limit", 100, min=1, max=10000)
     start = a.integer("from", 1, min=1, max=MAX_POSITION)
     event_type = a.text("type", None)
+    correlation = a.text("correlation", None)  # a job's (or a command's) entries: correlation or command id
     newest = a.boolean("newest", False)  # the last ``limit`` entries (oldest first), and how many came before
     if newest and "from" in a:
         raise ValidationError("give either from (a start position) or newest, not both", field="newest")
-    if newest and not ("vm" in a or "stream" in a or event_type is not None):
+    filtered = "vm" in a or "stream" in a or event_type is not None or correlation is not None
+    if newest and not filtered:
         head, _ = await app.store.async_head()
         start = max(1, head - limit + 1)
         events = await app.store.async_read(from_position=start, limit=limit)
@@ -134,8 +138,12 @@ async def list_events(app: App, cmd: Command) -> CommandReply:
     elif "stream" in a:
         events = await app.store.async_read_stream(a.text("stream"))
         events = [e for e in events if e.position >= start]
+    elif correlation is not None:
+        events = await app.store.async_read_correlated(correlation, from_position=start)
     else:
         events = await app.store.async_read(from_position=start, limit=limit if event_type is None else None)
+    if correlation is not None and ("vm" in a or "stream" in a):
+        events = [e for e in events if correlation in (e.correlation_id, e.command_id)]
     if event_type is not None:
         events = [
             e for e in events if e.event_type == event_type or e.event_type.startswith(event_type + ".")
@@ -148,7 +156,7 @@ async def list_events(app: App, cmd: Command) -> CommandReply:
     else:
         events = events[:limit]
         more = {"newer": total - len(events), "next": events[-1].position + 1} if total > len(events) else {}
-        if not more and event_type is None and not ("vm" in a or "stream" in a) and len(events) == limit:
+        if not more and not filtered and len(events) == limit:
             head, _ = await app.store.async_head()  # the whole log was read with a limit: say what follows
             if head > events[-1].position:
                 more = {"newer": head - events[-1].position, "next": events[-1].position + 1}

@@ -45,6 +45,8 @@ from typing import Any, TextIO
 
 DEFAULT_SOCKET = "/run/moldd/moldd.sock"
 FINAL_STATUSES = ("succeeded", "failed")
+FINAL_EVENT_WAIT_S = 3.0
+"""How long a followed job, once the daemon says it ended, waits for its ending event on the stream."""
 POLL_INTERVAL_S = 0.5
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -682,7 +684,9 @@ def follow_job(
 
     Events come from a reader thread over the NDJSON stream; the main thread polls
     ``queryAsyncJobResult`` after each event and every ``poll_interval_s``, so the job's end is seen
-    even if the stream is unavailable.
+    even if the stream is unavailable. The poll can see the end before the stream has delivered the event
+    that ended the job (the one whose payload carries ``job_status``: two connections): that event is then
+    waited for, up to ``FINAL_EVENT_WAIT_S``, so the job's last event is printed before its outcome.
     """
     job_id = str(job["id"])
     if job.get("status") in FINAL_STATUSES:
@@ -703,8 +707,14 @@ def follow_job(
     reader.start()
     status = job.get("status")
     bar = ProgressBar(progress, job_id, as_json=as_json)
+    seen_end = False  # the event that ended the job has been shown
+    stream_ended = False
 
     def show(entry: dict[str, Any]) -> None:
+        nonlocal seen_end
+        payload = entry.get("payload")
+        if isinstance(payload, dict) and payload.get("job_status") in FINAL_STATUSES:
+            seen_end = True
         prog = progress_of(entry)
         if prog is not None:
             bar.update(entry, prog)
@@ -730,6 +740,8 @@ def follow_job(
                 entry = inbox.get(timeout=poll_interval_s)
             except queue.Empty:
                 entry = None
+            else:
+                stream_ended = stream_ended or entry is None
             if entry is not None:
                 show(entry)
             latest = job_of(client.call("queryAsyncJobResult", {"jobid": job_id})[0]) or job
@@ -739,12 +751,20 @@ def follow_job(
                 if status not in FINAL_STATUSES:
                     say(str(status))
             if status in FINAL_STATUSES:
-                while True:  # events already received are still worth showing
+                # events already received are still worth showing, and the one that ended the job may still be
+                # on its way over the stream
+                deadline = time.monotonic() + FINAL_EVENT_WAIT_S
+                while True:
                     try:
-                        pending = inbox.get_nowait()
+                        if seen_end or stream_ended:
+                            pending = inbox.get_nowait()
+                        else:
+                            pending = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
                     except queue.Empty:
                         break
-                    if pending is not None:
+                    if pending is None:
+                        stream_ended = True
+                    else:
                         show(pending)
                 bar.clear()
                 return latest

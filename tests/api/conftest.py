@@ -35,6 +35,7 @@ class Call:
 class FakeBus:
     ok: bool = True
     step_s: float = 0.05
+    outcome_before_event_s: float = 0.0  # > 0: a job's end is visible to a poll this long before its event
     calls: list[Call] = field(default_factory=list)
     log: list[dict[str, Any]] = field(default_factory=list)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -146,13 +147,16 @@ class FakeBus:
                            correlation_id=job_id)  # fmt: skip
         await asyncio.sleep(self.step_s)
         if fail:
-            await self._append(f"vm-{name}", "vm.start.failed", {"state": "Stopped", "error": "disk missing"},
-                               correlation_id=job_id)  # fmt: skip
+            await self._append(f"vm-{name}", "vm.start.failed", {"state": "Stopped", "error": "disk missing",
+                               "job_status": "failed"}, correlation_id=job_id)  # fmt: skip
             job.update(status="failed", state="Stopped",
                        error={"code": "operation_failed", "message": "qemu: disk missing", "field": None})  # fmt: skip
         else:
-            await self._append(f"vm-{name}", "vm.started", {"state": "Running", "host": "h1"},
-                               correlation_id=job_id)  # fmt: skip
+            ended = {"state": "Running", "host": "h1", "job_status": "succeeded"}
+            if self.outcome_before_event_s:  # the job's end is visible to a poll before its event is appended
+                job.update(status="succeeded", state="Running", result={"name": name, "state": "Running"})
+                await asyncio.sleep(self.outcome_before_event_s)
+            await self._append(f"vm-{name}", "vm.started", ended, correlation_id=job_id)
             self.vms.setdefault(name, {"name": name, "group": None})["state"] = "Running"
             job.update(status="succeeded", state="Running", result={"name": name, "state": "Running"})
 

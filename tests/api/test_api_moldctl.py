@@ -179,6 +179,27 @@ async def test_job_is_followed_until_success(server: ApiServer, bus: FakeBus) ->
     assert bus.vms["web-2"]["state"] == "Running"
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_the_event_that_ended_a_job_is_printed_even_when_the_poll_sees_the_end_first(
+    server: ApiServer, bus: FakeBus, as_json: bool
+) -> None:
+    """queryAsyncJobResult and the event stream are two connections: the poll can report the job's end while the
+    event that ended it is still on its way. moldctl waits for that event instead of dropping it."""
+    bus.outcome_before_event_s = 0.5
+    code, out, err = await run(server, *(["--json"] if as_json else []), "vm", "start", "web-2")
+    assert code == 0, err
+    if as_json:
+        lines = [json.loads(line) for line in err.splitlines()]
+        types = [e["event"]["event_type"] for e in lines if "event" in e]
+        assert types[-1] == "vm.started", lines
+        assert json.loads(out)["job"]["status"] == "succeeded"
+    else:
+        lines = out.splitlines()
+        ended = [i for i, line in enumerate(lines) if "vm.started" in line and "job_status=succeeded" in line]
+        done = [i for i, line in enumerate(lines) if line.startswith("job ") and "succeeded" in line]
+        assert ended and done and ended[0] < done[-1], out
+
+
 async def test_job_is_followed_until_failure_exit_1(server: ApiServer) -> None:
     code, out, err = await run(server, "vm", "deploy", "--template", "broken", "--offering", "small")
     assert code == 1
