@@ -328,6 +328,10 @@ async def _saturate(conns: list[Connection], reqs: Requests, duration: float, se
 WRITE_CONNECTIONS = 8
 
 
+TIMER_S = 0.001
+"""The event loop's timer resolution (uvloop: whole milliseconds)."""
+
+
 async def _paced(
     conns: list[Connection], wconns: list[Connection], reqs: Requests, duration: float, rate: float,
     server_pid: int, seed: int, write_share: float = WRITE_SHARE,
@@ -380,11 +384,15 @@ async def _paced(
             finished.set_result(None)
 
     def fire(k: int) -> None:
-        # every request due by now goes out in this call (the timer may fire late; that lateness is the client's)
+        # every request due by now goes out in this call (the timer may fire late; that lateness is the client's),
+        # and those due within TIMER_S too: the loop's timers have a resolution of 1 ms (uvloop truncates a delay
+        # to whole ms), so a timer set less than that ahead fires at once, finds nothing due and is set again — a
+        # client spinning on one core at 2,000/s, taking it from the server. Sent up to TIMER_S early; latency
+        # runs from the send, so that does not shorten it.
         now = time.perf_counter()
-        while k < scheduled and t1 + k / rate <= now:
+        while k < scheduled and t1 + k / rate <= now + TIMER_S:
             due = t1 + k / rate
-            lags.append(now - due)
+            lags.append(max(0.0, now - due))
             is_write = rng.random() < write_share
             request = reqs.write() if is_write else reqs.read()
             outstanding[0] += 1
@@ -395,7 +403,7 @@ async def _paced(
                 waiting[is_write].append((due, now, request))
             k += 1
         if k < scheduled:
-            loop.call_at(loop.time() + max(0.0, t1 + k / rate - time.perf_counter()), fire, k)
+            loop.call_later(max(TIMER_S, t1 + k / rate - time.perf_counter()), fire, k)
 
     cpu0 = (_cpu_s(server_pid), _cpu_s(os.getpid()))
     t1 = time.perf_counter()
