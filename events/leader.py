@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 
+from .aio import async_wait_event
 from .postgres import PostgresEventStore, async_claim_epoch, lock_key, quote_ident
 
 STANDBY = "standby"
@@ -189,8 +190,7 @@ class Leadership:
             raise RuntimeError("internal error: leading without a connection")
         s = quote_ident(self.store.schema)
         while self.role == LEADER:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), t.heartbeat_s)
+            await async_wait_event(self._lost, t.heartbeat_s)
             if self._lost.is_set():
                 self._depose("lost its database session")
                 return

@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 
+from .aio import async_wait_event
 from .chain import check_rows, genesis_hash
 from .envelope import AppendResult, StoredEvent
 from .errors import EventLogError, FencedError, LogIntegrityError, NotALogError
@@ -733,8 +734,7 @@ class PostgresEventStore(EventStore):
                 backoff = 0.1
                 self._poke.set()  # (re)connected: read whatever committed meanwhile
                 while not self._closed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._poke.wait(), self.poll_interval)
+                    await async_wait_event(self._poke, self.poll_interval)
                     self._poke.clear()
                     await self._async_pump()
                     if conn.is_closed():

@@ -43,6 +43,32 @@ from moldd.observe.metrics import Metrics
 log = structlog.get_logger("moldd")
 GIL_SWITCH_INTERVAL_S = 0.001
 """The daemon's ``sys.setswitchinterval`` once ready (see ``Daemon.async_start``)."""
+TASK_STOP_TIMEOUT_S = 10.0
+"""How long a stop waits for the daemon's own tasks to end once cancelled (``async_cancel_and_wait``)."""
+
+
+async def async_cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout_s: float = TASK_STOP_TIMEOUT_S) -> None:
+    """Cancel ``tasks`` and wait for them to end. A task still running half a second later is cancelled again (a
+    cancellation can be lost: Python 3.11's ``asyncio.wait_for`` drops one that comes as its inner wait completes,
+    and a loop around it then goes on); after ``timeout_s`` the stop goes on without it, naming it in the log, so
+    a stop is never held up for ever by one task."""
+    for task in tasks:
+        task.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        left = deadline - loop.time()
+        if left <= 0:
+            log.error("tasks_did_not_stop", tasks=sorted(task.get_name() for task in pending), timeout_s=timeout_s)
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, left))
+        for task in pending:
+            log.warning("task_cancelled_again", task=task.get_name())
+            task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a task that failed has logged its own error
 
 
 def _fix_malloc_thresholds() -> None:
@@ -386,11 +412,7 @@ class Daemon:
             await self.cloudstack_tcp.async_close()
         if self.api is not None:
             await self.api.async_close()
-        for task in [*self.tasks, *self.acting_tasks]:
-            task.cancel()
-        for task in [*self.tasks, *self.acting_tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await async_cancel_and_wait([*self.tasks, *self.acting_tasks])
         if self.ha is not None:
             await self.ha.async_stop()
         if self.app is not None:
