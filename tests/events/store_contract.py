@@ -25,7 +25,7 @@ from events import (
 )
 from events.canonical import canonical_json
 from events.chain import encode_fields, genesis_hash, link_hash
-from events.envelope import datetime_to_us
+from events.envelope import datetime_to_us, us_to_datetime
 from events.replay import async_replay
 
 
@@ -388,6 +388,25 @@ class StoreContract:
         got = await store.async_read_since(since)
         assert got and all(e.recorded_at >= since for e in got) and got[-1].position == 6
         assert await store.async_read_since(datetime.now(UTC) + timedelta(days=1)) == []
+
+    async def test_read_since_finds_the_first_event_at_or_after_a_time(self) -> None:
+        """Times repeat along the log (several events in one microsecond): every boundary is found, with and
+        without a limit; nothing past the last time, nothing in an empty log."""
+        times = iter([10, 10, 10, 20, 20, 35, 50, 50, 50, 50, 51])
+        store = await self.make_store(clock=lambda: next(times))
+        try:
+            assert await store.async_read_since(us_to_datetime(0)) == []
+            for i in range(11):
+                await store.async_append(f"s-{i % 2}", [ev(i=i)])
+            recorded = [e.recorded_at for e in await store.async_read()]
+            for us in (0, 9, 10, 11, 20, 21, 35, 36, 50, 51, 52, 10**15):
+                since = us_to_datetime(us)
+                want = [i + 1 for i, t in enumerate(recorded) if t >= since]
+                assert [e.position for e in await store.async_read_since(since)] == want, us
+                assert [e.position for e in await store.async_read_since(since, limit=2)] == want[:2], us
+            assert await store.async_read_since(recorded[-1] + timedelta(microseconds=1)) == []
+        finally:
+            await store.async_close()
 
     async def test_recorded_at_never_goes_backwards(self, store: EventStore) -> None:
         for i in range(20):

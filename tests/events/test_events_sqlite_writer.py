@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from events import ConcurrencyError, EventLogError, SQLiteEventStore, verify
-from events.envelope import us_to_datetime
 from events.sqlite import PAGE_SIZE, SCHEMA_VERSION, WAL_AUTOCHECKPOINT_BYTES, _commit
 from tests.events.store_contract import ev
 
@@ -239,28 +237,6 @@ async def test_many_appenders_with_pipelining_write_one_unbroken_chain(tmp_path:
 
 
 # ---- schema 3 ----------------------------------------------------------------------------------------------
-async def test_read_since_finds_the_first_event_at_or_after_a_time(tmp_path: Path) -> None:
-    times = iter([10, 10, 10, 20, 20, 35, 50, 50, 50, 50, 51])
-    store = await _open(tmp_path, clock=lambda: next(times))
-    try:
-        for i in range(11):
-            await store.async_append(f"s-{i % 2}", [ev(i=i)])
-        recorded = [e.recorded_at for e in await store.async_read()]
-        for us in (0, 9, 10, 11, 20, 21, 35, 36, 50, 51, 52, 10**15):
-            since = us_to_datetime(us)
-            want = [i + 1 for i, t in enumerate(recorded) if t >= since]
-            assert [e.position for e in await store.async_read_since(since)] == want, us
-            assert [e.position for e in await store.async_read_since(since, limit=2)] == want[:2], us
-        assert await store.async_read_since(recorded[-1] + timedelta(microseconds=1)) == []
-    finally:
-        await store.async_close()
-    empty = await _open(tmp_path, "empty.db")
-    try:
-        assert await empty.async_read_since(us_to_datetime(0)) == []
-    finally:
-        await empty.async_close()
-
-
 async def test_a_new_log_has_no_recorded_at_index(tmp_path: Path) -> None:
     await (await _open(tmp_path)).async_close()
     conn = sqlite3.connect(tmp_path / "log.db")
