@@ -28,6 +28,7 @@ from bench.loggen import generate
 from events.chain import HEADER, TAG, genesis_hash
 from events.checkpoint import checkpoint_db, generate_keys
 from events.errors import LogIntegrityError
+from tests.accelerators import required_accelerator
 from tests.events.conftest import drop_triggers_copy
 
 ev = importlib.import_module("events.verify")  # (the package's `verify` attribute is the function)
@@ -59,14 +60,7 @@ def split_small_logs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def accelerator() -> Any:
-    if os.environ.get("EVENTS_VERIFY_PURE_PYTHON"):
-        pytest.skip("EVENTS_VERIFY_PURE_PYTHON is set: the C scan is off")
-    if ev.ACCELERATOR is None:
-        pytest.fail(
-            "events._chainscan is not built (or EVENTS_VERIFY_PURE_PYTHON is set): build it with scripts/install.sh "
-            "or `python setup.py build_ext --inplace`"
-        )
-    return ev.ACCELERATOR
+    return required_accelerator(ev.ACCELERATOR, "EVENTS_VERIFY_PURE_PYTHON", "events._chainscan (the C scan)")
 
 
 def both(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:

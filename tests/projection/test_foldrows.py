@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from moldd.audit.state import fold
 from moldd.eventtypes import EVENT_TYPES
 from moldd.projection import readmodel
 from moldd.projection.readmodel import FOLD_COLUMNS, ReadModel, iso_us
+from tests.accelerators import required_accelerator
 from tests.projection.fold_corpus import (
     MAX_FINISHED_JOBS,
     PRUNE_SLACK,
@@ -36,14 +36,7 @@ from tests.projection.fold_corpus import (
 
 
 def accelerator() -> Any:
-    if os.environ.get("MOLDD_FOLD_PURE_PYTHON"):
-        pytest.skip("MOLDD_FOLD_PURE_PYTHON is set: the fold's C accelerator is off")
-    if readmodel.ACCELERATOR is None:
-        pytest.fail(
-            "moldd.projection._foldrows is not built: build it with scripts/install.sh or "
-            "`python setup.py build_ext --inplace`"
-        )
-    return readmodel.ACCELERATOR
+    return required_accelerator(readmodel.ACCELERATOR, "MOLDD_FOLD_PURE_PYTHON", "moldd.projection._foldrows")
 
 
 @pytest.fixture
